@@ -1,0 +1,14 @@
+//! Kairos core vocabulary shared by every crate: content hashes, instants, frame specs,
+//! replica definitions and limits. Plain data and pure functions only: no IO.
+
+pub mod hash;
+pub mod instant;
+pub mod limits;
+pub mod replica;
+pub mod spec;
+
+pub use hash::{Hash, HashParseError};
+pub use instant::{Instant, InstantError};
+pub use limits::Limits;
+pub use replica::{ReplicaDefinition, ReplicaError};
+pub use spec::{FrameSpec, SpecError, TimelineSpec};

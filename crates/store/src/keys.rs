@@ -1,0 +1,79 @@
+//! The key layout of the store, in one place. Names never contain NUL (they are validated),
+//! so NUL separates the parts of a key.
+
+use kairos_core::{Hash, Instant};
+
+pub const OBJECT: &[u8] = b"o/";
+pub const FRAME: &[u8] = b"f/";
+pub const REPLICA: &[u8] = b"r/";
+pub const TIME: &[u8] = b"t/";
+pub const HEAD: &[u8] = b"h/";
+pub const DICTIONARY: &[u8] = b"d/";
+pub const DICTIONARY_VERSION: &[u8] = b"v/";
+
+pub fn object(hash: &Hash) -> Vec<u8> {
+    [OBJECT, hash.as_bytes()].concat()
+}
+
+pub fn frame(id: &Hash) -> Vec<u8> {
+    [FRAME, id.as_bytes()].concat()
+}
+
+pub fn replica(name: &str) -> Vec<u8> {
+    [REPLICA, name.as_bytes()].concat()
+}
+
+/// Prefix of the time index of one timeline.
+pub fn time_prefix(replica: &str, timeline: &str) -> Vec<u8> {
+    [TIME, replica.as_bytes(), b"\0", timeline.as_bytes(), b"\0"].concat()
+}
+
+pub fn time(replica: &str, timeline: &str, at: Instant, id: &Hash) -> Vec<u8> {
+    [
+        time_prefix(replica, timeline).as_slice(),
+        &at.to_sortable_bytes(),
+        id.as_bytes(),
+    ]
+    .concat()
+}
+
+/// The largest possible time key at `at`, for "the last frame at or before".
+pub fn time_upper(replica: &str, timeline: &str, at: Instant) -> Vec<u8> {
+    [
+        time_prefix(replica, timeline).as_slice(),
+        &at.to_sortable_bytes(),
+        &[0xff; 32],
+    ]
+    .concat()
+}
+
+/// The frame id at the end of a time key.
+pub fn id_of_time_key(key: &[u8]) -> Option<Hash> {
+    key.len()
+        .checked_sub(32)
+        .and_then(|start| Hash::from_slice(&key[start..]))
+}
+
+pub fn head(replica: &str, timeline: &str) -> Vec<u8> {
+    [HEAD, replica.as_bytes(), b"\0", timeline.as_bytes()].concat()
+}
+
+pub fn head_prefix(replica: &str) -> Vec<u8> {
+    [HEAD, replica.as_bytes(), b"\0"].concat()
+}
+
+pub fn dictionary(id: u64) -> Vec<u8> {
+    [DICTIONARY, &id.to_be_bytes()[..]].concat()
+}
+
+pub fn dictionary_version_prefix(replica: &str) -> Vec<u8> {
+    [DICTIONARY_VERSION, replica.as_bytes(), b"\0"].concat()
+}
+
+pub fn dictionary_version(replica: &str, version: u32) -> Vec<u8> {
+    [
+        dictionary_version_prefix(replica).as_slice(),
+        &version.to_be_bytes(),
+    ]
+    .concat()
+}

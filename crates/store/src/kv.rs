@@ -1,0 +1,205 @@
+//! The ordered key-value interface every backend implements, shaped after FoundationDB:
+//! byte keys in order, values of at most 100 kB, atomic batches of at most 10 MB, and
+//! optimistic checks that make read-modify-write safe without locks.
+
+use std::ops::Bound;
+
+/// Largest key accepted, in bytes (FoundationDB's limit).
+pub const KEY_BYTES_MAX: usize = 10_000;
+/// Largest value accepted, in bytes (FoundationDB's limit).
+pub const VALUE_BYTES_MAX: usize = 100_000;
+/// Largest batch accepted, in bytes of keys and values (FoundationDB's limit).
+pub const BATCH_BYTES_MAX: usize = 10_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("key of {0} bytes exceeds the limit of {KEY_BYTES_MAX} bytes")]
+    KeyTooLarge(usize),
+    #[error("value of {0} bytes exceeds the limit of {VALUE_BYTES_MAX} bytes")]
+    ValueTooLarge(usize),
+    #[error("batch of {0} bytes exceeds the limit of {BATCH_BYTES_MAX} bytes")]
+    BatchTooLarge(usize),
+    /// A check of the batch failed: another writer changed `key` first. Retry.
+    #[error("conflict on key {}: it changed since it was read", printable(.key))]
+    Conflict { key: Vec<u8> },
+    #[error("the store is in use by another process: {0}")]
+    Busy(String),
+    #[error("the store at {path} is corrupt or unreadable: {reason}")]
+    Corrupt { path: String, reason: String },
+    #[error("store i/o failed: {0}")]
+    Io(String),
+}
+
+pub fn printable(key: &[u8]) -> String {
+    key.iter()
+        .map(|&b| {
+            if b.is_ascii_graphic() {
+                (b as char).to_string()
+            } else {
+                format!("\\x{b:02x}")
+            }
+        })
+        .collect()
+}
+
+/// One change in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mutation {
+    Put { key: Vec<u8>, value: Vec<u8> },
+    Delete { key: Vec<u8> },
+}
+
+/// A set of mutations applied atomically, guarded by checks on the values of keys.
+#[derive(Debug, Default, Clone)]
+pub struct WriteBatch {
+    pub(crate) mutations: Vec<Mutation>,
+    pub(crate) checks: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    pub(crate) bytes: usize,
+    /// Whether the commit must be on disk when `commit` returns. Batches that are not
+    /// durable become durable with the next durable one.
+    pub durable: bool,
+}
+
+impl WriteBatch {
+    pub fn new() -> WriteBatch {
+        WriteBatch {
+            durable: true,
+            ..WriteBatch::default()
+        }
+    }
+
+    /// A batch that need not reach disk until a later durable batch commits.
+    pub fn deferred() -> WriteBatch {
+        WriteBatch::default()
+    }
+
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), KvError> {
+        check_key(&key)?;
+        if value.len() > VALUE_BYTES_MAX {
+            return Err(KvError::ValueTooLarge(value.len()));
+        }
+        self.grow(key.len() + value.len())?;
+        self.mutations.push(Mutation::Put { key, value });
+        Ok(())
+    }
+
+    pub fn delete(&mut self, key: Vec<u8>) -> Result<(), KvError> {
+        check_key(&key)?;
+        self.grow(key.len())?;
+        self.mutations.push(Mutation::Delete { key });
+        Ok(())
+    }
+
+    /// The batch commits only if `key` still holds `expected` (`None`: absent).
+    pub fn check(&mut self, key: Vec<u8>, expected: Option<Vec<u8>>) -> Result<(), KvError> {
+        check_key(&key)?;
+        self.grow(key.len())?;
+        self.checks.push((key, expected));
+        Ok(())
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mutations.is_empty() && self.checks.is_empty()
+    }
+
+    pub fn mutations(&self) -> &[Mutation] {
+        &self.mutations
+    }
+
+    pub fn checks(&self) -> &[(Vec<u8>, Option<Vec<u8>>)] {
+        &self.checks
+    }
+
+    fn grow(&mut self, bytes: usize) -> Result<(), KvError> {
+        let total = self.bytes + bytes;
+        if total > BATCH_BYTES_MAX {
+            return Err(KvError::BatchTooLarge(total));
+        }
+        self.bytes = total;
+        Ok(())
+    }
+}
+
+fn check_key(key: &[u8]) -> Result<(), KvError> {
+    if key.len() > KEY_BYTES_MAX {
+        return Err(KvError::KeyTooLarge(key.len()));
+    }
+    Ok(())
+}
+
+/// A consistent read view of the store.
+pub trait KvSnapshot: Send + Sync {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
+
+    fn contains(&self, key: &[u8]) -> Result<bool, KvError> {
+        Ok(self.get(key)?.is_some())
+    }
+
+    /// Up to `limit` pairs with keys in `[start, end)` (or to the end), ascending or
+    /// descending.
+    fn scan(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError>;
+}
+
+/// An ordered key-value store with atomic batches.
+pub trait KvBackend: Send + Sync {
+    fn snapshot(&self) -> Result<Box<dyn KvSnapshot>, KvError>;
+    /// Applies the whole batch or nothing; fails with [`KvError::Conflict`] if a check fails.
+    fn commit(&self, batch: WriteBatch) -> Result<(), KvError>;
+    /// Bytes the backend occupies on disk.
+    fn size_bytes(&self) -> Result<u64, KvError>;
+}
+
+/// The smallest key greater than every key starting with `prefix`, if any.
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Every pair whose key starts with `prefix`, read in pages of `page` pairs.
+pub fn scan_prefix(
+    snapshot: &dyn KvSnapshot,
+    prefix: &[u8],
+    page: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+    let end = prefix_end(prefix);
+    let mut out = Vec::new();
+    let mut start = prefix.to_vec();
+    let mut include_start = true;
+    loop {
+        let start_bound = if include_start {
+            Bound::Included(start.as_slice())
+        } else {
+            Bound::Excluded(start.as_slice())
+        };
+        let end_bound = match &end {
+            Some(end) => Bound::Excluded(end.as_slice()),
+            None => Bound::Unbounded,
+        };
+        let batch = snapshot.scan(start_bound, end_bound, page, false)?;
+        let full = batch.len() == page;
+        if let Some((last, _)) = batch.last() {
+            start = last.clone();
+            include_start = false;
+        }
+        out.extend(batch);
+        if !full {
+            return Ok(out);
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! Kairos store: a content-addressed, compressed, deduplicated store of service states on
+//! an ordered key-value backend (redb embedded by default). Knows nothing about actors,
+//! NATS or Raft.
+//!
+//! - [`kv`]: the backend interface (FoundationDB's limits) and [`conformance`] suite;
+//! - [`object`]: object kinds and the zstd codec, validated on every read;
+//! - [`node`]: the rkyv node types of a state's Merkle tree;
+//! - [`tree`]: building and reading directories and chunk lists;
+//! - [`catalog`]: replicas, frames, timeline heads and the time index;
+//! - [`verify`]: a full check of everything stored.
+
+pub mod catalog;
+pub mod conformance;
+pub mod keys;
+pub mod kv;
+pub mod node;
+pub mod object;
+pub mod redb_backend;
+pub mod store;
+pub mod tree;
+pub mod verify;
+
+pub use catalog::{CatalogError, FrameDraft, FrameRecord};
+pub use object::ObjectKind;
+pub use store::{ObjectWriter, Reader, Store, StoreError, WriteStats};
+pub use verify::VerifyReport;

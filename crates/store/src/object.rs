@@ -1,0 +1,285 @@
+//! Stored objects: kinds, the value codec (zstd, optionally with a per-replica dictionary)
+//! and the checks made on every read (header, size bound, BLAKE3 of the content).
+
+use kairos_core::Hash;
+
+/// What an object holds. The kind is part of the hash, so kinds never collide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ObjectKind {
+    /// A content-defined chunk of a large file.
+    Chunk = 1,
+    /// The whole content of a small file.
+    Blob = 2,
+    /// The chunk list of a large file.
+    ChunkList = 3,
+    /// A directory node (leaf or index page).
+    Dir = 4,
+    /// The root of a state.
+    Root = 5,
+    /// Processes and metrics of a state.
+    Runtime = 6,
+    /// The keys parsed from one config file.
+    Config = 7,
+}
+
+impl ObjectKind {
+    pub fn from_byte(byte: u8) -> Option<ObjectKind> {
+        Some(match byte {
+            1 => ObjectKind::Chunk,
+            2 => ObjectKind::Blob,
+            3 => ObjectKind::ChunkList,
+            4 => ObjectKind::Dir,
+            5 => ObjectKind::Root,
+            6 => ObjectKind::Runtime,
+            7 => ObjectKind::Config,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ObjectKind::Chunk => "chunk",
+            ObjectKind::Blob => "blob",
+            ObjectKind::ChunkList => "chunk list",
+            ObjectKind::Dir => "directory node",
+            ObjectKind::Root => "state root",
+            ObjectKind::Runtime => "runtime node",
+            ObjectKind::Config => "config node",
+        }
+    }
+}
+
+/// The address of `raw` content of `kind`.
+pub fn object_hash(kind: ObjectKind, raw: &[u8]) -> Hash {
+    Hash::of(kind as u8, raw)
+}
+
+const FORMAT_VERSION: u8 = 1;
+const CODEC_RAW: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+const CODEC_ZSTD_DICT: u8 = 2;
+const HEADER_BYTES: usize = 7;
+/// No object's content is larger than this (chunks and pages are far smaller).
+pub const OBJECT_RAW_BYTES_MAX: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("object {hash}: {problem}")]
+    Corrupt { hash: Hash, problem: String },
+    #[error("object {hash} is compressed with dictionary {dict_id:016x}, which is not stored")]
+    MissingDictionary { hash: Hash, dict_id: u64 },
+}
+
+/// A trained dictionary, ready for both directions.
+pub struct Dictionary {
+    pub id: u64,
+    pub bytes: Vec<u8>,
+    encoder: zstd::dict::EncoderDictionary<'static>,
+    decoder: zstd::dict::DecoderDictionary<'static>,
+}
+
+impl Dictionary {
+    pub fn new(bytes: Vec<u8>, level: i32) -> Dictionary {
+        let id = dictionary_id(&bytes);
+        Dictionary {
+            id,
+            encoder: zstd::dict::EncoderDictionary::copy(&bytes, level),
+            decoder: zstd::dict::DecoderDictionary::copy(&bytes),
+            bytes,
+        }
+    }
+}
+
+pub fn dictionary_id(bytes: &[u8]) -> u64 {
+    let hash = blake3::hash(bytes);
+    u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+}
+
+/// Encodes `raw` as a stored value: compressed when that saves space.
+pub fn encode(
+    kind: ObjectKind,
+    raw: &[u8],
+    level: i32,
+    dictionary: Option<&Dictionary>,
+) -> Vec<u8> {
+    assert!(
+        raw.len() <= OBJECT_RAW_BYTES_MAX,
+        "object content over the limit"
+    );
+    let compressed = match dictionary {
+        Some(dictionary) => compress_with(raw, &dictionary.encoder).map(|c| (CODEC_ZSTD_DICT, c)),
+        None => zstd::bulk::compress(raw, level)
+            .ok()
+            .map(|c| (CODEC_ZSTD, c)),
+    };
+    let (codec, payload) = match compressed {
+        Some((codec, payload)) if payload.len() + 8 < raw.len() => (codec, payload),
+        _ => (CODEC_RAW, raw.to_vec()),
+    };
+    let mut value = Vec::with_capacity(HEADER_BYTES + 8 + payload.len());
+    value.push(FORMAT_VERSION);
+    value.push(kind as u8);
+    value.push(codec);
+    value.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+    if codec == CODEC_ZSTD_DICT {
+        let id = dictionary.map(|d| d.id).unwrap_or(0);
+        value.extend_from_slice(&id.to_le_bytes());
+    }
+    value.extend_from_slice(&payload);
+    value
+}
+
+fn compress_with(
+    raw: &[u8],
+    dictionary: &zstd::dict::EncoderDictionary<'static>,
+) -> Option<Vec<u8>> {
+    let mut compressor = zstd::bulk::Compressor::with_prepared_dictionary(dictionary).ok()?;
+    compressor.compress(raw).ok()
+}
+
+/// The dictionary an encoded value needs, if any.
+pub fn needed_dictionary(value: &[u8]) -> Option<u64> {
+    if value.len() >= HEADER_BYTES + 8 && value[2] == CODEC_ZSTD_DICT {
+        Some(u64::from_le_bytes(
+            value[HEADER_BYTES..HEADER_BYTES + 8].try_into().ok()?,
+        ))
+    } else {
+        None
+    }
+}
+
+/// Decodes a stored value and checks that it is the object `hash` of `kind`.
+pub fn decode(
+    hash: Hash,
+    kind: ObjectKind,
+    value: &[u8],
+    dictionary: Option<&Dictionary>,
+) -> Result<Vec<u8>, CodecError> {
+    let corrupt = |problem: String| CodecError::Corrupt { hash, problem };
+    if value.len() < HEADER_BYTES {
+        return Err(corrupt(format!(
+            "value of {} bytes is truncated",
+            value.len()
+        )));
+    }
+    if value[0] != FORMAT_VERSION {
+        return Err(corrupt(format!("unknown format version {}", value[0])));
+    }
+    match ObjectKind::from_byte(value[1]) {
+        Some(stored) if stored == kind => {}
+        Some(stored) => {
+            return Err(corrupt(format!(
+                "is a {} where a {} was expected",
+                stored.name(),
+                kind.name()
+            )));
+        }
+        None => return Err(corrupt(format!("unknown object kind {}", value[1]))),
+    }
+    let raw_len = u32::from_le_bytes(value[3..7].try_into().unwrap_or([0; 4])) as usize;
+    if raw_len > OBJECT_RAW_BYTES_MAX {
+        return Err(corrupt(format!("claims {raw_len} bytes, over the limit")));
+    }
+    let raw = match value[2] {
+        CODEC_RAW => value[HEADER_BYTES..].to_vec(),
+        CODEC_ZSTD => zstd::bulk::decompress(&value[HEADER_BYTES..], raw_len)
+            .map_err(|error| corrupt(format!("does not decompress: {error}")))?,
+        CODEC_ZSTD_DICT => {
+            let Some(dict_id) = needed_dictionary(value) else {
+                return Err(corrupt("dictionary id is truncated".into()));
+            };
+            let dictionary = match dictionary {
+                Some(dictionary) if dictionary.id == dict_id => dictionary,
+                _ => return Err(CodecError::MissingDictionary { hash, dict_id }),
+            };
+            let mut decompressor =
+                zstd::bulk::Decompressor::with_prepared_dictionary(&dictionary.decoder)
+                    .map_err(|error| corrupt(format!("decompressor: {error}")))?;
+            decompressor
+                .decompress(&value[HEADER_BYTES + 8..], raw_len)
+                .map_err(|error| corrupt(format!("does not decompress: {error}")))?
+        }
+        other => return Err(corrupt(format!("unknown codec {other}"))),
+    };
+    if raw.len() != raw_len {
+        return Err(corrupt(format!(
+            "holds {} bytes where its header says {raw_len}",
+            raw.len()
+        )));
+    }
+    if object_hash(kind, &raw) != hash {
+        return Err(corrupt("content does not match its hash".into()));
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn round_trips(raw in proptest::collection::vec(any::<u8>(), 0..4096), repeat in 1usize..8) {
+            let raw = raw.repeat(repeat);
+            let hash = object_hash(ObjectKind::Blob, &raw);
+            let value = encode(ObjectKind::Blob, &raw, 3, None);
+            prop_assert_eq!(decode(hash, ObjectKind::Blob, &value, None).unwrap(), raw);
+        }
+
+        #[test]
+        fn any_flipped_byte_is_detected(raw in proptest::collection::vec(any::<u8>(), 1..2048), at in any::<usize>(), bit in 0u8..8) {
+            let hash = object_hash(ObjectKind::Chunk, &raw);
+            let mut value = encode(ObjectKind::Chunk, &raw, 3, None);
+            let at = at % value.len();
+            value[at] ^= 1 << bit;
+            prop_assert!(decode(hash, ObjectKind::Chunk, &value, None).is_err());
+        }
+    }
+
+    #[test]
+    fn dictionary_round_trip_and_missing_dictionary() {
+        let samples: Vec<Vec<u8>> = (0..400)
+            .map(|i| {
+                format!(
+                    "listen = {i}\nmax_connections = {}\nname = \"svc-{i}\"\n",
+                    i * 7
+                )
+                .into_bytes()
+            })
+            .collect();
+        let bytes = zstd::dict::from_samples(&samples, 4096).unwrap();
+        let dictionary = Dictionary::new(bytes, 3);
+        let raw = b"listen = 42\nmax_connections = 294\nname = \"svc-42\"\n".repeat(2);
+        let hash = object_hash(ObjectKind::Blob, &raw);
+        let value = encode(ObjectKind::Blob, &raw, 3, Some(&dictionary));
+        assert_eq!(needed_dictionary(&value), Some(dictionary.id));
+        assert_eq!(
+            decode(hash, ObjectKind::Blob, &value, Some(&dictionary)).unwrap(),
+            raw
+        );
+        assert!(matches!(
+            decode(hash, ObjectKind::Blob, &value, None),
+            Err(CodecError::MissingDictionary { .. })
+        ));
+    }
+
+    #[test]
+    fn wrong_kind_is_named() {
+        let raw = b"abc";
+        let value = encode(ObjectKind::Blob, raw, 3, None);
+        let error = decode(
+            object_hash(ObjectKind::Blob, raw),
+            ObjectKind::Dir,
+            &value,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("is a blob where a directory node was expected"),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,480 @@
+//! The store: objects (content-addressed, compressed, validated on read), the catalog of
+//! replicas and frames, and the batching writer used by captures.
+
+use std::collections::HashMap;
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use kairos_core::Hash;
+
+use crate::keys;
+use crate::kv::{KvBackend, KvError, KvSnapshot, WriteBatch, scan_prefix};
+use crate::object::{self, CodecError, Dictionary, ObjectKind};
+use crate::redb_backend::RedbBackend;
+
+/// The file name of the embedded store inside a data directory.
+pub const STORE_FILE: &str = "kairos.redb";
+/// Objects written by a capture are committed in batches of about this many bytes.
+pub const WRITE_BATCH_BYTES: usize = 8 << 20;
+/// Batches queued between compressing threads and the committing thread.
+pub const WRITE_QUEUE_BATCHES: usize = 2;
+/// Objects at most this large are compressed with the replica's dictionary.
+pub const DICTIONARY_OBJECT_BYTES_MAX: usize = 16 << 10;
+/// Trained dictionaries are at most this large.
+pub const DICTIONARY_BYTES: usize = 64 << 10;
+/// Samples kept for training: at most this many bytes...
+pub const DICTIONARY_SAMPLE_BYTES_MAX: usize = 8 << 20;
+/// ...and a dictionary is trained once at least this many samples exist.
+pub const DICTIONARY_SAMPLES_MIN: usize = 256;
+/// zstd level used for objects.
+pub const COMPRESSION_LEVEL: i32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("{kind} {hash} is missing from the store")]
+    MissingObject { hash: Hash, kind: &'static str },
+    #[error("{kind} {hash} is not valid: {problem}")]
+    BadNode {
+        hash: Hash,
+        kind: &'static str,
+        problem: String,
+    },
+    #[error("{what} {key} is corrupt: {problem}")]
+    BadRecord {
+        what: &'static str,
+        key: String,
+        problem: String,
+    },
+}
+
+impl StoreError {
+    /// Whether the error means stored data is damaged (as opposed to busy or missing input).
+    pub fn is_corruption(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Codec(_)
+                | StoreError::MissingObject { .. }
+                | StoreError::BadNode { .. }
+                | StoreError::BadRecord { .. }
+                | StoreError::Kv(KvError::Corrupt { .. })
+        )
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A content-addressed store over an ordered key-value backend.
+pub struct Store {
+    kv: Arc<dyn KvBackend>,
+    dictionaries: RwLock<HashMap<u64, Arc<Dictionary>>>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the embedded store in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|error| KvError::Io(format!("{}: {error}", data_dir.display())))?;
+        let backend = RedbBackend::open(&data_dir.join(STORE_FILE))?;
+        Ok(Store::with_backend(Arc::new(backend)))
+    }
+
+    pub fn with_backend(kv: Arc<dyn KvBackend>) -> Store {
+        Store {
+            kv,
+            dictionaries: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn kv(&self) -> &Arc<dyn KvBackend> {
+        &self.kv
+    }
+
+    pub fn size_bytes(&self) -> Result<u64> {
+        Ok(self.kv.size_bytes()?)
+    }
+
+    /// A consistent reader of everything committed so far.
+    pub fn reader(&self) -> Result<Reader<'_>> {
+        Ok(Reader {
+            store: self,
+            snapshot: self.kv.snapshot()?,
+        })
+    }
+
+    fn dictionary(&self, snapshot: &dyn KvSnapshot, id: u64) -> Result<Option<Arc<Dictionary>>> {
+        if let Some(found) = self
+            .dictionaries
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&id)
+        {
+            return Ok(Some(found.clone()));
+        }
+        let Some(bytes) = snapshot.get(&keys::dictionary(id))? else {
+            return Ok(None);
+        };
+        if object::dictionary_id(&bytes) != id {
+            return Err(StoreError::BadRecord {
+                what: "dictionary",
+                key: format!("{id:016x}"),
+                problem: "content does not match its id".into(),
+            });
+        }
+        let dictionary = Arc::new(Dictionary::new(bytes, COMPRESSION_LEVEL));
+        self.dictionaries
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(id, dictionary.clone());
+        Ok(Some(dictionary))
+    }
+
+    /// The newest dictionary trained for `replica`, with its version.
+    pub fn current_dictionary(&self, replica: &str) -> Result<Option<(u32, Arc<Dictionary>)>> {
+        let snapshot = self.kv.snapshot()?;
+        let prefix = keys::dictionary_version_prefix(replica);
+        let Some(end) = crate::kv::prefix_end(&prefix) else {
+            return Ok(None);
+        };
+        let last = snapshot.scan(
+            std::ops::Bound::Included(prefix.as_slice()),
+            std::ops::Bound::Excluded(end.as_slice()),
+            1,
+            true,
+        )?;
+        let Some((key, value)) = last.into_iter().next() else {
+            return Ok(None);
+        };
+        let bad = |problem: &str| StoreError::BadRecord {
+            what: "dictionary version",
+            key: crate::kv::printable(&key),
+            problem: problem.into(),
+        };
+        let version = key[prefix.len()..]
+            .try_into()
+            .map(u32::from_be_bytes)
+            .map_err(|_| bad("key is malformed"))?;
+        let id = value
+            .as_slice()
+            .try_into()
+            .map(u64::from_le_bytes)
+            .map_err(|_| bad("value is not a dictionary id"))?;
+        match self.dictionary(snapshot.as_ref(), id)? {
+            Some(dictionary) => Ok(Some((version, dictionary))),
+            None => Err(bad("names a dictionary that is not stored")),
+        }
+    }
+
+    /// Trains a dictionary for `replica` from `samples` and stores it as the next version.
+    /// Returns the version, or `None` when the samples are too few to train on.
+    pub fn train_dictionary(&self, replica: &str, samples: &[Vec<u8>]) -> Result<Option<u32>> {
+        if samples.len() < DICTIONARY_SAMPLES_MIN {
+            return Ok(None);
+        }
+        let Ok(bytes) = zstd::dict::from_samples(samples, DICTIONARY_BYTES) else {
+            return Ok(None);
+        };
+        let version = self
+            .current_dictionary(replica)?
+            .map(|(version, _)| version + 1)
+            .unwrap_or(1);
+        let id = object::dictionary_id(&bytes);
+        let mut batch = WriteBatch::new();
+        batch.put(keys::dictionary(id), bytes)?;
+        batch.check(keys::dictionary_version(replica, version), None)?;
+        batch.put(
+            keys::dictionary_version(replica, version),
+            id.to_le_bytes().to_vec(),
+        )?;
+        self.kv.commit(batch)?;
+        Ok(Some(version))
+    }
+
+    /// A writer of objects for one capture of `replica`.
+    pub fn object_writer(&self, replica: &str) -> Result<ObjectWriter> {
+        let dictionary = self.current_dictionary(replica)?.map(|(_, d)| d);
+        ObjectWriter::start(self.kv.clone(), dictionary)
+    }
+}
+
+/// Reads objects and records from one consistent snapshot, validating everything.
+pub struct Reader<'s> {
+    store: &'s Store,
+    snapshot: Box<dyn KvSnapshot>,
+}
+
+impl Reader<'_> {
+    pub fn snapshot(&self) -> &dyn KvSnapshot {
+        self.snapshot.as_ref()
+    }
+
+    pub fn has_object(&self, hash: &Hash) -> Result<bool> {
+        Ok(self.snapshot.contains(&keys::object(hash))?)
+    }
+
+    /// The content of object `hash`, checked against its hash.
+    pub fn object(&self, hash: &Hash, kind: ObjectKind) -> Result<Vec<u8>> {
+        let Some(value) = self.snapshot.get(&keys::object(hash))? else {
+            return Err(StoreError::MissingObject {
+                hash: *hash,
+                kind: kind.name(),
+            });
+        };
+        self.decode(hash, kind, &value)
+    }
+
+    /// Decodes a stored value read elsewhere (for example, by a scan).
+    pub fn decode(&self, hash: &Hash, kind: ObjectKind, value: &[u8]) -> Result<Vec<u8>> {
+        let dictionary = match object::needed_dictionary(value) {
+            Some(id) => self.store.dictionary(self.snapshot.as_ref(), id)?,
+            None => None,
+        };
+        Ok(object::decode(*hash, kind, value, dictionary.as_deref())?)
+    }
+
+    /// A node, validated as an rkyv archive of `T` after its hash is checked.
+    pub fn node<T>(&self, hash: &Hash, kind: ObjectKind) -> Result<T>
+    where
+        T: rkyv::Archive,
+        T::Archived: for<'a> rkyv::bytecheck::CheckBytes<
+                rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>,
+            > + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+    {
+        let bytes = self.object(hash, kind)?;
+        crate::node::from_bytes(&bytes).map_err(|problem| StoreError::BadNode {
+            hash: *hash,
+            kind: kind.name(),
+            problem,
+        })
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.snapshot.get(key)?)
+    }
+
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        Ok(scan_prefix(self.snapshot.as_ref(), prefix, 1024)?)
+    }
+}
+
+/// Figures about what a writer stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Objects newly stored.
+    pub objects_new: u64,
+    /// Objects that were already stored (deduplicated).
+    pub objects_reused: u64,
+    /// Content bytes of new objects before compression.
+    pub bytes_raw: u64,
+    /// Bytes of new objects as stored.
+    pub bytes_stored: u64,
+}
+
+/// Writes objects from many threads: each caller hashes and compresses, a background
+/// thread commits full batches in order. Objects already stored are skipped.
+pub struct ObjectWriter {
+    snapshot: Box<dyn KvSnapshot>,
+    dictionary: Option<Arc<Dictionary>>,
+    seen: Mutex<HashSet<Hash>>,
+    pending: Mutex<WriteBatch>,
+    sender: Mutex<Option<SyncSender<WriteBatch>>>,
+    committer: Mutex<Option<JoinHandle<Result<(), KvError>>>>,
+    failure: Arc<Mutex<Option<String>>>,
+    samples: Mutex<Samples>,
+    objects_new: AtomicU64,
+    objects_reused: AtomicU64,
+    bytes_raw: AtomicU64,
+    bytes_stored: AtomicU64,
+}
+
+#[derive(Default)]
+struct Samples {
+    items: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl ObjectWriter {
+    fn start(kv: Arc<dyn KvBackend>, dictionary: Option<Arc<Dictionary>>) -> Result<ObjectWriter> {
+        let snapshot = kv.snapshot()?;
+        let (sender, receiver) = sync_channel::<WriteBatch>(WRITE_QUEUE_BATCHES);
+        let failure = Arc::new(Mutex::new(None));
+        let failure_seen = failure.clone();
+        let committer = std::thread::Builder::new()
+            .name("kairos-object-writer".into())
+            .spawn(move || {
+                for batch in receiver {
+                    if let Err(error) = kv.commit(batch) {
+                        *failure_seen.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(error.to_string());
+                        return Err(error);
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|error| KvError::Io(format!("starting the object writer: {error}")))?;
+        Ok(ObjectWriter {
+            snapshot,
+            dictionary,
+            seen: Mutex::new(HashSet::new()),
+            pending: Mutex::new(WriteBatch::deferred()),
+            sender: Mutex::new(Some(sender)),
+            committer: Mutex::new(Some(committer)),
+            failure,
+            samples: Mutex::new(Samples::default()),
+            objects_new: AtomicU64::new(0),
+            objects_reused: AtomicU64::new(0),
+            bytes_raw: AtomicU64::new(0),
+            bytes_stored: AtomicU64::new(0),
+        })
+    }
+
+    /// Stores `raw` as an object of `kind` (unless already stored) and returns its hash.
+    pub fn put(&self, kind: ObjectKind, raw: &[u8]) -> Result<Hash> {
+        let hash = object::object_hash(kind, raw);
+        self.put_hashed(hash, kind, raw)?;
+        Ok(hash)
+    }
+
+    /// Like [`ObjectWriter::put`] when the caller already computed the hash.
+    pub fn put_hashed(&self, hash: Hash, kind: ObjectKind, raw: &[u8]) -> Result<()> {
+        if let Some(failure) = self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Err(KvError::Io(failure).into());
+        }
+        if !self
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hash)
+        {
+            self.objects_reused.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let key = keys::object(&hash);
+        if self.snapshot.contains(&key)? {
+            self.objects_reused.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let small = raw.len() <= DICTIONARY_OBJECT_BYTES_MAX && kind != ObjectKind::Chunk;
+        let dictionary = if small {
+            self.dictionary.as_deref()
+        } else {
+            None
+        };
+        let value = object::encode(kind, raw, COMPRESSION_LEVEL, dictionary);
+        if small && self.dictionary.is_none() {
+            let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+            if samples.bytes + raw.len() <= DICTIONARY_SAMPLE_BYTES_MAX {
+                samples.bytes += raw.len();
+                samples.items.push(raw.to_vec());
+            }
+        }
+        self.objects_new.fetch_add(1, Ordering::Relaxed);
+        self.bytes_raw
+            .fetch_add(raw.len() as u64, Ordering::Relaxed);
+        self.bytes_stored
+            .fetch_add(value.len() as u64, Ordering::Relaxed);
+        let full = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.put(key, value)?;
+            if pending.bytes() >= WRITE_BATCH_BYTES {
+                Some(std::mem::replace(&mut *pending, WriteBatch::deferred()))
+            } else {
+                None
+            }
+        };
+        if let Some(batch) = full {
+            self.send(batch)?;
+        }
+        Ok(())
+    }
+
+    fn send(&self, batch: WriteBatch) -> Result<()> {
+        let sender = self
+            .sender
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match sender {
+            Some(sender) if sender.send(batch).is_ok() => Ok(()),
+            _ => Err(self.committer_error()),
+        }
+    }
+
+    fn committer_error(&self) -> StoreError {
+        let failure = self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        KvError::Io(failure.unwrap_or_else(|| "the object writer stopped".into())).into()
+    }
+
+    /// Commits everything written so far (not yet durably: the frame commit that follows is
+    /// durable and makes these batches durable with it) and returns what was stored.
+    pub fn finish(&self) -> Result<WriteStats> {
+        let last = std::mem::replace(
+            &mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()),
+            WriteBatch::deferred(),
+        );
+        if !last.is_empty() {
+            self.send(last)?;
+        }
+        drop(self.sender.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(committer) = self
+            .committer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            match committer.join() {
+                Ok(result) => result?,
+                Err(_) => return Err(self.committer_error()),
+            }
+        }
+        Ok(self.stats())
+    }
+
+    pub fn stats(&self) -> WriteStats {
+        WriteStats {
+            objects_new: self.objects_new.load(Ordering::Relaxed),
+            objects_reused: self.objects_reused.load(Ordering::Relaxed),
+            bytes_raw: self.bytes_raw.load(Ordering::Relaxed),
+            bytes_stored: self.bytes_stored.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Small objects seen by this writer, for training a dictionary (empty once one exists).
+    pub fn take_samples(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.samples.lock().unwrap_or_else(|p| p.into_inner()).items)
+    }
+
+    pub fn has_dictionary(&self) -> bool {
+        self.dictionary.is_some()
+    }
+}
+
+impl Drop for ObjectWriter {
+    fn drop(&mut self) {
+        drop(self.sender.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(committer) = self
+            .committer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = committer.join();
+        }
+    }
+}
