@@ -1,0 +1,715 @@
+//! One capture of a replica: walk the root (reusing unchanged files from the previous
+//! frame), read changed files in parallel, sample processes and metrics, write the tree
+//! bottom-up and commit the frame atomically.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{File, Metadata};
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant as Clock;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use kairos_core::{Hash, Instant, Limits, ReplicaDefinition};
+use kairos_store::node::{
+    self, Body, CaptureNote, ChunkRef, ConfigKey, ConfigNode, Content, DirEntry, Meta, Metrics,
+    RootNode, RuntimeNode, SpecialKind,
+};
+use kairos_store::tree::{self, BLOB_BYTES_MAX, CHUNK_BYTES_AVERAGE, CHUNK_BYTES_MAX, CHUNK_BYTES_MIN};
+use kairos_store::{
+    CatalogError, FrameDraft, FrameRecord, ObjectKind, ObjectWriter, Store, StoreError, WriteStats,
+};
+use rayon::prelude::*;
+
+use crate::config::{self, ConfigFormat};
+use crate::process::{self, PreviousSample, Selector, SelectorError};
+
+/// A file whose mtime is this close to (or after) the previous capture is read again even
+/// if its metadata looks unchanged: a write in the same clock tick would not show.
+const RACY_MTIME_MARGIN_NS: i64 = 1_000_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("replica {replica:?}: root {root} is not readable: {reason}")]
+    RootUnreadable {
+        replica: String,
+        root: PathBuf,
+        reason: String,
+    },
+    #[error("replica {replica:?}: root {root} is not a directory")]
+    RootNotDirectory { replica: String, root: PathBuf },
+    #[error("replica {replica:?}: the state has more than {max} entries (limit state_entries_max)")]
+    TooManyEntries { replica: String, max: u64 },
+    #[error("replica {replica:?}: exclude glob {pattern:?} is invalid: {reason}")]
+    BadExclude {
+        replica: String,
+        pattern: String,
+        reason: String,
+    },
+    #[error("replica {replica:?}: {source}")]
+    Selector {
+        replica: String,
+        source: SelectorError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+/// What a capture did, for the caller to report.
+#[derive(Debug, Clone)]
+pub struct CaptureReport {
+    pub frame: FrameRecord,
+    pub stats: WriteStats,
+    pub files_read: u64,
+    pub files_reused: u64,
+    pub processes: u64,
+    pub notes: Vec<(String, String)>,
+    /// A dictionary version trained after this capture, if one was.
+    pub dictionary_trained: Option<u32>,
+}
+
+/// Everything a capture needs besides the store.
+pub struct CaptureRequest<'a> {
+    pub replica: &'a ReplicaDefinition,
+    pub timeline: &'a str,
+    pub limits: Limits,
+    /// Paths never captured (the store's own data directory when it lies inside the root).
+    pub skip: Vec<PathBuf>,
+}
+
+pub fn capture(store: &Store, request: &CaptureRequest<'_>) -> Result<CaptureReport, CaptureError> {
+    let started = Clock::now();
+    let replica = request.replica;
+    let now = Instant::now();
+    let root_meta = std::fs::metadata(&replica.root).map_err(|error| CaptureError::RootUnreadable {
+        replica: replica.name.clone(),
+        root: replica.root.clone(),
+        reason: error.to_string(),
+    })?;
+    if !root_meta.is_dir() {
+        return Err(CaptureError::RootNotDirectory {
+            replica: replica.name.clone(),
+            root: replica.root.clone(),
+        });
+    }
+    let excludes = build_excludes(replica)?;
+    let selectors = replica
+        .processes
+        .iter()
+        .map(|pattern| Selector::new(pattern))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| CaptureError::Selector {
+            replica: replica.name.clone(),
+            source,
+        })?;
+
+    let head = store.head(&replica.name, request.timeline)?;
+    let mut notes: Vec<CaptureNote> = Vec::new();
+    let previous = match &head {
+        Some(frame) => match store.reader()?.node::<RootNode>(&frame.root, ObjectKind::Root) {
+            Ok(root) => Some((frame.time, root)),
+            Err(error) => {
+                notes.push(note(b"", format!("previous frame unreadable, captured without reuse: {error}")));
+                None
+            }
+        },
+        None => None,
+    };
+    let previous_processes = previous
+        .as_ref()
+        .and_then(|(at, root)| {
+            let reader = store.reader().ok()?;
+            let runtime = reader.node::<RuntimeNode>(&Hash(root.runtime), ObjectKind::Runtime).ok()?;
+            Some(
+                runtime
+                    .processes
+                    .iter()
+                    .map(|p| ((p.pid, p.start_time_ns), PreviousSample { cpu_time_ms: p.cpu_time_ms, at: *at }))
+                    .collect::<HashMap<_, _>>(),
+            )
+        })
+        .unwrap_or_default();
+
+    let writer = store.object_writer(&replica.name)?;
+    let reader = store.reader()?;
+    let skip: Vec<PathBuf> = request
+        .skip
+        .iter()
+        .filter_map(|path| path.canonicalize().ok())
+        .collect();
+    let mut walker = Walker {
+        reader: &reader,
+        excludes,
+        skip,
+        limits: request.limits,
+        replica: &replica.name,
+        reuse_before_ns: previous
+            .as_ref()
+            .map(|(at, _)| at.0 - RACY_MTIME_MARGIN_NS)
+            .unwrap_or(i64::MIN),
+        jobs: Vec::new(),
+        entries: 0,
+        files_reused: 0,
+        notes,
+        metrics: Metrics::default(),
+    };
+    let root_canonical = replica.root.canonicalize().unwrap_or_else(|_| replica.root.clone());
+    let previous_files = previous.as_ref().map(|(_, root)| Hash(root.files));
+    let pending = walker
+        .walk_dir(&root_canonical, b"", previous_files)
+        .map_err(|error| match error {
+            WalkError::Io(reason) => CaptureError::RootUnreadable {
+                replica: replica.name.clone(),
+                root: replica.root.clone(),
+                reason,
+            },
+            WalkError::Capture(error) => error,
+        })?;
+    let Walker {
+        jobs,
+        mut notes,
+        mut metrics,
+        files_reused,
+        limits,
+        ..
+    } = walker;
+
+    let outcomes: Vec<Result<Option<FileOutcome>, StoreError>> = jobs
+        .par_iter()
+        .map(|job| read_file(&writer, job, &limits))
+        .collect();
+    let mut outcomes: Vec<Option<FileOutcome>> = outcomes.into_iter().collect::<Result<_, _>>()?;
+    let files_read = outcomes.iter().flatten().count() as u64;
+    let mut torn = 0;
+    for (job, outcome) in jobs.iter().zip(&outcomes) {
+        if let Some(outcome) = outcome {
+            if let Some(message) = &outcome.note {
+                notes.push(note(&job.rel, message.clone()));
+            }
+            if matches!(outcome.body, Body::File { torn: true, .. }) {
+                torn += 1;
+            }
+        }
+    }
+    let built = build_dir(&writer, pending, &mut outcomes)?;
+    metrics.files = built.files;
+    let processes = process::sample(&selectors, &previous_processes, now);
+    metrics.processes = processes.len() as u64;
+    metrics.memory_rss_bytes = processes.iter().map(|p| p.rss_bytes).sum();
+    metrics.cpu_percent = (processes.iter().map(|p| p.cpu_percent).sum::<f64>() * 100.0).round() / 100.0;
+    metrics.disk_apparent_bytes = built.bytes;
+    metrics.disk_allocated_bytes = built.allocated;
+    let process_count = processes.len() as u64;
+    let runtime = writer.put(
+        ObjectKind::Runtime,
+        &node::to_bytes(&RuntimeNode { processes, metrics }),
+    )?;
+    let unreadable = notes.iter().filter(|n| n.message.starts_with("unreadable")).count() as u64;
+    let root = RootNode {
+        format: node::ROOT_FORMAT,
+        replica: replica.name.clone(),
+        captured_at_ns: now.0,
+        files: built.hash.0,
+        files_meta: meta_of(&root_meta),
+        file_entries: built.entries,
+        file_bytes: built.bytes,
+        runtime: runtime.0,
+        notes: notes.clone(),
+    };
+    let root_hash = writer.put(ObjectKind::Root, &node::to_bytes(&root))?;
+    let stats = writer.finish()?;
+    let frame = store.commit_frame(FrameDraft {
+        replica: replica.name.clone(),
+        timeline: request.timeline.to_string(),
+        time: now,
+        parent: head.map(|frame| frame.id),
+        root: root_hash,
+        entries: built.entries,
+        bytes: built.bytes,
+        stats,
+        torn,
+        unreadable,
+        capture_ms: started.elapsed().as_millis() as u64,
+    })?;
+    let dictionary_trained = if writer.has_dictionary() {
+        None
+    } else {
+        store.train_dictionary(&replica.name, &writer.take_samples())?
+    };
+    Ok(CaptureReport {
+        frame,
+        stats,
+        files_read,
+        files_reused,
+        processes: process_count,
+        notes: notes
+            .into_iter()
+            .map(|n| (String::from_utf8_lossy(&n.path).into_owned(), n.message))
+            .collect(),
+        dictionary_trained,
+    })
+}
+
+fn note(path: &[u8], message: String) -> CaptureNote {
+    CaptureNote {
+        path: path.to_vec(),
+        message,
+    }
+}
+
+fn build_excludes(replica: &ReplicaDefinition) -> Result<GlobSet, CaptureError> {
+    let mut builder = GlobSetBuilder::new();
+    for pattern in &replica.exclude {
+        let glob = Glob::new(pattern).map_err(|error| CaptureError::BadExclude {
+            replica: replica.name.clone(),
+            pattern: pattern.clone(),
+            reason: error.kind().to_string(),
+        })?;
+        builder.add(glob);
+    }
+    builder.build().map_err(|error| CaptureError::BadExclude {
+        replica: replica.name.clone(),
+        pattern: replica.exclude.join(", "),
+        reason: error.to_string(),
+    })
+}
+
+pub fn meta_of(metadata: &Metadata) -> Meta {
+    Meta {
+        mode: metadata.mode(),
+        uid: metadata.uid(),
+        gid: metadata.gid(),
+        size: metadata.size(),
+        mtime_ns: metadata.mtime() * 1_000_000_000 + metadata.mtime_nsec(),
+        ctime_ns: metadata.ctime() * 1_000_000_000 + metadata.ctime_nsec(),
+        inode: metadata.ino(),
+        allocated_bytes: metadata.blocks() * 512,
+    }
+}
+
+struct Job {
+    abs: PathBuf,
+    rel: Vec<u8>,
+    meta: Meta,
+    config: Option<ConfigFormat>,
+}
+
+enum PendingBody {
+    Ready(Body),
+    Read(usize),
+    Dir(Vec<Pending>),
+}
+
+struct Pending {
+    name: Vec<u8>,
+    meta: Meta,
+    body: PendingBody,
+}
+
+enum WalkError {
+    Io(String),
+    Capture(CaptureError),
+}
+
+impl From<StoreError> for WalkError {
+    fn from(error: StoreError) -> WalkError {
+        WalkError::Capture(error.into())
+    }
+}
+
+struct Walker<'a, 'r> {
+    reader: &'a kairos_store::Reader<'r>,
+    excludes: GlobSet,
+    skip: Vec<PathBuf>,
+    limits: Limits,
+    replica: &'a str,
+    reuse_before_ns: i64,
+    jobs: Vec<Job>,
+    entries: u64,
+    files_reused: u64,
+    notes: Vec<CaptureNote>,
+    metrics: Metrics,
+}
+
+impl Walker<'_, '_> {
+    fn walk_dir(&mut self, abs: &Path, rel: &[u8], previous: Option<Hash>) -> Result<Vec<Pending>, WalkError> {
+        let read = std::fs::read_dir(abs).map_err(|error| WalkError::Io(error.to_string()))?;
+        let mut names: Vec<std::ffi::OsString> = Vec::new();
+        for item in read {
+            match item {
+                Ok(item) => names.push(item.file_name()),
+                Err(error) => self.notes.push(note(rel, format!("unreadable directory listing: {error}"))),
+            }
+        }
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let previous_entries = match previous {
+            Some(hash) => self.reader.dir_entries(&hash).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let name_bytes = name.as_bytes().to_vec();
+            let child_rel = if rel.is_empty() {
+                name_bytes.clone()
+            } else {
+                [rel, b"/", &name_bytes].concat()
+            };
+            if self.excludes.is_match(Path::new(OsStr::from_bytes(&child_rel))) {
+                continue;
+            }
+            let child_abs = abs.join(&name);
+            if self.skip.iter().any(|skip| skip == &child_abs) {
+                continue;
+            }
+            self.entries += 1;
+            if self.entries > self.limits.state_entries_max {
+                return Err(WalkError::Capture(CaptureError::TooManyEntries {
+                    replica: self.replica.to_string(),
+                    max: self.limits.state_entries_max,
+                }));
+            }
+            let metadata = match std::fs::symlink_metadata(&child_abs) {
+                Ok(metadata) => metadata,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    self.entries -= 1;
+                    continue;
+                }
+                Err(error) => {
+                    self.notes.push(note(&child_rel, format!("unreadable: {error}")));
+                    out.push(Pending {
+                        name: name_bytes,
+                        meta: Meta::default(),
+                        body: PendingBody::Ready(Body::Unreadable { error: error.to_string() }),
+                    });
+                    continue;
+                }
+            };
+            let meta = meta_of(&metadata);
+            let kind = metadata.file_type();
+            let before = previous_entries
+                .binary_search_by(|entry| entry.name.as_slice().cmp(&name_bytes))
+                .ok()
+                .map(|index| &previous_entries[index]);
+            let body = if kind.is_dir() {
+                self.metrics.directories += 1;
+                let previous_dir = match before.map(|entry| &entry.body) {
+                    Some(Body::Dir { node, .. }) => Some(Hash(*node)),
+                    _ => None,
+                };
+                match self.walk_dir(&child_abs, &child_rel, previous_dir) {
+                    Ok(children) => PendingBody::Dir(children),
+                    Err(WalkError::Io(reason)) => {
+                        self.notes.push(note(&child_rel, format!("unreadable: {reason}")));
+                        PendingBody::Ready(Body::Unreadable { error: reason })
+                    }
+                    Err(error) => return Err(error),
+                }
+            } else if kind.is_file() {
+                match before {
+                    Some(entry) if self.unchanged(entry, &meta) => {
+                        self.files_reused += 1;
+                        PendingBody::Ready(entry.body.clone())
+                    }
+                    _ => {
+                        self.jobs.push(Job {
+                            abs: child_abs,
+                            rel: child_rel,
+                            meta: meta.clone(),
+                            config: config::format_for_name(&name_bytes),
+                        });
+                        PendingBody::Read(self.jobs.len() - 1)
+                    }
+                }
+            } else if kind.is_symlink() {
+                match std::fs::read_link(&child_abs) {
+                    Ok(target) => PendingBody::Ready(Body::Symlink {
+                        target: target.as_os_str().as_bytes().to_vec(),
+                    }),
+                    Err(error) => {
+                        self.notes.push(note(&child_rel, format!("unreadable: {error}")));
+                        PendingBody::Ready(Body::Unreadable { error: error.to_string() })
+                    }
+                }
+            } else {
+                let kind = if kind.is_fifo() {
+                    SpecialKind::Fifo
+                } else if kind.is_socket() {
+                    SpecialKind::Socket
+                } else if kind.is_block_device() {
+                    SpecialKind::BlockDevice
+                } else {
+                    SpecialKind::CharDevice
+                };
+                PendingBody::Ready(Body::Special { kind })
+            };
+            out.push(Pending {
+                name: name_bytes,
+                meta,
+                body,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whether a file's metadata says its previous capture still holds.
+    fn unchanged(&self, before: &DirEntry, now: &Meta) -> bool {
+        let reusable = matches!(
+            &before.body,
+            Body::File { torn: false, content, .. } if !matches!(content, Content::Omitted { .. })
+        );
+        reusable
+            && before.meta.size == now.size
+            && before.meta.mtime_ns == now.mtime_ns
+            && before.meta.ctime_ns == now.ctime_ns
+            && before.meta.inode == now.inode
+            && before.meta.mode == now.mode
+            && now.mtime_ns < self.reuse_before_ns
+    }
+}
+
+struct FileOutcome {
+    meta: Meta,
+    body: Body,
+    note: Option<String>,
+}
+
+fn read_file(writer: &ObjectWriter, job: &Job, limits: &Limits) -> Result<Option<FileOutcome>, StoreError> {
+    if job.meta.size > limits.file_bytes_max {
+        let reason = format!(
+            "file of {} bytes exceeds the file size limit of {} bytes",
+            job.meta.size, limits.file_bytes_max
+        );
+        return Ok(Some(FileOutcome {
+            meta: job.meta.clone(),
+            body: Body::File {
+                content: Content::Omitted { reason: reason.clone() },
+                config: None,
+                torn: false,
+            },
+            note: Some(format!("content omitted: {reason}")),
+        }));
+    }
+    let mut last: Option<(Meta, Content, Option<Vec<u8>>)> = None;
+    for _ in 0..=limits.torn_file_retries {
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&job.abs)
+        {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Ok(Some(unreadable(job, error.to_string()))),
+        };
+        let before = match file.metadata() {
+            Ok(metadata) if metadata.is_file() => meta_of(&metadata),
+            Ok(_) => return Ok(Some(unreadable(job, "changed type while being captured".into()))),
+            Err(error) => return Ok(Some(unreadable(job, error.to_string()))),
+        };
+        let keep_for_config = job
+            .config
+            .filter(|_| before.size <= limits.config_file_bytes_max);
+        let read = match read_content(writer, file, &before, keep_for_config.is_some(), limits) {
+            Ok(read) => read,
+            Err(ReadError::Store(error)) => return Err(error),
+            Err(ReadError::Io(reason)) => return Ok(Some(unreadable(job, reason))),
+        };
+        let Some((content, bytes, after)) = read else {
+            continue;
+        };
+        let path_now = std::fs::symlink_metadata(&job.abs).ok().map(|m| meta_of(&m));
+        let stable = same_version(&before, &after)
+            && path_now.as_ref().is_some_and(|now| same_version(&after, now));
+        if stable {
+            let (config, note) = parse_config(writer, job, bytes.as_deref(), limits)?;
+            return Ok(Some(FileOutcome {
+                meta: after,
+                body: Body::File { content, config, torn: false },
+                note,
+            }));
+        }
+        last = Some((after, content, bytes));
+    }
+    match last {
+        Some((meta, content, bytes)) => {
+            let (config, _) = parse_config(writer, job, bytes.as_deref(), limits)?;
+            Ok(Some(FileOutcome {
+                meta,
+                body: Body::File { content, config, torn: true },
+                note: Some(format!(
+                    "torn: the file kept changing while read ({} attempts); the last read is stored",
+                    limits.torn_file_retries + 1
+                )),
+            }))
+        }
+        None => Ok(Some(unreadable(job, "kept changing size while being read".into()))),
+    }
+}
+
+fn same_version(a: &Meta, b: &Meta) -> bool {
+    a.size == b.size && a.mtime_ns == b.mtime_ns && a.ctime_ns == b.ctime_ns && a.inode == b.inode
+}
+
+fn unreadable(job: &Job, error: String) -> FileOutcome {
+    FileOutcome {
+        meta: job.meta.clone(),
+        note: Some(format!("unreadable: {error}")),
+        body: Body::Unreadable { error },
+    }
+}
+
+enum ReadError {
+    Store(StoreError),
+    Io(String),
+}
+
+type ReadResult = Option<(Content, Option<Vec<u8>>, Meta)>;
+
+/// Reads a file's content into objects. `None` means the file grew past what its size
+/// announced (read again).
+fn read_content(
+    writer: &ObjectWriter,
+    mut file: File,
+    before: &Meta,
+    keep_bytes: bool,
+    limits: &Limits,
+) -> Result<ReadResult, ReadError> {
+    let io = |error: std::io::Error| ReadError::Io(error.to_string());
+    if before.size as usize <= BLOB_BYTES_MAX {
+        let mut bytes = Vec::with_capacity(before.size as usize);
+        (&mut file)
+            .take(BLOB_BYTES_MAX as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        let after = meta_of(&file.metadata().map_err(io)?);
+        if bytes.len() > BLOB_BYTES_MAX || bytes.len() as u64 != after.size {
+            return Ok(None);
+        }
+        let content = if bytes.is_empty() {
+            Content::Empty
+        } else {
+            let hash = writer.put(ObjectKind::Blob, &bytes).map_err(ReadError::Store)?;
+            Content::Blob { hash: hash.0 }
+        };
+        return Ok(Some((content, keep_bytes.then_some(bytes), after)));
+    }
+    let mut chunks = Vec::with_capacity((before.size as usize / CHUNK_BYTES_AVERAGE) + 1);
+    let mut kept = keep_bytes.then(Vec::new);
+    let mut total = 0u64;
+    let chunker = fastcdc::v2020::StreamCDC::new(
+        std::io::BufReader::with_capacity(1 << 20, &mut file),
+        CHUNK_BYTES_MIN,
+        CHUNK_BYTES_AVERAGE,
+        CHUNK_BYTES_MAX,
+    );
+    for chunk in chunker {
+        let chunk = chunk.map_err(|error| ReadError::Io(error.to_string()))?;
+        total += chunk.length as u64;
+        if total > limits.file_bytes_max {
+            return Ok(None);
+        }
+        let hash = writer.put(ObjectKind::Chunk, &chunk.data).map_err(ReadError::Store)?;
+        if let Some(kept) = kept.as_mut() {
+            kept.extend_from_slice(&chunk.data);
+        }
+        chunks.push(ChunkRef {
+            hash: hash.0,
+            bytes: chunk.length as u64,
+        });
+    }
+    let after = meta_of(&file.metadata().map_err(io)?);
+    if total != after.size {
+        return Ok(None);
+    }
+    let count = chunks.len() as u64;
+    let list = tree::write_chunk_list(writer, chunks).map_err(ReadError::Store)?;
+    Ok(Some((Content::Chunks { list: list.0, chunks: count }, kept, after)))
+}
+
+fn parse_config(
+    writer: &ObjectWriter,
+    job: &Job,
+    bytes: Option<&[u8]>,
+    limits: &Limits,
+) -> Result<(Option<[u8; 32]>, Option<String>), StoreError> {
+    let (Some(format), Some(bytes)) = (job.config, bytes) else {
+        return Ok((None, None));
+    };
+    match config::parse(format, bytes, limits.config_keys_max) {
+        Ok((format, pairs)) => {
+            let node = ConfigNode {
+                format: format.name().to_string(),
+                keys: pairs
+                    .into_iter()
+                    .map(|(key, value)| ConfigKey { key, value })
+                    .collect(),
+            };
+            let hash = writer.put(ObjectKind::Config, &node::to_bytes(&node))?;
+            Ok((Some(hash.0), None))
+        }
+        // A `.conf` file that is not key-value (nginx.conf) is simply not parsed.
+        Err(_) if format == ConfigFormat::KeyValue => Ok((None, None)),
+        Err(error) => Ok((None, Some(format!("config not parsed: {} {error}", format.name())))),
+    }
+}
+
+struct Built {
+    hash: Hash,
+    entries: u64,
+    bytes: u64,
+    allocated: u64,
+    files: u64,
+}
+
+fn build_dir(
+    writer: &ObjectWriter,
+    pending: Vec<Pending>,
+    outcomes: &mut [Option<FileOutcome>],
+) -> Result<Built, StoreError> {
+    let mut entries = Vec::with_capacity(pending.len());
+    let mut totals = Built {
+        hash: Hash::default(),
+        entries: 0,
+        bytes: 0,
+        allocated: 0,
+        files: 0,
+    };
+    for item in pending {
+        let (meta, body) = match item.body {
+            PendingBody::Ready(body) => (item.meta, body),
+            PendingBody::Read(index) => match outcomes[index].take() {
+                Some(outcome) => (outcome.meta, outcome.body),
+                None => continue,
+            },
+            PendingBody::Dir(children) => {
+                let built = build_dir(writer, children, outcomes)?;
+                totals.entries += built.entries;
+                totals.bytes += built.bytes;
+                totals.allocated += built.allocated;
+                totals.files += built.files;
+                let body = Body::Dir {
+                    node: built.hash.0,
+                    entries: built.entries,
+                    bytes: built.bytes,
+                };
+                (item.meta, body)
+            }
+        };
+        totals.entries += 1;
+        totals.allocated += meta.allocated_bytes;
+        if matches!(body, Body::File { .. }) {
+            totals.files += 1;
+            totals.bytes += meta.size;
+        }
+        entries.push(DirEntry {
+            name: item.name,
+            meta,
+            body,
+        });
+    }
+    totals.hash = tree::write_dir(writer, entries)?;
+    Ok(totals)
+}

@@ -1,0 +1,8 @@
+//! Kairos capture sources: the directory tree, config files, processes and resource
+//! metrics of a replica, written into the store as one frame.
+
+pub mod capture;
+pub mod config;
+pub mod process;
+
+pub use capture::{CaptureError, CaptureReport, CaptureRequest, capture};
