@@ -17,7 +17,9 @@ use kairos_store::node::{
     self, Body, CaptureNote, ChunkRef, ConfigKey, ConfigNode, Content, DirEntry, Meta, Metrics,
     RootNode, RuntimeNode, SpecialKind,
 };
-use kairos_store::tree::{self, BLOB_BYTES_MAX, CHUNK_BYTES_AVERAGE, CHUNK_BYTES_MAX, CHUNK_BYTES_MIN};
+use kairos_store::tree::{
+    self, BLOB_BYTES_MAX, CHUNK_BYTES_AVERAGE, CHUNK_BYTES_MAX, CHUNK_BYTES_MIN,
+};
 use kairos_store::{
     CatalogError, FrameDraft, FrameRecord, ObjectKind, ObjectWriter, Store, StoreError, WriteStats,
 };
@@ -26,9 +28,13 @@ use rayon::prelude::*;
 use crate::config::{self, ConfigFormat};
 use crate::process::{self, PreviousSample, Selector, SelectorError};
 
-/// A file whose mtime is this close to (or after) the previous capture is read again even
-/// if its metadata looks unchanged: a write in the same clock tick would not show.
-const RACY_MTIME_MARGIN_NS: i64 = 1_000_000_000;
+/// A file whose mtime is this close to (or after) the start of the previous capture is read
+/// again even if its metadata looks unchanged: the kernel stamps files from a coarse clock
+/// (a few milliseconds), so a write just after that capture read the file could carry an
+/// earlier mtime (git's "racy clean" problem).
+const RACY_MTIME_MARGIN_NS: i64 = 50_000_000;
+/// The same margin for file systems with whole-second timestamps (mtime without nanoseconds).
+const RACY_MTIME_MARGIN_COARSE_NS: i64 = 2_000_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -85,11 +91,12 @@ pub fn capture(store: &Store, request: &CaptureRequest<'_>) -> Result<CaptureRep
     let started = Clock::now();
     let replica = request.replica;
     let now = Instant::now();
-    let root_meta = std::fs::metadata(&replica.root).map_err(|error| CaptureError::RootUnreadable {
-        replica: replica.name.clone(),
-        root: replica.root.clone(),
-        reason: error.to_string(),
-    })?;
+    let root_meta =
+        std::fs::metadata(&replica.root).map_err(|error| CaptureError::RootUnreadable {
+            replica: replica.name.clone(),
+            root: replica.root.clone(),
+            reason: error.to_string(),
+        })?;
     if !root_meta.is_dir() {
         return Err(CaptureError::RootNotDirectory {
             replica: replica.name.clone(),
@@ -110,10 +117,16 @@ pub fn capture(store: &Store, request: &CaptureRequest<'_>) -> Result<CaptureRep
     let head = store.head(&replica.name, request.timeline)?;
     let mut notes: Vec<CaptureNote> = Vec::new();
     let previous = match &head {
-        Some(frame) => match store.reader()?.node::<RootNode>(&frame.root, ObjectKind::Root) {
+        Some(frame) => match store
+            .reader()?
+            .node::<RootNode>(&frame.root, ObjectKind::Root)
+        {
             Ok(root) => Some((frame.time, root)),
             Err(error) => {
-                notes.push(note(b"", format!("previous frame unreadable, captured without reuse: {error}")));
+                notes.push(note(
+                    b"",
+                    format!("previous frame unreadable, captured without reuse: {error}"),
+                ));
                 None
             }
         },
@@ -123,12 +136,22 @@ pub fn capture(store: &Store, request: &CaptureRequest<'_>) -> Result<CaptureRep
         .as_ref()
         .and_then(|(at, root)| {
             let reader = store.reader().ok()?;
-            let runtime = reader.node::<RuntimeNode>(&Hash(root.runtime), ObjectKind::Runtime).ok()?;
+            let runtime = reader
+                .node::<RuntimeNode>(&Hash(root.runtime), ObjectKind::Runtime)
+                .ok()?;
             Some(
                 runtime
                     .processes
                     .iter()
-                    .map(|p| ((p.pid, p.start_time_ns), PreviousSample { cpu_time_ms: p.cpu_time_ms, at: *at }))
+                    .map(|p| {
+                        (
+                            (p.pid, p.start_time_ns),
+                            PreviousSample {
+                                cpu_time_ms: p.cpu_time_ms,
+                                at: *at,
+                            },
+                        )
+                    })
                     .collect::<HashMap<_, _>>(),
             )
         })
@@ -147,17 +170,17 @@ pub fn capture(store: &Store, request: &CaptureRequest<'_>) -> Result<CaptureRep
         skip,
         limits: request.limits,
         replica: &replica.name,
-        reuse_before_ns: previous
-            .as_ref()
-            .map(|(at, _)| at.0 - RACY_MTIME_MARGIN_NS)
-            .unwrap_or(i64::MIN),
+        previous_capture_ns: previous.as_ref().map(|(at, _)| at.0).unwrap_or(i64::MIN),
         jobs: Vec::new(),
         entries: 0,
         files_reused: 0,
         notes,
         metrics: Metrics::default(),
     };
-    let root_canonical = replica.root.canonicalize().unwrap_or_else(|_| replica.root.clone());
+    let root_canonical = replica
+        .root
+        .canonicalize()
+        .unwrap_or_else(|_| replica.root.clone());
     let previous_files = previous.as_ref().map(|(_, root)| Hash(root.files));
     let pending = walker
         .walk_dir(&root_canonical, b"", previous_files)
@@ -200,7 +223,8 @@ pub fn capture(store: &Store, request: &CaptureRequest<'_>) -> Result<CaptureRep
     let processes = process::sample(&selectors, &previous_processes, now);
     metrics.processes = processes.len() as u64;
     metrics.memory_rss_bytes = processes.iter().map(|p| p.rss_bytes).sum();
-    metrics.cpu_percent = (processes.iter().map(|p| p.cpu_percent).sum::<f64>() * 100.0).round() / 100.0;
+    metrics.cpu_percent =
+        (processes.iter().map(|p| p.cpu_percent).sum::<f64>() * 100.0).round() / 100.0;
     metrics.disk_apparent_bytes = built.bytes;
     metrics.disk_allocated_bytes = built.allocated;
     let process_count = processes.len() as u64;
@@ -208,7 +232,10 @@ pub fn capture(store: &Store, request: &CaptureRequest<'_>) -> Result<CaptureRep
         ObjectKind::Runtime,
         &node::to_bytes(&RuntimeNode { processes, metrics }),
     )?;
-    let unreadable = notes.iter().filter(|n| n.message.starts_with("unreadable")).count() as u64;
+    let unreadable = notes
+        .iter()
+        .filter(|n| n.message.starts_with("unreadable"))
+        .count() as u64;
     let root = RootNode {
         format: node::ROOT_FORMAT,
         replica: replica.name.clone(),
@@ -261,7 +288,7 @@ fn note(path: &[u8], message: String) -> CaptureNote {
     }
 }
 
-fn build_excludes(replica: &ReplicaDefinition) -> Result<GlobSet, CaptureError> {
+pub fn build_excludes(replica: &ReplicaDefinition) -> Result<GlobSet, CaptureError> {
     let mut builder = GlobSetBuilder::new();
     for pattern in &replica.exclude {
         let glob = Glob::new(pattern).map_err(|error| CaptureError::BadExclude {
@@ -327,7 +354,7 @@ struct Walker<'a, 'r> {
     skip: Vec<PathBuf>,
     limits: Limits,
     replica: &'a str,
-    reuse_before_ns: i64,
+    previous_capture_ns: i64,
     jobs: Vec<Job>,
     entries: u64,
     files_reused: u64,
@@ -336,13 +363,20 @@ struct Walker<'a, 'r> {
 }
 
 impl Walker<'_, '_> {
-    fn walk_dir(&mut self, abs: &Path, rel: &[u8], previous: Option<Hash>) -> Result<Vec<Pending>, WalkError> {
+    fn walk_dir(
+        &mut self,
+        abs: &Path,
+        rel: &[u8],
+        previous: Option<Hash>,
+    ) -> Result<Vec<Pending>, WalkError> {
         let read = std::fs::read_dir(abs).map_err(|error| WalkError::Io(error.to_string()))?;
         let mut names: Vec<std::ffi::OsString> = Vec::new();
         for item in read {
             match item {
                 Ok(item) => names.push(item.file_name()),
-                Err(error) => self.notes.push(note(rel, format!("unreadable directory listing: {error}"))),
+                Err(error) => self
+                    .notes
+                    .push(note(rel, format!("unreadable directory listing: {error}"))),
             }
         }
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
@@ -358,7 +392,10 @@ impl Walker<'_, '_> {
             } else {
                 [rel, b"/", &name_bytes].concat()
             };
-            if self.excludes.is_match(Path::new(OsStr::from_bytes(&child_rel))) {
+            if self
+                .excludes
+                .is_match(Path::new(OsStr::from_bytes(&child_rel)))
+            {
                 continue;
             }
             let child_abs = abs.join(&name);
@@ -379,11 +416,14 @@ impl Walker<'_, '_> {
                     continue;
                 }
                 Err(error) => {
-                    self.notes.push(note(&child_rel, format!("unreadable: {error}")));
+                    self.notes
+                        .push(note(&child_rel, format!("unreadable: {error}")));
                     out.push(Pending {
                         name: name_bytes,
                         meta: Meta::default(),
-                        body: PendingBody::Ready(Body::Unreadable { error: error.to_string() }),
+                        body: PendingBody::Ready(Body::Unreadable {
+                            error: error.to_string(),
+                        }),
                     });
                     continue;
                 }
@@ -403,7 +443,8 @@ impl Walker<'_, '_> {
                 match self.walk_dir(&child_abs, &child_rel, previous_dir) {
                     Ok(children) => PendingBody::Dir(children),
                     Err(WalkError::Io(reason)) => {
-                        self.notes.push(note(&child_rel, format!("unreadable: {reason}")));
+                        self.notes
+                            .push(note(&child_rel, format!("unreadable: {reason}")));
                         PendingBody::Ready(Body::Unreadable { error: reason })
                     }
                     Err(error) => return Err(error),
@@ -430,8 +471,11 @@ impl Walker<'_, '_> {
                         target: target.as_os_str().as_bytes().to_vec(),
                     }),
                     Err(error) => {
-                        self.notes.push(note(&child_rel, format!("unreadable: {error}")));
-                        PendingBody::Ready(Body::Unreadable { error: error.to_string() })
+                        self.notes
+                            .push(note(&child_rel, format!("unreadable: {error}")));
+                        PendingBody::Ready(Body::Unreadable {
+                            error: error.to_string(),
+                        })
                     }
                 }
             } else {
@@ -467,7 +511,15 @@ impl Walker<'_, '_> {
             && before.meta.ctime_ns == now.ctime_ns
             && before.meta.inode == now.inode
             && before.meta.mode == now.mode
-            && now.mtime_ns < self.reuse_before_ns
+            && now.mtime_ns.saturating_add(racy_margin_ns(now.mtime_ns)) < self.previous_capture_ns
+    }
+}
+
+fn racy_margin_ns(mtime_ns: i64) -> i64 {
+    if mtime_ns % 1_000_000_000 == 0 {
+        RACY_MTIME_MARGIN_COARSE_NS
+    } else {
+        RACY_MTIME_MARGIN_NS
     }
 }
 
@@ -477,7 +529,11 @@ struct FileOutcome {
     note: Option<String>,
 }
 
-fn read_file(writer: &ObjectWriter, job: &Job, limits: &Limits) -> Result<Option<FileOutcome>, StoreError> {
+fn read_file(
+    writer: &ObjectWriter,
+    job: &Job,
+    limits: &Limits,
+) -> Result<Option<FileOutcome>, StoreError> {
     if job.meta.size > limits.file_bytes_max {
         let reason = format!(
             "file of {} bytes exceeds the file size limit of {} bytes",
@@ -486,7 +542,9 @@ fn read_file(writer: &ObjectWriter, job: &Job, limits: &Limits) -> Result<Option
         return Ok(Some(FileOutcome {
             meta: job.meta.clone(),
             body: Body::File {
-                content: Content::Omitted { reason: reason.clone() },
+                content: Content::Omitted {
+                    reason: reason.clone(),
+                },
                 config: None,
                 torn: false,
             },
@@ -506,7 +564,12 @@ fn read_file(writer: &ObjectWriter, job: &Job, limits: &Limits) -> Result<Option
         };
         let before = match file.metadata() {
             Ok(metadata) if metadata.is_file() => meta_of(&metadata),
-            Ok(_) => return Ok(Some(unreadable(job, "changed type while being captured".into()))),
+            Ok(_) => {
+                return Ok(Some(unreadable(
+                    job,
+                    "changed type while being captured".into(),
+                )));
+            }
             Err(error) => return Ok(Some(unreadable(job, error.to_string()))),
         };
         let keep_for_config = job
@@ -520,14 +583,22 @@ fn read_file(writer: &ObjectWriter, job: &Job, limits: &Limits) -> Result<Option
         let Some((content, bytes, after)) = read else {
             continue;
         };
-        let path_now = std::fs::symlink_metadata(&job.abs).ok().map(|m| meta_of(&m));
+        let path_now = std::fs::symlink_metadata(&job.abs)
+            .ok()
+            .map(|m| meta_of(&m));
         let stable = same_version(&before, &after)
-            && path_now.as_ref().is_some_and(|now| same_version(&after, now));
+            && path_now
+                .as_ref()
+                .is_some_and(|now| same_version(&after, now));
         if stable {
             let (config, note) = parse_config(writer, job, bytes.as_deref(), limits)?;
             return Ok(Some(FileOutcome {
                 meta: after,
-                body: Body::File { content, config, torn: false },
+                body: Body::File {
+                    content,
+                    config,
+                    torn: false,
+                },
                 note,
             }));
         }
@@ -538,14 +609,21 @@ fn read_file(writer: &ObjectWriter, job: &Job, limits: &Limits) -> Result<Option
             let (config, _) = parse_config(writer, job, bytes.as_deref(), limits)?;
             Ok(Some(FileOutcome {
                 meta,
-                body: Body::File { content, config, torn: true },
+                body: Body::File {
+                    content,
+                    config,
+                    torn: true,
+                },
                 note: Some(format!(
                     "torn: the file kept changing while read ({} attempts); the last read is stored",
                     limits.torn_file_retries + 1
                 )),
             }))
         }
-        None => Ok(Some(unreadable(job, "kept changing size while being read".into()))),
+        None => Ok(Some(unreadable(
+            job,
+            "kept changing size while being read".into(),
+        ))),
     }
 }
 
@@ -591,7 +669,9 @@ fn read_content(
         let content = if bytes.is_empty() {
             Content::Empty
         } else {
-            let hash = writer.put(ObjectKind::Blob, &bytes).map_err(ReadError::Store)?;
+            let hash = writer
+                .put(ObjectKind::Blob, &bytes)
+                .map_err(ReadError::Store)?;
             Content::Blob { hash: hash.0 }
         };
         return Ok(Some((content, keep_bytes.then_some(bytes), after)));
@@ -611,7 +691,9 @@ fn read_content(
         if total > limits.file_bytes_max {
             return Ok(None);
         }
-        let hash = writer.put(ObjectKind::Chunk, &chunk.data).map_err(ReadError::Store)?;
+        let hash = writer
+            .put(ObjectKind::Chunk, &chunk.data)
+            .map_err(ReadError::Store)?;
         if let Some(kept) = kept.as_mut() {
             kept.extend_from_slice(&chunk.data);
         }
@@ -626,7 +708,14 @@ fn read_content(
     }
     let count = chunks.len() as u64;
     let list = tree::write_chunk_list(writer, chunks).map_err(ReadError::Store)?;
-    Ok(Some((Content::Chunks { list: list.0, chunks: count }, kept, after)))
+    Ok(Some((
+        Content::Chunks {
+            list: list.0,
+            chunks: count,
+        },
+        kept,
+        after,
+    )))
 }
 
 fn parse_config(
@@ -652,7 +741,10 @@ fn parse_config(
         }
         // A `.conf` file that is not key-value (nginx.conf) is simply not parsed.
         Err(_) if format == ConfigFormat::KeyValue => Ok((None, None)),
-        Err(error) => Ok((None, Some(format!("config not parsed: {} {error}", format.name())))),
+        Err(error) => Ok((
+            None,
+            Some(format!("config not parsed: {} {error}", format.name())),
+        )),
     }
 }
 

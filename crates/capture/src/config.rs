@@ -99,9 +99,9 @@ pub fn parse(
 }
 
 fn has_sections(text: &str) -> bool {
-    text.lines().map(str::trim).any(|line| {
-        line.starts_with('[') && line.ends_with(']') && !line.contains('=')
-    })
+    text.lines()
+        .map(str::trim)
+        .any(|line| line.starts_with('[') && line.ends_with(']') && !line.contains('='))
 }
 
 fn number_repeats(pairs: Vec<(String, String)>) -> Vec<(String, String)> {
@@ -123,7 +123,12 @@ fn number_repeats(pairs: Vec<(String, String)>) -> Vec<(String, String)> {
 fn syntax(format: &'static str, reason: impl ToString) -> ConfigError {
     ConfigError::Syntax {
         format,
-        reason: reason.to_string().lines().next().unwrap_or_default().to_string(),
+        reason: reason
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
     }
 }
 
@@ -168,7 +173,8 @@ fn parse_json(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
 fn parse_yaml(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
     let mut out = Vec::new();
     for document in serde_yaml::Deserializer::from_str(text) {
-        let value: Value = serde::Deserialize::deserialize(document).map_err(|e| syntax("yaml", e))?;
+        let value: Value =
+            serde::Deserialize::deserialize(document).map_err(|e| syntax("yaml", e))?;
         flatten("", &value, &mut out);
     }
     Ok(out)
@@ -304,7 +310,11 @@ fn parse_env(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
             });
         };
         let key = key.trim();
-        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+        if key.is_empty()
+            || !key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        {
             return Err(ConfigError::Line {
                 line: index + 1,
                 reason: format!("{key:?} is not a variable name"),

@@ -89,7 +89,8 @@ pub fn sample(
         let Some(selector) = selectors.iter().find(|s| s.matches(&stat.comm, &cmdline)) else {
             continue;
         };
-        let start_time_ns = boot_ns + (stat.starttime as i64).saturating_mul(1_000_000_000) / ticks as i64;
+        let start_time_ns =
+            boot_ns + (stat.starttime as i64).saturating_mul(1_000_000_000) / ticks as i64;
         let cpu_time_ms = (stat.utime + stat.stime) * 1000 / ticks;
         let pid = process.pid as u32;
         let cpu_percent = match previous.get(&(pid, start_time_ns)) {
@@ -118,7 +119,9 @@ pub fn sample(
                     .collect()
             })
             .unwrap_or_default();
-        listening.sort_by(|a, b| (a.port, &a.protocol, &a.address).cmp(&(b.port, &b.protocol, &b.address)));
+        listening.sort_by(|a, b| {
+            (a.port, &a.protocol, &a.address).cmp(&(b.port, &b.protocol, &b.address))
+        });
         listening.dedup();
         out.push(ProcessEntry {
             pid,
@@ -178,9 +181,20 @@ mod tests {
         let word = Selector::new("nginx").unwrap();
         assert!(word.matches("nginx", &["nginx: master process".into()]));
         assert!(word.matches("x", &["/usr/sbin/nginx".into(), "-g".into()]));
-        assert!(!word.matches("kairos", &["kairos".into(), "--process".into(), "nginx".into()]));
+        assert!(!word.matches(
+            "kairos",
+            &["kairos".into(), "--process".into(), "nginx".into()]
+        ));
         let glob = Selector::new("*http.server 8*").unwrap();
-        assert!(glob.matches("python3", &["python3".into(), "-m".into(), "http.server".into(), "8080".into()]));
+        assert!(glob.matches(
+            "python3",
+            &[
+                "python3".into(),
+                "-m".into(),
+                "http.server".into(),
+                "8080".into()
+            ]
+        ));
         assert!(Selector::new("[").is_err());
     }
 
@@ -196,7 +210,11 @@ mod tests {
         let selector = Selector::new("*kairos-test-marker*").unwrap();
         let mut found = Vec::new();
         for _ in 0..100 {
-            found = sample(std::slice::from_ref(&selector), &HashMap::new(), Instant::now());
+            found = sample(
+                std::slice::from_ref(&selector),
+                &HashMap::new(),
+                Instant::now(),
+            );
             if found.iter().any(|p| !p.listening.is_empty()) {
                 break;
             }
@@ -204,8 +222,16 @@ mod tests {
         }
         child.kill().unwrap();
         child.wait().unwrap();
-        let process = found.iter().find(|p| p.pid == child.id()).expect("the child is sampled");
+        let process = found
+            .iter()
+            .find(|p| p.pid == child.id())
+            .expect("the child is sampled");
         assert!(process.rss_bytes > 0);
-        assert!(process.listening.iter().any(|s| s.port == port && s.protocol == "tcp"));
+        assert!(
+            process
+                .listening
+                .iter()
+                .any(|s| s.port == port && s.protocol == "tcp")
+        );
     }
 }

@@ -89,7 +89,7 @@ impl FrameSpec {
                 .map(FrameSpec::IdPrefix)
                 .map_err(|_| SpecError::Unrecognised(text.to_string()));
         }
-        if text.contains('T') || text.contains('t') {
+        if text.starts_with(|c: char| c.is_ascii_digit()) && text.contains(['T', 't', ' ']) {
             return Instant::parse_rfc3339(text)
                 .map(FrameSpec::At)
                 .map_err(|error| SpecError::BadInstant(error.to_string()));

@@ -10,7 +10,8 @@ use crate::kv::{
 
 /// Runs every case against fresh backends made by `make`; panics on the first failure.
 pub fn run(mut make: impl FnMut() -> Box<dyn KvBackend>) {
-    let cases: [(&str, fn(&dyn KvBackend)); 8] = [
+    type Case = fn(&dyn KvBackend);
+    let cases: [(&str, Case); 8] = [
         ("put_get_overwrite_delete", put_get_overwrite_delete),
         ("scan_is_ordered_and_bounded", scan_is_ordered_and_bounded),
         ("prefix_scan_pages", prefix_scan_pages),

@@ -42,6 +42,9 @@ pub fn printable(key: &[u8]) -> String {
         .collect()
 }
 
+/// Key-value pairs as returned by scans.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// One change in a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mutation {
@@ -147,7 +150,7 @@ pub trait KvSnapshot: Send + Sync {
         end: Bound<&[u8]>,
         limit: usize,
         reverse: bool,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError>;
+    ) -> Result<Pairs, KvError>;
 }
 
 /// An ordered key-value store with atomic batches.
@@ -176,7 +179,7 @@ pub fn scan_prefix(
     snapshot: &dyn KvSnapshot,
     prefix: &[u8],
     page: usize,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+) -> Result<Pairs, KvError> {
     let end = prefix_end(prefix);
     let mut out = Vec::new();
     let mut start = prefix.to_vec();

@@ -124,7 +124,7 @@ impl KvSnapshot for RedbSnapshot {
         end: Bound<&[u8]>,
         limit: usize,
         reverse: bool,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+    ) -> Result<crate::kv::Pairs, KvError> {
         let Some(table) = &self.table else {
             return Ok(Vec::new());
         };

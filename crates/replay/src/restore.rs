@@ -1,0 +1,401 @@
+//! Restore: materialise a frame into a directory (contents, modes, times, symlinks, fifos;
+//! owners when run as root). Files are written in parallel, each to a temporary name then
+//! renamed, so a reader never sees a half-written file. With `force`, whatever the target
+//! holds that the frame does not is removed (except paths matching the excludes).
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr};
+use std::fs::{FileTimes, OpenOptions, Permissions};
+use std::io::BufWriter;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant as Clock;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use kairos_core::Instant;
+use kairos_store::Store;
+use kairos_store::node::{Body, DirEntry, Meta, SpecialKind};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::state::{ContentError, ReplayError, StateView, display_path, write_content};
+
+pub struct RestoreOptions<'a> {
+    /// Replace the content of a target that is not empty.
+    pub force: bool,
+    /// Globs (relative to the target) that restore neither writes nor removes.
+    pub exclude: Vec<String>,
+    /// Called with the bytes written so far.
+    pub progress: Option<&'a (dyn Fn(u64) + Sync)>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct RestoreReport {
+    pub frame: String,
+    pub into: String,
+    pub files: u64,
+    pub directories: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    pub removed: u64,
+    /// Entries not restored, with the reason.
+    pub skipped: Vec<String>,
+    pub duration_ms: u64,
+}
+
+fn target_error(path: &Path, reason: impl ToString) -> ReplayError {
+    ReplayError::Target {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn write_error(path: &Path, reason: impl ToString) -> ReplayError {
+    ReplayError::Write {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+pub fn restore(
+    store: &Store,
+    view: &StateView,
+    into: &Path,
+    options: &RestoreOptions<'_>,
+) -> Result<RestoreReport, ReplayError> {
+    let started = Clock::now();
+    let excludes = build_globs(&options.exclude).map_err(|reason| target_error(into, reason))?;
+    match std::fs::symlink_metadata(into) {
+        Ok(metadata) if !metadata.is_dir() => {
+            return Err(target_error(into, "exists and is not a directory"));
+        }
+        Ok(_) => {
+            let mut listing = std::fs::read_dir(into).map_err(|e| target_error(into, e))?;
+            if listing.next().is_some() && !options.force {
+                return Err(target_error(
+                    into,
+                    "exists and is not empty (use --force to replace its content)",
+                ));
+            }
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(into).map_err(|e| target_error(into, e))?;
+        }
+        Err(error) => return Err(target_error(into, error)),
+    }
+    let reader = store.reader()?;
+    let entries = view.entries(&reader)?;
+    for (path, _) in &entries {
+        check_relative(path).map_err(|reason| {
+            target_error(
+                into,
+                format!("stored path {:?} {reason}", display_path(path)),
+            )
+        })?;
+    }
+    let mut report = RestoreReport {
+        frame: view.frame.id.to_hex(),
+        into: into.display().to_string(),
+        ..RestoreReport::default()
+    };
+    let wanted: HashMap<&[u8], &'static str> = entries
+        .iter()
+        .map(|(path, entry)| (path.as_slice(), crate::state::kind_name(&entry.body)))
+        .collect();
+    if options.force {
+        report.removed = remove_extra(into, b"", &wanted, &excludes)?;
+    }
+    let kept = |path: &[u8]| !excludes.is_match(Path::new(OsStr::from_bytes(path)));
+    let is_root = unsafe { libc::geteuid() } == 0;
+
+    // Directories first, in walk order (parents before children).
+    for (path, entry) in entries
+        .iter()
+        .filter(|(p, e)| matches!(e.body, Body::Dir { .. }) && kept(p))
+    {
+        let target = into.join(OsStr::from_bytes(path));
+        ensure_dir(&target)?;
+        let _ = entry;
+        report.directories += 1;
+    }
+
+    let written = AtomicU64::new(0);
+    let files: Vec<&(Vec<u8>, DirEntry)> = entries
+        .iter()
+        .filter(|(p, e)| matches!(e.body, Body::File { .. }) && kept(p))
+        .collect();
+    let results: Vec<Result<Option<String>, ReplayError>> = files
+        .par_iter()
+        .map(|(path, entry)| {
+            let target = into.join(OsStr::from_bytes(path));
+            let outcome = restore_file(&reader, &target, entry, is_root)?;
+            if let Some(bytes) = outcome.written {
+                let total = written.fetch_add(bytes, Ordering::Relaxed) + bytes;
+                if let Some(progress) = options.progress {
+                    progress(total);
+                }
+            }
+            Ok(outcome
+                .skipped
+                .map(|reason| format!("{}: {reason}", display_path(path))))
+        })
+        .collect();
+    for result in results {
+        match result? {
+            Some(skipped) => report.skipped.push(skipped),
+            None => report.files += 1,
+        }
+    }
+    report.bytes = written.load(Ordering::Relaxed);
+
+    for (path, entry) in entries.iter().filter(|(p, _)| kept(p)) {
+        let target = into.join(OsStr::from_bytes(path));
+        match &entry.body {
+            Body::Symlink { target: link } => {
+                remove_if_present(&target)?;
+                std::os::unix::fs::symlink(OsStr::from_bytes(link), &target)
+                    .map_err(|e| write_error(&target, e))?;
+                if is_root {
+                    let _ = std::os::unix::fs::lchown(
+                        &target,
+                        Some(entry.meta.uid),
+                        Some(entry.meta.gid),
+                    );
+                }
+                report.symlinks += 1;
+            }
+            Body::Special {
+                kind: SpecialKind::Fifo,
+            } => {
+                remove_if_present(&target)?;
+                let name = CString::new(target.as_os_str().as_bytes())
+                    .map_err(|e| write_error(&target, e))?;
+                if unsafe {
+                    libc::mkfifo(name.as_ptr(), (entry.meta.mode & 0o7777) as libc::mode_t)
+                } != 0
+                {
+                    return Err(write_error(&target, std::io::Error::last_os_error()));
+                }
+            }
+            Body::Special { kind } => report.skipped.push(format!(
+                "{}: a {} cannot be restored",
+                display_path(path),
+                match kind {
+                    SpecialKind::Socket => "socket",
+                    SpecialKind::CharDevice => "character device",
+                    SpecialKind::BlockDevice => "block device",
+                    SpecialKind::Fifo => "fifo",
+                }
+            )),
+            Body::Unreadable { error } => report.skipped.push(format!(
+                "{}: was unreadable when captured: {error}",
+                display_path(path)
+            )),
+            _ => {}
+        }
+    }
+
+    // Directory modes and times last, deepest first, so that read-only directories and
+    // times changed by writing children end up as captured.
+    for (path, entry) in entries
+        .iter()
+        .rev()
+        .filter(|(p, e)| matches!(e.body, Body::Dir { .. }) && kept(p))
+    {
+        apply_meta(&into.join(OsStr::from_bytes(path)), &entry.meta, is_root)?;
+    }
+    apply_meta(into, &view.root.files_meta, is_root)?;
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+fn build_globs(patterns: &[String]) -> Result<GlobSet, String> {
+    let mut builder = GlobSetBuilder::new();
+    for pattern in patterns {
+        builder.add(Glob::new(pattern).map_err(|e| format!("exclude glob {pattern:?}: {e}"))?);
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
+fn check_relative(path: &[u8]) -> Result<(), &'static str> {
+    if path.is_empty() || path.starts_with(b"/") {
+        return Err("is not a relative path");
+    }
+    if path
+        .split(|&b| b == b'/')
+        .any(|part| part.is_empty() || part == b"." || part == b"..")
+    {
+        return Err("has an empty, '.' or '..' component");
+    }
+    if path.contains(&0) {
+        return Err("contains NUL");
+    }
+    Ok(())
+}
+
+/// Removes what the target holds that the frame does not (or holds as another kind).
+fn remove_extra(
+    into: &Path,
+    prefix: &[u8],
+    wanted: &HashMap<&[u8], &'static str>,
+    excludes: &GlobSet,
+) -> Result<u64, ReplayError> {
+    let dir = if prefix.is_empty() {
+        into.to_path_buf()
+    } else {
+        into.join(OsStr::from_bytes(prefix))
+    };
+    let mut removed = 0;
+    for item in std::fs::read_dir(&dir).map_err(|e| target_error(&dir, e))? {
+        let item = item.map_err(|e| target_error(&dir, e))?;
+        let name = item.file_name();
+        let path = crate::state::join(prefix, name.as_bytes());
+        if excludes.is_match(Path::new(OsStr::from_bytes(&path))) {
+            continue;
+        }
+        let file_type = item
+            .file_type()
+            .map_err(|e| target_error(&item.path(), e))?;
+        let kind = if file_type.is_dir() {
+            "dir"
+        } else if file_type.is_symlink() {
+            "symlink"
+        } else if file_type.is_file() {
+            "file"
+        } else {
+            "special"
+        };
+        match wanted.get(path.as_slice()) {
+            Some(&"dir") if kind == "dir" => {
+                removed += remove_extra(into, &path, wanted, excludes)?
+            }
+            Some(&want) if want == kind || (want == "fifo" && kind == "special") => {}
+            _ => {
+                let full = item.path();
+                if kind == "dir" {
+                    std::fs::remove_dir_all(&full).map_err(|e| write_error(&full, e))?;
+                } else {
+                    std::fs::remove_file(&full).map_err(|e| write_error(&full, e))?;
+                }
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
+fn ensure_dir(path: &Path) -> Result<(), ReplayError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.is_dir() => {
+            // Writable while restoring; the captured mode is applied at the end.
+            let mode = metadata.permissions().mode() | 0o700;
+            std::fs::set_permissions(path, Permissions::from_mode(mode))
+                .map_err(|e| write_error(path, e))
+        }
+        Ok(_) => {
+            std::fs::remove_file(path).map_err(|e| write_error(path, e))?;
+            std::fs::create_dir(path).map_err(|e| write_error(path, e))
+        }
+        Err(_) => std::fs::create_dir(path).map_err(|e| write_error(path, e)),
+    }
+}
+
+fn remove_if_present(path: &Path) -> Result<(), ReplayError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.is_dir() => {
+            std::fs::remove_dir_all(path).map_err(|e| write_error(path, e))
+        }
+        Ok(_) => std::fs::remove_file(path).map_err(|e| write_error(path, e)),
+        Err(_) => Ok(()),
+    }
+}
+
+struct FileOutcome {
+    written: Option<u64>,
+    skipped: Option<String>,
+}
+
+fn restore_file(
+    reader: &kairos_store::Reader<'_>,
+    target: &Path,
+    entry: &DirEntry,
+    is_root: bool,
+) -> Result<FileOutcome, ReplayError> {
+    let Body::File { content, .. } = &entry.body else {
+        return Ok(FileOutcome {
+            written: None,
+            skipped: Some("not a file".into()),
+        });
+    };
+    let name = target
+        .file_name()
+        .map(|n| n.as_bytes().to_vec())
+        .unwrap_or_default();
+    let temporary: PathBuf = target.with_file_name(OsStr::from_bytes(
+        &[
+            b".",
+            name.as_slice(),
+            format!(".kairos-restore-{}", std::process::id()).as_bytes(),
+        ]
+        .concat(),
+    ));
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(|e| write_error(&temporary, e))?;
+    let mut out = BufWriter::with_capacity(256 << 10, file);
+    let written = match write_content(reader, content, &mut out) {
+        Ok(written) => written,
+        Err(error) => {
+            drop(out);
+            let _ = std::fs::remove_file(&temporary);
+            return match error {
+                ContentError::Omitted(reason) => Ok(FileOutcome {
+                    written: None,
+                    skipped: Some(format!("content was not captured: {reason}")),
+                }),
+                ContentError::Replay(error) => Err(error),
+                ContentError::Io(reason) => Err(write_error(target, reason)),
+            };
+        }
+    };
+    let file = out
+        .into_inner()
+        .map_err(|e| write_error(target, e.error()))?;
+    file.set_permissions(Permissions::from_mode(entry.meta.mode & 0o7777))
+        .map_err(|e| write_error(target, e))?;
+    if is_root {
+        let _ = std::os::unix::fs::fchown(&file, Some(entry.meta.uid), Some(entry.meta.gid));
+    }
+    file.set_times(FileTimes::new().set_modified(Instant(entry.meta.mtime_ns).to_system_time()))
+        .map_err(|e| write_error(target, e))?;
+    drop(file);
+    if std::fs::symlink_metadata(target).is_ok_and(|m| m.is_dir()) {
+        std::fs::remove_dir_all(target).map_err(|e| write_error(target, e))?;
+    }
+    std::fs::rename(&temporary, target).map_err(|e| write_error(target, e))?;
+    Ok(FileOutcome {
+        written: Some(written),
+        skipped: None,
+    })
+}
+
+fn apply_meta(path: &Path, meta: &Meta, is_root: bool) -> Result<(), ReplayError> {
+    if is_root {
+        let _ = std::os::unix::fs::lchown(path, Some(meta.uid), Some(meta.gid));
+    }
+    let dir = std::fs::File::open(path).map_err(|e| write_error(path, e))?;
+    dir.set_times(FileTimes::new().set_modified(Instant(meta.mtime_ns).to_system_time()))
+        .map_err(|e| write_error(path, e))?;
+    if meta.mode != 0 {
+        std::fs::set_permissions(path, Permissions::from_mode(meta.mode & 0o7777))
+            .map_err(|e| write_error(path, e))?;
+    }
+    Ok(())
+}

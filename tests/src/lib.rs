@@ -1,0 +1,189 @@
+//! Shared helpers of the end-to-end tests: run the real `kairos` binary against a
+//! temporary data directory, build sample trees, compare directories.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// The `kairos` binary built from this workspace (`KAIROS_BIN` overrides).
+pub fn kairos_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("KAIROS_BIN") {
+        return PathBuf::from(path);
+    }
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join("..").join("target"));
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let path = target.join(profile).join("kairos");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first with `cargo build -p kairos-cli` (the test command does)",
+        path.display()
+    );
+    path
+}
+
+/// A store in a temporary data directory, driven through the `kairos` binary.
+pub struct Kairos {
+    pub data_dir: tempfile::TempDir,
+}
+
+impl Default for Kairos {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Kairos {
+    pub fn new() -> Kairos {
+        Kairos {
+            data_dir: tempfile::tempdir().expect("temporary data directory"),
+        }
+    }
+
+    pub fn command<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut command = Command::new(kairos_bin());
+        command
+            .arg("--data-dir")
+            .arg(self.data_dir.path())
+            .args(args)
+            .env_remove("KAIROS_DATA_DIR");
+        command
+    }
+
+    pub fn run<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.command(args).output().expect("running kairos")
+    }
+
+    /// Runs and expects success; returns stdout.
+    pub fn ok<I, S>(&self, args: I) -> Vec<u8>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let output = self.run(&args);
+        assert!(
+            output.status.success(),
+            "kairos {:?} failed: {}",
+            args,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output.stdout
+    }
+
+    pub fn json<I, S>(&self, args: I) -> Value
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let stdout = self.ok(args);
+        serde_json::from_slice(&stdout).expect("kairos printed JSON")
+    }
+
+    /// Runs and expects failure; returns the one-line error.
+    pub fn fails<I, S>(&self, args: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let output = self.run(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(
+            !output.status.success(),
+            "kairos {args:?} succeeded unexpectedly"
+        );
+        assert_ne!(
+            output.status.code(),
+            Some(101),
+            "kairos {args:?} panicked: {stderr}"
+        );
+        assert!(
+            stderr.starts_with("kairos: error: ") && stderr.trim_end().lines().count() == 1,
+            "kairos {args:?} did not print a one-line error: {stderr:?}"
+        );
+        stderr.trim_end().to_string()
+    }
+}
+
+/// What a directory tree holds: path -> (kind, mode, content or link target).
+pub fn tree_listing(root: &Path) -> BTreeMap<Vec<u8>, (char, u32, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    list_into(root, root, &mut out);
+    out
+}
+
+fn list_into(root: &Path, dir: &Path, out: &mut BTreeMap<Vec<u8>, (char, u32, Vec<u8>)>) {
+    for item in std::fs::read_dir(dir).expect("readable directory") {
+        let item = item.expect("directory entry");
+        let path = item.path();
+        let relative = path
+            .strip_prefix(root)
+            .expect("under root")
+            .as_os_str()
+            .as_bytes()
+            .to_vec();
+        let metadata = std::fs::symlink_metadata(&path).expect("metadata");
+        let mode = metadata.mode() & 0o7777;
+        let file_type = metadata.file_type();
+        if file_type.is_dir() {
+            out.insert(relative, ('d', mode, Vec::new()));
+            list_into(root, &path, out);
+        } else if file_type.is_symlink() {
+            let target = std::fs::read_link(&path).expect("link");
+            out.insert(relative, ('l', 0, target.as_os_str().as_bytes().to_vec()));
+        } else if file_type.is_file() {
+            out.insert(
+                relative,
+                ('f', mode, std::fs::read(&path).expect("file content")),
+            );
+        } else {
+            out.insert(relative, ('s', mode, Vec::new()));
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}
+
+/// Deterministic bytes for test files.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = vec![0; len];
+    rng.fill_bytes(&mut out);
+    out
+}
+
+pub fn frames(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|frame| frame["frame"].as_str().expect("frame id").to_string())
+        .collect()
+}
