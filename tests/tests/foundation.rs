@@ -503,24 +503,26 @@ fn corruption_is_reported_never_trusted() {
     ]);
     kairos.ok(["capture", "web"]);
 
-    // Damage the stored blob of data.txt, through the store's own key-value interface.
+    // Damage the stored blob of data.txt where it lies in its segment, through the
+    // store's own key-value interface (as a bad disk sector would).
     {
         let store = kairos_store::Store::open(kairos.data_dir.path()).unwrap();
         let blob = kairos_store::object::object_hash(
             kairos_store::ObjectKind::Blob,
             b"the original content",
         );
-        let key = kairos_store::keys::object(&blob);
-        let mut value = store
-            .reader()
+        let reader = store.reader().unwrap();
+        let index = reader
+            .get(&kairos_store::keys::object(&blob))
             .unwrap()
-            .get(&key)
-            .unwrap()
-            .expect("the blob is stored");
-        let last = value.len() - 1;
-        value[last] ^= 0x01;
+            .expect("the blob is indexed");
+        let part = kairos_store::pack::decode_index(&index).unwrap()[0];
+        let key = kairos_store::keys::segment(&part.segment);
+        let mut segment = reader.get(&key).unwrap().expect("its segment is stored");
+        segment[(part.offset + part.len - 1) as usize] ^= 0x01;
+        drop(reader);
         let mut batch = kairos_store::kv::WriteBatch::new();
-        batch.put(key, value).unwrap();
+        batch.put(key, segment).unwrap();
         store.kv().commit(batch).unwrap();
     }
     let error = kairos.fails(["cat", "web", "data.txt"]);

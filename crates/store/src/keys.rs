@@ -4,6 +4,7 @@
 use kairos_core::{Hash, Instant};
 
 pub const OBJECT: &[u8] = b"o/";
+pub const SEGMENT: &[u8] = b"s/";
 pub const FRAME: &[u8] = b"f/";
 pub const REPLICA: &[u8] = b"r/";
 pub const TIME: &[u8] = b"t/";
@@ -13,6 +14,10 @@ pub const DICTIONARY_VERSION: &[u8] = b"v/";
 
 pub fn object(hash: &Hash) -> Vec<u8> {
     [OBJECT, hash.as_bytes()].concat()
+}
+
+pub fn segment(id: &[u8]) -> Vec<u8> {
+    [SEGMENT, id].concat()
 }
 
 pub fn frame(id: &Hash) -> Vec<u8> {

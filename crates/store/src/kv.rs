@@ -142,6 +142,16 @@ pub trait KvSnapshot: Send + Sync {
         Ok(self.get(key)?.is_some())
     }
 
+    /// `len` bytes of the value of `key` from `offset`; `None` if the key is absent or the
+    /// value is shorter.
+    fn get_slice(&self, key: &[u8], offset: usize, len: usize) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self.get(key)?.and_then(|value| {
+            value
+                .get(offset..offset.checked_add(len)?)
+                .map(<[u8]>::to_vec)
+        }))
+    }
+
     /// Up to `limit` pairs with keys in `[start, end)` (or to the end), ascending or
     /// descending.
     fn scan(

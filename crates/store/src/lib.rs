@@ -15,6 +15,7 @@ pub mod keys;
 pub mod kv;
 pub mod node;
 pub mod object;
+pub mod pack;
 pub mod redb_backend;
 pub mod store;
 pub mod tree;

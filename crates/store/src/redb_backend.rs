@@ -101,6 +101,20 @@ impl RedbSnapshot {
 }
 
 impl KvSnapshot for RedbSnapshot {
+    fn get_slice(&self, key: &[u8], offset: usize, len: usize) -> Result<Option<Vec<u8>>, KvError> {
+        let Some(table) = &self.table else {
+            return Ok(None);
+        };
+        let Some(value) = table.get(key).map_err(|error| self.error(error))? else {
+            return Ok(None);
+        };
+        let value = value.value();
+        Ok(offset
+            .checked_add(len)
+            .and_then(|end| value.get(offset..end))
+            .map(<[u8]>::to_vec))
+    }
+
     fn contains(&self, key: &[u8]) -> Result<bool, KvError> {
         let Some(table) = &self.table else {
             return Ok(false);

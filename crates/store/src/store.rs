@@ -14,6 +14,7 @@ use kairos_core::Hash;
 use crate::keys;
 use crate::kv::{KvBackend, KvError, KvSnapshot, WriteBatch, scan_prefix};
 use crate::object::{self, CodecError, Dictionary, ObjectKind};
+use crate::pack::{self, Flushed, Packer};
 use crate::redb_backend::RedbBackend;
 
 /// The file name of the embedded store inside a data directory.
@@ -27,7 +28,7 @@ pub const DICTIONARY_OBJECT_BYTES_MAX: usize = 16 << 10;
 /// Trained dictionaries are at most this large.
 pub const DICTIONARY_BYTES: usize = 64 << 10;
 /// Samples kept for training: at most this many bytes...
-pub const DICTIONARY_SAMPLE_BYTES_MAX: usize = 8 << 20;
+pub const DICTIONARY_SAMPLE_BYTES_MAX: usize = 1 << 20;
 /// ...and a dictionary is trained once at least this many samples exist.
 pub const DICTIONARY_SAMPLES_MIN: usize = 256;
 /// zstd level used for objects.
@@ -221,13 +222,47 @@ impl Reader<'_> {
 
     /// The content of object `hash`, checked against its hash.
     pub fn object(&self, hash: &Hash, kind: ObjectKind) -> Result<Vec<u8>> {
-        let Some(value) = self.snapshot.get(&keys::object(hash))? else {
+        let value = self.stored_value(hash, kind)?;
+        self.decode(hash, kind, &value)
+    }
+
+    /// The encoded value of object `hash`, gathered from its segments.
+    pub fn stored_value(&self, hash: &Hash, kind: ObjectKind) -> Result<Vec<u8>> {
+        let key = keys::object(hash);
+        let Some(index) = self.snapshot.get(&key)? else {
             return Err(StoreError::MissingObject {
                 hash: *hash,
                 kind: kind.name(),
             });
         };
-        self.decode(hash, kind, &value)
+        self.gather(hash, kind, &index)
+    }
+
+    /// The encoded value an index entry points at.
+    pub fn gather(&self, hash: &Hash, kind: ObjectKind, index: &[u8]) -> Result<Vec<u8>> {
+        let bad = |problem: String| StoreError::BadNode {
+            hash: *hash,
+            kind: kind.name(),
+            problem,
+        };
+        let parts = pack::decode_index(index).map_err(bad)?;
+        let mut value = Vec::with_capacity(parts.iter().map(|p| p.len as usize).sum());
+        for part in parts {
+            let segment = keys::segment(&part.segment);
+            match self
+                .snapshot
+                .get_slice(&segment, part.offset as usize, part.len as usize)?
+            {
+                Some(bytes) => value.extend_from_slice(&bytes),
+                None => {
+                    return Err(bad(format!(
+                        "segment {} is missing or shorter than its index says",
+                        crate::kv::printable(&part.segment)
+                    )));
+                }
+            }
+        }
+        Ok(value)
     }
 
     /// Decodes a stored value read elsewhere (for example, by a scan).
@@ -280,10 +315,10 @@ pub struct WriteStats {
 /// Writes objects from many threads: each caller hashes and compresses, a background
 /// thread commits full batches in order. Objects already stored are skipped.
 pub struct ObjectWriter {
-    snapshot: Box<dyn KvSnapshot>,
+    kv: Arc<dyn KvBackend>,
     dictionary: Option<Arc<Dictionary>>,
     seen: Mutex<HashSet<Hash>>,
-    pending: Mutex<WriteBatch>,
+    pending: Mutex<Pending>,
     sender: Mutex<Option<SyncSender<WriteBatch>>>,
     committer: Mutex<Option<JoinHandle<Result<(), KvError>>>>,
     failure: Arc<Mutex<Option<String>>>,
@@ -294,6 +329,11 @@ pub struct ObjectWriter {
     bytes_stored: AtomicU64,
 }
 
+struct Pending {
+    packer: Packer,
+    batch: WriteBatch,
+}
+
 #[derive(Default)]
 struct Samples {
     items: Vec<Vec<u8>>,
@@ -302,7 +342,7 @@ struct Samples {
 
 impl ObjectWriter {
     fn start(kv: Arc<dyn KvBackend>, dictionary: Option<Arc<Dictionary>>) -> Result<ObjectWriter> {
-        let snapshot = kv.snapshot()?;
+        let committing = kv.clone();
         let (sender, receiver) = sync_channel::<WriteBatch>(WRITE_QUEUE_BATCHES);
         let failure = Arc::new(Mutex::new(None));
         let failure_seen = failure.clone();
@@ -310,7 +350,7 @@ impl ObjectWriter {
             .name("kairos-object-writer".into())
             .spawn(move || {
                 for batch in receiver {
-                    if let Err(error) = kv.commit(batch) {
+                    if let Err(error) = committing.commit(batch) {
                         *failure_seen.lock().unwrap_or_else(|p| p.into_inner()) =
                             Some(error.to_string());
                         return Err(error);
@@ -320,10 +360,13 @@ impl ObjectWriter {
             })
             .map_err(|error| KvError::Io(format!("starting the object writer: {error}")))?;
         Ok(ObjectWriter {
-            snapshot,
+            kv,
             dictionary,
             seen: Mutex::new(HashSet::new()),
-            pending: Mutex::new(WriteBatch::deferred()),
+            pending: Mutex::new(Pending {
+                packer: Packer::new(),
+                batch: WriteBatch::deferred(),
+            }),
             sender: Mutex::new(Some(sender)),
             committer: Mutex::new(Some(committer)),
             failure,
@@ -362,7 +405,9 @@ impl ObjectWriter {
             return Ok(());
         }
         let key = keys::object(&hash);
-        if self.snapshot.contains(&key)? {
+        // A fresh snapshot each time: holding one for a whole capture would keep the
+        // backend from reusing pages freed meanwhile.
+        if self.kv.snapshot()?.contains(&key)? {
             self.objects_reused.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
@@ -385,17 +430,25 @@ impl ObjectWriter {
             .fetch_add(raw.len() as u64, Ordering::Relaxed);
         self.bytes_stored
             .fetch_add(value.len() as u64, Ordering::Relaxed);
-        let full = {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            pending.put(key, value)?;
-            if pending.bytes() >= WRITE_BATCH_BYTES {
-                Some(std::mem::replace(&mut *pending, WriteBatch::deferred()))
-            } else {
-                None
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut flushed = Flushed::default();
+        pending.packer.append(hash, &value, &mut flushed);
+        self.stage(&mut pending, flushed, false)
+    }
+
+    /// Adds packed segments and index entries to the batch; sends the batch when full
+    /// (or when `last`). Segments precede the index entries that point into them.
+    fn stage(&self, pending: &mut Pending, flushed: Flushed, last: bool) -> Result<()> {
+        for (key, value) in flushed.puts {
+            if pending.batch.bytes() + key.len() + value.len() > crate::kv::BATCH_BYTES_MAX {
+                let full = std::mem::replace(&mut pending.batch, WriteBatch::deferred());
+                self.send(full)?;
             }
-        };
-        if let Some(batch) = full {
-            self.send(batch)?;
+            pending.batch.put(key, value)?;
+        }
+        if pending.batch.bytes() >= WRITE_BATCH_BYTES || (last && !pending.batch.is_empty()) {
+            let full = std::mem::replace(&mut pending.batch, WriteBatch::deferred());
+            self.send(full)?;
         }
         Ok(())
     }
@@ -424,12 +477,11 @@ impl ObjectWriter {
     /// Commits everything written so far (not yet durably: the frame commit that follows is
     /// durable and makes these batches durable with it) and returns what was stored.
     pub fn finish(&self) -> Result<WriteStats> {
-        let last = std::mem::replace(
-            &mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()),
-            WriteBatch::deferred(),
-        );
-        if !last.is_empty() {
-            self.send(last)?;
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let mut flushed = Flushed::default();
+            pending.packer.finish(&mut flushed);
+            self.stage(&mut pending, flushed, true)?;
         }
         drop(self.sender.lock().unwrap_or_else(|p| p.into_inner()).take());
         if let Some(committer) = self

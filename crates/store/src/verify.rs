@@ -45,7 +45,6 @@ impl Store {
         let mut report = VerifyReport::default();
         let reader = self.reader()?;
         let mut valid: HashSet<Hash> = HashSet::new();
-        let mut kinds: std::collections::HashMap<Hash, ObjectKind> = Default::default();
         let end = crate::kv::prefix_end(keys::OBJECT).unwrap_or_default();
         let mut start = keys::OBJECT.to_vec();
         let mut inclusive = true;
@@ -61,9 +60,8 @@ impl Store {
                 VERIFY_PAGE,
                 false,
             )?;
-            for (key, value) in &page {
+            for (key, index) in &page {
                 report.objects += 1;
-                report.bytes_stored += value.len() as u64;
                 let Some(hash) = Hash::from_slice(&key[keys::OBJECT.len()..]) else {
                     report.problem(format!(
                         "object key {} is malformed",
@@ -71,14 +69,21 @@ impl Store {
                     ));
                     continue;
                 };
+                let value = match reader.gather(&hash, ObjectKind::Blob, index) {
+                    Ok(value) => value,
+                    Err(error) => {
+                        report.problem(format!("object {hash}: {error}"));
+                        continue;
+                    }
+                };
+                report.bytes_stored += value.len() as u64;
                 let Some(kind) = value.get(1).copied().and_then(ObjectKind::from_byte) else {
                     report.problem(format!("object {hash}: unknown kind"));
                     continue;
                 };
-                match reader.decode(&hash, kind, value) {
+                match reader.decode(&hash, kind, &value) {
                     Ok(_) => {
                         valid.insert(hash);
-                        kinds.insert(hash, kind);
                     }
                     Err(error) => report.problem(error.to_string()),
                 }
