@@ -1,6 +1,8 @@
 //! Stored objects: kinds, the value codec (zstd, optionally with a per-replica dictionary)
 //! and the checks made on every read (header, size bound, BLAKE3 of the content).
 
+use std::cell::RefCell;
+
 use kairos_core::Hash;
 
 /// What an object holds. The kind is part of the hash, so kinds never collide.
@@ -71,29 +73,110 @@ pub enum CodecError {
     MissingDictionary { hash: Hash, dict_id: u64 },
 }
 
-/// A trained dictionary, ready for both directions.
+/// A trained dictionary.
 pub struct Dictionary {
     pub id: u64,
     pub bytes: Vec<u8>,
-    encoder: zstd::dict::EncoderDictionary<'static>,
-    decoder: zstd::dict::DecoderDictionary<'static>,
 }
 
 impl Dictionary {
-    pub fn new(bytes: Vec<u8>, level: i32) -> Dictionary {
-        let id = dictionary_id(&bytes);
+    pub fn new(bytes: Vec<u8>) -> Dictionary {
         Dictionary {
-            id,
-            encoder: zstd::dict::EncoderDictionary::copy(&bytes, level),
-            decoder: zstd::dict::DecoderDictionary::copy(&bytes),
+            id: dictionary_id(&bytes),
             bytes,
         }
     }
 }
 
+/// zstd contexts kept per thread: creating one costs more than compressing a small object
+/// (it allocates and clears megabytes of tables), and a context keeps a loaded dictionary
+/// digested across calls.
+const CONTEXTS_PER_THREAD_MAX: usize = 4;
+
+thread_local! {
+    static COMPRESSORS: RefCell<Vec<(u64, i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(Vec::new()) };
+    static DECOMPRESSORS: RefCell<Vec<(u64, zstd::bulk::Decompressor<'static>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `work` with this thread's compressor for (`dictionary`, `level`); id 0 is none.
+fn with_compressor<R>(
+    dictionary: Option<&Dictionary>,
+    level: i32,
+    work: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> std::io::Result<R>,
+) -> Option<R> {
+    let id = dictionary.map(|d| d.id).unwrap_or(0);
+    COMPRESSORS.with(|cell| {
+        let mut contexts = cell.borrow_mut();
+        let index = match contexts
+            .iter()
+            .position(|(i, l, _)| *i == id && *l == level)
+        {
+            Some(index) => index,
+            None => {
+                let compressor = match dictionary {
+                    Some(dictionary) => {
+                        zstd::bulk::Compressor::with_dictionary(level, &dictionary.bytes)
+                    }
+                    None => zstd::bulk::Compressor::new(level),
+                }
+                .ok()?;
+                if contexts.len() >= CONTEXTS_PER_THREAD_MAX {
+                    contexts.remove(0);
+                }
+                contexts.push((id, level, compressor));
+                contexts.len() - 1
+            }
+        };
+        work(&mut contexts[index].2).ok()
+    })
+}
+
+fn with_decompressor<R>(
+    dictionary: Option<&Dictionary>,
+    work: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<R>,
+) -> std::io::Result<R> {
+    let id = dictionary.map(|d| d.id).unwrap_or(0);
+    DECOMPRESSORS.with(|cell| {
+        let mut contexts = cell.borrow_mut();
+        let index = match contexts.iter().position(|(i, _)| *i == id) {
+            Some(index) => index,
+            None => {
+                let decompressor = match dictionary {
+                    Some(dictionary) => {
+                        zstd::bulk::Decompressor::with_dictionary(&dictionary.bytes)?
+                    }
+                    None => zstd::bulk::Decompressor::new()?,
+                };
+                if contexts.len() >= CONTEXTS_PER_THREAD_MAX {
+                    contexts.remove(0);
+                }
+                contexts.push((id, decompressor));
+                contexts.len() - 1
+            }
+        };
+        work(&mut contexts[index].1)
+    })
+}
+
 pub fn dictionary_id(bytes: &[u8]) -> u64 {
     let hash = blake3::hash(bytes);
     u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+}
+
+/// Content larger than this is probed before it is compressed.
+const PROBE_CONTENT_BYTES_MIN: usize = 16 << 10;
+const PROBE_BYTES: usize = 4 << 10;
+
+/// Whether a fast compression of a sample saves less than 3%: then compressing the whole
+/// object (random or already compressed data) is wasted work.
+fn looks_incompressible(raw: &[u8]) -> bool {
+    if raw.len() < PROBE_CONTENT_BYTES_MIN {
+        return false;
+    }
+    let middle = raw.len() / 2 - PROBE_BYTES / 2;
+    let sample = &raw[middle..middle + PROBE_BYTES];
+    with_compressor(None, 1, |compressor| compressor.compress(sample))
+        .is_some_and(|compressed| compressed.len() * 100 >= sample.len() * 97)
 }
 
 /// Encodes `raw` as a stored value: compressed when that saves space.
@@ -107,11 +190,16 @@ pub fn encode(
         raw.len() <= OBJECT_RAW_BYTES_MAX,
         "object content over the limit"
     );
-    let compressed = match dictionary {
-        Some(dictionary) => compress_with(raw, &dictionary.encoder).map(|c| (CODEC_ZSTD_DICT, c)),
-        None => zstd::bulk::compress(raw, level)
-            .ok()
-            .map(|c| (CODEC_ZSTD, c)),
+    let codec = if dictionary.is_some() {
+        CODEC_ZSTD_DICT
+    } else {
+        CODEC_ZSTD
+    };
+    let compressed = if looks_incompressible(raw) {
+        None
+    } else {
+        with_compressor(dictionary, level, |compressor| compressor.compress(raw))
+            .map(|payload| (codec, payload))
     };
     let (codec, payload) = match compressed {
         Some((codec, payload)) if payload.len() + 8 < raw.len() => (codec, payload),
@@ -128,14 +216,6 @@ pub fn encode(
     }
     value.extend_from_slice(&payload);
     value
-}
-
-fn compress_with(
-    raw: &[u8],
-    dictionary: &zstd::dict::EncoderDictionary<'static>,
-) -> Option<Vec<u8>> {
-    let mut compressor = zstd::bulk::Compressor::with_prepared_dictionary(dictionary).ok()?;
-    compressor.compress(raw).ok()
 }
 
 /// The dictionary an encoded value needs, if any.
@@ -183,7 +263,7 @@ pub fn decode(
     }
     let raw = match value[2] {
         CODEC_RAW => value[HEADER_BYTES..].to_vec(),
-        CODEC_ZSTD => zstd::bulk::decompress(&value[HEADER_BYTES..], raw_len)
+        CODEC_ZSTD => with_decompressor(None, |d| d.decompress(&value[HEADER_BYTES..], raw_len))
             .map_err(|error| corrupt(format!("does not decompress: {error}")))?,
         CODEC_ZSTD_DICT => {
             let Some(dict_id) = needed_dictionary(value) else {
@@ -193,12 +273,10 @@ pub fn decode(
                 Some(dictionary) if dictionary.id == dict_id => dictionary,
                 _ => return Err(CodecError::MissingDictionary { hash, dict_id }),
             };
-            let mut decompressor =
-                zstd::bulk::Decompressor::with_prepared_dictionary(&dictionary.decoder)
-                    .map_err(|error| corrupt(format!("decompressor: {error}")))?;
-            decompressor
-                .decompress(&value[HEADER_BYTES + 8..], raw_len)
-                .map_err(|error| corrupt(format!("does not decompress: {error}")))?
+            with_decompressor(Some(dictionary), |d| {
+                d.decompress(&value[HEADER_BYTES + 8..], raw_len)
+            })
+            .map_err(|error| corrupt(format!("does not decompress: {error}")))?
         }
         other => return Err(corrupt(format!("unknown codec {other}"))),
     };
@@ -250,7 +328,7 @@ mod tests {
             })
             .collect();
         let bytes = zstd::dict::from_samples(&samples, 4096).unwrap();
-        let dictionary = Dictionary::new(bytes, 3);
+        let dictionary = Dictionary::new(bytes);
         let raw = b"listen = 42\nmax_connections = 294\nname = \"svc-42\"\n".repeat(2);
         let hash = object_hash(ObjectKind::Blob, &raw);
         let value = encode(ObjectKind::Blob, &raw, 3, Some(&dictionary));

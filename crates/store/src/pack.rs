@@ -1,8 +1,10 @@
 //! Packing: stored objects are laid end to end in segments of a fixed size, each one value
 //! of the backend, so that no space is lost to the backend's page rounding (redb allocates
 //! large values in power-of-two pages; FoundationDB charges per key). An object's index
-//! entry lists the (segment, offset, length) parts that hold it; a segment's key is the
-//! BLAKE3 hash of its content.
+//! entry lists the (segment, offset, length) parts that hold it. Segment ids are unique
+//! names, never reused; the objects inside carry their own content hashes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use kairos_core::Hash;
 
@@ -28,10 +30,17 @@ pub struct Part {
     pub len: u32,
 }
 
-pub fn segment_id(content: &[u8]) -> SegmentId {
-    let hash = blake3::hash(content);
+/// A new segment id, unique across processes and time: the hash of this process's
+/// identity, the clock and a counter (hashing the segment itself would read every stored
+/// byte once more; objects carry their own content hashes).
+pub fn new_segment_id() -> SegmentId {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&std::process::id().to_le_bytes());
+    hasher.update(&kairos_core::Instant::now().0.to_le_bytes());
+    hasher.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
     let mut id = [0; SEGMENT_ID_BYTES];
-    id.copy_from_slice(&hash.as_bytes()[..SEGMENT_ID_BYTES]);
+    id.copy_from_slice(&hasher.finalize().as_bytes()[..SEGMENT_ID_BYTES]);
     id
 }
 
@@ -142,7 +151,7 @@ impl Packer {
     }
 
     fn flush_segment(&mut self, out: &mut Flushed) {
-        let id = segment_id(&self.segment);
+        let id = new_segment_id();
         out.puts
             .push((keys::segment(&id), std::mem::take(&mut self.segment)));
         self.segment.reserve(SEGMENT_BYTES);

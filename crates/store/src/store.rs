@@ -129,7 +129,7 @@ impl Store {
                 problem: "content does not match its id".into(),
             });
         }
-        let dictionary = Arc::new(Dictionary::new(bytes, COMPRESSION_LEVEL));
+        let dictionary = Arc::new(Dictionary::new(bytes));
         self.dictionaries
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
