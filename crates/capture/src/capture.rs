@@ -9,6 +9,8 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant as Clock;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
@@ -164,25 +166,24 @@ pub fn capture(store: &Store, request: &CaptureRequest<'_>) -> Result<CaptureRep
         .iter()
         .filter_map(|path| path.canonicalize().ok())
         .collect();
-    let mut walker = Walker {
+    let walker = Walker {
         reader: &reader,
         excludes,
         skip,
         limits: request.limits,
         replica: &replica.name,
         previous_capture_ns: previous.as_ref().map(|(at, _)| at.0).unwrap_or(i64::MIN),
-        jobs: Vec::new(),
-        entries: 0,
-        files_reused: 0,
-        notes,
-        metrics: Metrics::default(),
+        entries: AtomicU64::new(0),
+        files_reused: AtomicU64::new(0),
+        directories: AtomicU64::new(0),
+        notes: Mutex::new(notes),
     };
     let root_canonical = replica
         .root
         .canonicalize()
         .unwrap_or_else(|_| replica.root.clone());
     let previous_files = previous.as_ref().map(|(_, root)| Hash(root.files));
-    let pending = walker
+    let mut pending = walker
         .walk_dir(&root_canonical, b"", previous_files)
         .map_err(|error| match error {
             WalkError::Io(reason) => CaptureError::RootUnreadable {
@@ -192,33 +193,46 @@ pub fn capture(store: &Store, request: &CaptureRequest<'_>) -> Result<CaptureRep
             },
             WalkError::Capture(error) => error,
         })?;
-    let Walker {
-        jobs,
-        mut notes,
-        mut metrics,
-        files_reused,
-        limits,
-        ..
-    } = walker;
+    let files_reused = walker.files_reused.load(Ordering::Relaxed);
+    let mut metrics = Metrics {
+        directories: walker.directories.load(Ordering::Relaxed),
+        ..Metrics::default()
+    };
+    let limits = walker.limits;
+    let mut notes = walker.notes.into_inner().unwrap_or_else(|p| p.into_inner());
 
-    let outcomes: Vec<Result<Option<FileOutcome>, StoreError>> = jobs
-        .par_iter()
-        .map(|job| read_file(&writer, job, &limits))
-        .collect();
-    let mut outcomes: Vec<Option<FileOutcome>> = outcomes.into_iter().collect::<Result<_, _>>()?;
-    let files_read = outcomes.iter().flatten().count() as u64;
-    let mut torn = 0;
-    for (job, outcome) in jobs.iter().zip(&outcomes) {
-        if let Some(outcome) = outcome {
-            if let Some(message) = &outcome.note {
-                notes.push(note(&job.rel, message.clone()));
+    // Read every new or changed file, in parallel, into its slot of the pending tree.
+    let mut slots = Vec::new();
+    collect_reads(&mut pending, &mut slots);
+    let files_read = slots.len() as u64;
+    let read_notes = Mutex::new(Vec::new());
+    let torn = AtomicU64::new(0);
+    slots
+        .into_par_iter()
+        .try_for_each(|slot| -> Result<(), StoreError> {
+            let PendingBody::Read(job) = &*slot else {
+                return Ok(());
+            };
+            let outcome = read_file(&writer, job, &limits)?;
+            if let Some(outcome) = &outcome {
+                if let Some(message) = &outcome.note {
+                    read_notes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(note(&job.rel, message.clone()));
+                }
+                if matches!(outcome.body, Body::File { torn: true, .. }) {
+                    torn.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            if matches!(outcome.body, Body::File { torn: true, .. }) {
-                torn += 1;
-            }
-        }
-    }
-    let built = build_dir(&writer, pending, &mut outcomes)?;
+            *slot = PendingBody::Done(outcome);
+            Ok(())
+        })?;
+    let mut read_notes = read_notes.into_inner().unwrap_or_else(|p| p.into_inner());
+    read_notes.sort_by(|a, b| a.path.cmp(&b.path));
+    notes.extend(read_notes);
+    let torn = torn.into_inner();
+    let built = build_dir(&writer, pending)?;
     metrics.files = built.files;
     let processes = process::sample(&selectors, &previous_processes, now);
     metrics.processes = processes.len() as u64;
@@ -327,8 +341,20 @@ struct Job {
 
 enum PendingBody {
     Ready(Body),
-    Read(usize),
+    /// A file to read; replaced by `Done` once read (`None`: it vanished meanwhile).
+    Read(Box<Job>),
+    Done(Option<FileOutcome>),
     Dir(Vec<Pending>),
+}
+
+fn collect_reads<'p>(pending: &'p mut [Pending], out: &mut Vec<&'p mut PendingBody>) {
+    for item in pending {
+        match &mut item.body {
+            PendingBody::Dir(children) => collect_reads(children, out),
+            body @ PendingBody::Read(_) => out.push(body),
+            _ => {}
+        }
+    }
 }
 
 struct Pending {
@@ -355,16 +381,16 @@ struct Walker<'a, 'r> {
     limits: Limits,
     replica: &'a str,
     previous_capture_ns: i64,
-    jobs: Vec<Job>,
-    entries: u64,
-    files_reused: u64,
-    notes: Vec<CaptureNote>,
-    metrics: Metrics,
+    entries: AtomicU64,
+    files_reused: AtomicU64,
+    directories: AtomicU64,
+    notes: Mutex<Vec<CaptureNote>>,
 }
 
 impl Walker<'_, '_> {
+    /// Walks one directory; its entries (and subdirectories) are examined in parallel.
     fn walk_dir(
-        &mut self,
+        &self,
         abs: &Path,
         rel: &[u8],
         previous: Option<Hash>,
@@ -374,9 +400,7 @@ impl Walker<'_, '_> {
         for item in read {
             match item {
                 Ok(item) => names.push(item.file_name()),
-                Err(error) => self
-                    .notes
-                    .push(note(rel, format!("unreadable directory listing: {error}"))),
+                Err(error) => self.note(rel, format!("unreadable directory listing: {error}")),
             }
         }
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
@@ -384,119 +408,131 @@ impl Walker<'_, '_> {
             Some(hash) => self.reader.dir_entries(&hash).unwrap_or_default(),
             None => Vec::new(),
         };
-        let mut out = Vec::with_capacity(names.len());
-        for name in names {
-            let name_bytes = name.as_bytes().to_vec();
-            let child_rel = if rel.is_empty() {
-                name_bytes.clone()
-            } else {
-                [rel, b"/", &name_bytes].concat()
-            };
-            if self
-                .excludes
-                .is_match(Path::new(OsStr::from_bytes(&child_rel)))
-            {
-                continue;
-            }
-            let child_abs = abs.join(&name);
-            if self.skip.iter().any(|skip| skip == &child_abs) {
-                continue;
-            }
-            self.entries += 1;
-            if self.entries > self.limits.state_entries_max {
-                return Err(WalkError::Capture(CaptureError::TooManyEntries {
-                    replica: self.replica.to_string(),
-                    max: self.limits.state_entries_max,
+        let entries: Vec<Option<Pending>> = names
+            .par_iter()
+            .map(|name| self.walk_entry(abs, rel, name, &previous_entries))
+            .collect::<Result<_, _>>()?;
+        Ok(entries.into_iter().flatten().collect())
+    }
+
+    fn note(&self, path: &[u8], message: String) {
+        self.notes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(note(path, message));
+    }
+
+    fn walk_entry(
+        &self,
+        abs: &Path,
+        rel: &[u8],
+        name: &std::ffi::OsStr,
+        previous_entries: &[DirEntry],
+    ) -> Result<Option<Pending>, WalkError> {
+        let name_bytes = name.as_bytes().to_vec();
+        let child_rel = if rel.is_empty() {
+            name_bytes.clone()
+        } else {
+            [rel, b"/", &name_bytes].concat()
+        };
+        if self
+            .excludes
+            .is_match(Path::new(OsStr::from_bytes(&child_rel)))
+        {
+            return Ok(None);
+        }
+        let child_abs = abs.join(name);
+        if self.skip.iter().any(|skip| skip == &child_abs) {
+            return Ok(None);
+        }
+        let metadata = match std::fs::symlink_metadata(&child_abs) {
+            Ok(metadata) => metadata,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => {
+                self.count_entry()?;
+                self.note(&child_rel, format!("unreadable: {error}"));
+                return Ok(Some(Pending {
+                    name: name_bytes,
+                    meta: Meta::default(),
+                    body: PendingBody::Ready(Body::Unreadable {
+                        error: error.to_string(),
+                    }),
                 }));
             }
-            let metadata = match std::fs::symlink_metadata(&child_abs) {
-                Ok(metadata) => metadata,
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                    self.entries -= 1;
-                    continue;
+        };
+        self.count_entry()?;
+        let meta = meta_of(&metadata);
+        let kind = metadata.file_type();
+        let before = previous_entries
+            .binary_search_by(|entry| entry.name.as_slice().cmp(&name_bytes))
+            .ok()
+            .map(|index| &previous_entries[index]);
+        let body = if kind.is_dir() {
+            self.directories.fetch_add(1, Ordering::Relaxed);
+            let previous_dir = match before.map(|entry| &entry.body) {
+                Some(Body::Dir { node, .. }) => Some(Hash(*node)),
+                _ => None,
+            };
+            match self.walk_dir(&child_abs, &child_rel, previous_dir) {
+                Ok(children) => PendingBody::Dir(children),
+                Err(WalkError::Io(reason)) => {
+                    self.note(&child_rel, format!("unreadable: {reason}"));
+                    PendingBody::Ready(Body::Unreadable { error: reason })
                 }
+                Err(error) => return Err(error),
+            }
+        } else if kind.is_file() {
+            match before {
+                Some(entry) if self.unchanged(entry, &meta) => {
+                    self.files_reused.fetch_add(1, Ordering::Relaxed);
+                    PendingBody::Ready(entry.body.clone())
+                }
+                _ => PendingBody::Read(Box::new(Job {
+                    config: config::format_for_name(&name_bytes),
+                    abs: child_abs,
+                    rel: child_rel,
+                    meta: meta.clone(),
+                })),
+            }
+        } else if kind.is_symlink() {
+            match std::fs::read_link(&child_abs) {
+                Ok(target) => PendingBody::Ready(Body::Symlink {
+                    target: target.as_os_str().as_bytes().to_vec(),
+                }),
                 Err(error) => {
-                    self.notes
-                        .push(note(&child_rel, format!("unreadable: {error}")));
-                    out.push(Pending {
-                        name: name_bytes,
-                        meta: Meta::default(),
-                        body: PendingBody::Ready(Body::Unreadable {
-                            error: error.to_string(),
-                        }),
-                    });
-                    continue;
+                    self.note(&child_rel, format!("unreadable: {error}"));
+                    PendingBody::Ready(Body::Unreadable {
+                        error: error.to_string(),
+                    })
                 }
-            };
-            let meta = meta_of(&metadata);
-            let kind = metadata.file_type();
-            let before = previous_entries
-                .binary_search_by(|entry| entry.name.as_slice().cmp(&name_bytes))
-                .ok()
-                .map(|index| &previous_entries[index]);
-            let body = if kind.is_dir() {
-                self.metrics.directories += 1;
-                let previous_dir = match before.map(|entry| &entry.body) {
-                    Some(Body::Dir { node, .. }) => Some(Hash(*node)),
-                    _ => None,
-                };
-                match self.walk_dir(&child_abs, &child_rel, previous_dir) {
-                    Ok(children) => PendingBody::Dir(children),
-                    Err(WalkError::Io(reason)) => {
-                        self.notes
-                            .push(note(&child_rel, format!("unreadable: {reason}")));
-                        PendingBody::Ready(Body::Unreadable { error: reason })
-                    }
-                    Err(error) => return Err(error),
-                }
-            } else if kind.is_file() {
-                match before {
-                    Some(entry) if self.unchanged(entry, &meta) => {
-                        self.files_reused += 1;
-                        PendingBody::Ready(entry.body.clone())
-                    }
-                    _ => {
-                        self.jobs.push(Job {
-                            abs: child_abs,
-                            rel: child_rel,
-                            meta: meta.clone(),
-                            config: config::format_for_name(&name_bytes),
-                        });
-                        PendingBody::Read(self.jobs.len() - 1)
-                    }
-                }
-            } else if kind.is_symlink() {
-                match std::fs::read_link(&child_abs) {
-                    Ok(target) => PendingBody::Ready(Body::Symlink {
-                        target: target.as_os_str().as_bytes().to_vec(),
-                    }),
-                    Err(error) => {
-                        self.notes
-                            .push(note(&child_rel, format!("unreadable: {error}")));
-                        PendingBody::Ready(Body::Unreadable {
-                            error: error.to_string(),
-                        })
-                    }
-                }
+            }
+        } else {
+            let kind = if kind.is_fifo() {
+                SpecialKind::Fifo
+            } else if kind.is_socket() {
+                SpecialKind::Socket
+            } else if kind.is_block_device() {
+                SpecialKind::BlockDevice
             } else {
-                let kind = if kind.is_fifo() {
-                    SpecialKind::Fifo
-                } else if kind.is_socket() {
-                    SpecialKind::Socket
-                } else if kind.is_block_device() {
-                    SpecialKind::BlockDevice
-                } else {
-                    SpecialKind::CharDevice
-                };
-                PendingBody::Ready(Body::Special { kind })
+                SpecialKind::CharDevice
             };
-            out.push(Pending {
-                name: name_bytes,
-                meta,
-                body,
-            });
+            PendingBody::Ready(Body::Special { kind })
+        };
+        Ok(Some(Pending {
+            name: name_bytes,
+            meta,
+            body,
+        }))
+    }
+
+    fn count_entry(&self) -> Result<(), WalkError> {
+        if self.entries.fetch_add(1, Ordering::Relaxed) >= self.limits.state_entries_max {
+            return Err(WalkError::Capture(CaptureError::TooManyEntries {
+                replica: self.replica.to_string(),
+                max: self.limits.state_entries_max,
+            }));
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Whether a file's metadata says its previous capture still holds.
@@ -756,11 +792,7 @@ struct Built {
     files: u64,
 }
 
-fn build_dir(
-    writer: &ObjectWriter,
-    pending: Vec<Pending>,
-    outcomes: &mut [Option<FileOutcome>],
-) -> Result<Built, StoreError> {
+fn build_dir(writer: &ObjectWriter, pending: Vec<Pending>) -> Result<Built, StoreError> {
     let mut entries = Vec::with_capacity(pending.len());
     let mut totals = Built {
         hash: Hash::default(),
@@ -772,12 +804,13 @@ fn build_dir(
     for item in pending {
         let (meta, body) = match item.body {
             PendingBody::Ready(body) => (item.meta, body),
-            PendingBody::Read(index) => match outcomes[index].take() {
-                Some(outcome) => (outcome.meta, outcome.body),
-                None => continue,
-            },
+            PendingBody::Done(Some(outcome)) => (outcome.meta, outcome.body),
+            PendingBody::Done(None) => continue,
+            PendingBody::Read(job) => {
+                unreachable!("file {:?} was not read", job.abs)
+            }
             PendingBody::Dir(children) => {
-                let built = build_dir(writer, children, outcomes)?;
+                let built = build_dir(writer, children)?;
                 totals.entries += built.entries;
                 totals.bytes += built.bytes;
                 totals.allocated += built.allocated;
