@@ -35,7 +35,8 @@ pub fn kairos_bin() -> PathBuf {
 
 /// A store in a temporary data directory, driven through the `kairos` binary.
 pub struct Kairos {
-    pub data_dir: tempfile::TempDir,
+    data_dir: PathBuf,
+    _temporary: Option<tempfile::TempDir>,
 }
 
 impl Default for Kairos {
@@ -46,9 +47,23 @@ impl Default for Kairos {
 
 impl Kairos {
     pub fn new() -> Kairos {
+        let temporary = tempfile::tempdir().expect("temporary data directory");
         Kairos {
-            data_dir: tempfile::tempdir().expect("temporary data directory"),
+            data_dir: temporary.path().to_path_buf(),
+            _temporary: Some(temporary),
         }
+    }
+
+    /// A runner on an existing data directory.
+    pub fn at(data_dir: &Path) -> Kairos {
+        Kairos {
+            data_dir: data_dir.to_path_buf(),
+            _temporary: None,
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
     }
 
     pub fn command<I, S>(&self, args: I) -> Command
@@ -59,7 +74,7 @@ impl Kairos {
         let mut command = Command::new(kairos_bin());
         command
             .arg("--data-dir")
-            .arg(self.data_dir.path())
+            .arg(&self.data_dir)
             .args(args)
             .env_remove("KAIROS_DATA_DIR");
         command
@@ -186,4 +201,94 @@ pub fn frames(value: &Value) -> Vec<String> {
         .iter()
         .map(|frame| frame["frame"].as_str().expect("frame id").to_string())
         .collect()
+}
+
+/// A `kairos up` process on a free port, stopped (SIGTERM) when dropped.
+pub struct Node {
+    pub child: std::process::Child,
+    pub url: String,
+    pub data_dir: PathBuf,
+    /// Lines the node printed on stderr, collected by a background thread.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Node {
+    /// Starts a node with `config` (TOML text, written beside `data_dir`).
+    pub fn start(config: &str, data_dir: &Path) -> Node {
+        use std::io::BufRead;
+        let config_path = data_dir.with_extension("toml");
+        std::fs::write(&config_path, config).expect("config written");
+        let mut child = Command::new(kairos_bin())
+            .args(["up", "--config"])
+            .arg(&config_path)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env_remove("KAIROS_DATA_DIR")
+            .env_remove("KAIROS_NODE")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kairos up starts");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let collected = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                collected
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(line);
+            }
+        });
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout
+            .read_line(&mut line)
+            .expect("the node prints its address");
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "unexpected first line {line:?}; log: {:?}",
+                    log.lock().unwrap()
+                )
+            })
+            .to_string();
+        Node {
+            child,
+            url,
+            data_dir: data_dir.to_path_buf(),
+            log,
+        }
+    }
+
+    /// Sends SIGTERM and waits; returns whether the node exited successfully.
+    pub fn stop(&mut self) -> bool {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child
+            .wait()
+            .map(|status| status.success())
+            .unwrap_or(false)
+    }
+
+    pub fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(60)))
+            .build()
+            .into()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
 }

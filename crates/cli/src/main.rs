@@ -1,21 +1,19 @@
-//! The `kairos` command: thin over the library crates. Parses arguments, opens the store,
-//! calls capture or replay, prints text or JSON.
+//! The `kairos` command: thin over the library crates. Parses arguments, then runs the
+//! command on the store in the data directory or, with `--node`, through a running node's
+//! API (same output either way); `kairos up` runs a node.
 
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use kairos_capture::{CaptureRequest, capture};
-use kairos_core::replica::CAPTURE_INTERVAL_MS_DEFAULT;
 use kairos_core::spec::MAIN_TIMELINE;
-use kairos_core::{Instant, Limits, ReplicaDefinition, TimelineSpec};
-use kairos_replay::{RestoreOptions, diff, listing, open, restore};
-use kairos_store::Store;
 
+mod backend;
 mod output;
 
+use backend::Backend;
 use output::{bytes, print_json};
 
 /// Kairos records the complete state of service replicas over time, replays any past
@@ -24,20 +22,28 @@ use output::{bytes, print_json};
 #[command(name = "kairos", version, about, long_about = None)]
 struct Cli {
     /// Where the store lives [default: $KAIROS_DATA_DIR, else ./.kairos]
-    #[arg(
-        long,
-        global = true,
-        env = "KAIROS_DATA_DIR",
-        default_value = ".kairos",
-        hide_env_values = true
-    )]
-    data_dir: PathBuf,
+    #[arg(long, global = true, env = "KAIROS_DATA_DIR", hide_env_values = true)]
+    data_dir: Option<PathBuf>,
+    /// Run the command through the node at this URL (e.g. http://127.0.0.1:7700) instead
+    /// of on the data directory
+    #[arg(long, global = true, env = "KAIROS_NODE", hide_env_values = true)]
+    node: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a node: capture every configured replica continuously and serve the HTTP API
+    /// (prints "listening on http://ADDR" once ready; Ctrl-C or SIGTERM stops it cleanly)
+    Up {
+        /// Configuration file [default: config/kairos.toml if it exists, else built-in defaults]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Address for the API, e.g. 127.0.0.1:7700 (overrides node.listen)
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+    },
     /// Register or list replicas (the services Kairos watches)
     #[command(subcommand)]
     Replica(ReplicaCommand),
@@ -164,15 +170,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn open_store(data_dir: &Path) -> Result<Store> {
-    Store::open(data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))
-}
-
 fn run(cli: Cli) -> Result<ExitCode> {
-    let store = open_store(&cli.data_dir)?;
-    let limits = Limits::default();
-    let now = Instant::now();
+    if let Command::Up { config, listen } = cli.command {
+        return up(config, listen, cli.data_dir);
+    }
+    let backend = match &cli.node {
+        Some(url) => Backend::node(url)?,
+        None => Backend::direct(
+            &cli.data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(kairos_config::DATA_DIR_DEFAULT)),
+        )?,
+    };
     match cli.command {
+        Command::Up { .. } => unreachable!("handled above"),
         Command::Replica(ReplicaCommand::Add {
             name,
             root,
@@ -180,32 +191,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             exclude,
             capture_interval,
         }) => {
-            let interval = humantime::parse_duration(&capture_interval).with_context(|| {
-                format!("--capture-interval {capture_interval:?} is not a duration")
-            })?;
-            let metadata = std::fs::metadata(&root).with_context(|| {
-                format!("replica {name:?}: root {} is not readable", root.display())
-            })?;
-            if !metadata.is_dir() {
-                bail!(
-                    "replica {name:?}: root {} is not a directory",
-                    root.display()
-                );
-            }
-            let root = root
-                .canonicalize()
-                .with_context(|| format!("replica {name:?}: resolving root {}", root.display()))?;
-            let replica = ReplicaDefinition {
-                name,
-                root,
-                processes,
-                exclude,
-                capture_interval_ms: u64::try_from(interval.as_millis())
-                    .unwrap_or(CAPTURE_INTERVAL_MS_DEFAULT),
-            };
-            replica.validate()?;
-            check_patterns(&replica)?;
-            store.add_replica(&replica)?;
+            let replica =
+                backend.add_replica(&name, &root, processes, exclude, &capture_interval)?;
             println!(
                 "replica {:?} added (root {})",
                 replica.name,
@@ -213,7 +200,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
         Command::Replica(ReplicaCommand::List { json }) => {
-            let replicas = store.replicas()?;
+            let replicas = backend.replicas()?;
             if json {
                 print_json(&replicas)?;
             } else if replicas.is_empty() {
@@ -240,23 +227,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Capture { name, json } => {
-            let replica = store.replica(&name)?;
-            let report = capture(
-                &store,
-                &CaptureRequest {
-                    replica: &replica,
-                    timeline: MAIN_TIMELINE,
-                    limits,
-                    skip: vec![cli.data_dir.clone()],
-                },
-            )?;
+            let report = backend.capture(&name)?;
             if json {
-                print_json(&output::CaptureJson::from(&report))?;
+                print_json(&report)?;
             } else {
                 let frame = &report.frame;
                 println!(
                     "frame {} at {}: {} entries, {}; read {} files, reused {}; stored {} new objects ({}); {} processes; {} ms",
-                    frame.id.short(),
+                    frame.frame.short(),
                     frame.time,
                     frame.entries,
                     bytes(frame.bytes),
@@ -267,8 +245,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     report.processes,
                     frame.capture_ms,
                 );
-                for (path, message) in &report.notes {
-                    println!("  note {path}: {message}");
+                for note in &report.notes {
+                    println!("  note {}: {}", note.path, note.message);
                 }
             }
         }
@@ -277,15 +255,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             timeline,
             json,
         } => {
-            store.replica(&name)?;
-            let frames = store.history(&name, &timeline)?;
+            let frames = backend.history(&name, &timeline)?;
             if json {
-                print_json(
-                    &frames
-                        .iter()
-                        .map(output::FrameJson::from)
-                        .collect::<Vec<_>>(),
-                )?;
+                print_json(&frames)?;
             } else if frames.is_empty() {
                 println!("replica {name:?} has no frames on timeline {timeline:?} yet");
             } else {
@@ -296,7 +268,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 for frame in &frames {
                     println!(
                         "{:<12}  {:<30}  {:>9}  {:>10}  {:>10}",
-                        frame.id.short(),
+                        frame.frame.short(),
                         frame.time.to_string(),
                         frame.entries,
                         bytes(frame.bytes),
@@ -306,8 +278,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Show { name, at, json } => {
-            let view = open(&store, &name, &parse_spec(&at.at)?, now)?;
-            let listing = listing(&store, &view)?;
+            let listing = backend.state(&name, &at.at)?;
             if json {
                 print_json(&listing)?;
             } else {
@@ -315,12 +286,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Cat { name, path, at } => {
-            let view = open(&store, &name, &parse_spec(&at.at)?, now)?;
-            let reader = store.reader()?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            use std::os::unix::ffi::OsStrExt;
-            view.cat(&reader, path.as_os_str().as_bytes(), &limits, &mut out)?;
+            backend.cat(&name, &path, &at.at, &mut out)?;
             out.flush().context("writing to standard output")?;
         }
         Command::Diff {
@@ -329,9 +297,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             to,
             json,
         } => {
-            let from_view = open(&store, &name, &parse_spec(&from)?, now)?;
-            let to_view = open(&store, &name, &parse_spec(&to)?, now)?;
-            let changes = diff(&store, &from_view, &to_view)?;
+            let changes = backend.diff(&name, &from, &to)?;
             if json {
                 print_json(&changes)?;
             } else {
@@ -345,10 +311,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             force,
             json,
         } => {
-            let replica = store.replica(&name)?;
-            let view = open(&store, &name, &parse_spec(&at)?, now)?;
             let bar = indicatif::ProgressBar::with_draw_target(
-                Some(view.frame.bytes),
+                None,
                 if std::io::stderr().is_terminal() && !json {
                     indicatif::ProgressDrawTarget::stderr()
                 } else {
@@ -362,23 +326,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             let progress = |written: u64| bar.set_position(written);
-            let report = restore(
-                &store,
-                &view,
-                &into,
-                &RestoreOptions {
-                    force,
-                    exclude: replica.exclude.clone(),
-                    progress: Some(&progress),
-                },
-            )?;
+            let total = |bytes: u64| bar.set_length(bytes);
+            let report = backend.restore(&name, &at, &into, force, &progress, &total)?;
             bar.finish_and_clear();
             if json {
                 print_json(&report)?;
             } else {
                 println!(
                     "restored frame {} into {}: {} files, {} directories, {} symlinks, {}{} in {} ms",
-                    view.frame.id.short(),
+                    &report.frame[..12.min(report.frame.len())],
                     into.display(),
                     report.files,
                     report.directories,
@@ -397,7 +353,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Verify { json } => {
-            let report = store.verify()?;
+            let report = backend.verify()?;
             if json {
                 print_json(&report)?;
             } else {
@@ -428,14 +384,56 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn parse_spec(text: &str) -> Result<TimelineSpec> {
-    Ok(TimelineSpec::parse(text)?)
-}
-
-fn check_patterns(replica: &ReplicaDefinition) -> Result<()> {
-    for pattern in &replica.processes {
-        kairos_capture::process::Selector::new(pattern)?;
+/// `kairos up`: loads the configuration and runs a node until SIGINT or SIGTERM.
+fn up(
+    config: Option<PathBuf>,
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+) -> Result<ExitCode> {
+    let flags = kairos_config::Flags { listen, data_dir };
+    let config = kairos_config::load(config.as_deref(), std::env::vars(), &flags)?;
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&config.telemetry.log).with_context(|| {
+            format!(
+                "telemetry.log {:?} is not a log filter",
+                config.telemetry.log
+            )
+        })?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    if let Some(endpoint) = &config.telemetry.otlp_endpoint {
+        tracing::warn!(%endpoint, "OTLP export is not built into this version; logging locally only");
     }
-    kairos_capture::capture::build_excludes(replica)?;
-    Ok(())
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = async {
+            let interrupt = tokio::signal::ctrl_c();
+            let mut terminate =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(signal) => signal,
+                    Err(_) => return,
+                };
+            tokio::select! {
+                _ = interrupt => {}
+                _ = terminate.recv() => {}
+            }
+            tracing::info!("stopping: finishing captures in flight");
+        };
+        kairos_node::run(
+            config,
+            |address| {
+                println!("listening on http://{address}");
+                let _ = std::io::stdout().flush();
+            },
+            shutdown,
+        )
+        .await
+    })?;
+    Ok(ExitCode::SUCCESS)
 }

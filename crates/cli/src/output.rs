@@ -3,10 +3,7 @@
 use std::io::Write;
 
 use anyhow::Result;
-use kairos_capture::CaptureReport;
-use kairos_core::{Hash, Instant};
 use kairos_replay::{StateDiff, StateListing};
-use kairos_store::FrameRecord;
 use serde::Serialize;
 
 pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
@@ -30,81 +27,6 @@ pub fn bytes(count: u64) -> String {
         format!("{count} B")
     } else {
         format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
-/// A frame as listed by `history`.
-#[derive(Serialize)]
-pub struct FrameJson {
-    pub frame: Hash,
-    pub time: Instant,
-    pub timeline: String,
-    pub parent: Option<Hash>,
-    pub entries: u64,
-    pub bytes: u64,
-    pub objects_new: u64,
-    pub bytes_new_stored: u64,
-    pub torn: u64,
-    pub unreadable: u64,
-    pub capture_ms: u64,
-}
-
-impl From<&FrameRecord> for FrameJson {
-    fn from(frame: &FrameRecord) -> FrameJson {
-        FrameJson {
-            frame: frame.id,
-            time: frame.time,
-            timeline: frame.timeline.clone(),
-            parent: frame.parent,
-            entries: frame.entries,
-            bytes: frame.bytes,
-            objects_new: frame.objects_new,
-            bytes_new_stored: frame.bytes_new_stored,
-            torn: frame.torn,
-            unreadable: frame.unreadable,
-            capture_ms: frame.capture_ms,
-        }
-    }
-}
-
-#[derive(Serialize)]
-pub struct NoteJson {
-    pub path: String,
-    pub message: String,
-}
-
-#[derive(Serialize)]
-pub struct CaptureJson {
-    #[serde(flatten)]
-    pub frame: FrameJson,
-    pub files_read: u64,
-    pub files_reused: u64,
-    pub objects_reused: u64,
-    pub bytes_new_raw: u64,
-    pub processes: u64,
-    pub dictionary_trained: Option<u32>,
-    pub notes: Vec<NoteJson>,
-}
-
-impl From<&CaptureReport> for CaptureJson {
-    fn from(report: &CaptureReport) -> CaptureJson {
-        CaptureJson {
-            frame: FrameJson::from(&report.frame),
-            files_read: report.files_read,
-            files_reused: report.files_reused,
-            objects_reused: report.stats.objects_reused,
-            bytes_new_raw: report.stats.bytes_raw,
-            processes: report.processes,
-            dictionary_trained: report.dictionary_trained,
-            notes: report
-                .notes
-                .iter()
-                .map(|(path, message)| NoteJson {
-                    path: path.clone(),
-                    message: message.clone(),
-                })
-                .collect(),
-        }
     }
 }
 
@@ -193,7 +115,7 @@ pub fn print_diff(diff: &StateDiff) -> Result<()> {
         return Ok(());
     }
     for change in &diff.files {
-        let mark = match change.change {
+        let mark = match change.change.as_str() {
             "added" => "A",
             "removed" => "D",
             _ => "M",

@@ -6,29 +6,29 @@ use std::collections::BTreeMap;
 use kairos_core::Hash;
 use kairos_store::node::{Body, ConfigNode, DirEntry};
 use kairos_store::{ObjectKind, Reader, Store};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::state::{
     EntryView, MetricsView, ProcessEntryView, ReplayError, StateView, display_path, join,
     kind_name, walk,
 };
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FileChange {
     /// `added`, `removed` or `modified`.
-    pub change: &'static str,
+    pub change: String,
     pub path: String,
-    pub kind: &'static str,
+    pub kind: String,
     /// What changed, for modifications: `content`, `mode`, `kind`, `target`, `owner`.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub what: Vec<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub what: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_from: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_to: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ConfigChange {
     pub file: String,
     pub key: String,
@@ -38,20 +38,20 @@ pub struct ConfigChange {
     pub to: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MetricChange {
-    pub metric: &'static str,
+    pub metric: String,
     pub from: f64,
     pub to: f64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct ProcessChanges {
     pub started: Vec<ProcessEntryView>,
     pub exited: Vec<ProcessEntryView>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StateDiff {
     pub from: kairos_store::FrameRecord,
     pub to: kairos_store::FrameRecord,
@@ -109,7 +109,11 @@ pub fn diff(store: &Store, from: &StateView, to: &StateView) -> Result<StateDiff
         .into_iter()
         .zip(MetricsView::from(&runtime_to.metrics).pairs())
         .filter(|((_, a), (_, b))| a != b)
-        .map(|((metric, from), (_, to))| MetricChange { metric, from, to })
+        .map(|((metric, from), (_, to))| MetricChange {
+            metric: metric.to_string(),
+            from,
+            to,
+        })
         .collect();
     Ok(StateDiff {
         from: from.frame.clone(),
@@ -176,9 +180,9 @@ impl DiffWalk<'_, '_> {
             let view = EntryView::new(&path, &entry);
             let size = (view.kind == "file").then_some(view.size);
             self.files.push(FileChange {
-                change,
+                change: change.to_string(),
                 path: view.path.clone(),
-                kind: view.kind,
+                kind: view.kind.clone(),
                 what: Vec::new(),
                 size_from: if change == "removed" { size } else { None },
                 size_to: if change == "added" { size } else { None },
@@ -215,10 +219,13 @@ impl DiffWalk<'_, '_> {
         if let (Body::Dir { node: from, .. }, Body::Dir { node: to, .. }) = (&a.body, &b.body) {
             if a.meta.mode != b.meta.mode || (a.meta.uid, a.meta.gid) != (b.meta.uid, b.meta.gid) {
                 self.files.push(FileChange {
-                    change: "modified",
+                    change: "modified".into(),
                     path: display_path(&path),
-                    kind: "dir",
-                    what: metadata_changes(a, b),
+                    kind: "dir".into(),
+                    what: metadata_changes(a, b)
+                        .into_iter()
+                        .map(String::from)
+                        .collect(),
                     size_from: None,
                     size_to: None,
                 });
@@ -248,10 +255,10 @@ impl DiffWalk<'_, '_> {
         }
         let file = |e: &DirEntry| matches!(e.body, Body::File { .. }).then_some(e.meta.size);
         self.files.push(FileChange {
-            change: "modified",
+            change: "modified".into(),
             path: display_path(&path),
-            kind: kind_name(&b.body),
-            what,
+            kind: kind_name(&b.body).into(),
+            what: what.into_iter().map(String::from).collect(),
             size_from: file(a),
             size_to: file(b),
         });

@@ -18,7 +18,7 @@ use kairos_core::Instant;
 use kairos_store::Store;
 use kairos_store::node::{Body, DirEntry, Meta, SpecialKind};
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::state::{ContentError, ReplayError, StateView, display_path, write_content};
 
@@ -31,7 +31,7 @@ pub struct RestoreOptions<'a> {
     pub progress: Option<&'a (dyn Fn(u64) + Sync)>,
 }
 
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct RestoreReport {
     pub frame: String,
     pub into: String,

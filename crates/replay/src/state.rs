@@ -10,7 +10,7 @@ use kairos_store::node::{
     SpecialKind,
 };
 use kairos_store::{CatalogError, FrameRecord, ObjectKind, Reader, Store, StoreError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -348,20 +348,20 @@ pub fn kind_name(body: &Body) -> &'static str {
 }
 
 /// One entry of a state as shown to users.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EntryView {
     pub path: String,
-    pub kind: &'static str,
+    pub kind: String,
     pub size: u64,
     pub mode: String,
     pub mtime: Instant,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub torn: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
@@ -375,7 +375,7 @@ impl EntryView {
         } = entry.meta;
         let mut view = EntryView {
             path: display_path(path),
-            kind: kind_name(&entry.body),
+            kind: kind_name(&entry.body).to_string(),
             size: if matches!(entry.body, Body::Dir { .. }) {
                 0
             } else {
@@ -410,7 +410,7 @@ impl EntryView {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ConfigKeyView {
     pub file: String,
     pub format: String,
@@ -419,7 +419,7 @@ pub struct ConfigKeyView {
 }
 
 /// Everything `show` prints.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StateListing {
     pub frame: FrameRecord,
     pub entries: Vec<EntryView>,
@@ -429,7 +429,7 @@ pub struct StateListing {
     pub notes: Vec<NoteView>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ProcessEntryView {
     pub pid: u32,
     pub ppid: u32,
@@ -468,7 +468,7 @@ impl From<&ProcessEntry> for ProcessEntryView {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct MetricsView {
     pub cpu_percent: f64,
     pub memory_rss_bytes: u64,
@@ -507,7 +507,7 @@ impl MetricsView {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NoteView {
     pub path: String,
     pub message: String,

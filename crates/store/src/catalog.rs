@@ -135,6 +135,15 @@ impl Store {
         }
     }
 
+    /// Stores `replica`, replacing a definition of the same name (configuration wins).
+    pub fn put_replica(&self, replica: &ReplicaDefinition) -> Result<(), CatalogError> {
+        let key = keys::replica(&replica.name);
+        let mut batch = WriteBatch::new();
+        let value = serde_json::to_vec(replica).map_err(|e| bad_record("replica", &key, e))?;
+        batch.put(key, value)?;
+        Ok(self.kv().commit(batch)?)
+    }
+
     pub fn replica(&self, name: &str) -> Result<ReplicaDefinition, CatalogError> {
         let reader = self.reader()?;
         let key = keys::replica(name);

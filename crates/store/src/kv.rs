@@ -22,7 +22,7 @@ pub enum KvError {
     /// A check of the batch failed: another writer changed `key` first. Retry.
     #[error("conflict on key {}: it changed since it was read", printable(.key))]
     Conflict { key: Vec<u8> },
-    #[error("the store is in use by another process: {0}")]
+    #[error("the store {0} is in use by another process (a running node? use --node URL)")]
     Busy(String),
     #[error("the store at {path} is corrupt or unreadable: {reason}")]
     Corrupt { path: String, reason: String },

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::ops::Bound;
 
 use kairos_core::Hash;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::keys;
 use crate::node::{Body, ChunkList, ConfigNode, Content, DirNode, RootNode, RuntimeNode};
@@ -17,7 +17,7 @@ const VERIFY_PAGE: usize = 256;
 /// Problems listed in a report (the count is always complete).
 const PROBLEMS_SHOWN_MAX: usize = 1000;
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub ok: bool,
     pub replicas: u64,

@@ -1,0 +1,519 @@
+//! Kairos configuration, in layers: built-in defaults, then a TOML file, then `KAIROS_`
+//! environment variables (`__` separates levels: `KAIROS_NODE__LISTEN`), then flags. The
+//! merged layers are parsed into a raw form (unknown keys are errors naming the key) and
+//! validated into an immutable [`Config`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kairos_core::replica::CAPTURE_INTERVAL_MS_DEFAULT;
+use kairos_core::{Limits, ReplicaDefinition, ReplicaError};
+use serde::Deserialize;
+
+/// The configuration file used when none is given, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "config/kairos.toml";
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:7700";
+pub const DATA_DIR_DEFAULT: &str = ".kairos";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("config {source_name}: key {key}: {reason}")]
+    Key {
+        source_name: String,
+        key: String,
+        reason: String,
+    },
+    #[error("environment variable {name}: {reason}")]
+    Environment { name: String, reason: String },
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error("replica {0:?} is declared twice")]
+    DuplicateReplica(String),
+}
+
+/// The validated configuration of a node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub telemetry: TelemetryConfig,
+    pub limits: Limits,
+    pub replicas: Vec<ReplicaDefinition>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Largest request body the API accepts.
+    pub request_body_bytes_max: usize,
+    /// Replay requests (show, cat, diff, restore) served at once; more wait in line.
+    pub replay_concurrency_max: usize,
+    /// Replay requests waiting for a slot before the API answers 503.
+    pub replay_queue_max: usize,
+    /// File changes within this window are captured together.
+    pub capture_debounce: Duration,
+    /// Requests queued for one replica's snapshotter before callers are told to retry.
+    pub snapshotter_mailbox_max: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP endpoint (e.g. http://127.0.0.1:4318); `None`: no export.
+    pub otlp_endpoint: Option<String>,
+    pub service_name: String,
+    /// Log filter (`info`, `kairos=debug`, ...), as for `RUST_LOG`.
+    pub log: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    node: RawNode,
+    #[serde(default)]
+    telemetry: RawTelemetry,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    replica: Vec<RawReplica>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawNode {
+    listen: String,
+    data_dir: PathBuf,
+    request_body_bytes_max: usize,
+    replay_concurrency_max: usize,
+    replay_queue_max: usize,
+    capture_debounce: String,
+    snapshotter_mailbox_max: usize,
+}
+
+impl Default for RawNode {
+    fn default() -> RawNode {
+        RawNode {
+            listen: LISTEN_DEFAULT.into(),
+            data_dir: DATA_DIR_DEFAULT.into(),
+            request_body_bytes_max: 1 << 20,
+            replay_concurrency_max: 64,
+            replay_queue_max: 1024,
+            capture_debounce: "200ms".into(),
+            snapshotter_mailbox_max: 64,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTelemetry {
+    otlp_endpoint: String,
+    service_name: String,
+    log: String,
+}
+
+impl Default for RawTelemetry {
+    fn default() -> RawTelemetry {
+        RawTelemetry {
+            otlp_endpoint: String::new(),
+            service_name: "kairos".into(),
+            log: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplica {
+    name: String,
+    root: PathBuf,
+    #[serde(default)]
+    processes: Vec<String>,
+    #[serde(default)]
+    exclude: Vec<String>,
+    #[serde(default)]
+    capture_interval: Option<String>,
+}
+
+/// Values given on the command line; they override every other layer.
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Environment variables that are shorthands for keys.
+const ALIASES: [(&str, &str); 2] = [
+    ("KAIROS_DATA_DIR", "node.data_dir"),
+    ("KAIROS_OTLP_ENDPOINT", "telemetry.otlp_endpoint"),
+];
+
+/// Loads the configuration: `file` (or [`DEFAULT_CONFIG_FILE`] if it exists), then the
+/// `KAIROS_` variables among `environment`, then `flags`.
+pub fn load(
+    file: Option<&Path>,
+    environment: impl IntoIterator<Item = (String, String)>,
+    flags: &Flags,
+) -> Result<Config, ConfigError> {
+    let (mut table, base_dir, source_name) = match file {
+        Some(path) => (
+            read_file(path)?,
+            parent_dir(path),
+            path.display().to_string(),
+        ),
+        None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+            let path = Path::new(DEFAULT_CONFIG_FILE);
+            (
+                read_file(path)?,
+                parent_dir(path),
+                path.display().to_string(),
+            )
+        }
+        None => (
+            toml::Table::new(),
+            PathBuf::from("."),
+            "defaults".to_string(),
+        ),
+    };
+    let environment: BTreeMap<String, String> = environment
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("KAIROS_"))
+        .collect();
+    for (name, value) in &environment {
+        let key = match ALIASES.iter().find(|(alias, _)| alias == name) {
+            Some((_, key)) => key.to_string(),
+            None => match name.strip_prefix("KAIROS_") {
+                Some(rest) if rest.contains("__") => rest.to_ascii_lowercase().replace("__", "."),
+                // Other KAIROS_ variables (KAIROS_NODE, ...) belong to the command line.
+                _ => continue,
+            },
+        };
+        set(&mut table, &key, env_value(value)).map_err(|reason| ConfigError::Environment {
+            name: name.clone(),
+            reason,
+        })?;
+    }
+    if let Some(listen) = &flags.listen {
+        set(
+            &mut table,
+            "node.listen",
+            toml::Value::String(listen.clone()),
+        )
+        .map_err(|reason| flag_error("--listen", reason))?;
+    }
+    if let Some(data_dir) = &flags.data_dir {
+        set(
+            &mut table,
+            "node.data_dir",
+            toml::Value::String(data_dir.display().to_string()),
+        )
+        .map_err(|reason| flag_error("--data-dir", reason))?;
+    }
+    let raw: RawConfig =
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|error| {
+            ConfigError::Key {
+                source_name: source_name.clone(),
+                key: error.path().to_string(),
+                reason: error.inner().to_string(),
+            }
+        })?;
+    validate(raw, &base_dir, &source_name)
+}
+
+fn flag_error(flag: &str, reason: String) -> ConfigError {
+    ConfigError::Key {
+        source_name: "command line".into(),
+        key: flag.into(),
+        reason,
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::File {
+        path: path.to_path_buf(),
+        reason: error.to_string(),
+    })?;
+    text.parse::<toml::Table>()
+        .map_err(|error| ConfigError::File {
+            path: path.to_path_buf(),
+            reason: error.to_string().replace('\n', " "),
+        })
+}
+
+/// A variable's value as TOML when it parses as a number, boolean or array; else a string.
+fn env_value(text: &str) -> toml::Value {
+    match format!("value = {text}").parse::<toml::Table>() {
+        Ok(mut table) => match table.remove("value") {
+            Some(
+                value @ (toml::Value::Integer(_)
+                | toml::Value::Float(_)
+                | toml::Value::Boolean(_)
+                | toml::Value::Array(_)),
+            ) => value,
+            _ => toml::Value::String(text.to_string()),
+        },
+        Err(_) => toml::Value::String(text.to_string()),
+    }
+}
+
+fn set(table: &mut toml::Table, dotted: &str, value: toml::Value) -> Result<(), String> {
+    let mut parts: Vec<&str> = dotted.split('.').collect();
+    let last = parts.pop().ok_or("empty key")?;
+    let mut current = table;
+    for part in parts {
+        let entry = current
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = match entry {
+            toml::Value::Table(inner) => inner,
+            _ => return Err(format!("{part} is not a table")),
+        };
+    }
+    current.insert(last.to_string(), value);
+    Ok(())
+}
+
+fn duration(source_name: &str, key: &str, text: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(text).map_err(|error| ConfigError::Key {
+        source_name: source_name.to_string(),
+        key: key.to_string(),
+        reason: format!("{text:?} is not a duration (for example 5s or 1m): {error}"),
+    })
+}
+
+fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config, ConfigError> {
+    let key_error = |key: &str, reason: String| ConfigError::Key {
+        source_name: source_name.to_string(),
+        key: key.to_string(),
+        reason,
+    };
+    let listen: SocketAddr = raw.node.listen.parse().map_err(|_| {
+        key_error(
+            "node.listen",
+            format!(
+                "{:?} is not an address such as 127.0.0.1:7700",
+                raw.node.listen
+            ),
+        )
+    })?;
+    for (key, value) in [
+        (
+            "node.request_body_bytes_max",
+            raw.node.request_body_bytes_max,
+        ),
+        (
+            "node.replay_concurrency_max",
+            raw.node.replay_concurrency_max,
+        ),
+        ("node.replay_queue_max", raw.node.replay_queue_max),
+        (
+            "node.snapshotter_mailbox_max",
+            raw.node.snapshotter_mailbox_max,
+        ),
+    ] {
+        if value == 0 {
+            return Err(key_error(key, "must be at least 1".into()));
+        }
+    }
+    let capture_debounce = duration(
+        source_name,
+        "node.capture_debounce",
+        &raw.node.capture_debounce,
+    )?;
+    let mut replicas: Vec<ReplicaDefinition> = Vec::new();
+    for (index, replica) in raw.replica.into_iter().enumerate() {
+        let interval = match &replica.capture_interval {
+            Some(text) => duration(
+                source_name,
+                &format!("replica[{index}].capture_interval"),
+                text,
+            )?,
+            None => Duration::from_millis(CAPTURE_INTERVAL_MS_DEFAULT),
+        };
+        let root = if replica.root.is_absolute() {
+            replica.root
+        } else {
+            base_dir.join(&replica.root)
+        };
+        let root = root
+            .canonicalize()
+            .or_else(|_| std::path::absolute(&root))
+            .unwrap_or(root);
+        let definition = ReplicaDefinition {
+            name: replica.name,
+            root,
+            processes: replica.processes,
+            exclude: replica.exclude,
+            capture_interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+        };
+        definition.validate()?;
+        if replicas.iter().any(|r| r.name == definition.name) {
+            return Err(ConfigError::DuplicateReplica(definition.name));
+        }
+        replicas.push(definition);
+    }
+    let otlp_endpoint =
+        Some(raw.telemetry.otlp_endpoint.trim().to_string()).filter(|e| !e.is_empty());
+    if let Some(endpoint) = otlp_endpoint
+        .as_ref()
+        .filter(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+    {
+        return Err(key_error(
+            "telemetry.otlp_endpoint",
+            format!("{endpoint:?} is not an http:// or https:// URL"),
+        ));
+    }
+    Ok(Config {
+        node: NodeConfig {
+            listen,
+            data_dir: raw.node.data_dir,
+            request_body_bytes_max: raw.node.request_body_bytes_max,
+            replay_concurrency_max: raw.node.replay_concurrency_max,
+            replay_queue_max: raw.node.replay_queue_max,
+            capture_debounce,
+            snapshotter_mailbox_max: raw.node.snapshotter_mailbox_max,
+        },
+        telemetry: TelemetryConfig {
+            otlp_endpoint,
+            service_name: raw.telemetry.service_name,
+            log: raw.telemetry.log,
+        },
+        limits: raw.limits,
+        replicas,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kairos.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let (dir, path) = write(
+            "[node]\nlisten = \"127.0.0.1:7000\"\n[[replica]]\nname = \"web\"\nroot = \"srv\"\nprocesses = [\"nginx\"]\ncapture_interval = \"2s\"\n",
+        );
+        let config = load(Some(&path), env(&[]), &Flags::default()).unwrap();
+        assert_eq!(config.node.listen.port(), 7000);
+        assert_eq!(config.replicas[0].root, dir.path().join("srv"));
+        assert_eq!(config.replicas[0].capture_interval_ms, 2000);
+
+        let config = load(
+            Some(&path),
+            env(&[
+                ("KAIROS_NODE__LISTEN", "127.0.0.1:7100"),
+                ("KAIROS_NODE__REPLAY_CONCURRENCY_MAX", "8"),
+                ("KAIROS_NODE", "http://ignored"),
+            ]),
+            &Flags::default(),
+        )
+        .unwrap();
+        assert_eq!(config.node.listen.port(), 7100);
+        assert_eq!(config.node.replay_concurrency_max, 8);
+
+        let flags = Flags {
+            listen: Some("127.0.0.1:7200".into()),
+            data_dir: Some("/var/lib/kairos".into()),
+        };
+        let config = load(
+            Some(&path),
+            env(&[("KAIROS_NODE__LISTEN", "127.0.0.1:7100")]),
+            &flags,
+        )
+        .unwrap();
+        assert_eq!(config.node.listen.port(), 7200);
+        assert_eq!(config.node.data_dir, PathBuf::from("/var/lib/kairos"));
+    }
+
+    #[test]
+    fn bad_keys_and_values_are_named() {
+        let (_dir, path) = write("[node]\nlistn = \"x\"\n");
+        let error = load(Some(&path), env(&[]), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("node.listn") || error.contains("unknown field `listn`"),
+            "{error}"
+        );
+
+        let (_dir, path) = write("[node]\nlisten = \"nowhere\"\n");
+        let error = load(Some(&path), env(&[]), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("key node.listen: \"nowhere\" is not an address"),
+            "{error}"
+        );
+
+        let (_dir, path) =
+            write("[[replica]]\nname = \"web\"\nroot = \"/srv\"\ncapture_interval = \"often\"\n");
+        let error = load(Some(&path), env(&[]), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("replica[0].capture_interval"), "{error}");
+
+        let (_dir, path) = write("[limits]\nfile_bytes_max = \"big\"\n");
+        let error = load(Some(&path), env(&[]), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("limits.file_bytes_max"), "{error}");
+
+        let error = load(
+            None,
+            env(&[("KAIROS_TELEMETRY__COLOUR", "blue")]),
+            &Flags::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("colour"), "{error}");
+
+        let (_dir, path) = write("[node\n");
+        let error = load(Some(&path), env(&[]), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("config file"), "{error}");
+    }
+}
+
+#[cfg(test)]
+mod shipped {
+    use super::*;
+
+    #[test]
+    fn the_shipped_config_loads_and_watches_the_sample() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/kairos.toml");
+        let config = load(Some(&path), Vec::new(), &Flags::default()).unwrap();
+        assert_eq!(config.node.listen.to_string(), LISTEN_DEFAULT);
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.replicas[0].name, "sample");
+        assert!(
+            config.replicas[0].root.ends_with("config/sample"),
+            "{:?}",
+            config.replicas[0].root
+        );
+    }
+}

@@ -1,0 +1,536 @@
+//! The HTTP API: everything the CLI does, plus health and status, as JSON; errors are a
+//! JSON body with a stable code. The OpenAPI document is generated from the handlers.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kairos_capture::CaptureError;
+use kairos_core::{Instant, SpecError, TimelineSpec};
+use kairos_replay::{ReplayError, RestoreOptions};
+use kairos_store::{CatalogError, StoreError};
+use serde::Deserialize;
+use utoipa::OpenApi;
+
+use crate::Shared;
+use crate::snapshotter::SnapshotterMsg;
+use crate::supervisor::SupervisorMsg;
+use crate::wire::{
+    AddReplicaRequest, CaptureJson, ErrorBody, ErrorDetail, FrameJson, HealthJson, RestoreRequest,
+    StatusJson,
+};
+
+/// How long `POST .../capture` waits for its frame.
+const CAPTURE_WAIT: Duration = Duration::from_secs(600);
+
+/// An error answer: HTTP status, stable code, message naming the problem.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn busy(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> ApiError {
+        if error.is_corruption() {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "store_corrupt",
+                error.to_string(),
+            )
+        } else {
+            ApiError::internal(error.to_string())
+        }
+    }
+}
+
+impl From<CatalogError> for ApiError {
+    fn from(error: CatalogError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            CatalogError::UnknownReplica(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_replica", message)
+            }
+            CatalogError::ReplicaExists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "replica_exists", message)
+            }
+            CatalogError::NoFrames { .. }
+            | CatalogError::NothingBefore { .. }
+            | CatalogError::NoSuchFrame { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "frame_not_found", message)
+            }
+            CatalogError::Ambiguous { .. } => ApiError::bad_request("ambiguous_frame", message),
+            CatalogError::HeadMoved { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", message)
+            }
+            CatalogError::Store(error) => error.into(),
+        }
+    }
+}
+
+impl From<ReplayError> for ApiError {
+    fn from(error: ReplayError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            ReplayError::Catalog(error) => error.into(),
+            ReplayError::Store(error) => error.into(),
+            ReplayError::NoSuchPath { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "path_not_found", message)
+            }
+            ReplayError::NotAFile { .. } => ApiError::bad_request("not_a_file", message),
+            ReplayError::NoContent { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "content_not_captured", message)
+            }
+            ReplayError::Escapes { .. } => ApiError::bad_request("path_escapes_root", message),
+            ReplayError::SymlinkLoop { .. } => ApiError::bad_request("symlink_loop", message),
+            ReplayError::Target { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "restore_target", message)
+            }
+            ReplayError::Write { .. } => ApiError::internal(message),
+        }
+    }
+}
+
+impl From<CaptureError> for ApiError {
+    fn from(error: CaptureError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            CaptureError::Store(error) => error.into(),
+            CaptureError::Catalog(error) => error.into(),
+            CaptureError::RootUnreadable { .. } | CaptureError::RootNotDirectory { .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "root_unreadable", message)
+            }
+            _ => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "capture_failed", message),
+        }
+    }
+}
+
+impl From<SpecError> for ApiError {
+    fn from(error: SpecError) -> ApiError {
+        ApiError::bad_request("bad_spec", error.to_string())
+    }
+}
+
+fn json_input<T>(payload: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    match payload {
+        Ok(Json(value)) => Ok(value),
+        Err(JsonRejection::BytesRejection(rejection)) => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            rejection.body_text(),
+        )),
+        Err(rejection) => Err(ApiError::bad_request("bad_body", rejection.body_text())),
+    }
+}
+
+fn query_input<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    query
+        .map(|Query(value)| value)
+        .map_err(|rejection| ApiError::bad_request("bad_query", rejection.body_text()))
+}
+
+fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
+    Ok(TimelineSpec::parse(text)?)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Kairos node API",
+        description = "Capture, history, replay, diff, restore and verify of service replicas."
+    ),
+    paths(
+        health,
+        status,
+        openapi,
+        list_replicas,
+        add_replica,
+        capture,
+        history,
+        state,
+        file,
+        diff,
+        restore,
+        verify
+    ),
+    components(schemas(
+        ErrorBody,
+        ErrorDetail,
+        HealthJson,
+        StatusJson,
+        AddReplicaRequest,
+        RestoreRequest
+    ))
+)]
+pub struct ApiDoc;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    let limit = shared.config.node.request_body_bytes_max;
+    Router::new()
+        .route("/api/health", get(health))
+        .route("/api/status", get(status))
+        .route("/api/openapi.json", get(openapi))
+        .route("/api/replicas", get(list_replicas).post(add_replica))
+        .route("/api/replicas/{name}/capture", post(capture))
+        .route("/api/replicas/{name}/history", get(history))
+        .route("/api/replicas/{name}/state", get(state))
+        .route("/api/replicas/{name}/file", get(file))
+        .route("/api/replicas/{name}/diff", get(diff))
+        .route("/api/replicas/{name}/restore", post(restore))
+        .route("/api/verify", get(verify))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no_such_endpoint",
+                "no such endpoint (see /api/openapi.json)",
+            )
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(trace_request))
+        .with_state(shared)
+}
+
+/// A span per request, with its outcome.
+async fn trace_request(request: Request, next: Next) -> Response {
+    let span = tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), status = tracing::field::Empty);
+    let started = std::time::Instant::now();
+    let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    span.record("status", response.status().as_u16());
+    tracing::debug!(parent: &span, elapsed_us = started.elapsed().as_micros() as u64, "answered");
+    response
+}
+
+#[utoipa::path(get, path = "/api/health", responses((status = 200, description = "The node is up", body = HealthJson)))]
+async fn health() -> Json<HealthJson> {
+    Json(HealthJson {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+#[utoipa::path(get, path = "/api/status", responses((status = 200, description = "Node status: replicas, store size, actor restarts", body = StatusJson)))]
+async fn status(State(shared): State<Arc<Shared>>) -> Result<Json<StatusJson>, ApiError> {
+    Ok(Json(shared.status()?))
+}
+
+#[utoipa::path(get, path = "/api/openapi.json", responses((status = 200, description = "This OpenAPI 3 document")))]
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+#[utoipa::path(get, path = "/api/replicas", responses((status = 200, description = "Registered replicas (name, root, processes, exclude, capture_interval_ms)")))]
+async fn list_replicas(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
+    let store = shared.clone();
+    let replicas = shared
+        .replay
+        .run(move || Ok(store.store.replicas()?))
+        .await?;
+    Ok(Json(replicas).into_response())
+}
+
+#[utoipa::path(post, path = "/api/replicas", request_body = AddReplicaRequest, responses(
+    (status = 201, description = "Registered and watched"),
+    (status = 400, description = "Invalid name, root, selector or glob", body = ErrorBody),
+    (status = 409, description = "A replica of that name exists", body = ErrorBody)))]
+async fn add_replica(
+    State(shared): State<Arc<Shared>>,
+    payload: Result<Json<AddReplicaRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_input(payload)?;
+    let root = PathBuf::from(&request.root);
+    if !root.is_absolute() {
+        return Err(ApiError::bad_request(
+            "bad_root",
+            format!(
+                "replica {:?}: root {:?} must be an absolute path",
+                request.name, request.root
+            ),
+        ));
+    }
+    let worker = shared.clone();
+    let replica = shared
+        .replay
+        .run(move || {
+            let replica = kairos_capture::define_replica(
+                &request.name,
+                &root,
+                request.processes,
+                request.exclude,
+                &request.capture_interval,
+            )
+            .map_err(|message| ApiError::bad_request("bad_replica", message))?;
+            worker.store.add_replica(&replica)?;
+            Ok(replica)
+        })
+        .await?;
+    let supervisor = shared
+        .supervisor()
+        .ok_or_else(|| ApiError::busy("the node is starting or stopping"))?;
+    let started = supervisor
+        .call(
+            |reply| SupervisorMsg::Watch(replica.clone(), reply),
+            Some(Duration::from_secs(10)),
+        )
+        .await
+        .map_err(|error| ApiError::internal(format!("starting the watcher: {error}")))?;
+    match started {
+        ractor::rpc::CallResult::Success(Ok(())) => {
+            Ok((StatusCode::CREATED, Json(replica)).into_response())
+        }
+        ractor::rpc::CallResult::Success(Err(message)) => Err(ApiError::internal(message)),
+        _ => Err(ApiError::internal("starting the watcher timed out")),
+    }
+}
+
+#[utoipa::path(post, path = "/api/replicas/{name}/capture", params(("name" = String, Path, description = "Replica")), responses(
+    (status = 200, description = "The new frame: {frame, time, parent, entries, bytes, files_read, ...}"),
+    (status = 404, description = "Unknown replica", body = ErrorBody),
+    (status = 503, description = "Too many captures waiting", body = ErrorBody)))]
+async fn capture(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Json<CaptureJson>, ApiError> {
+    let Some(snapshotter) = shared.snapshotter(&name) else {
+        return Err(CatalogError::UnknownReplica(name).into());
+    };
+    match snapshotter
+        .call(
+            |reply| SnapshotterMsg::Capture(Some(reply)),
+            Some(CAPTURE_WAIT),
+        )
+        .await
+    {
+        Ok(ractor::rpc::CallResult::Success(result)) => Ok(Json(result?)),
+        Ok(_) => Err(ApiError::busy(format!(
+            "replica {name:?}: the capture did not finish in time"
+        ))),
+        Err(error) => Err(ApiError::busy(format!(
+            "replica {name:?}: the snapshotter is restarting: {error}"
+        ))),
+    }
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    /// Timeline (default `main`)
+    timeline: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/replicas/{name}/history", params(("name" = String, Path, description = "Replica"), HistoryQuery), responses(
+    (status = 200, description = "Frames, oldest first"), (status = 404, description = "Unknown replica", body = ErrorBody)))]
+async fn history(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let query = query_input(query)?;
+    let timeline = query
+        .timeline
+        .unwrap_or_else(|| kairos_core::spec::MAIN_TIMELINE.to_string());
+    let worker = shared.clone();
+    let frames = shared
+        .replay
+        .run(move || {
+            worker.store.replica(&name)?;
+            let frames = worker.store.history(&name, &timeline)?;
+            Ok(frames.iter().map(FrameJson::from).collect::<Vec<_>>())
+        })
+        .await?;
+    Ok(Json(frames).into_response())
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct AtQuery {
+    /// Frame spec: latest, id prefix, RFC 3339 instant, age (-10m), TIMELINE@SPEC
+    at: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/replicas/{name}/state", params(("name" = String, Path, description = "Replica"), AtQuery), responses(
+    (status = 200, description = "The state: frame, entries, config keys, processes, metrics, notes"),
+    (status = 400, description = "Bad spec", body = ErrorBody), (status = 404, description = "Unknown replica or no such frame", body = ErrorBody)))]
+async fn state(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    query: Result<Query<AtQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let at = spec(query_input(query)?.at.as_deref().unwrap_or("latest"))?;
+    let worker = shared.clone();
+    let listing = shared
+        .replay
+        .run(move || {
+            let view = kairos_replay::open(&worker.store, &name, &at, Instant::now())?;
+            Ok(kairos_replay::listing(&worker.store, &view)?)
+        })
+        .await?;
+    Ok(Json(listing).into_response())
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct FileQuery {
+    /// Path relative to the replica root
+    path: String,
+    /// Frame spec (default latest)
+    at: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/replicas/{name}/file", params(("name" = String, Path, description = "Replica"), FileQuery), responses(
+    (status = 200, description = "The file's bytes", content_type = "application/octet-stream"),
+    (status = 404, description = "No such replica, frame or path", body = ErrorBody)))]
+async fn file(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    query: Result<Query<FileQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let query = query_input(query)?;
+    let at = spec(query.at.as_deref().unwrap_or("latest"))?;
+    let worker = shared.clone();
+    let bytes = shared
+        .replay
+        .run(move || {
+            let view = kairos_replay::open(&worker.store, &name, &at, Instant::now())?;
+            let reader = worker.store.reader()?;
+            let mut out = Vec::new();
+            view.cat(
+                &reader,
+                query.path.as_bytes(),
+                &worker.config.limits,
+                &mut out,
+            )?;
+            Ok(out)
+        })
+        .await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct DiffQuery {
+    /// The earlier frame spec
+    from: String,
+    /// The later frame spec (default latest)
+    to: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/replicas/{name}/diff", params(("name" = String, Path, description = "Replica"), DiffQuery), responses(
+    (status = 200, description = "Changes: files, config keys, processes, metrics"),
+    (status = 404, description = "No such replica or frame", body = ErrorBody)))]
+async fn diff(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    query: Result<Query<DiffQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let query = query_input(query)?;
+    let from = spec(&query.from)?;
+    let to = spec(query.to.as_deref().unwrap_or("latest"))?;
+    let worker = shared.clone();
+    let changes = shared
+        .replay
+        .run(move || {
+            let now = Instant::now();
+            let from = kairos_replay::open(&worker.store, &name, &from, now)?;
+            let to = kairos_replay::open(&worker.store, &name, &to, now)?;
+            Ok(kairos_replay::diff(&worker.store, &from, &to)?)
+        })
+        .await?;
+    Ok(Json(changes).into_response())
+}
+
+#[utoipa::path(post, path = "/api/replicas/{name}/restore", params(("name" = String, Path, description = "Replica")), request_body = RestoreRequest, responses(
+    (status = 200, description = "What was restored"),
+    (status = 409, description = "The target exists and is not empty (without force)", body = ErrorBody)))]
+async fn restore(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    payload: Result<Json<RestoreRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_input(payload)?;
+    let at = spec(&request.at)?;
+    let into = PathBuf::from(&request.into);
+    if !into.is_absolute() {
+        return Err(ApiError::bad_request(
+            "bad_target",
+            format!("restore target {:?} must be an absolute path", request.into),
+        ));
+    }
+    let worker = shared.clone();
+    let report = shared
+        .replay
+        .run(move || {
+            let replica = worker.store.replica(&name)?;
+            let view = kairos_replay::open(&worker.store, &name, &at, Instant::now())?;
+            let options = RestoreOptions {
+                force: request.force,
+                exclude: replica.exclude,
+                progress: None,
+            };
+            Ok(kairos_replay::restore(
+                &worker.store,
+                &view,
+                &into,
+                &options,
+            )?)
+        })
+        .await?;
+    Ok(Json(report).into_response())
+}
+
+#[utoipa::path(get, path = "/api/verify", responses((status = 200, description = "Verification report: ok, counts, problems")))]
+async fn verify(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
+    let worker = shared.clone();
+    let report = shared
+        .replay
+        .run(move || Ok(worker.store.verify()?))
+        .await?;
+    Ok(Json(report).into_response())
+}

@@ -1,0 +1,239 @@
+//! The Kairos node: a long-running process that captures every replica continuously
+//! (a watcher and a snapshotter actor per replica, under a supervisor) and answers
+//! everything over an HTTP API. Actors are thin shells: capture scheduling lives in
+//! [`schedule`], capture and replay in their crates.
+
+pub mod api;
+pub mod schedule;
+pub mod snapshotter;
+pub mod supervisor;
+pub mod watcher;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use kairos_config::Config;
+use kairos_store::Store;
+use ractor::{Actor, ActorRef};
+use tokio::sync::Semaphore;
+
+use crate::api::ApiError;
+use crate::snapshotter::SnapshotterMsg;
+use crate::supervisor::{SupervisorActor, SupervisorMsg};
+use crate::wire::{CaptureJson, ReplicaStatusJson, StatusJson};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("opening the store in {path}: {reason}")]
+    Store { path: String, reason: String },
+    #[error("replica {name:?} from the configuration: {reason}")]
+    Replica { name: String, reason: String },
+    #[error("listening on {address}: {reason}")]
+    Listen { address: SocketAddr, reason: String },
+    #[error("starting the actors: {0}")]
+    Actors(String),
+    #[error("serving the API: {0}")]
+    Serve(String),
+}
+
+/// Runs replay work (show, cat, diff, restore, verify) on the blocking pool, at most
+/// `concurrency` at once, with at most `queue_max` waiting.
+pub struct ReplayPool {
+    permits: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    queue_max: usize,
+}
+
+impl ReplayPool {
+    pub fn new(concurrency: usize, queue_max: usize) -> ReplayPool {
+        ReplayPool {
+            permits: Arc::new(Semaphore::new(concurrency)),
+            waiting: AtomicUsize::new(0),
+            queue_max,
+        }
+    }
+
+    pub async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.queue_max {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::busy("too many requests are waiting; retry later"));
+        }
+        let permit = self.permits.clone().acquire_owned().await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        let permit = permit.map_err(|_| ApiError::busy("the node is stopping"))?;
+        let result = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            job()
+        })
+        .await;
+        result.unwrap_or_else(|error| Err(ApiError::internal(format!("request failed: {error}"))))
+    }
+}
+
+/// What the API and the actors share.
+pub struct Shared {
+    pub store: Store,
+    pub config: Config,
+    pub listen: SocketAddr,
+    pub started: std::time::Instant,
+    pub replay: ReplayPool,
+    pub actor_restarts: AtomicU64,
+    snapshotters: RwLock<HashMap<String, ActorRef<SnapshotterMsg>>>,
+    statuses: Mutex<HashMap<String, ReplicaStatusJson>>,
+    supervisor: OnceLock<ActorRef<SupervisorMsg>>,
+}
+
+impl Shared {
+    pub fn snapshotter(&self, replica: &str) -> Option<ActorRef<SnapshotterMsg>> {
+        self.snapshotters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(replica)
+            .cloned()
+    }
+
+    fn register_snapshotter(&self, replica: &str, actor: ActorRef<SnapshotterMsg>) {
+        self.snapshotters
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(replica.to_string(), actor);
+    }
+
+    /// Asks the replica's snapshotter for a capture, without waiting for it.
+    pub fn request_capture(&self, replica: &str) {
+        if let Some(snapshotter) = self.snapshotter(replica) {
+            let _ = snapshotter.cast(SnapshotterMsg::Capture(None));
+        }
+    }
+
+    pub fn supervisor(&self) -> Option<ActorRef<SupervisorMsg>> {
+        self.supervisor.get().cloned()
+    }
+
+    fn with_status(&self, replica: &str, change: impl FnOnce(&mut ReplicaStatusJson)) {
+        let mut statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        let status = statuses
+            .entry(replica.to_string())
+            .or_insert_with(|| ReplicaStatusJson {
+                name: replica.to_string(),
+                ..ReplicaStatusJson::default()
+            });
+        change(status);
+    }
+
+    fn set_watching(&self, replica: &str, watching: bool) {
+        self.with_status(replica, |status| status.watching = watching);
+    }
+
+    fn record_capture(&self, replica: &str, result: &Result<CaptureJson, ApiError>) {
+        if let Err(error) = result {
+            tracing::warn!(replica = %replica, error = %error.message, "capture failed");
+        }
+        self.with_status(replica, |status| match result {
+            Ok(capture) => {
+                status.captures += 1;
+                status.last_frame = Some(capture.frame.frame.to_hex());
+                status.last_error = None;
+            }
+            Err(error) => {
+                status.capture_failures += 1;
+                status.last_error = Some(error.message.clone());
+            }
+        });
+    }
+
+    pub fn status(&self) -> Result<StatusJson, ApiError> {
+        let mut replicas: Vec<ReplicaStatusJson> = self
+            .statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        replicas.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(StatusJson {
+            version: env!("CARGO_PKG_VERSION").into(),
+            listen: self.listen.to_string(),
+            data_dir: self.config.node.data_dir.display().to_string(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            store_bytes: self.store.size_bytes()?,
+            actor_restarts: self.actor_restarts.load(Ordering::Relaxed),
+            replicas,
+        })
+    }
+}
+
+/// Starts a node: opens the store, registers the configured replicas, starts the actors
+/// and serves the API until `shutdown` completes. `ready` is called with the bound address
+/// once the API accepts connections.
+pub async fn run(
+    config: Config,
+    ready: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let data_dir = config.node.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+        .await
+        .map_err(|error| NodeError::Store {
+            path: config.node.data_dir.display().to_string(),
+            reason: error.to_string(),
+        })?
+        .map_err(|error| NodeError::Store {
+            path: config.node.data_dir.display().to_string(),
+            reason: error.to_string(),
+        })?;
+    for replica in &config.replicas {
+        store
+            .put_replica(replica)
+            .map_err(|error| NodeError::Replica {
+                name: replica.name.clone(),
+                reason: error.to_string(),
+            })?;
+    }
+    let listener = tokio::net::TcpListener::bind(config.node.listen)
+        .await
+        .map_err(|error| NodeError::Listen {
+            address: config.node.listen,
+            reason: error.to_string(),
+        })?;
+    let listen = listener.local_addr().map_err(|error| NodeError::Listen {
+        address: config.node.listen,
+        reason: error.to_string(),
+    })?;
+    let shared = Arc::new(Shared {
+        store,
+        replay: ReplayPool::new(
+            config.node.replay_concurrency_max,
+            config.node.replay_queue_max,
+        ),
+        config,
+        listen,
+        started: std::time::Instant::now(),
+        actor_restarts: AtomicU64::new(0),
+        snapshotters: RwLock::new(HashMap::new()),
+        statuses: Mutex::new(HashMap::new()),
+        supervisor: OnceLock::new(),
+    });
+    let (supervisor, supervisor_done) =
+        Actor::spawn(Some("supervisor".into()), SupervisorActor, shared.clone())
+            .await
+            .map_err(|error| NodeError::Actors(error.to_string()))?;
+    let _ = shared.supervisor.set(supervisor.clone());
+    let app = api::router(shared.clone());
+    ready(listen);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    // Stop capturing: watchers and snapshotters stop with their supervisor; a capture
+    // already running finishes (or is discarded whole) on the blocking pool.
+    supervisor.stop(Some("node stopping".into()));
+    let _ = supervisor_done.await;
+    served.map_err(|error| NodeError::Serve(error.to_string()))
+}

@@ -1,0 +1,154 @@
+//! The JSON shapes of the API, shared with the CLI so that output is the same whether a
+//! command runs on the store directly or through a node.
+
+use kairos_capture::CaptureReport;
+use kairos_core::{Hash, Instant};
+use kairos_store::FrameRecord;
+use serde::{Deserialize, Serialize};
+
+/// A frame as listed by `history`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FrameJson {
+    pub frame: Hash,
+    pub time: Instant,
+    pub timeline: String,
+    pub parent: Option<Hash>,
+    pub entries: u64,
+    pub bytes: u64,
+    pub objects_new: u64,
+    pub bytes_new_stored: u64,
+    pub torn: u64,
+    pub unreadable: u64,
+    pub capture_ms: u64,
+}
+
+impl From<&FrameRecord> for FrameJson {
+    fn from(frame: &FrameRecord) -> FrameJson {
+        FrameJson {
+            frame: frame.id,
+            time: frame.time,
+            timeline: frame.timeline.clone(),
+            parent: frame.parent,
+            entries: frame.entries,
+            bytes: frame.bytes,
+            objects_new: frame.objects_new,
+            bytes_new_stored: frame.bytes_new_stored,
+            torn: frame.torn,
+            unreadable: frame.unreadable,
+            capture_ms: frame.capture_ms,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NoteJson {
+    pub path: String,
+    pub message: String,
+}
+
+/// What `capture` reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CaptureJson {
+    #[serde(flatten)]
+    pub frame: FrameJson,
+    pub files_read: u64,
+    pub files_reused: u64,
+    pub objects_reused: u64,
+    pub bytes_new_raw: u64,
+    pub processes: u64,
+    pub dictionary_trained: Option<u32>,
+    pub notes: Vec<NoteJson>,
+}
+
+impl From<&CaptureReport> for CaptureJson {
+    fn from(report: &CaptureReport) -> CaptureJson {
+        CaptureJson {
+            frame: FrameJson::from(&report.frame),
+            files_read: report.files_read,
+            files_reused: report.files_reused,
+            objects_reused: report.stats.objects_reused,
+            bytes_new_raw: report.stats.bytes_raw,
+            processes: report.processes,
+            dictionary_trained: report.dictionary_trained,
+            notes: report
+                .notes
+                .iter()
+                .map(|(path, message)| NoteJson {
+                    path: path.clone(),
+                    message: message.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The body of every error answer: a stable code and a message naming the problem.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `unknown_replica`, `frame_not_found`, `bad_spec`, ...
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HealthJson {
+    pub status: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, utoipa::ToSchema)]
+pub struct ReplicaStatusJson {
+    pub name: String,
+    pub watching: bool,
+    pub captures: u64,
+    pub capture_failures: u64,
+    pub last_frame: Option<String>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StatusJson {
+    pub version: String,
+    pub listen: String,
+    pub data_dir: String,
+    pub uptime_ms: u64,
+    pub store_bytes: u64,
+    pub actor_restarts: u64,
+    pub replicas: Vec<ReplicaStatusJson>,
+}
+
+/// `POST /api/replicas`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddReplicaRequest {
+    pub name: String,
+    /// An absolute path on the node's machine.
+    pub root: String,
+    #[serde(default)]
+    pub processes: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// For example `5s`.
+    #[serde(default = "default_interval")]
+    pub capture_interval: String,
+}
+
+fn default_interval() -> String {
+    "5s".into()
+}
+
+/// `POST /api/replicas/{name}/restore`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    pub at: String,
+    /// An absolute path on the node's machine.
+    pub into: String,
+    #[serde(default)]
+    pub force: bool,
+}
