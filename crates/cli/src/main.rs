@@ -392,26 +392,12 @@ fn up(
 ) -> Result<ExitCode> {
     let flags = kairos_config::Flags { listen, data_dir };
     let config = kairos_config::load(config.as_deref(), std::env::vars(), &flags)?;
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(&config.telemetry.log).with_context(|| {
-            format!(
-                "telemetry.log {:?} is not a log filter",
-                config.telemetry.log
-            )
-        })?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    if let Some(endpoint) = &config.telemetry.otlp_endpoint {
-        tracing::warn!(%endpoint, "OTLP export is not built into this version; logging locally only");
-    }
+    let mut telemetry = kairos_telemetry::init(&config.telemetry)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let shutdown = async {
             let interrupt = tokio::signal::ctrl_c();
             let mut terminate =
@@ -434,6 +420,9 @@ fn up(
             shutdown,
         )
         .await
-    })?;
+    });
+    // Export what is buffered before leaving, even when the node failed.
+    telemetry.shutdown();
+    result?;
     Ok(ExitCode::SUCCESS)
 }

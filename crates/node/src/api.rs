@@ -341,9 +341,10 @@ async fn capture(
     let Some(snapshotter) = shared.snapshotter(&name) else {
         return Err(CatalogError::UnknownReplica(name).into());
     };
+    let cause = tracing::Span::current();
     match snapshotter
         .call(
-            |reply| SnapshotterMsg::Capture(Some(reply)),
+            |reply| SnapshotterMsg::Capture(Some(reply), cause),
             Some(CAPTURE_WAIT),
         )
         .await

@@ -46,14 +46,20 @@ pub struct ReplayPool {
     permits: Arc<Semaphore>,
     waiting: AtomicUsize,
     queue_max: usize,
+    latency_ms: opentelemetry::metrics::Histogram<f64>,
 }
 
 impl ReplayPool {
-    pub fn new(concurrency: usize, queue_max: usize) -> ReplayPool {
+    pub fn new(
+        concurrency: usize,
+        queue_max: usize,
+        latency_ms: opentelemetry::metrics::Histogram<f64>,
+    ) -> ReplayPool {
         ReplayPool {
             permits: Arc::new(Semaphore::new(concurrency)),
             waiting: AtomicUsize::new(0),
             queue_max,
+            latency_ms,
         }
     }
 
@@ -65,14 +71,18 @@ impl ReplayPool {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(ApiError::busy("too many requests are waiting; retry later"));
         }
+        let started = std::time::Instant::now();
         let permit = self.permits.clone().acquire_owned().await;
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         let permit = permit.map_err(|_| ApiError::busy("the node is stopping"))?;
+        let span = tracing::Span::current();
         let result = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            job()
+            span.in_scope(job)
         })
         .await;
+        self.latency_ms
+            .record(started.elapsed().as_secs_f64() * 1e3, &[]);
         result.unwrap_or_else(|error| Err(ApiError::internal(format!("request failed: {error}"))))
     }
 }
@@ -84,6 +94,7 @@ pub struct Shared {
     pub listen: SocketAddr,
     pub started: std::time::Instant,
     pub replay: ReplayPool,
+    pub metrics: kairos_telemetry::Metrics,
     pub actor_restarts: AtomicU64,
     snapshotters: RwLock<HashMap<String, ActorRef<SnapshotterMsg>>>,
     statuses: Mutex<HashMap<String, ReplicaStatusJson>>,
@@ -109,7 +120,7 @@ impl Shared {
     /// Asks the replica's snapshotter for a capture, without waiting for it.
     pub fn request_capture(&self, replica: &str) {
         if let Some(snapshotter) = self.snapshotter(replica) {
-            let _ = snapshotter.cast(SnapshotterMsg::Capture(None));
+            let _ = snapshotter.cast(SnapshotterMsg::Capture(None, tracing::Span::none()));
         }
     }
 
@@ -207,12 +218,17 @@ pub async fn run(
         address: config.node.listen,
         reason: error.to_string(),
     })?;
+    let metrics = kairos_telemetry::Metrics::new();
+    let kv = store.kv().clone();
+    metrics.observe_store_size(move || kv.size_bytes().ok());
     let shared = Arc::new(Shared {
         store,
         replay: ReplayPool::new(
             config.node.replay_concurrency_max,
             config.node.replay_queue_max,
+            metrics.replay_latency_ms.clone(),
         ),
+        metrics,
         config,
         listen,
         started: std::time::Instant::now(),

@@ -18,8 +18,9 @@ pub type CaptureReply = RpcReplyPort<Result<CaptureJson, ApiError>>;
 pub struct SnapshotterActor;
 
 pub enum SnapshotterMsg {
-    /// Capture the replica; the reply port, if any, gets the frame.
-    Capture(Option<CaptureReply>),
+    /// Capture the replica; the reply port, if any, gets the frame. `cause` is the span
+    /// of whatever asked (an API request), so the capture's span is its child.
+    Capture(Option<CaptureReply>, tracing::Span),
     /// The running capture finished.
     Finished(Box<Result<CaptureJson, ApiError>>),
 }
@@ -28,6 +29,8 @@ pub struct SnapshotterState {
     shared: Arc<Shared>,
     replica: String,
     queue: CaptureQueue<CaptureReply>,
+    /// The span of the first request waiting for the next capture.
+    next_cause: Option<tracing::Span>,
 }
 
 pub fn name(replica: &str) -> String {
@@ -49,6 +52,7 @@ impl Actor for SnapshotterActor {
             shared,
             replica,
             queue: CaptureQueue::new(waiters_max),
+            next_cause: None,
         })
     }
 
@@ -59,7 +63,7 @@ impl Actor for SnapshotterActor {
         state: &mut SnapshotterState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            SnapshotterMsg::Capture(reply) => on_capture(myself, state, reply),
+            SnapshotterMsg::Capture(reply, cause) => on_capture(myself, state, reply, cause),
             SnapshotterMsg::Finished(result) => on_finished(myself, state, *result),
         }
         Ok(())
@@ -70,10 +74,13 @@ fn on_capture(
     myself: ActorRef<SnapshotterMsg>,
     state: &mut SnapshotterState,
     reply: Option<CaptureReply>,
+    cause: tracing::Span,
 ) {
     match state.queue.request(reply) {
-        Requested::Start => start(myself, state),
-        Requested::Queued => {}
+        Requested::Start => start(myself, state, cause),
+        Requested::Queued => {
+            state.next_cause.get_or_insert(cause);
+        }
         Requested::Full(reply) => {
             let _ = reply.send(Err(ApiError::busy(format!(
                 "replica {:?}: too many captures are waiting; retry later",
@@ -94,27 +101,58 @@ fn on_finished(
         let _ = waiter.send(result.clone());
     }
     if again {
-        start(myself, state);
+        let cause = state.next_cause.take().unwrap_or_else(tracing::Span::none);
+        start(myself, state, cause);
     }
 }
 
-fn start(myself: ActorRef<SnapshotterMsg>, state: &SnapshotterState) {
+fn start(myself: ActorRef<SnapshotterMsg>, state: &SnapshotterState, cause: tracing::Span) {
     let shared = state.shared.clone();
     let replica = state.replica.clone();
+    let span = tracing::info_span!(parent: &cause, "capture", replica = %replica, frame = tracing::field::Empty);
     tokio::spawn(async move {
-        let result = tokio::task::spawn_blocking(move || run_capture(&shared, &replica))
-            .await
-            .unwrap_or_else(|error| {
-                Err(ApiError::internal(format!("capture task failed: {error}")))
-            });
+        let result = tokio::task::spawn_blocking(move || {
+            span.in_scope(|| run_capture(&shared, &replica, &span))
+        })
+        .await
+        .unwrap_or_else(|error| Err(ApiError::internal(format!("capture task failed: {error}"))));
         let _ = myself.cast(SnapshotterMsg::Finished(Box::new(result)));
     });
 }
 
 /// One capture, on the blocking pool.
-fn run_capture(shared: &Shared, replica: &str) -> Result<CaptureJson, ApiError> {
-    let span = tracing::info_span!("capture", replica = %replica, frame = tracing::field::Empty);
-    let _entered = span.enter();
+fn run_capture(
+    shared: &Shared,
+    replica: &str,
+    span: &tracing::Span,
+) -> Result<CaptureJson, ApiError> {
+    let started = std::time::Instant::now();
+    let attributes = kairos_telemetry::Metrics::replica(replica);
+    let result = capture_once(shared, replica, span);
+    let metrics = &shared.metrics;
+    metrics
+        .capture_duration_ms
+        .record(started.elapsed().as_secs_f64() * 1e3, &attributes);
+    match &result {
+        Ok(capture) => {
+            metrics.frames_stored.add(1, &attributes);
+            metrics
+                .capture_bytes_read
+                .add(capture.bytes_new_raw, &attributes);
+            metrics
+                .capture_bytes_stored
+                .add(capture.frame.bytes_new_stored, &attributes);
+        }
+        Err(_) => metrics.capture_failures.add(1, &attributes),
+    }
+    result
+}
+
+fn capture_once(
+    shared: &Shared,
+    replica: &str,
+    span: &tracing::Span,
+) -> Result<CaptureJson, ApiError> {
     let definition = shared.store.replica(replica)?;
     let report = capture(
         &shared.store,

@@ -68,6 +68,7 @@ impl Actor for SupervisorActor {
         if let SupervisionEvent::ActorFailed(cell, error) = event {
             let name = cell.get_name().unwrap_or_default();
             state.shared.actor_restarts.fetch_add(1, Ordering::Relaxed);
+            state.shared.metrics.actor_restarts.add(1, &[]);
             tracing::error!(actor = %name, %error, "actor failed; restarting it");
             if let Some(replica) = name.strip_prefix("snapshotter:") {
                 start_snapshotter(&myself, &state.shared, replica).await?;
