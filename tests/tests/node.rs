@@ -290,6 +290,13 @@ fn the_api_answers_bad_input_with_json_errors_and_documents_itself() {
     for answer in &answers {
         assert!(ids.contains(&answer["frame"].as_str().unwrap().to_string()));
     }
+    let (status, opened) = get_json(&url(&format!(
+        "/api/replicas/web/frame?at={}",
+        &ids[0][..10]
+    )));
+    assert_eq!(status, 200, "{opened}");
+    assert_eq!(opened["frame"]["frame"].as_str(), Some(ids[0].as_str()));
+    assert_eq!(opened["files_entries"], 1);
     let (_, verify) = get_json(&url("/api/verify"));
     assert_eq!(verify["ok"], true);
 }

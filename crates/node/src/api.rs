@@ -23,8 +23,8 @@ use crate::Shared;
 use crate::snapshotter::SnapshotterMsg;
 use crate::supervisor::SupervisorMsg;
 use crate::wire::{
-    AddReplicaRequest, CaptureJson, ErrorBody, ErrorDetail, FrameJson, HealthJson, RestoreRequest,
-    StatusJson,
+    AddReplicaRequest, CaptureJson, ErrorBody, ErrorDetail, FrameJson, FrameStateJson, HealthJson,
+    RestoreRequest, StatusJson,
 };
 
 /// How long `POST .../capture` waits for its frame.
@@ -192,6 +192,7 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
         status,
         openapi,
         list_replicas,
+        frame,
         add_replica,
         capture,
         history,
@@ -207,7 +208,8 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
         HealthJson,
         StatusJson,
         AddReplicaRequest,
-        RestoreRequest
+        RestoreRequest,
+        FrameStateJson
     ))
 )]
 pub struct ApiDoc;
@@ -221,6 +223,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/replicas", get(list_replicas).post(add_replica))
         .route("/api/replicas/{name}/capture", post(capture))
         .route("/api/replicas/{name}/history", get(history))
+        .route("/api/replicas/{name}/frame", get(frame))
         .route("/api/replicas/{name}/state", get(state))
         .route("/api/replicas/{name}/file", get(file))
         .route("/api/replicas/{name}/diff", get(diff))
@@ -394,6 +397,36 @@ async fn history(
 struct AtQuery {
     /// Frame spec: latest, id prefix, RFC 3339 instant, age (-10m), TIMELINE@SPEC
     at: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/replicas/{name}/frame", params(("name" = String, Path, description = "Replica"), AtQuery), responses(
+    (status = 200, description = "The frame a spec names, opened: its record, root summary and metrics", body = FrameStateJson),
+    (status = 400, description = "Bad spec", body = ErrorBody), (status = 404, description = "Unknown replica or no such frame", body = ErrorBody)))]
+async fn frame(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    query: Result<Query<AtQuery>, QueryRejection>,
+) -> Result<Json<FrameStateJson>, ApiError> {
+    let at = spec(query_input(query)?.at.as_deref().unwrap_or("latest"))?;
+    // One index lookup and two small reads: answered on this thread, without a hop to the
+    // blocking pool.
+    let started = std::time::Instant::now();
+    let view = kairos_replay::open(&shared.store, &name, &at, Instant::now())?;
+    let reader = shared.store.reader()?;
+    let runtime = view.runtime(&reader)?;
+    shared
+        .metrics
+        .replay_latency_ms
+        .record(started.elapsed().as_secs_f64() * 1e3, &[]);
+    Ok(Json(FrameStateJson {
+        frame: FrameJson::from(&view.frame),
+        files_entries: view.root.file_entries,
+        files_bytes: view.root.file_bytes,
+        processes: runtime.metrics.processes,
+        metrics: serde_json::to_value(kairos_replay::state::MetricsView::from(&runtime.metrics))
+            .unwrap_or_default(),
+        notes: view.root.notes.len() as u64,
+    }))
 }
 
 #[utoipa::path(get, path = "/api/replicas/{name}/state", params(("name" = String, Path, description = "Replica"), AtQuery), responses(

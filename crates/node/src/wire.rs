@@ -152,3 +152,19 @@ pub struct RestoreRequest {
     #[serde(default)]
     pub force: bool,
 }
+
+/// `GET /api/replicas/{name}/frame`: the frame a spec names, opened.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FrameStateJson {
+    /// The frame record: {frame, time, timeline, parent, entries, bytes, ...}
+    #[schema(value_type = Object)]
+    pub frame: FrameJson,
+    pub files_entries: u64,
+    pub files_bytes: u64,
+    pub processes: u64,
+    /// cpu_percent, memory_rss_bytes, disk_allocated_bytes, disk_apparent_bytes, files, directories, processes
+    #[schema(value_type = Object)]
+    pub metrics: serde_json::Value,
+    /// Capture notes (torn or unreadable files) in the frame
+    pub notes: u64,
+}
