@@ -58,6 +58,8 @@ pub struct NodeConfig {
     pub capture_debounce: Duration,
     /// Requests queued for one replica's snapshotter before callers are told to retry.
     pub snapshotter_mailbox_max: usize,
+    /// Memory the store may use to cache pages.
+    pub store_cache_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -92,6 +94,7 @@ struct RawNode {
     replay_queue_max: usize,
     capture_debounce: String,
     snapshotter_mailbox_max: usize,
+    store_cache_bytes: usize,
 }
 
 impl Default for RawNode {
@@ -104,6 +107,7 @@ impl Default for RawNode {
             replay_queue_max: 1024,
             capture_debounce: "200ms".into(),
             snapshotter_mailbox_max: 64,
+            store_cache_bytes: 64 << 20,
         }
     }
 }
@@ -321,6 +325,7 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             "node.snapshotter_mailbox_max",
             raw.node.snapshotter_mailbox_max,
         ),
+        ("node.store_cache_bytes", raw.node.store_cache_bytes),
     ] {
         if value == 0 {
             return Err(key_error(key, "must be at least 1".into()));
@@ -383,6 +388,7 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             replay_queue_max: raw.node.replay_queue_max,
             capture_debounce,
             snapshotter_mailbox_max: raw.node.snapshotter_mailbox_max,
+            store_cache_bytes: raw.node.store_cache_bytes,
         },
         telemetry: TelemetryConfig {
             otlp_endpoint,

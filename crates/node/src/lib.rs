@@ -190,7 +190,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     let data_dir = config.node.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+    let cache_bytes = config.node.store_cache_bytes;
+    let store = tokio::task::spawn_blocking(move || Store::open_with_cache(&data_dir, cache_bytes))
         .await
         .map_err(|error| NodeError::Store {
             path: config.node.data_dir.display().to_string(),

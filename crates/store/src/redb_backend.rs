@@ -13,6 +13,8 @@ use redb::{
 use crate::kv::{KvBackend, KvError, KvSnapshot, Mutation, WriteBatch};
 
 const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kairos");
+/// The page cache used unless another size is asked for.
+pub const CACHE_BYTES_DEFAULT: usize = 64 << 20;
 /// How long opening waits for another process that holds the file.
 const OPEN_WAIT: Duration = Duration::from_secs(10);
 
@@ -24,10 +26,17 @@ pub struct RedbBackend {
 impl RedbBackend {
     /// Opens the store file at `path`, creating it if absent.
     pub fn open(path: &Path) -> Result<RedbBackend, KvError> {
+        RedbBackend::open_with_cache(path, CACHE_BYTES_DEFAULT)
+    }
+
+    /// Opens with a page cache of at most `cache_bytes` (memory stays bounded however
+    /// large the store grows).
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<RedbBackend, KvError> {
         let started = Instant::now();
         let database = loop {
             let mut builder = Builder::new();
             builder.set_concurrency_mode(ConcurrencyMode::ExclusiveWriter);
+            builder.set_cache_size(cache_bytes);
             match builder.create(path) {
                 Ok(database) => break database,
                 Err(DatabaseError::DatabaseAlreadyOpen) if started.elapsed() < OPEN_WAIT => {

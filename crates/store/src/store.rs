@@ -81,9 +81,14 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the embedded store in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Store> {
+        Store::open_with_cache(data_dir, crate::redb_backend::CACHE_BYTES_DEFAULT)
+    }
+
+    /// Opens the embedded store with a page cache of at most `cache_bytes`.
+    pub fn open_with_cache(data_dir: &Path, cache_bytes: usize) -> Result<Store> {
         std::fs::create_dir_all(data_dir)
             .map_err(|error| KvError::Io(format!("{}: {error}", data_dir.display())))?;
-        let backend = RedbBackend::open(&data_dir.join(STORE_FILE))?;
+        let backend = RedbBackend::open_with_cache(&data_dir.join(STORE_FILE), cache_bytes)?;
         Ok(Store::with_backend(Arc::new(backend)))
     }
 
