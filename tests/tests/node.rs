@@ -126,6 +126,8 @@ fn node_captures_file_changes_and_the_cli_answers_the_same_through_it() {
     );
     assert_eq!(through_node[5], b"port = 8080\n");
     let missing = kairos.fails(["--node", &node.url, "show", "nope"]);
+    // Pointed at the data directory of a running node, the CLI goes through that node.
+    assert_eq!(Kairos::at(&data_dir).ok(&commands[1]), through_node[1]);
     assert_eq!(
         missing,
         "kairos: error: unknown replica \"nope\" (see `kairos replica list`)"

@@ -25,7 +25,7 @@ struct Cli {
     #[arg(long, global = true, env = "KAIROS_DATA_DIR", hide_env_values = true)]
     data_dir: Option<PathBuf>,
     /// Run the command through the node at this URL (e.g. http://127.0.0.1:7700) instead
-    /// of on the data directory
+    /// of on the data directory (a node running on the data directory is used by itself)
     #[arg(long, global = true, env = "KAIROS_NODE", hide_env_values = true)]
     node: Option<String>,
     #[command(subcommand)]
@@ -174,13 +174,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Up { config, listen } = cli.command {
         return up(config, listen, cli.data_dir);
     }
-    let backend = match &cli.node {
-        Some(url) => Backend::node(url)?,
-        None => Backend::direct(
-            &cli.data_dir
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(kairos_config::DATA_DIR_DEFAULT)),
-        )?,
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(kairos_config::DATA_DIR_DEFAULT));
+    // A node that owns the data directory holds the store: go through it.
+    let backend = match cli
+        .node
+        .clone()
+        .or_else(|| kairos_node::running_node(&data_dir))
+    {
+        Some(url) => Backend::node(&url)?,
+        None => Backend::direct(&data_dir)?,
     };
     match cli.command {
         Command::Up { .. } => unreachable!("handled above"),

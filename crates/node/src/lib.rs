@@ -26,6 +26,22 @@ use crate::snapshotter::SnapshotterMsg;
 use crate::supervisor::{SupervisorActor, SupervisorMsg};
 use crate::wire::{CaptureJson, ReplicaStatusJson, StatusJson};
 
+/// A running node announces itself in its data directory with this file (its URL and
+/// pid), so that the CLI pointed at that directory goes through the node.
+pub const NODE_MARKER_FILE: &str = "node.json";
+
+/// The URL of the node that owns `data_dir`, if one is running.
+pub fn running_node(data_dir: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(data_dir.join(NODE_MARKER_FILE)).ok()?;
+    let announced: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let pid = i32::try_from(announced["pid"].as_u64()?).ok()?;
+    // A marker left by a node killed with -9 names a dead process.
+    let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+    alive
+        .then(|| announced["url"].as_str().map(str::to_string))
+        .flatten()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("opening the store in {path}: {reason}")]
@@ -244,10 +260,22 @@ pub async fn run(
             .map_err(|error| NodeError::Actors(error.to_string()))?;
     let _ = shared.supervisor.set(supervisor.clone());
     let app = api::router(shared.clone());
+    let marker = shared.config.node.data_dir.join(NODE_MARKER_FILE);
+    let reachable = if listen.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), listen.port())
+    } else {
+        listen
+    };
+    let announced =
+        serde_json::json!({ "url": format!("http://{reachable}"), "pid": std::process::id() });
+    if let Err(error) = std::fs::write(&marker, announced.to_string()) {
+        tracing::warn!(path = %marker.display(), %error, "cannot announce the node in its data directory");
+    }
     ready(listen);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
+    let _ = std::fs::remove_file(&marker);
     // Stop capturing: watchers and snapshotters stop with their supervisor; a capture
     // already running finishes (or is discarded whole) on the blocking pool.
     supervisor.stop(Some("node stopping".into()));
