@@ -85,13 +85,7 @@ impl Backend {
         for (key, value) in query {
             request = request.query(*key, *value);
         }
-        let mut response = Self::answer(base, request.call())?;
-        response
-            .body_mut()
-            .with_config()
-            .limit(RESPONSE_BYTES_MAX)
-            .read_json()
-            .map_err(|error| anyhow!("node {base}: reading the answer: {error}"))
+        Self::json_answer(base, request.call())
     }
 
     fn post<T: DeserializeOwned>(
@@ -105,6 +99,14 @@ impl Backend {
             Some(body) => request.send_json(body),
             None => request.send_empty(),
         };
+        Self::json_answer(base, response)
+    }
+
+    /// A successful answer's JSON body (bounded), or the node's error message.
+    fn json_answer<T: DeserializeOwned>(
+        base: &str,
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T> {
         let mut response = Self::answer(base, response)?;
         response
             .body_mut()

@@ -111,13 +111,12 @@ pub fn restore(
     let is_root = unsafe { libc::geteuid() } == 0;
 
     // Directories first, in walk order (parents before children).
-    for (path, entry) in entries
+    for (path, _) in entries
         .iter()
         .filter(|(p, e)| matches!(e.body, Body::Dir { .. }) && kept(p))
     {
         let target = into.join(OsStr::from_bytes(path));
         ensure_dir(&target)?;
-        let _ = entry;
         report.directories += 1;
     }
 
