@@ -130,12 +130,14 @@ impl Backend {
         processes: Vec<String>,
         exclude: Vec<String>,
         interval: &str,
+        settings: kairos_capture::ReplicaSettings,
     ) -> Result<ReplicaDefinition> {
         match self {
             Backend::Direct { store, .. } => {
-                let replica =
-                    kairos_capture::define_replica(name, root, processes, exclude, interval)
-                        .map_err(|message| anyhow!(message))?;
+                let replica = kairos_capture::define_replica(
+                    name, root, processes, exclude, interval, &settings,
+                )
+                .map_err(|message| anyhow!(message))?;
                 store.add_replica(&replica)?;
                 Ok(replica)
             }
@@ -148,6 +150,7 @@ impl Backend {
                     processes,
                     exclude,
                     capture_interval: interval.to_string(),
+                    settings,
                 };
                 self.post("/api/replicas", Some(&request))
             }

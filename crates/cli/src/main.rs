@@ -146,6 +146,29 @@ enum ReplicaCommand {
         /// How often a running node captures it, e.g. `5s` or `1m`
         #[arg(long, value_name = "DURATION", default_value = "5s")]
         capture_interval: String,
+        /// Command that checks a sandbox materialised in a scratch directory; `{root}` is
+        /// replaced by its path (e.g. `nginx -t -p {root} -c {root}/nginx.conf`)
+        #[arg(long, value_name = "COMMAND")]
+        check: Option<String>,
+        /// How long the check may run before it is killed with its children [default: 60s]
+        #[arg(long, value_name = "DURATION")]
+        check_timeout: Option<String>,
+        /// Command run after a commit, rollback or revert writes the live root (e.g. a reload)
+        #[arg(long, value_name = "COMMAND")]
+        after_commit: Option<String>,
+        /// How long probes watch a commit on main before it counts as good [default: 10s]
+        #[arg(long, value_name = "DURATION")]
+        watch_window: Option<String>,
+        /// How often probes run during the watch window [default: 500ms]
+        #[arg(long, value_name = "DURATION")]
+        probe_interval: Option<String>,
+        /// A named command proposals may ask for, as NAME=COMMAND (repeatable)
+        #[arg(long = "action", value_name = "NAME=COMMAND")]
+        actions: Vec<String>,
+        /// A health check after commits: `http:URL[=STATUS]`, `command:CMD`,
+        /// `process:SELECTOR`, `metric:NAME<=MAX` or `metric:NAME>=MIN` (repeatable)
+        #[arg(long = "probe", value_name = "KIND:SPEC")]
+        probes: Vec<String>,
     },
     /// List registered replicas
     List {
@@ -195,9 +218,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
             processes,
             exclude,
             capture_interval,
+            check,
+            check_timeout,
+            after_commit,
+            watch_window,
+            probe_interval,
+            actions,
+            probes,
         }) => {
-            let replica =
-                backend.add_replica(&name, &root, processes, exclude, &capture_interval)?;
+            let settings = kairos_capture::ReplicaSettings {
+                check,
+                check_timeout,
+                after_commit,
+                watch_window,
+                probe_interval,
+                actions,
+                probes,
+            };
+            let replica = backend.add_replica(
+                &name,
+                &root,
+                processes,
+                exclude,
+                &capture_interval,
+                settings,
+            )?;
             println!(
                 "replica {:?} added (root {})",
                 replica.name,

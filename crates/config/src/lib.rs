@@ -141,6 +141,20 @@ struct RawReplica {
     exclude: Vec<String>,
     #[serde(default)]
     capture_interval: Option<String>,
+    #[serde(default)]
+    check: Option<String>,
+    #[serde(default)]
+    check_timeout: Option<String>,
+    #[serde(default)]
+    after_commit: Option<String>,
+    #[serde(default)]
+    watch_window: Option<String>,
+    #[serde(default)]
+    probe_interval: Option<String>,
+    #[serde(default)]
+    actions: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    probe: Vec<kairos_core::Probe>,
 }
 
 /// Values given on the command line; they override every other layer.
@@ -355,13 +369,40 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             .canonicalize()
             .or_else(|_| std::path::absolute(&root))
             .unwrap_or(root);
-        let definition = ReplicaDefinition {
-            name: replica.name,
-            root,
-            processes: replica.processes,
-            exclude: replica.exclude,
-            capture_interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
-        };
+        let millis = |duration: Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        let mut definition = ReplicaDefinition::new(&replica.name, root);
+        definition.processes = replica.processes;
+        definition.exclude = replica.exclude;
+        definition.capture_interval_ms = millis(interval);
+        definition.check = replica.check;
+        definition.after_commit = replica.after_commit;
+        definition.actions = replica.actions;
+        definition.probes = replica.probe;
+        for (field, text, target) in [
+            (
+                "check_timeout",
+                &replica.check_timeout,
+                &mut definition.check_timeout_ms,
+            ),
+            (
+                "watch_window",
+                &replica.watch_window,
+                &mut definition.watch_window_ms,
+            ),
+            (
+                "probe_interval",
+                &replica.probe_interval,
+                &mut definition.probe_interval_ms,
+            ),
+        ] {
+            if let Some(text) = text {
+                *target = millis(duration(
+                    source_name,
+                    &format!("replica[{index}].{field}"),
+                    text,
+                )?);
+            }
+        }
         definition.validate()?;
         if replicas.iter().any(|r| r.name == definition.name) {
             return Err(ConfigError::DuplicateReplica(definition.name));

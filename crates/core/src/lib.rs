@@ -4,11 +4,13 @@
 pub mod hash;
 pub mod instant;
 pub mod limits;
+pub mod probe;
 pub mod replica;
 pub mod spec;
 
 pub use hash::{Hash, HashParseError};
 pub use instant::{Instant, InstantError};
 pub use limits::Limits;
+pub use probe::Probe;
 pub use replica::{ReplicaDefinition, ReplicaError};
 pub use spec::{FrameSpec, SpecError, TimelineSpec};

@@ -1,12 +1,15 @@
 //! Replica definitions: what to watch (a root directory, process selectors, excludes) and how often.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::probe::Probe;
 
 use serde::{Deserialize, Serialize};
 
 /// One watched service instance, as registered with `kairos replica add`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicaDefinition {
     pub name: String,
@@ -21,6 +24,46 @@ pub struct ReplicaDefinition {
     pub exclude: Vec<String>,
     /// How often the node captures this replica, in milliseconds.
     pub capture_interval_ms: u64,
+    /// Shell command that checks a materialised sandbox; `{root}` is replaced by its path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    /// How long the check may run before it is killed, with its children.
+    #[serde(default = "check_timeout_ms_default")]
+    pub check_timeout_ms: u64,
+    /// Shell command run after a commit or rollback writes the live root (e.g. a reload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_commit: Option<String>,
+    /// How long probes watch a commit on `main` before it counts as good.
+    #[serde(default = "watch_window_ms_default")]
+    pub watch_window_ms: u64,
+    /// How often probes run during the watch window.
+    #[serde(default = "probe_interval_ms_default")]
+    pub probe_interval_ms: u64,
+    /// Named commands a proposal may ask for with an `action` op (e.g. restart, reload).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub actions: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<Probe>,
+}
+
+pub const CHECK_TIMEOUT_MS_DEFAULT: u64 = 60_000;
+pub const WATCH_WINDOW_MS_DEFAULT: u64 = 10_000;
+pub const WATCH_WINDOW_MS_MAX: u64 = 3_600_000;
+pub const PROBE_INTERVAL_MS_DEFAULT: u64 = 500;
+pub const COMMAND_LEN_MAX: usize = 4096;
+pub const ACTIONS_MAX: usize = 64;
+pub const PROBES_MAX: usize = 64;
+
+fn check_timeout_ms_default() -> u64 {
+    CHECK_TIMEOUT_MS_DEFAULT
+}
+
+fn watch_window_ms_default() -> u64 {
+    WATCH_WINDOW_MS_DEFAULT
+}
+
+fn probe_interval_ms_default() -> u64 {
+    PROBE_INTERVAL_MS_DEFAULT
 }
 
 pub const CAPTURE_INTERVAL_MS_DEFAULT: u64 = 5_000;
@@ -51,6 +94,8 @@ pub enum ReplicaError {
         pattern: String,
         reason: String,
     },
+    #[error("replica {name:?}: {problem}")]
+    Invalid { name: String, problem: String },
     #[error("replica {name:?}: more than {max} {what}")]
     TooMany {
         name: String,
@@ -69,6 +114,24 @@ pub fn is_valid_replica_name(name: &str) -> bool {
 }
 
 impl ReplicaDefinition {
+    /// A definition with every optional setting at its default.
+    pub fn new(name: &str, root: PathBuf) -> ReplicaDefinition {
+        ReplicaDefinition {
+            name: name.to_string(),
+            root,
+            processes: Vec::new(),
+            exclude: Vec::new(),
+            capture_interval_ms: CAPTURE_INTERVAL_MS_DEFAULT,
+            check: None,
+            check_timeout_ms: CHECK_TIMEOUT_MS_DEFAULT,
+            after_commit: None,
+            watch_window_ms: WATCH_WINDOW_MS_DEFAULT,
+            probe_interval_ms: PROBE_INTERVAL_MS_DEFAULT,
+            actions: BTreeMap::new(),
+            probes: Vec::new(),
+        }
+    }
+
     pub fn capture_interval(&self) -> Duration {
         Duration::from_millis(self.capture_interval_ms)
     }
@@ -113,6 +176,75 @@ impl ReplicaDefinition {
                 }
             }
         }
+        self.validate_change_settings()
+    }
+
+    fn validate_change_settings(&self) -> Result<(), ReplicaError> {
+        let invalid = |problem: String| ReplicaError::Invalid {
+            name: self.name.clone(),
+            problem,
+        };
+        let command_ok = |what: &str, command: &str| {
+            if command.trim().is_empty()
+                || command.len() > COMMAND_LEN_MAX
+                || command.contains('\0')
+            {
+                Err(invalid(format!(
+                    "{what} command must be 1 to {COMMAND_LEN_MAX} characters with no NUL"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        if let Some(check) = &self.check {
+            command_ok("check", check)?;
+        }
+        if let Some(after_commit) = &self.after_commit {
+            command_ok("after_commit", after_commit)?;
+        }
+        if !(1..=3_600_000).contains(&self.check_timeout_ms) {
+            return Err(invalid(format!(
+                "check timeout {} ms must be 1 ms to 1 hour",
+                self.check_timeout_ms
+            )));
+        }
+        if self.watch_window_ms > WATCH_WINDOW_MS_MAX {
+            return Err(invalid(format!(
+                "watch window {} ms is longer than 1 hour",
+                self.watch_window_ms
+            )));
+        }
+        if !(10..=600_000).contains(&self.probe_interval_ms) {
+            return Err(invalid(format!(
+                "probe interval {} ms must be 10 ms to 10 minutes",
+                self.probe_interval_ms
+            )));
+        }
+        if self.actions.len() > ACTIONS_MAX {
+            return Err(ReplicaError::TooMany {
+                name: self.name.clone(),
+                what: "actions",
+                max: ACTIONS_MAX,
+            });
+        }
+        for (action, command) in &self.actions {
+            if !is_valid_replica_name(action) {
+                return Err(invalid(format!(
+                    "action name {action:?} is invalid: use letters, digits, '-', '_' or '.'"
+                )));
+            }
+            command_ok(&format!("action {action:?}"), command)?;
+        }
+        if self.probes.len() > PROBES_MAX {
+            return Err(ReplicaError::TooMany {
+                name: self.name.clone(),
+                what: "probes",
+                max: PROBES_MAX,
+            });
+        }
+        for probe in &self.probes {
+            probe.validate().map_err(invalid)?;
+        }
         Ok(())
     }
 }
@@ -122,13 +254,7 @@ mod tests {
     use super::*;
 
     fn replica(name: &str) -> ReplicaDefinition {
-        ReplicaDefinition {
-            name: name.into(),
-            root: "/srv/web".into(),
-            processes: vec![],
-            exclude: vec![],
-            capture_interval_ms: CAPTURE_INTERVAL_MS_DEFAULT,
-        }
+        ReplicaDefinition::new(name, "/srv/web".into())
     }
 
     #[test]

@@ -308,6 +308,7 @@ async fn add_replica(
                 request.processes,
                 request.exclude,
                 &request.capture_interval,
+                &request.settings,
             )
             .map_err(|message| ApiError::bad_request("bad_replica", message))?;
             worker.store.add_replica(&replica)?;

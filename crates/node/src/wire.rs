@@ -136,6 +136,10 @@ pub struct AddReplicaRequest {
     /// For example `5s`.
     #[serde(default = "default_interval")]
     pub capture_interval: String,
+    /// Check, after_commit, watch window, actions and probes (see `kairos replica add --help`).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub settings: kairos_capture::ReplicaSettings,
 }
 
 fn default_interval() -> String {

@@ -28,13 +28,7 @@ fn build(
     }
     let data = tempfile::tempdir().expect("data dir");
     let store = Store::open(data.path()).expect("store");
-    let replica = ReplicaDefinition {
-        name: "bench".into(),
-        root: service.path().to_path_buf(),
-        processes: vec![],
-        exclude: vec![],
-        capture_interval_ms: 5_000,
-    };
+    let replica = ReplicaDefinition::new("bench", service.path().to_path_buf());
     store.add_replica(&replica).expect("replica");
     let request = CaptureRequest {
         replica: &replica,

@@ -428,13 +428,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store
-            .add_replica(&ReplicaDefinition {
-                name: "web".into(),
-                root: "/srv".into(),
-                processes: vec![],
-                exclude: vec![],
-                capture_interval_ms: 5000,
-            })
+            .add_replica(&ReplicaDefinition::new("web", "/srv".into()))
             .unwrap();
         (dir, store)
     }

@@ -82,3 +82,26 @@ pub fn dictionary_version(replica: &str, version: u32) -> Vec<u8> {
     ]
     .concat()
 }
+
+pub const FORK: &[u8] = b"k/";
+pub const PROPOSAL: &[u8] = b"p/";
+pub const SANDBOX: &[u8] = b"x/";
+pub const COMMIT: &[u8] = b"c/";
+pub const AUDIT: &[u8] = b"a/";
+pub const AUDIT_HEAD: &[u8] = b"A/";
+pub const GOOD: &[u8] = b"g/";
+pub const PENDING: &[u8] = b"P/";
+
+/// `prefix` + replica + NUL: the keys of one replica in a record family.
+pub fn replica_prefix(prefix: &[u8], replica: &str) -> Vec<u8> {
+    [prefix, replica.as_bytes(), b"\0"].concat()
+}
+
+/// A record of a replica named by `name` (a timeline name, an id).
+pub fn replica_record(prefix: &[u8], replica: &str, name: &[u8]) -> Vec<u8> {
+    [replica_prefix(prefix, replica).as_slice(), name].concat()
+}
+
+pub fn audit(replica: &str, seq: u64) -> Vec<u8> {
+    replica_record(AUDIT, replica, &seq.to_be_bytes())
+}

@@ -7,9 +7,11 @@
 //! - [`node`]: the rkyv node types of a state's Merkle tree;
 //! - [`tree`]: building and reading directories and chunk lists;
 //! - [`catalog`]: replicas, frames, timeline heads and the time index;
+//! - [`changes`]: forks, proposals, sandboxes, commits and the hash-chained audit log;
 //! - [`verify`]: a full check of everything stored.
 
 pub mod catalog;
+pub mod changes;
 pub mod conformance;
 pub mod keys;
 pub mod kv;
@@ -22,6 +24,7 @@ pub mod tree;
 pub mod verify;
 
 pub use catalog::{CatalogError, FrameDraft, FrameRecord};
+pub use changes::{AuditEntry, AuditLog, ForkRecord, TimelineError, TimelineInfo};
 pub use object::ObjectKind;
 pub use store::{ObjectWriter, Reader, Store, StoreError, WriteStats};
 pub use verify::VerifyReport;
