@@ -838,3 +838,59 @@ fn build_dir(writer: &ObjectWriter, pending: Vec<Pending>) -> Result<Built, Stor
     totals.hash = tree::write_dir(writer, entries)?;
     Ok(totals)
 }
+
+/// Stores file content held in memory (a proposal's new content) the way a capture stores
+/// a file read from disk: whole or chunked, with its config keys when `name` is a config
+/// file. Returns the content and the config node.
+pub fn store_file_bytes(
+    writer: &ObjectWriter,
+    name: &[u8],
+    bytes: &[u8],
+    limits: &Limits,
+) -> Result<(Content, Option<[u8; 32]>), StoreError> {
+    let content = if bytes.is_empty() {
+        Content::Empty
+    } else if bytes.len() <= BLOB_BYTES_MAX {
+        Content::Blob {
+            hash: writer.put(ObjectKind::Blob, bytes)?.0,
+        }
+    } else {
+        let mut chunks = Vec::with_capacity(bytes.len() / CHUNK_BYTES_AVERAGE + 1);
+        for chunk in fastcdc::v2020::FastCDC::new(
+            bytes,
+            CHUNK_BYTES_MIN,
+            CHUNK_BYTES_AVERAGE,
+            CHUNK_BYTES_MAX,
+        ) {
+            let data = &bytes[chunk.offset..chunk.offset + chunk.length];
+            chunks.push(ChunkRef {
+                hash: writer.put(ObjectKind::Chunk, data)?.0,
+                bytes: chunk.length as u64,
+            });
+        }
+        let count = chunks.len() as u64;
+        Content::Chunks {
+            list: tree::write_chunk_list(writer, chunks)?.0,
+            chunks: count,
+        }
+    };
+    let config = match config::format_for_name(name) {
+        Some(format) if bytes.len() as u64 <= limits.config_file_bytes_max => {
+            match config::parse(format, bytes, limits.config_keys_max) {
+                Ok((format, pairs)) => {
+                    let node = ConfigNode {
+                        format: format.name().to_string(),
+                        keys: pairs
+                            .into_iter()
+                            .map(|(key, value)| ConfigKey { key, value })
+                            .collect(),
+                    };
+                    Some(writer.put(ObjectKind::Config, &node::to_bytes(&node))?.0)
+                }
+                Err(_) => None,
+            }
+        }
+        _ => None,
+    };
+    Ok((content, config))
+}

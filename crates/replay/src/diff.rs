@@ -71,6 +71,22 @@ impl StateDiff {
     }
 }
 
+/// The file and config-key changes between two file trees (a Merkle walk).
+pub fn diff_files(
+    store: &Store,
+    from: &Hash,
+    to: &Hash,
+) -> Result<(Vec<FileChange>, Vec<ConfigChange>), ReplayError> {
+    let reader = store.reader()?;
+    let mut walker = DiffWalk {
+        reader: &reader,
+        files: Vec::new(),
+        config: Vec::new(),
+    };
+    walker.dir(from, to, b"")?;
+    Ok((walker.files, walker.config))
+}
+
 pub fn diff(store: &Store, from: &StateView, to: &StateView) -> Result<StateDiff, ReplayError> {
     let reader = store.reader()?;
     let mut walker = DiffWalk {

@@ -6,6 +6,8 @@ pub mod diff;
 pub mod restore;
 pub mod state;
 
-pub use diff::{StateDiff, diff};
+pub use diff::{ConfigChange, FileChange, StateDiff, diff, diff_files};
 pub use restore::{RestoreOptions, RestoreReport, restore};
-pub use state::{ReplayError, StateListing, StateView, listing, open, open_frame};
+pub use state::{
+    ContentError, ReplayError, StateListing, StateView, listing, open, open_frame, write_content,
+};

@@ -226,7 +226,9 @@ impl StateView {
     }
 }
 
-pub(crate) enum ContentError {
+/// Why file content could not be written out.
+#[derive(Debug)]
+pub enum ContentError {
     Replay(ReplayError),
     Omitted(String),
     Io(String),
@@ -238,7 +240,7 @@ impl From<StoreError> for ContentError {
     }
 }
 
-pub(crate) fn write_content(
+pub fn write_content(
     reader: &Reader<'_>,
     content: &Content,
     out: &mut dyn Write,

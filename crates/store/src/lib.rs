@@ -26,5 +26,5 @@ pub mod verify;
 pub use catalog::{CatalogError, FrameDraft, FrameRecord};
 pub use changes::{AuditEntry, AuditLog, ForkRecord, TimelineError, TimelineInfo};
 pub use object::ObjectKind;
-pub use store::{ObjectWriter, Reader, Store, StoreError, WriteStats};
+pub use store::{ObjectWriter, Overlay, Reader, Store, StoreError, WriteStats};
 pub use verify::VerifyReport;

@@ -112,6 +112,7 @@ impl Store {
         Ok(Reader {
             store: self,
             snapshot: self.kv.snapshot()?,
+            overlay: None,
         })
     }
 
@@ -214,6 +215,19 @@ impl Store {
 pub struct Reader<'s> {
     store: &'s Store,
     snapshot: Box<dyn KvSnapshot>,
+    overlay: Option<Overlay>,
+}
+
+/// Objects an [`ObjectWriter`] wrote and has not committed yet, readable by a [`Reader`]
+/// made [`Reader::with_overlay`]: an edit reads back what it just wrote.
+pub type Overlay = Arc<Mutex<HashMap<Hash, (ObjectKind, Arc<Vec<u8>>)>>>;
+
+impl<'s> Reader<'s> {
+    /// This reader, also seeing the objects `overlay` holds.
+    pub fn with_overlay(mut self, overlay: Overlay) -> Reader<'s> {
+        self.overlay = Some(overlay);
+        self
+    }
 }
 
 impl Reader<'_> {
@@ -227,6 +241,23 @@ impl Reader<'_> {
 
     /// The content of object `hash`, checked against its hash.
     pub fn object(&self, hash: &Hash, kind: ObjectKind) -> Result<Vec<u8>> {
+        if let Some(overlay) = &self.overlay {
+            let found = overlay
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(hash)
+                .cloned();
+            if let Some((stored_kind, raw)) = found {
+                if stored_kind != kind {
+                    return Err(StoreError::BadNode {
+                        hash: *hash,
+                        kind: kind.name(),
+                        problem: format!("was written as a {}", stored_kind.name()),
+                    });
+                }
+                return Ok(raw.as_ref().clone());
+            }
+        }
         let value = self.stored_value(hash, kind)?;
         self.decode(hash, kind, &value)
     }
@@ -328,6 +359,7 @@ pub struct ObjectWriter {
     committer: Mutex<Option<JoinHandle<Result<(), KvError>>>>,
     failure: Arc<Mutex<Option<String>>>,
     samples: Mutex<Samples>,
+    overlay: Mutex<Option<Overlay>>,
     objects_new: AtomicU64,
     objects_reused: AtomicU64,
     bytes_raw: AtomicU64,
@@ -376,6 +408,7 @@ impl ObjectWriter {
             committer: Mutex::new(Some(committer)),
             failure,
             samples: Mutex::new(Samples::default()),
+            overlay: Mutex::new(None),
             objects_new: AtomicU64::new(0),
             objects_reused: AtomicU64::new(0),
             bytes_raw: AtomicU64::new(0),
@@ -390,8 +423,30 @@ impl ObjectWriter {
         Ok(hash)
     }
 
+    /// From now on, keeps a copy of each new object in the returned overlay, so that a
+    /// reader made [`Reader::with_overlay`] sees them before they are committed.
+    pub fn keep_written(&self) -> Overlay {
+        self.overlay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(Overlay::default)
+            .clone()
+    }
+
     /// Like [`ObjectWriter::put`] when the caller already computed the hash.
     pub fn put_hashed(&self, hash: Hash, kind: ObjectKind, raw: &[u8]) -> Result<()> {
+        if let Some(overlay) = self
+            .overlay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            overlay
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(hash)
+                .or_insert_with(|| (kind, Arc::new(raw.to_vec())));
+        }
         if let Some(failure) = self
             .failure
             .lock()

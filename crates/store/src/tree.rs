@@ -50,6 +50,12 @@ pub fn write_dir(writer: &ObjectWriter, entries: Vec<DirEntry>) -> Result<Hash> 
         let bytes = node::to_bytes(&DirNode::Leaf { entries });
         return writer.put(ObjectKind::Dir, &bytes);
     }
+    let pages = split_pages(writer, entries)?;
+    write_index(writer, pages)
+}
+
+/// Stores `entries` (sorted) as pages split at content-defined boundaries.
+fn split_pages(writer: &ObjectWriter, entries: Vec<DirEntry>) -> Result<Vec<PageRef>> {
     let mut pages = Vec::new();
     let mut page: Vec<DirEntry> = Vec::new();
     let mut page_bytes = 0;
@@ -66,7 +72,68 @@ pub fn write_dir(writer: &ObjectWriter, entries: Vec<DirEntry>) -> Result<Hash> 
     if !page.is_empty() {
         pages.push(write_page(writer, page)?);
     }
-    write_index(writer, pages)
+    Ok(pages)
+}
+
+/// Puts `entry` under `name` in the directory `dir` (or removes `name` when `entry` is
+/// `None`) and returns the new directory's hash. A large directory rewrites only the page
+/// that holds `name` and the index above it; the rest is shared with `dir`.
+pub fn edit_dir(
+    reader: &Reader<'_>,
+    writer: &ObjectWriter,
+    dir: &Hash,
+    name: &[u8],
+    entry: Option<DirEntry>,
+) -> Result<Hash> {
+    fn edit(entries: &mut Vec<DirEntry>, name: &[u8], entry: Option<DirEntry>) {
+        match (
+            entries.binary_search_by(|e| e.name.as_slice().cmp(name)),
+            entry,
+        ) {
+            (Ok(index), Some(entry)) => entries[index] = entry,
+            (Ok(index), None) => {
+                entries.remove(index);
+            }
+            (Err(index), Some(entry)) => entries.insert(index, entry),
+            (Err(_), None) => {}
+        }
+    }
+    if let Some(entry) = &entry {
+        debug_assert_eq!(entry.name, name);
+    }
+    match reader.node::<DirNode>(dir, ObjectKind::Dir)? {
+        DirNode::Leaf { mut entries } => {
+            edit(&mut entries, name, entry);
+            write_dir(writer, entries)
+        }
+        DirNode::Index { mut pages } => {
+            let index = pages
+                .partition_point(|page| page.first_name.as_slice() <= name)
+                .saturating_sub(1);
+            match reader.node::<DirNode>(&Hash(pages[index].node), ObjectKind::Dir)? {
+                DirNode::Leaf { mut entries } => {
+                    edit(&mut entries, name, entry);
+                    let replacement = if entries.is_empty() {
+                        Vec::new()
+                    } else {
+                        split_pages(writer, entries)?
+                    };
+                    pages.splice(index..=index, replacement);
+                    if pages.is_empty() {
+                        return write_dir(writer, Vec::new());
+                    }
+                    write_index(writer, pages)
+                }
+                // A directory with an index of indexes (tens of thousands of entries):
+                // rewritten whole, which still shares every unchanged page.
+                DirNode::Index { .. } => {
+                    let mut entries = reader.dir_entries(dir)?;
+                    edit(&mut entries, name, entry);
+                    write_dir(writer, entries)
+                }
+            }
+        }
+    }
 }
 
 fn write_page(writer: &ObjectWriter, entries: Vec<DirEntry>) -> Result<PageRef> {
@@ -302,6 +369,60 @@ mod tests {
                 prop_assert!(reader.dir_lookup(&hash, name).unwrap().is_some());
             }
         }
+    }
+
+    #[test]
+    fn edits_of_large_directories_read_back_like_rewrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut names: Vec<Vec<u8>> = (0..3_000)
+            .map(|i| format!("f{i:05}").into_bytes())
+            .collect();
+        names.sort();
+        let hash0 = write(&store, &names);
+        let mut hash = hash0;
+        let writer = store.object_writer("t").unwrap();
+        let overlay = writer.keep_written();
+        for (name, keep) in [
+            (b"f01500a".to_vec(), true),
+            (b"f00000".to_vec(), false),
+            (b"a-first".to_vec(), true),
+            (b"zz-last".to_vec(), true),
+        ] {
+            let reader = store.reader().unwrap().with_overlay(overlay.clone());
+            hash = edit_dir(
+                &reader,
+                &writer,
+                &hash,
+                &name,
+                keep.then(|| entry(name.clone())),
+            )
+            .unwrap();
+            match names.binary_search(&name) {
+                Ok(index) if !keep => {
+                    names.remove(index);
+                }
+                Err(index) if keep => names.insert(index, name),
+                _ => {}
+            }
+        }
+        let stats = writer.finish().unwrap();
+        assert!(
+            stats.objects_new <= 12,
+            "{} nodes written",
+            stats.objects_new
+        );
+        assert_ne!(hash, hash0);
+        let reader = store.reader().unwrap();
+        let listed: Vec<Vec<u8>> = reader
+            .dir_entries(&hash)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(listed, names);
+        assert!(reader.dir_lookup(&hash, b"a-first").unwrap().is_some());
+        assert!(reader.dir_lookup(&hash, b"f00000").unwrap().is_none());
     }
 
     #[test]
