@@ -18,6 +18,12 @@ pub struct Limits {
     pub torn_file_retries: u32,
     /// Symlink hops followed when resolving a path inside a state.
     pub symlink_hops_max: u32,
+    /// Bytes of a proposal document (with its file contents).
+    pub proposal_bytes_max: u64,
+    /// Ops in one proposal.
+    pub proposal_ops_max: usize,
+    /// Bytes of a check's or probe's output kept (the rest is cut, and says so).
+    pub command_output_bytes_max: usize,
 }
 
 impl Default for Limits {
@@ -29,6 +35,9 @@ impl Default for Limits {
             config_keys_max: 20_000,
             torn_file_retries: 3,
             symlink_hops_max: 40,
+            proposal_bytes_max: 64 << 20,
+            proposal_ops_max: 10_000,
+            command_output_bytes_max: 64 << 10,
         }
     }
 }

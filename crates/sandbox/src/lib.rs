@@ -1,0 +1,417 @@
+//! Kairos sandboxes: proposals (a party's ordered ops against a base frame), applied to a
+//! copy of the base state by structural sharing, diffed, and optionally materialised into
+//! a scratch directory where the replica's own check runs. Knows nothing about actors,
+//! NATS or Raft; the committer (`kairos-commit`) builds on it.
+
+pub mod apply;
+pub mod command;
+pub mod config_edit;
+pub mod proposal;
+
+use std::path::Path;
+use std::time::Duration;
+
+use kairos_core::{Hash, Instant, Limits, ReplicaDefinition, TimelineSpec};
+use kairos_replay::{ConfigChange, FileChange, ReplayError, RestoreOptions, StateView};
+use kairos_store::node::RootNode;
+use kairos_store::{CatalogError, FrameRecord, ObjectKind, Store, StoreError, keys};
+use serde::{Deserialize, Serialize};
+
+pub use apply::{Applied, Touched, apply_ops};
+pub use command::CommandOutcome;
+pub use proposal::{Op, Proposal, ProposalDocument, ProposalSummary};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("the proposal is not valid {format}: {reason}")]
+    Document {
+        format: &'static str,
+        reason: String,
+    },
+    #[error("proposal: {0}")]
+    Invalid(String),
+    #[error("op {index} ({op}): {problem}")]
+    Op {
+        index: usize,
+        op: String,
+        problem: String,
+    },
+    #[error("replica {replica:?}: no proposal id starts with {prefix:?}")]
+    UnknownProposal { replica: String, prefix: String },
+    #[error(
+        "replica {replica:?}: proposal id prefix {prefix:?} matches {count} proposals; give more digits"
+    )]
+    AmbiguousProposal {
+        replica: String,
+        prefix: String,
+        count: usize,
+    },
+    #[error("replica {0:?} declares no check command (set `check` in its configuration)")]
+    NoCheck(String),
+    #[error("running {what}: {reason}")]
+    Command { what: String, reason: String },
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl SandboxError {
+    /// Whether the caller can fix the request (as opposed to a store or IO failure).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            SandboxError::Document { .. }
+                | SandboxError::Invalid(_)
+                | SandboxError::Op { .. }
+                | SandboxError::NoCheck(_)
+        )
+    }
+}
+
+/// The changes a sandbox makes to its base.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct SandboxDiff {
+    pub files: Vec<FileChange>,
+    pub config: Vec<ConfigChange>,
+}
+
+/// A sandbox: a proposal applied to its base, its diff, and the check's real outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxReport {
+    pub proposal: Hash,
+    pub replica: String,
+    pub base: Hash,
+    /// The sandbox state's root object.
+    pub state: Hash,
+    /// The ops applied (1-based indexes into the proposal).
+    pub ops: Vec<usize>,
+    pub diff: SandboxDiff,
+    pub touched: Vec<Touched>,
+    pub actions: Vec<String>,
+    /// Time to build the sandbox state (apply the ops), in microseconds.
+    pub apply_us: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CommandOutcome>,
+}
+
+/// Picks ops by 1-based index (all when `chosen` is `None`).
+pub fn select_ops(
+    proposal: &Proposal,
+    chosen: Option<&[usize]>,
+) -> Result<Vec<(usize, Op)>, SandboxError> {
+    let all: Vec<(usize, Op)> = proposal
+        .ops
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(index, op)| (index + 1, op))
+        .collect();
+    let Some(chosen) = chosen else {
+        return Ok(all);
+    };
+    if chosen.is_empty() {
+        return Err(SandboxError::Invalid("no ops chosen".into()));
+    }
+    let mut picked = Vec::new();
+    for &index in chosen {
+        if index == 0 || index > all.len() {
+            return Err(SandboxError::Invalid(format!(
+                "op {index} does not exist (the proposal has ops 1 to {})",
+                all.len()
+            )));
+        }
+        if picked.iter().any(|(i, _)| *i == index) {
+            return Err(SandboxError::Invalid(format!("op {index} is chosen twice")));
+        }
+        picked.push(all[index - 1].clone());
+    }
+    picked.sort_by_key(|(index, _)| *index);
+    Ok(picked)
+}
+
+/// The timeline a proposal targets and the spec of its base.
+fn base_spec(
+    document: &ProposalDocument,
+    timeline: Option<&str>,
+) -> Result<TimelineSpec, SandboxError> {
+    let text = match (&document.base, timeline) {
+        (Some(base), _) => base.clone(),
+        (None, Some(timeline)) => format!("{timeline}@latest"),
+        (None, None) => "latest".to_string(),
+    };
+    let spec = TimelineSpec::parse(&text)
+        .map_err(|error| SandboxError::Invalid(format!("base {text:?}: {error}")))?;
+    if let Some(timeline) = timeline {
+        if spec.timeline != timeline {
+            return Err(SandboxError::Invalid(format!(
+                "base {text:?} is on timeline {:?}, not on --timeline {timeline:?}",
+                spec.timeline
+            )));
+        }
+    }
+    Ok(spec)
+}
+
+/// Validates a proposal against its base (every op applied to a sandbox) and stores it.
+pub fn propose(
+    store: &Store,
+    replica: &ReplicaDefinition,
+    document: ProposalDocument,
+    timeline: Option<&str>,
+    limits: &Limits,
+    now: Instant,
+) -> Result<Proposal, SandboxError> {
+    document.check_fields()?;
+    if document.ops.len() > limits.proposal_ops_max {
+        return Err(SandboxError::Invalid(format!(
+            "has {} ops, over the limit of {}",
+            document.ops.len(),
+            limits.proposal_ops_max
+        )));
+    }
+    let spec = base_spec(&document, timeline)?;
+    let base = store.resolve(&replica.name, &spec, now)?;
+    let mut proposal = Proposal {
+        id: Hash::default(),
+        replica: replica.name.clone(),
+        title: document.title,
+        author: document.author,
+        description: document.description,
+        timeline: spec.timeline.clone(),
+        base: base.id,
+        base_spec: spec.to_string(),
+        created: now,
+        ops: document.ops,
+    };
+    let bytes = serde_json::to_vec(&proposal).map_err(|e| SandboxError::Invalid(e.to_string()))?;
+    if bytes.len() as u64 > limits.proposal_bytes_max {
+        return Err(SandboxError::Invalid(format!(
+            "is {} bytes, over the limit of {}",
+            bytes.len(),
+            limits.proposal_bytes_max
+        )));
+    }
+    let root = base_root(store, &base)?;
+    apply_ops(
+        store,
+        replica,
+        &root,
+        &select_ops(&proposal, None)?,
+        limits,
+        now,
+    )?;
+    let writer = store.object_writer(&replica.name)?;
+    proposal.id = writer.put(ObjectKind::Blob, &bytes)?;
+    writer.finish()?;
+    let summary = ProposalSummary {
+        id: proposal.id,
+        title: proposal.title.clone(),
+        author: proposal.author.clone(),
+        timeline: proposal.timeline.clone(),
+        base: proposal.base,
+        created: now,
+        ops: proposal.ops.len(),
+    };
+    store.put_record(keys::PROPOSAL, &replica.name, &proposal.id, &summary)?;
+    store.audit_append(
+        &replica.name,
+        &proposal.author,
+        "proposal",
+        serde_json::json!({
+            "proposal": proposal.id.to_hex(),
+            "title": proposal.title,
+            "timeline": proposal.timeline,
+            "base": proposal.base.to_hex(),
+            "ops": proposal.ops.iter().map(Op::describe).collect::<Vec<_>>(),
+        }),
+        now,
+    )?;
+    Ok(proposal)
+}
+
+/// The proposal whose id starts with `prefix` (4+ hex digits).
+pub fn load_proposal(store: &Store, replica: &str, prefix: &str) -> Result<Proposal, SandboxError> {
+    let prefix = kairos_core::hash::parse_hex_prefix(prefix)
+        .map_err(|error| SandboxError::Invalid(format!("proposal id {prefix:?}: {error}")))?;
+    store.replica(replica)?;
+    let ids = store.record_ids(keys::PROPOSAL, replica, &prefix)?;
+    let id = match ids.as_slice() {
+        [] => {
+            return Err(SandboxError::UnknownProposal {
+                replica: replica.into(),
+                prefix,
+            });
+        }
+        [id] => *id,
+        _ => {
+            return Err(SandboxError::AmbiguousProposal {
+                replica: replica.into(),
+                prefix,
+                count: ids.len(),
+            });
+        }
+    };
+    let bytes = store.reader()?.object(&id, ObjectKind::Blob)?;
+    let mut proposal: Proposal = serde_json::from_slice(&bytes).map_err(|error| {
+        SandboxError::Store(StoreError::BadRecord {
+            what: "proposal",
+            key: id.to_hex(),
+            problem: error.to_string(),
+        })
+    })?;
+    proposal.id = id;
+    if proposal.replica != replica {
+        return Err(SandboxError::UnknownProposal {
+            replica: replica.into(),
+            prefix,
+        });
+    }
+    Ok(proposal)
+}
+
+/// The root node of a frame.
+pub fn base_root(store: &Store, frame: &FrameRecord) -> Result<RootNode, SandboxError> {
+    Ok(store
+        .reader()?
+        .node::<RootNode>(&frame.root, ObjectKind::Root)?)
+}
+
+/// A view of a state that is not a frame (a sandbox), for restore and listing.
+pub fn state_view(replica: &str, base: &FrameRecord, root: Hash, root_node: RootNode) -> StateView {
+    StateView {
+        frame: FrameRecord {
+            id: root,
+            replica: replica.to_string(),
+            timeline: format!("sandbox:{}", base.timeline),
+            root,
+            ..base.clone()
+        },
+        root: root_node,
+    }
+}
+
+/// Materialises a state into `into` (an empty or absent directory).
+pub fn materialise(store: &Store, view: &StateView, into: &Path) -> Result<(), SandboxError> {
+    kairos_replay::restore(
+        store,
+        view,
+        into,
+        &RestoreOptions {
+            force: false,
+            exclude: Vec::new(),
+            progress: None,
+        },
+    )?;
+    Ok(())
+}
+
+/// What to sandbox and who asks.
+#[derive(Debug, Clone, Copy)]
+pub struct SandboxOptions<'a> {
+    /// The ops to apply (1-based); all when `None`.
+    pub chosen: Option<&'a [usize]>,
+    pub run_check: bool,
+    pub party: &'a str,
+}
+
+/// Builds the sandbox of `proposal` (the chosen ops on its base), diffs it, and with
+/// `run_check` materialises it and runs the replica's check there. The outcome is stored
+/// and logged.
+pub fn sandbox(
+    store: &Store,
+    replica: &ReplicaDefinition,
+    proposal: &Proposal,
+    options: &SandboxOptions<'_>,
+    limits: &Limits,
+    now: Instant,
+) -> Result<SandboxReport, SandboxError> {
+    let SandboxOptions {
+        chosen,
+        run_check,
+        party,
+    } = *options;
+    if run_check && replica.check.is_none() {
+        return Err(SandboxError::NoCheck(replica.name.clone()));
+    }
+    let ops = select_ops(proposal, chosen)?;
+    let base = store.frame(&proposal.base)?;
+    let root = base_root(store, &base)?;
+    let started = std::time::Instant::now();
+    let applied = apply_ops(store, replica, &root, &ops, limits, now)?;
+    let apply_us = started.elapsed().as_micros() as u64;
+    let (files, config) =
+        kairos_replay::diff_files(store, &Hash(root.files), &Hash(applied.root_node.files))?;
+    let check = if run_check {
+        let scratch = tempfile::Builder::new()
+            .prefix("kairos-sandbox-")
+            .tempdir()
+            .map_err(|e| SandboxError::Command {
+                what: "the sandbox check".into(),
+                reason: format!("making a scratch directory: {e}"),
+            })?;
+        let into = scratch.path().join("root");
+        let view = state_view(
+            &replica.name,
+            &base,
+            applied.root,
+            applied.root_node.clone(),
+        );
+        materialise(store, &view, &into)?;
+        let template = replica.check.as_deref().unwrap_or_default();
+        let outcome = command::run(
+            &command::expand(template, &into),
+            &into,
+            Duration::from_millis(replica.check_timeout_ms),
+            limits.command_output_bytes_max,
+            true,
+        )
+        .map_err(|e| SandboxError::Command {
+            what: format!("the check {template:?}"),
+            reason: e.to_string(),
+        })?;
+        Some(outcome)
+    } else {
+        None
+    };
+    let report = SandboxReport {
+        proposal: proposal.id,
+        replica: replica.name.clone(),
+        base: base.id,
+        state: applied.root,
+        ops: ops.iter().map(|(index, _)| *index).collect(),
+        diff: SandboxDiff { files, config },
+        touched: applied.touched,
+        actions: applied.actions,
+        apply_us,
+        check,
+    };
+    let record_id = Hash::of(
+        0x58,
+        &[proposal.id.as_bytes().as_slice(), applied.root.as_bytes()].concat(),
+    );
+    store.put_record(keys::SANDBOX, &replica.name, &record_id, &report)?;
+    store.audit_append(
+        &replica.name,
+        party,
+        "sandbox",
+        serde_json::json!({
+            "proposal": proposal.id.to_hex(),
+            "base": base.id.to_hex(),
+            "state": applied.root.to_hex(),
+            "ops": report.ops,
+            "files_changed": report.diff.files.len(),
+            "check": report.check.as_ref().map(|c| serde_json::json!({
+                "exit_code": c.exit_code,
+                "passed": c.passed,
+                "timed_out": c.timed_out,
+                "duration_ms": c.duration_ms,
+                "peak_memory_bytes": c.peak_memory_bytes,
+            })),
+        }),
+        now,
+    )?;
+    Ok(report)
+}
