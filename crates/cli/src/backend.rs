@@ -7,11 +7,16 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use kairos_capture::{CaptureRequest, capture};
+use kairos_commit::{CommitRecord, Committer, DirectCapturer};
 use kairos_core::spec::MAIN_TIMELINE;
 use kairos_core::{Instant, Limits, ReplicaDefinition, TimelineSpec};
-use kairos_node::wire::{AddReplicaRequest, CaptureJson, ErrorBody, FrameJson, RestoreRequest};
+use kairos_node::wire::{
+    AddReplicaRequest, CaptureJson, CommitRequest, ErrorBody, ForkRequest, FrameJson, ProposalJson,
+    ProposeRequest, RestoreRequest, RevertRequest, SandboxRequest,
+};
 use kairos_replay::{RestoreOptions, RestoreReport, StateDiff, StateListing};
-use kairos_store::{Store, VerifyReport};
+use kairos_sandbox::{ProposalDocument, SandboxOptions, SandboxReport};
+use kairos_store::{AuditLog, Store, TimelineInfo, VerifyReport};
 use serde::de::DeserializeOwned;
 
 /// Responses larger than this are refused (a listing of a very large state is far smaller).
@@ -299,6 +304,248 @@ impl Backend {
         match self {
             Backend::Direct { store, .. } => Ok(store.verify()?),
             Backend::Node { .. } => self.get("/api/verify", &[]),
+        }
+    }
+
+    fn committer_parts(&self) -> Result<(&Store, &PathBuf, Limits)> {
+        match self {
+            Backend::Direct {
+                store,
+                data_dir,
+                limits,
+            } => Ok((store, data_dir, *limits)),
+            Backend::Node { .. } => bail!("not a direct backend"),
+        }
+    }
+
+    /// Runs `job` with a committer on the data directory, after recovering a commit that a
+    /// killed process left in progress (no other process can hold the store meanwhile).
+    fn with_committer<T>(
+        &self,
+        name: &str,
+        job: impl FnOnce(&Committer<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let (store, data_dir, limits) = self.committer_parts()?;
+        let replica = store.replica(name)?;
+        let capturer = DirectCapturer {
+            store,
+            limits,
+            skip: vec![data_dir.clone()],
+        };
+        let committer = Committer {
+            store,
+            replica: &replica,
+            limits,
+            capturer: &capturer,
+        };
+        if let Some(recovered) = committer.recover()? {
+            eprintln!(
+                "kairos: commit {} was interrupted ({}); the last good frame was restored",
+                recovered.commit.short(),
+                recovered
+                    .rollback
+                    .as_ref()
+                    .map(|r| r.evidence.as_str())
+                    .unwrap_or("")
+            );
+        }
+        job(&committer)
+    }
+
+    pub fn timelines(&self, name: &str) -> Result<Vec<TimelineInfo>> {
+        match self {
+            Backend::Direct { store, .. } => Ok(store.timeline_infos(name)?),
+            Backend::Node { .. } => self.get(&format!("/api/replicas/{name}/timelines"), &[]),
+        }
+    }
+
+    pub fn fork(&self, name: &str, timeline: &str, at: &str, party: &str) -> Result<TimelineInfo> {
+        if !kairos_core::spec::is_valid_timeline_name(timeline) {
+            bail!("timeline name {timeline:?} is invalid: use letters, digits, '-', '_' or '.'");
+        }
+        match self {
+            Backend::Direct { store, .. } => {
+                let now = Instant::now();
+                let base = store.resolve(name, &spec(at)?, now)?;
+                store.fork_timeline(name, timeline, &base, now)?;
+                store.audit_append(
+                    name,
+                    party,
+                    "timeline",
+                    serde_json::json!({"fork": timeline, "at": base.id.to_hex()}),
+                    now,
+                )?;
+                store
+                    .timeline_infos(name)?
+                    .into_iter()
+                    .find(|info| info.name == timeline)
+                    .ok_or_else(|| anyhow!("the fork vanished"))
+            }
+            Backend::Node { .. } => self.post(
+                &format!("/api/replicas/{name}/timelines"),
+                Some(&ForkRequest {
+                    name: timeline.to_string(),
+                    at: at.to_string(),
+                    party: Some(party.to_string()),
+                }),
+            ),
+        }
+    }
+
+    pub fn delete_timeline(&self, name: &str, timeline: &str, party: &str) -> Result<()> {
+        match self {
+            Backend::Direct { store, .. } => {
+                store.delete_timeline(name, timeline)?;
+                store.audit_append(
+                    name,
+                    party,
+                    "timeline",
+                    serde_json::json!({"delete": timeline}),
+                    Instant::now(),
+                )?;
+                Ok(())
+            }
+            Backend::Node { .. } => {
+                let (base, agent) = self.node_parts()?;
+                let response = agent
+                    .delete(format!("{base}/api/replicas/{name}/timelines/{timeline}"))
+                    .query("party", party)
+                    .call();
+                Self::answer(base, response)?;
+                Ok(())
+            }
+        }
+    }
+
+    pub fn propose(
+        &self,
+        name: &str,
+        document: ProposalDocument,
+        timeline: Option<&str>,
+    ) -> Result<ProposalJson> {
+        match self {
+            Backend::Direct { store, limits, .. } => {
+                let replica = store.replica(name)?;
+                let proposal = kairos_sandbox::propose(
+                    store,
+                    &replica,
+                    document,
+                    timeline,
+                    limits,
+                    Instant::now(),
+                )?;
+                Ok(ProposalJson::from(&proposal))
+            }
+            Backend::Node { .. } => self.post(
+                &format!("/api/replicas/{name}/proposals"),
+                Some(&ProposeRequest {
+                    document,
+                    timeline: timeline.map(str::to_string),
+                }),
+            ),
+        }
+    }
+
+    pub fn sandbox(
+        &self,
+        name: &str,
+        proposal: &str,
+        ops: Option<Vec<usize>>,
+        run_check: bool,
+        party: &str,
+    ) -> Result<SandboxReport> {
+        match self {
+            Backend::Direct { store, limits, .. } => {
+                let replica = store.replica(name)?;
+                let loaded = kairos_sandbox::load_proposal(store, name, proposal)?;
+                Ok(kairos_sandbox::sandbox(
+                    store,
+                    &replica,
+                    &loaded,
+                    &SandboxOptions {
+                        chosen: ops.as_deref(),
+                        run_check,
+                        party,
+                    },
+                    limits,
+                    Instant::now(),
+                )?)
+            }
+            Backend::Node { .. } => {
+                kairos_core::hash::parse_hex_prefix(proposal)
+                    .map_err(|error| anyhow!("proposal id {proposal:?}: {error}"))?;
+                self.post(
+                    &format!("/api/replicas/{name}/proposals/{proposal}/sandbox"),
+                    Some(&SandboxRequest {
+                        ops,
+                        run_check,
+                        party: Some(party.to_string()),
+                    }),
+                )
+            }
+        }
+    }
+
+    pub fn commit(
+        &self,
+        name: &str,
+        proposal: &str,
+        ops: Option<Vec<usize>>,
+        wait: bool,
+        party: &str,
+    ) -> Result<CommitRecord> {
+        match self {
+            Backend::Direct { store, .. } => {
+                if !wait {
+                    bail!(
+                        "--no-wait needs a running node to watch the commit (--node URL); without one the command waits for the watch window"
+                    );
+                }
+                let loaded = kairos_sandbox::load_proposal(store, name, proposal)?;
+                self.with_committer(name, |committer| {
+                    let record = committer.begin(&loaded, ops.as_deref(), party)?;
+                    Ok(committer.watch(record)?)
+                })
+            }
+            Backend::Node { .. } => {
+                kairos_core::hash::parse_hex_prefix(proposal)
+                    .map_err(|error| anyhow!("proposal id {proposal:?}: {error}"))?;
+                self.post(
+                    &format!("/api/replicas/{name}/proposals/{proposal}/commit"),
+                    Some(&CommitRequest {
+                        ops,
+                        wait,
+                        party: Some(party.to_string()),
+                    }),
+                )
+            }
+        }
+    }
+
+    pub fn revert(&self, name: &str, to: &str, party: &str) -> Result<CommitRecord> {
+        let to_spec = spec(to)?;
+        match self {
+            Backend::Direct { .. } => {
+                self.with_committer(name, |committer| Ok(committer.revert(&to_spec, party)?))
+            }
+            Backend::Node { .. } => self.post(
+                &format!("/api/replicas/{name}/revert"),
+                Some(&RevertRequest {
+                    to: to.to_string(),
+                    party: Some(party.to_string()),
+                }),
+            ),
+        }
+    }
+
+    pub fn log(&self, name: &str) -> Result<AuditLog> {
+        match self {
+            Backend::Direct { store, .. } => {
+                store.replica(name)?;
+                self.with_committer(name, |_| Ok(()))?;
+                Ok(store.audit_log(name)?)
+            }
+            Backend::Node { .. } => self.get(&format!("/api/replicas/{name}/log"), &[]),
         }
     }
 }

@@ -11,13 +11,15 @@ use clap::{Args, Parser, Subcommand};
 use kairos_core::spec::MAIN_TIMELINE;
 
 mod backend;
+mod fromdir;
 mod output;
 
 use backend::Backend;
 use output::{bytes, print_json};
 
 /// Kairos records the complete state of service replicas over time, replays any past
-/// instant, diffs instants and restores them.
+/// instant, diffs instants and restores them; parties propose changes, try them in
+/// sandboxes, commit chosen ops, and bad commits are rolled back automatically.
 #[derive(Parser)]
 #[command(name = "kairos", version, about, long_about = None)]
 struct Cli {
@@ -28,6 +30,9 @@ struct Cli {
     /// of on the data directory (a node running on the data directory is used by itself)
     #[arg(long, global = true, env = "KAIROS_NODE", hide_env_values = true)]
     node: Option<String>,
+    /// The party acting (recorded in the audit log) [default: $KAIROS_PARTY, else $USER]
+    #[arg(long, global = true, env = "KAIROS_PARTY", hide_env_values = true)]
+    party: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -112,6 +117,102 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fork, list and delete timelines (main follows the live replica)
+    #[command(subcommand)]
+    Timeline(TimelineCommand),
+    /// Propose a change: ops checked against a base frame and stored (prints its id)
+    ///
+    /// The document (JSON or TOML) has `title`, `author`, an optional `base`
+    /// (TIMELINE@SPEC, default the latest frame of --timeline) and ordered `ops`, each with
+    /// an `op` of: put_file {path, content | content_base64 | from: LOCAL_FILE, mode},
+    /// patch_file {path, unified_diff}, delete {path}, set_config {file, key, value},
+    /// unset_config {file, key}, action {name}. Paths are relative to the replica root.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["file", "from_dir"])))]
+    Propose {
+        name: String,
+        /// The proposal document (JSON or TOML)
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Derive the ops from how DIR differs from the base (e.g. a restored, edited copy)
+        #[arg(long, value_name = "DIR")]
+        from_dir: Option<PathBuf>,
+        /// The timeline to propose on [default: main]
+        #[arg(long)]
+        timeline: Option<String>,
+        /// Title for --from-dir proposals
+        #[arg(long)]
+        title: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply a proposal to a copy of its base and show the diff; --run-check materialises
+    /// it in a scratch directory and runs the replica's check there (exit 1 if it fails)
+    Sandbox {
+        name: String,
+        /// Proposal id (4+ hex digits)
+        proposal: String,
+        /// Only these ops, by 1-based index, e.g. `1,3`
+        #[arg(long, value_name = "LIST")]
+        ops: Option<String>,
+        #[arg(long)]
+        run_check: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Commit a proposal (all ops or --ops) to its timeline; on main the live replica is
+    /// written, then probes watch it and a failure rolls it back. Exit 1 unless committed
+    Commit {
+        name: String,
+        /// Proposal id (4+ hex digits)
+        proposal: String,
+        /// Only these ops, by 1-based index, e.g. `1,3`
+        #[arg(long, value_name = "LIST")]
+        ops: Option<String>,
+        /// Answer "watching" at once instead of waiting for the watch window (needs a node)
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a frame to the live replica by hand, recorded as a commit
+    Revert {
+        name: String,
+        /// The frame to restore (a SPEC)
+        #[arg(long, allow_hyphen_values = true)]
+        to: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The replica's audit log: proposals, sandboxes, commits, probes, rollbacks, reverts
+    /// (hash-chained; exit 1 if the chain is broken)
+    Log {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TimelineCommand {
+    /// Make timeline NAME start at a frame (a pointer, not a copy)
+    Fork {
+        name: String,
+        #[arg(long)]
+        replica: String,
+        /// The frame to fork from (a SPEC, `TIMELINE@SPEC` allowed)
+        #[arg(long, allow_hyphen_values = true)]
+        at: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a replica's timelines with their heads
+    List {
+        replica: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a fork (its frames stay readable by id)
+    Delete { replica: String, name: String },
 }
 
 #[derive(Args)]
@@ -127,6 +228,8 @@ struct AtArg {
     at: String,
 }
 
+// Parsed once per process: the size of the `add` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum ReplicaCommand {
     /// Register a replica: a root directory, process selectors and exclude globs
@@ -196,6 +299,14 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Up { config, listen } = cli.command {
         return up(config, listen, cli.data_dir);
+    }
+    let party = cli
+        .party
+        .clone()
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "cli".to_string());
+    if !kairos_core::replica::is_valid_replica_name(&party) {
+        bail!("party {party:?} is invalid: use letters, digits, '-', '_' or '.'");
     }
     let data_dir = cli
         .data_dir
@@ -429,6 +540,174 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if !json {
                 println!("ok");
             }
+        }
+        Command::Timeline(command) => return timeline(&backend, command, &party),
+        Command::Propose {
+            name,
+            file,
+            from_dir,
+            timeline,
+            title,
+            json,
+        } => {
+            let document = match (file, from_dir) {
+                (Some(file), _) => {
+                    let bytes = std::fs::read(&file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    let mut document = kairos_sandbox::ProposalDocument::parse(&bytes)?;
+                    let base_dir = file.parent().unwrap_or(std::path::Path::new("."));
+                    fromdir::read_from_files(&mut document, base_dir)?;
+                    document
+                }
+                (None, Some(dir)) => fromdir::document_from_dir(
+                    &backend,
+                    &name,
+                    &dir,
+                    timeline.as_deref(),
+                    title,
+                    &party,
+                )?,
+                (None, None) => bail!("give --file or --from-dir"),
+            };
+            let proposal = backend.propose(&name, document, timeline.as_deref())?;
+            if json {
+                print_json(&proposal)?;
+            } else {
+                println!(
+                    "proposal {}: {:?} by {} on {}, base {} ({} ops)",
+                    proposal.proposal.short(),
+                    proposal.title,
+                    proposal.author,
+                    proposal.timeline,
+                    proposal.base.short(),
+                    proposal.ops.len()
+                );
+                for (index, op) in proposal.ops.iter().enumerate() {
+                    println!("  {}. {op}", index + 1);
+                }
+            }
+        }
+        Command::Sandbox {
+            name,
+            proposal,
+            ops,
+            run_check,
+            json,
+        } => {
+            let ops = ops.as_deref().map(parse_ops).transpose()?;
+            let report = backend.sandbox(&name, &proposal, ops, run_check, &party)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                output::print_sandbox(&report)?;
+            }
+            if report.check.as_ref().is_some_and(|check| !check.passed) {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Commit {
+            name,
+            proposal,
+            ops,
+            no_wait,
+            json,
+        } => {
+            let ops = ops.as_deref().map(parse_ops).transpose()?;
+            let record = backend.commit(&name, &proposal, ops, !no_wait, &party)?;
+            if json {
+                print_json(&record)?;
+            } else {
+                output::print_commit(&record)?;
+            }
+            if !matches!(
+                record.status,
+                kairos_commit::CommitStatus::Committed | kairos_commit::CommitStatus::Watching
+            ) {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Revert { name, to, json } => {
+            let record = backend.revert(&name, &to, &party)?;
+            if json {
+                print_json(&record)?;
+            } else {
+                output::print_commit(&record)?;
+            }
+        }
+        Command::Log { name, json } => {
+            let log = backend.log(&name)?;
+            if json {
+                print_json(&log)?;
+            } else {
+                output::print_log(&log)?;
+            }
+            if !log.intact {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `1,3` → [1, 3].
+fn parse_ops(text: &str) -> Result<Vec<usize>> {
+    text.split(',')
+        .map(|part| {
+            part.trim().parse::<usize>().map_err(|_| {
+                anyhow::anyhow!("--ops {text:?}: {part:?} is not an op number (use e.g. 1,3)")
+            })
+        })
+        .collect()
+}
+
+fn timeline(backend: &Backend, command: TimelineCommand, party: &str) -> Result<ExitCode> {
+    match command {
+        TimelineCommand::Fork {
+            name,
+            replica,
+            at,
+            json,
+        } => {
+            let info = backend.fork(&replica, &name, &at, party)?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!(
+                    "timeline {:?} of replica {:?} starts at frame {} ({})",
+                    info.name,
+                    replica,
+                    info.head.id.short(),
+                    info.head.time
+                );
+            }
+        }
+        TimelineCommand::List { replica, json } => {
+            let infos = backend.timelines(&replica)?;
+            if json {
+                print_json(&infos)?;
+            } else if infos.is_empty() {
+                println!("replica {replica:?} has no timelines yet (no frames)");
+            } else {
+                println!(
+                    "{:<20}  {:<12}  {:<30}  FORKED FROM",
+                    "TIMELINE", "HEAD", "TIME"
+                );
+                for info in infos {
+                    println!(
+                        "{:<20}  {:<12}  {:<30}  {}",
+                        info.name,
+                        info.head.id.short(),
+                        info.head.time.to_string(),
+                        info.fork
+                            .map(|fork| fork.base.short())
+                            .unwrap_or_else(|| "-".into())
+                    );
+                }
+            }
+        }
+        TimelineCommand::Delete { replica, name } => {
+            backend.delete_timeline(&replica, &name, party)?;
+            println!("timeline {name:?} of replica {replica:?} deleted");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -114,42 +114,7 @@ pub fn print_diff(diff: &StateDiff) -> Result<()> {
         writeln!(out, "no changes")?;
         return Ok(());
     }
-    for change in &diff.files {
-        let mark = match change.change.as_str() {
-            "added" => "A",
-            "removed" => "D",
-            _ => "M",
-        };
-        let mut line = format!("{mark} {:<8} {}", change.kind, change.path);
-        if !change.what.is_empty() {
-            line.push_str(&format!("  ({})", change.what.join(", ")));
-        }
-        match (change.size_from, change.size_to) {
-            (Some(from), Some(to)) if from != to => {
-                line.push_str(&format!("  {} -> {}", bytes(from), bytes(to)))
-            }
-            _ => {}
-        }
-        writeln!(out, "{line}")?;
-    }
-    for change in &diff.config {
-        match (&change.from, &change.to) {
-            (Some(from), Some(to)) => writeln!(
-                out,
-                "config {}: {}: {from} -> {to}",
-                change.file, change.key
-            )?,
-            (None, Some(to)) => {
-                writeln!(out, "config {}: {} added = {to}", change.file, change.key)?
-            }
-            (Some(from), None) => writeln!(
-                out,
-                "config {}: {} removed (was {from})",
-                change.file, change.key
-            )?,
-            (None, None) => {}
-        }
-    }
+    print_changes(&mut out, &diff.files, &diff.config)?;
     for process in &diff.processes.started {
         writeln!(
             out,
@@ -174,6 +139,166 @@ pub fn print_diff(diff: &StateDiff) -> Result<()> {
             "metric {}: {} -> {}",
             metric.metric, metric.from, metric.to
         )?;
+    }
+    Ok(())
+}
+
+fn print_changes(
+    out: &mut dyn Write,
+    files: &[kairos_replay::FileChange],
+    config: &[kairos_replay::ConfigChange],
+) -> Result<()> {
+    for change in files {
+        let mark = match change.change.as_str() {
+            "added" => "A",
+            "removed" => "D",
+            _ => "M",
+        };
+        let mut line = format!("{mark} {:<8} {}", change.kind, change.path);
+        if !change.what.is_empty() {
+            line.push_str(&format!("  ({})", change.what.join(", ")));
+        }
+        match (change.size_from, change.size_to) {
+            (Some(from), Some(to)) if from != to => {
+                line.push_str(&format!("  {} -> {}", bytes(from), bytes(to)))
+            }
+            _ => {}
+        }
+        writeln!(out, "{line}")?;
+    }
+    for change in config {
+        match (&change.from, &change.to) {
+            (Some(from), Some(to)) => writeln!(
+                out,
+                "config {}: {}: {from} -> {to}",
+                change.file, change.key
+            )?,
+            (None, Some(to)) => {
+                writeln!(out, "config {}: {} added = {to}", change.file, change.key)?
+            }
+            (Some(from), None) => writeln!(
+                out,
+                "config {}: {} removed (was {from})",
+                change.file, change.key
+            )?,
+            (None, None) => {}
+        }
+    }
+    Ok(())
+}
+
+pub fn print_sandbox(report: &kairos_sandbox::SandboxReport) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    writeln!(
+        out,
+        "sandbox of proposal {} (ops {}) on frame {}: state {}, built in {} µs",
+        report.proposal.short(),
+        report
+            .ops
+            .iter()
+            .map(|op| op.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        report.base.short(),
+        report.state.short(),
+        report.apply_us
+    )?;
+    if report.diff.files.is_empty() && report.diff.config.is_empty() {
+        writeln!(out, "no file changes")?;
+    }
+    print_changes(&mut out, &report.diff.files, &report.diff.config)?;
+    for action in &report.actions {
+        writeln!(out, "action on commit: {action}")?;
+    }
+    if let Some(check) = &report.check {
+        writeln!(
+            out,
+            "check {}: exit {} in {} ms, peak memory {}{}",
+            if check.passed { "passed" } else { "FAILED" },
+            check
+                .exit_code
+                .map(|code| code.to_string())
+                .unwrap_or_else(|| format!("by signal {}", check.signal.unwrap_or(0))),
+            check.duration_ms,
+            bytes(check.peak_memory_bytes),
+            if check.timed_out {
+                " (timed out, killed)"
+            } else {
+                ""
+            }
+        )?;
+        for line in check.output.lines() {
+            writeln!(out, "  | {line}")?;
+        }
+    }
+    Ok(())
+}
+
+pub fn print_commit(record: &kairos_commit::CommitRecord) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    writeln!(
+        out,
+        "{} {} on {}: {}{}",
+        record.kind,
+        record.commit.short(),
+        record.timeline,
+        record.status.name(),
+        record
+            .frame
+            .map(|frame| format!(", frame {}", frame.short()))
+            .unwrap_or_default()
+    )?;
+    if record.rebased && record.conflicts.is_empty() {
+        writeln!(
+            out,
+            "  rebased from {} onto {}",
+            record.base.short(),
+            record.applied_on.short()
+        )?;
+    }
+    for path in &record.conflicts {
+        writeln!(out, "  conflict: {path} changed since the proposal's base")?;
+    }
+    for touched in &record.touched {
+        writeln!(
+            out,
+            "  {} {} (op {})",
+            touched.change, touched.path, touched.op
+        )?;
+    }
+    if record.probe_runs > 0 {
+        writeln!(out, "  probes ran {} times", record.probe_runs)?;
+    }
+    if let Some(rollback) = &record.rollback {
+        writeln!(
+            out,
+            "  rolled back to frame {} in {} ms: {}",
+            rollback.to.short(),
+            rollback.restored_ms,
+            rollback.evidence
+        )?;
+    }
+    if let Some(note) = &record.note {
+        writeln!(out, "  note: {note}")?;
+    }
+    Ok(())
+}
+
+pub fn print_log(log: &kairos_store::AuditLog) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for entry in &log.entries {
+        writeln!(
+            out,
+            "{:>5}  {}  {:<12}  {:<9}  {}",
+            entry.seq, entry.time, entry.party, entry.event, entry.details
+        )?;
+    }
+    match &log.problem {
+        None => writeln!(out, "{} entries, hash chain intact", log.entries.len())?,
+        Some(problem) => writeln!(out, "hash chain BROKEN: {problem}")?,
     }
     Ok(())
 }

@@ -159,7 +159,7 @@ impl From<SpecError> for ApiError {
     }
 }
 
-fn json_input<T>(payload: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+pub(crate) fn json_input<T>(payload: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     match payload {
         Ok(Json(value)) => Ok(value),
         Err(JsonRejection::BytesRejection(rejection)) => Err(ApiError::new(
@@ -185,7 +185,7 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
 #[openapi(
     info(
         title = "Kairos node API",
-        description = "Capture, history, replay, diff, restore and verify of service replicas."
+        description = "Capture, history, replay, diff, restore and verify of service replicas; timelines, proposals, sandboxes, commits with automated rollback, reverts and the audit log."
     ),
     paths(
         health,
@@ -200,7 +200,17 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
         file,
         diff,
         restore,
-        verify
+        verify,
+        crate::changes::list_timelines,
+        crate::changes::fork_timeline,
+        crate::changes::delete_timeline,
+        crate::changes::create_proposal,
+        crate::changes::get_proposal,
+        crate::changes::sandbox_proposal,
+        crate::changes::commit_proposal,
+        crate::changes::get_commit,
+        crate::changes::revert,
+        crate::changes::audit_log
     ),
     components(schemas(
         ErrorBody,
@@ -209,7 +219,12 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
         StatusJson,
         AddReplicaRequest,
         RestoreRequest,
-        FrameStateJson
+        FrameStateJson,
+        crate::wire::ForkRequest,
+        crate::wire::ProposeRequest,
+        crate::wire::SandboxRequest,
+        crate::wire::CommitRequest,
+        crate::wire::RevertRequest
     ))
 )]
 pub struct ApiDoc;
@@ -229,6 +244,36 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/replicas/{name}/diff", get(diff))
         .route("/api/replicas/{name}/restore", post(restore))
         .route("/api/verify", get(verify))
+        .route(
+            "/api/replicas/{name}/timelines",
+            get(crate::changes::list_timelines).post(crate::changes::fork_timeline),
+        )
+        .route(
+            "/api/replicas/{name}/timelines/{timeline}",
+            axum::routing::delete(crate::changes::delete_timeline),
+        )
+        .route(
+            "/api/replicas/{name}/proposals",
+            post(crate::changes::create_proposal),
+        )
+        .route(
+            "/api/replicas/{name}/proposals/{id}",
+            get(crate::changes::get_proposal),
+        )
+        .route(
+            "/api/replicas/{name}/proposals/{id}/sandbox",
+            post(crate::changes::sandbox_proposal),
+        )
+        .route(
+            "/api/replicas/{name}/proposals/{id}/commit",
+            post(crate::changes::commit_proposal),
+        )
+        .route(
+            "/api/replicas/{name}/commits/{id}",
+            get(crate::changes::get_commit),
+        )
+        .route("/api/replicas/{name}/revert", post(crate::changes::revert))
+        .route("/api/replicas/{name}/log", get(crate::changes::audit_log))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,

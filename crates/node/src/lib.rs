@@ -4,6 +4,7 @@
 //! [`schedule`], capture and replay in their crates.
 
 pub mod api;
+pub mod changes;
 pub mod schedule;
 pub mod snapshotter;
 pub mod supervisor;
@@ -254,6 +255,10 @@ pub async fn run(
         statuses: Mutex::new(HashMap::new()),
         supervisor: OnceLock::new(),
     });
+    {
+        let shared = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || changes::recover_commits(&shared)).await;
+    }
     let (supervisor, supervisor_done) =
         Actor::spawn(Some("supervisor".into()), SupervisorActor, shared.clone())
             .await

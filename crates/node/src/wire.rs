@@ -172,3 +172,100 @@ pub struct FrameStateJson {
     /// Capture notes (torn or unreadable files) in the frame
     pub notes: u64,
 }
+
+/// `POST /api/replicas/{name}/timelines`: fork a timeline.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    pub name: String,
+    /// The frame to fork from (a SPEC, `TIMELINE@SPEC` allowed).
+    pub at: String,
+    #[serde(default)]
+    pub party: Option<String>,
+}
+
+/// `POST /api/replicas/{name}/proposals`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProposeRequest {
+    /// The proposal: title, author, optional base, ops (see `kairos propose --help`).
+    #[schema(value_type = Object)]
+    pub document: kairos_sandbox::ProposalDocument,
+    /// The timeline to propose on when the document gives no base (default `main`).
+    #[serde(default)]
+    pub timeline: Option<String>,
+}
+
+/// `POST /api/replicas/{name}/proposals/{id}/sandbox`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxRequest {
+    /// 1-based op indexes (all when absent).
+    #[serde(default)]
+    pub ops: Option<Vec<usize>>,
+    #[serde(default)]
+    pub run_check: bool,
+    #[serde(default)]
+    pub party: Option<String>,
+}
+
+/// `POST /api/replicas/{name}/proposals/{id}/commit`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommitRequest {
+    #[serde(default)]
+    pub ops: Option<Vec<usize>>,
+    /// Wait for the watch window and answer the final status (default true).
+    #[serde(default = "default_true")]
+    pub wait: bool,
+    #[serde(default)]
+    pub party: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `POST /api/replicas/{name}/revert`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevertRequest {
+    /// The frame to restore (a SPEC).
+    pub to: String,
+    #[serde(default)]
+    pub party: Option<String>,
+}
+
+/// A stored proposal, as answered by `propose`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProposalJson {
+    pub proposal: Hash,
+    pub replica: String,
+    pub title: String,
+    pub author: String,
+    pub timeline: String,
+    pub base: Hash,
+    pub base_spec: String,
+    pub created: Instant,
+    /// The ops, described (`set_config "app.toml" key "port"`).
+    pub ops: Vec<String>,
+}
+
+impl From<&kairos_sandbox::Proposal> for ProposalJson {
+    fn from(proposal: &kairos_sandbox::Proposal) -> ProposalJson {
+        ProposalJson {
+            proposal: proposal.id,
+            replica: proposal.replica.clone(),
+            title: proposal.title.clone(),
+            author: proposal.author.clone(),
+            timeline: proposal.timeline.clone(),
+            base: proposal.base,
+            base_spec: proposal.base_spec.clone(),
+            created: proposal.created,
+            ops: proposal.ops.iter().map(|op| op.describe()).collect(),
+        }
+    }
+}
+
+/// The party acting when a request names none.
+pub const PARTY_DEFAULT: &str = "anonymous";

@@ -319,12 +319,13 @@ pub fn apply_ops(
                         limits.proposal_bytes_max
                     )));
                 }
-                if let Some(existing) = &existing {
-                    if !matches!(existing.body, Body::File { .. } | Body::Symlink { .. }) {
-                        return Err(fail(format!(
-                            "{relative:?} exists and is not a regular file"
-                        )));
-                    }
+                if existing
+                    .as_ref()
+                    .is_some_and(|e| !matches!(e.body, Body::File { .. } | Body::Symlink { .. }))
+                {
+                    return Err(fail(format!(
+                        "{relative:?} exists and is not a regular file"
+                    )));
                 }
                 let entry = editor
                     .file_entry(&name, existing.as_ref(), &bytes, *mode)

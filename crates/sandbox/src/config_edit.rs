@@ -304,10 +304,8 @@ fn edit_lines(
             } else {
                 format!("{name} {new}\n")
             };
-            if lines.last().is_some_and(|last| !last.ends_with('\n')) {
-                if let Some(last) = lines.last_mut() {
-                    last.push('\n');
-                }
+            if let Some(last) = lines.last_mut().filter(|last| !last.ends_with('\n')) {
+                last.push('\n');
             }
             match section {
                 Some(section) => {
@@ -412,10 +410,8 @@ fn edit_yaml(text: &str, key: &str, value: Option<&Value>) -> Result<String, Str
         (None, Some(value)) => {
             let name = key.rsplit('.').next().unwrap_or(key);
             let new_line = format!("{name}: {}\n", scalar_text(value)?);
-            if lines.last().is_some_and(|last| !last.ends_with('\n')) {
-                if let Some(last) = lines.last_mut() {
-                    last.push('\n');
-                }
+            if let Some(last) = lines.last_mut().filter(|last| !last.ends_with('\n')) {
+                last.push('\n');
             }
             match (wanted_parent, parent_end) {
                 (None, _) => lines.push(new_line),

@@ -144,13 +144,11 @@ fn base_spec(
     };
     let spec = TimelineSpec::parse(&text)
         .map_err(|error| SandboxError::Invalid(format!("base {text:?}: {error}")))?;
-    if let Some(timeline) = timeline {
-        if spec.timeline != timeline {
-            return Err(SandboxError::Invalid(format!(
-                "base {text:?} is on timeline {:?}, not on --timeline {timeline:?}",
-                spec.timeline
-            )));
-        }
+    if let Some(timeline) = timeline.filter(|timeline| spec.timeline != *timeline) {
+        return Err(SandboxError::Invalid(format!(
+            "base {text:?} is on timeline {:?}, not on --timeline {timeline:?}",
+            spec.timeline
+        )));
     }
     Ok(spec)
 }

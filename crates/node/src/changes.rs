@@ -1,0 +1,469 @@
+//! The change endpoints: timelines, proposals, sandboxes, commits, reverts and the audit
+//! log. Commits on a replica are serialised by the store's pending-commit marker; their
+//! captures go through the replica's snapshotter, the only writer of its frames.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use kairos_commit::{Capturer, CommitError, CommitRecord, Committer};
+use kairos_core::{Instant, ReplicaDefinition, TimelineSpec};
+use kairos_sandbox::{SandboxError, SandboxOptions, load_proposal, propose, sandbox};
+use kairos_store::{FrameRecord, TimelineError};
+
+use crate::Shared;
+use crate::api::{ApiError, json_input};
+use crate::snapshotter::SnapshotterMsg;
+use crate::wire::{
+    CommitRequest, ErrorBody, ForkRequest, PARTY_DEFAULT, ProposalJson, ProposeRequest,
+    RevertRequest, SandboxRequest,
+};
+
+/// How long a commit's capture may take.
+const CAPTURE_WAIT: Duration = Duration::from_secs(600);
+
+impl From<SandboxError> for ApiError {
+    fn from(error: SandboxError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            SandboxError::Document { .. } => ApiError::bad_request("bad_proposal", message),
+            SandboxError::Invalid(_) => ApiError::bad_request("bad_proposal", message),
+            SandboxError::Op { .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_op", message)
+            }
+            SandboxError::UnknownProposal { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_proposal", message)
+            }
+            SandboxError::AmbiguousProposal { .. } => {
+                ApiError::bad_request("ambiguous_proposal", message)
+            }
+            SandboxError::NoCheck(_) => ApiError::bad_request("no_check", message),
+            SandboxError::Command { .. } => ApiError::internal(message),
+            SandboxError::Replay(error) => error.into(),
+            SandboxError::Catalog(error) => error.into(),
+            SandboxError::Store(error) => error.into(),
+        }
+    }
+}
+
+impl From<CommitError> for ApiError {
+    fn from(error: CommitError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            CommitError::Sandbox(error) => error.into(),
+            CommitError::Busy { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "commit_in_progress", message)
+            }
+            CommitError::UnknownCommit { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_commit", message)
+            }
+            CommitError::Capture { .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "capture_failed", message)
+            }
+            CommitError::Live { .. } => ApiError::internal(message),
+            CommitError::Replay(error) => error.into(),
+            CommitError::Catalog(error) => error.into(),
+            CommitError::Store(error) => error.into(),
+        }
+    }
+}
+
+impl From<TimelineError> for ApiError {
+    fn from(error: TimelineError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            TimelineError::Exists { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "timeline_exists", message)
+            }
+            TimelineError::Unknown { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_timeline", message)
+            }
+            TimelineError::Main { .. } => ApiError::bad_request("main_timeline", message),
+            TimelineError::Catalog(error) => error.into(),
+        }
+    }
+}
+
+/// Captures through the replica's snapshotter (called from a blocking thread).
+pub struct NodeCapturer {
+    pub shared: Arc<Shared>,
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl Capturer for NodeCapturer {
+    fn capture(&self, replica: &ReplicaDefinition) -> Result<FrameRecord, String> {
+        let snapshotter = self
+            .shared
+            .snapshotter(&replica.name)
+            .ok_or_else(|| "the replica has no snapshotter".to_string())?;
+        let cause = tracing::Span::current();
+        let answer = self.runtime.block_on(snapshotter.call(
+            |reply| SnapshotterMsg::Capture(Some(reply), cause),
+            Some(CAPTURE_WAIT),
+        ));
+        match answer {
+            Ok(ractor::rpc::CallResult::Success(Ok(capture))) => self
+                .shared
+                .store
+                .frame(&capture.frame.frame)
+                .map_err(|error| error.to_string()),
+            Ok(ractor::rpc::CallResult::Success(Err(error))) => Err(error.message),
+            Ok(_) => Err("the capture did not finish in time".into()),
+            Err(error) => Err(format!("the snapshotter is restarting: {error}")),
+        }
+    }
+}
+
+fn party(given: Option<String>) -> Result<String, ApiError> {
+    let party = given.unwrap_or_else(|| PARTY_DEFAULT.to_string());
+    if !kairos_core::replica::is_valid_replica_name(&party) {
+        return Err(ApiError::bad_request(
+            "bad_party",
+            format!("party {party:?} is invalid: use letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    Ok(party)
+}
+
+fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
+    Ok(TimelineSpec::parse(text)?)
+}
+
+/// Runs `job` on the blocking pool with the replica's definition.
+async fn blocking<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    name: String,
+    job: impl FnOnce(Arc<Shared>, ReplicaDefinition) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let shared = shared.clone();
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || {
+        span.in_scope(|| {
+            let replica = shared.store.replica(&name)?;
+            job(shared, replica)
+        })
+    })
+    .await
+    .unwrap_or_else(|error| Err(ApiError::internal(format!("request failed: {error}"))))
+}
+
+#[utoipa::path(get, path = "/api/replicas/{name}/timelines", params(("name" = String, Path, description = "Replica")), responses(
+    (status = 200, description = "Timelines with their heads (and fork points), main first"), (status = 404, description = "Unknown replica", body = ErrorBody)))]
+pub async fn list_timelines(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let infos = blocking(&shared, name.clone(), move |shared, _| {
+        Ok(shared.store.timeline_infos(&name)?)
+    })
+    .await?;
+    Ok(Json(infos).into_response())
+}
+
+#[utoipa::path(post, path = "/api/replicas/{name}/timelines", request_body = ForkRequest, params(("name" = String, Path, description = "Replica")), responses(
+    (status = 201, description = "Forked: a pointer to the frame"), (status = 409, description = "The timeline exists", body = ErrorBody)))]
+pub async fn fork_timeline(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    payload: Result<Json<ForkRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_input(payload)?;
+    let at = spec(&request.at)?;
+    if !kairos_core::spec::is_valid_timeline_name(&request.name) {
+        return Err(ApiError::bad_request(
+            "bad_timeline",
+            format!(
+                "timeline name {:?} is invalid: use letters, digits, '-', '_' or '.'",
+                request.name
+            ),
+        ));
+    }
+    let party = party(request.party)?;
+    let info = blocking(&shared, name.clone(), move |shared, _| {
+        let now = Instant::now();
+        let base = shared.store.resolve(&name, &at, now)?;
+        shared
+            .store
+            .fork_timeline(&name, &request.name, &base, now)?;
+        shared.store.audit_append(
+            &name,
+            &party,
+            "timeline",
+            serde_json::json!({"fork": request.name, "at": base.id.to_hex()}),
+            now,
+        )?;
+        let infos = shared.store.timeline_infos(&name)?;
+        infos
+            .into_iter()
+            .find(|info| info.name == request.name)
+            .ok_or_else(|| ApiError::internal("the fork vanished"))
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+/// Who deletes a timeline.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PartyQuery {
+    /// The party acting
+    party: Option<String>,
+}
+
+#[utoipa::path(delete, path = "/api/replicas/{name}/timelines/{timeline}", params(("name" = String, Path, description = "Replica"), ("timeline" = String, Path, description = "Timeline"), PartyQuery), responses(
+    (status = 204, description = "Deleted (its frames stay readable by id)"), (status = 404, description = "Unknown timeline", body = ErrorBody)))]
+pub async fn delete_timeline(
+    State(shared): State<Arc<Shared>>,
+    Path((name, timeline)): Path<(String, String)>,
+    query: Result<axum::extract::Query<PartyQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let query = query
+        .map(|q| q.0)
+        .map_err(|rejection| ApiError::bad_request("bad_query", rejection.body_text()))?;
+    let party = party(query.party)?;
+    blocking(&shared, name.clone(), move |shared, _| {
+        shared.store.delete_timeline(&name, &timeline)?;
+        shared.store.audit_append(
+            &name,
+            &party,
+            "timeline",
+            serde_json::json!({"delete": timeline}),
+            Instant::now(),
+        )?;
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[utoipa::path(post, path = "/api/replicas/{name}/proposals", request_body = ProposeRequest, params(("name" = String, Path, description = "Replica")), responses(
+    (status = 201, description = "Validated against its base and stored"), (status = 400, description = "Not a proposal", body = ErrorBody),
+    (status = 422, description = "An op is invalid (the message names it)", body = ErrorBody)))]
+pub async fn create_proposal(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    payload: Result<Json<ProposeRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_input(payload)?;
+    let proposal = blocking(&shared, name, move |shared, replica| {
+        let limits = shared.config.limits;
+        Ok(propose(
+            &shared.store,
+            &replica,
+            request.document,
+            request.timeline.as_deref(),
+            &limits,
+            Instant::now(),
+        )?)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(ProposalJson::from(&proposal))).into_response())
+}
+
+#[utoipa::path(get, path = "/api/replicas/{name}/proposals/{id}", params(("name" = String, Path, description = "Replica"), ("id" = String, Path, description = "Proposal id prefix")), responses(
+    (status = 200, description = "The stored proposal with its ops"), (status = 404, description = "Unknown proposal", body = ErrorBody)))]
+pub async fn get_proposal(
+    State(shared): State<Arc<Shared>>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let proposal = blocking(&shared, name.clone(), move |shared, _| {
+        Ok(load_proposal(&shared.store, &name, &id)?)
+    })
+    .await?;
+    Ok(Json(proposal).into_response())
+}
+
+#[utoipa::path(post, path = "/api/replicas/{name}/proposals/{id}/sandbox", request_body = SandboxRequest, params(("name" = String, Path, description = "Replica"), ("id" = String, Path, description = "Proposal id prefix")), responses(
+    (status = 200, description = "The sandbox: diff, touched paths and (with run_check) the check's outcome"), (status = 404, description = "Unknown proposal", body = ErrorBody)))]
+pub async fn sandbox_proposal(
+    State(shared): State<Arc<Shared>>,
+    Path((name, id)): Path<(String, String)>,
+    payload: Result<Json<SandboxRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_input(payload)?;
+    let party = party(request.party)?;
+    let report = blocking(&shared, name.clone(), move |shared, replica| {
+        let proposal = load_proposal(&shared.store, &name, &id)?;
+        let limits = shared.config.limits;
+        Ok(sandbox(
+            &shared.store,
+            &replica,
+            &proposal,
+            &SandboxOptions {
+                chosen: request.ops.as_deref(),
+                run_check: request.run_check,
+                party: &party,
+            },
+            &limits,
+            Instant::now(),
+        )?)
+    })
+    .await?;
+    Ok(Json(report).into_response())
+}
+
+#[utoipa::path(post, path = "/api/replicas/{name}/proposals/{id}/commit", request_body = CommitRequest, params(("name" = String, Path, description = "Replica")
+, ("id" = String, Path, description = "Proposal id prefix")), responses(
+    (status = 200, description = "The commit record: status committed, rolled_back, conflict or (without wait) watching"),
+    (status = 409, description = "Another commit is in progress on the replica", body = ErrorBody)))]
+pub async fn commit_proposal(
+    State(shared): State<Arc<Shared>>,
+    Path((name, id)): Path<(String, String)>,
+    payload: Result<Json<CommitRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_input(payload)?;
+    let party = party(request.party)?;
+    let runtime = tokio::runtime::Handle::current();
+    let record = blocking(&shared, name.clone(), move |shared, replica| {
+        let proposal = load_proposal(&shared.store, &name, &id)?;
+        let capturer = NodeCapturer {
+            shared: shared.clone(),
+            runtime,
+        };
+        let committer = Committer {
+            store: &shared.store,
+            replica: &replica,
+            limits: shared.config.limits,
+            capturer: &capturer,
+        };
+        let record = committer.begin(&proposal, request.ops.as_deref(), &party)?;
+        if request.wait {
+            return Ok(committer.watch(record)?);
+        }
+        let watching = record.clone();
+        let background = shared.clone();
+        let runtime = capturer.runtime.clone();
+        std::thread::Builder::new()
+            .name(format!("kairos-watch-{}", replica.name))
+            .spawn(move || watch_in_background(background, runtime, replica, watching))
+            .map_err(|error| ApiError::internal(format!("starting the watch: {error}")))?;
+        Ok(record)
+    })
+    .await?;
+    Ok(Json(record).into_response())
+}
+
+fn watch_in_background(
+    shared: Arc<Shared>,
+    runtime: tokio::runtime::Handle,
+    replica: ReplicaDefinition,
+    record: CommitRecord,
+) {
+    let capturer = NodeCapturer {
+        shared: shared.clone(),
+        runtime,
+    };
+    let committer = Committer {
+        store: &shared.store,
+        replica: &replica,
+        limits: shared.config.limits,
+        capturer: &capturer,
+    };
+    match committer.watch(record) {
+        Ok(record) => {
+            tracing::info!(replica = %replica.name, commit = %record.commit.short(), status = record.status.name(), "commit finished")
+        }
+        Err(error) => {
+            tracing::error!(replica = %replica.name, %error, "watching a commit failed; it is recovered on restart")
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/api/replicas/{name}/commits/{id}", params(("name" = String, Path, description = "Replica"), ("id" = String, Path, description = "Commit id prefix")), responses(
+    (status = 200, description = "The commit record"), (status = 404, description = "Unknown commit", body = ErrorBody)))]
+pub async fn get_commit(
+    State(shared): State<Arc<Shared>>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let runtime = tokio::runtime::Handle::current();
+    let record = blocking(&shared, name, move |shared, replica| {
+        let capturer = NodeCapturer {
+            shared: shared.clone(),
+            runtime,
+        };
+        let committer = Committer {
+            store: &shared.store,
+            replica: &replica,
+            limits: shared.config.limits,
+            capturer: &capturer,
+        };
+        Ok(committer.commit_record(&id)?)
+    })
+    .await?;
+    Ok(Json(record).into_response())
+}
+
+#[utoipa::path(post, path = "/api/replicas/{name}/revert", request_body = RevertRequest, params(("name" = String, Path, description = "Replica")), responses(
+    (status = 200, description = "The revert, recorded as a commit"), (status = 409, description = "A commit is in progress", body = ErrorBody)))]
+pub async fn revert(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    payload: Result<Json<RevertRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_input(payload)?;
+    let to = spec(&request.to)?;
+    let party = party(request.party)?;
+    let runtime = tokio::runtime::Handle::current();
+    let record = blocking(&shared, name, move |shared, replica| {
+        let capturer = NodeCapturer {
+            shared: shared.clone(),
+            runtime,
+        };
+        let committer = Committer {
+            store: &shared.store,
+            replica: &replica,
+            limits: shared.config.limits,
+            capturer: &capturer,
+        };
+        Ok(committer.revert(&to, &party)?)
+    })
+    .await?;
+    Ok(Json(record).into_response())
+}
+
+#[utoipa::path(get, path = "/api/replicas/{name}/log", params(("name" = String, Path, description = "Replica")), responses(
+    (status = 200, description = "The audit log, oldest first, with the result of checking its hash chain"), (status = 404, description = "Unknown replica", body = ErrorBody)))]
+pub async fn audit_log(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let log = blocking(&shared, name.clone(), move |shared, _| {
+        Ok(shared.store.audit_log(&name)?)
+    })
+    .await?;
+    Ok(Json(log).into_response())
+}
+
+/// At start-up, before the actors run: commits a crash left in progress are rolled back
+/// to their last good frame (captured directly: nothing else writes yet).
+pub fn recover_commits(shared: &Shared) {
+    let Ok(replicas) = shared.store.replicas() else {
+        return;
+    };
+    for replica in replicas {
+        let capturer = kairos_commit::DirectCapturer {
+            store: &shared.store,
+            limits: shared.config.limits,
+            skip: vec![shared.config.node.data_dir.clone()],
+        };
+        let committer = Committer {
+            store: &shared.store,
+            replica: &replica,
+            limits: shared.config.limits,
+            capturer: &capturer,
+        };
+        match committer.recover() {
+            Ok(Some(record)) => {
+                tracing::warn!(replica = %replica.name, commit = %record.commit.short(), "a commit interrupted by a stop was rolled back to the last good frame")
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::error!(replica = %replica.name, %error, "recovering an interrupted commit failed")
+            }
+        }
+    }
+}
