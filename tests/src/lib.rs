@@ -11,6 +11,8 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 /// The `kairos` binary built from this workspace (`KAIROS_BIN` overrides).
+pub mod services;
+
 pub fn kairos_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("KAIROS_BIN") {
         return PathBuf::from(path);
