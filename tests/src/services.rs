@@ -138,10 +138,11 @@ impl Drop for Nginx {
             .arg(self.root.join("nginx.conf"))
             .args(["-s", "stop"])
             .output();
-        if let Ok(pid) = std::fs::read_to_string(self.run_dir.join("nginx.pid")) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+        if let Some(pid) = std::fs::read_to_string(self.run_dir.join("nginx.pid"))
+            .ok()
+            .and_then(|pid| pid.trim().parse::<i32>().ok())
+        {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
 }
@@ -221,10 +222,11 @@ impl Redis {
 
 impl Drop for Redis {
     fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(&self.pid_file) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+        if let Some(pid) = std::fs::read_to_string(&self.pid_file)
+            .ok()
+            .and_then(|pid| pid.trim().parse::<i32>().ok())
+        {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
 }
