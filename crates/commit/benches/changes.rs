@@ -117,6 +117,11 @@ fn main() {
         "µs",
     );
 
+    // Paths in the middle and at the ends of the tree.
+    let dirs = entries.div_ceil(1000).max(1);
+    let middle = (dirs / 2) * 1000 + 500.min(entries.saturating_sub(1) % 1000);
+    let changed = format!("data/d{:03}/f{middle:06}.txt", middle / 1000);
+    let added = format!("data/d{:03}/new.txt", dirs - 1);
     let proposal = propose(
         &store,
         &replica,
@@ -129,14 +134,14 @@ fn main() {
                     value: serde_json::json!(9090),
                 },
                 Op::PutFile {
-                    path: "data/d050/f050500.txt".into(),
+                    path: changed.clone(),
                     content: Some("changed\n".into()),
                     content_base64: None,
                     from: None,
                     mode: None,
                 },
                 Op::PutFile {
-                    path: "data/d099/new.txt".into(),
+                    path: added.clone(),
                     content: Some("new\n".into()),
                     content_base64: None,
                     from: None,
@@ -171,9 +176,13 @@ fn main() {
         .expect("sandbox");
         whole_us.push(started.elapsed().as_secs_f64() * 1e6);
         apply_us.push(sandboxed.apply_us as f64);
-        assert_eq!(sandboxed.diff.files.len(), 3);
+        assert_eq!(sandboxed.diff.files.len(), 4);
     }
-    row("sandbox: apply 4 ops to the state", &mut apply_us, "µs");
+    row(
+        "sandbox: apply 4 ops (state built, readable)",
+        &mut apply_us,
+        "µs",
+    );
     row(
         "sandbox: apply + diff + record + audit",
         &mut whole_us,

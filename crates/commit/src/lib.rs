@@ -452,6 +452,7 @@ impl Committer<'_> {
             &self.limits,
             started,
         )?;
+        applied.persist()?;
         record.touched = applied.touched.clone();
         if !live {
             let frame = self.store.commit_frame(FrameDraft {

@@ -28,14 +28,23 @@ pub struct Touched {
     pub change: String,
 }
 
-/// The result of applying ops: a new state root sharing all it can with the base.
-#[derive(Debug, Clone)]
+/// The result of applying ops: a new state root sharing all it can with the base. Its new
+/// nodes are in memory until [`Applied::persist`] stores them (a validation drops them).
 pub struct Applied {
     pub root: Hash,
     pub root_node: RootNode,
     pub touched: Vec<Touched>,
     /// Declared actions to run, in op order.
     pub actions: Vec<String>,
+    writer: ObjectWriter,
+}
+
+impl Applied {
+    /// Stores the sandbox state's new objects (not yet durably: the next durable batch,
+    /// such as a frame's, makes them durable), so that any reader can read the state.
+    pub fn persist(&self) -> Result<kairos_store::WriteStats, SandboxError> {
+        Ok(self.writer.finish()?)
+    }
 }
 
 struct Tree {
@@ -258,7 +267,7 @@ pub fn apply_ops(
     let excludes: GlobSet = kairos_capture::capture::build_excludes(replica)
         .map_err(|e| SandboxError::Invalid(e.to_string()))?;
     let writer = store.object_writer(&replica.name)?;
-    let overlay = writer.keep_written();
+    let overlay = writer.defer_writes();
     let reader = store.reader()?.with_overlay(overlay);
     let editor = Editor {
         reader: &reader,
@@ -413,12 +422,12 @@ pub fn apply_ops(
         ..base_root.clone()
     };
     let root = writer.put(ObjectKind::Root, &node::to_bytes(&root_node))?;
-    writer.finish()?;
     Ok(Applied {
         root,
         root_node,
         touched,
         actions,
+        writer,
     })
 }
 

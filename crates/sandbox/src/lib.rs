@@ -91,7 +91,8 @@ pub struct SandboxReport {
     pub diff: SandboxDiff,
     pub touched: Vec<Touched>,
     pub actions: Vec<String>,
-    /// Time to build the sandbox state (apply the ops), in microseconds.
+    /// Time to build the sandbox state (the ops applied, the state readable), in
+    /// microseconds; storing its new nodes, the diff and the records come after.
     pub apply_us: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<CommandOutcome>,
@@ -340,6 +341,7 @@ pub fn sandbox(
     let started = std::time::Instant::now();
     let applied = apply_ops(store, replica, &root, &ops, limits, now)?;
     let apply_us = started.elapsed().as_micros() as u64;
+    applied.persist()?;
     let (files, config) =
         kairos_replay::diff_files(store, &Hash(root.files), &Hash(applied.root_node.files))?;
     let check = if run_check {

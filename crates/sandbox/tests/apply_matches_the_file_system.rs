@@ -129,6 +129,7 @@ proptest! {
             .collect();
         prop_assume!(!ops.is_empty());
         let applied = apply_ops(&store, &replica, &base_root(&store, &base).unwrap(), &ops, &Limits::default(), Instant::now()).unwrap();
+        applied.persist().unwrap();
         let materialised = service.path().join("sandbox");
         materialise(&store, &state_view("prop", &base, applied.root, applied.root_node.clone()), &materialised).unwrap();
         prop_assert_eq!(listing(&materialised), listing(&root));

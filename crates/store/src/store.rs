@@ -219,8 +219,12 @@ pub struct Reader<'s> {
 }
 
 /// Objects an [`ObjectWriter`] wrote and has not committed yet, readable by a [`Reader`]
-/// made [`Reader::with_overlay`]: an edit reads back what it just wrote.
+/// made [`Reader::with_overlay`]: an edit reads back what it just wrote. Such a reader also
+/// keeps the objects it reads there, so an edit decodes each node once.
 pub type Overlay = Arc<Mutex<HashMap<Hash, (ObjectKind, Arc<Vec<u8>>)>>>;
+
+/// An object put while writes are deferred: stored by `finish`.
+type DeferredObject = (Hash, ObjectKind, Arc<Vec<u8>>);
 
 impl<'s> Reader<'s> {
     /// This reader, also seeing the objects `overlay` holds.
@@ -259,7 +263,15 @@ impl Reader<'_> {
             }
         }
         let value = self.stored_value(hash, kind)?;
-        self.decode(hash, kind, &value)
+        let raw = self.decode(hash, kind, &value)?;
+        if let Some(overlay) = &self.overlay {
+            // Edits read the same nodes again and again: keep what was read too.
+            overlay
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(*hash, (kind, Arc::new(raw.clone())));
+        }
+        Ok(raw)
     }
 
     /// The encoded value of object `hash`, gathered from its segments.
@@ -356,7 +368,10 @@ pub struct ObjectWriter {
     seen: Mutex<HashSet<Hash>>,
     pending: Mutex<Pending>,
     sender: Mutex<Option<SyncSender<WriteBatch>>>,
+    receiver: Mutex<Option<std::sync::mpsc::Receiver<WriteBatch>>>,
     committer: Mutex<Option<JoinHandle<Result<(), KvError>>>>,
+    /// Objects whose encoding waits for `finish` (see [`ObjectWriter::defer_writes`]).
+    deferred: Mutex<Option<Vec<DeferredObject>>>,
     failure: Arc<Mutex<Option<String>>>,
     samples: Mutex<Samples>,
     overlay: Mutex<Option<Overlay>>,
@@ -379,23 +394,10 @@ struct Samples {
 
 impl ObjectWriter {
     fn start(kv: Arc<dyn KvBackend>, dictionary: Option<Arc<Dictionary>>) -> Result<ObjectWriter> {
-        let committing = kv.clone();
+        // The committing thread starts with the first full batch: a writer that stores
+        // nothing new (or only at `finish`) costs no thread.
         let (sender, receiver) = sync_channel::<WriteBatch>(WRITE_QUEUE_BATCHES);
         let failure = Arc::new(Mutex::new(None));
-        let failure_seen = failure.clone();
-        let committer = std::thread::Builder::new()
-            .name("kairos-object-writer".into())
-            .spawn(move || {
-                for batch in receiver {
-                    if let Err(error) = committing.commit(batch) {
-                        *failure_seen.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(error.to_string());
-                        return Err(error);
-                    }
-                }
-                Ok(())
-            })
-            .map_err(|error| KvError::Io(format!("starting the object writer: {error}")))?;
         Ok(ObjectWriter {
             kv,
             dictionary,
@@ -405,7 +407,9 @@ impl ObjectWriter {
                 batch: WriteBatch::deferred(),
             }),
             sender: Mutex::new(Some(sender)),
-            committer: Mutex::new(Some(committer)),
+            receiver: Mutex::new(Some(receiver)),
+            committer: Mutex::new(None),
+            deferred: Mutex::new(None),
             failure,
             samples: Mutex::new(Samples::default()),
             overlay: Mutex::new(None),
@@ -433,8 +437,56 @@ impl ObjectWriter {
             .clone()
     }
 
+    /// Keeps every new object in the returned overlay and leaves its encoding and storing
+    /// to [`ObjectWriter::finish`]: the objects are readable (through a reader made
+    /// [`Reader::with_overlay`]) as soon as they are put, and cost only a hash until then.
+    /// For edits that may be thrown away (a proposal's validation) or read at once (a sandbox).
+    pub fn defer_writes(&self) -> Overlay {
+        self.deferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(Vec::new);
+        self.keep_written()
+    }
+
+    /// Drops the deferred objects instead of storing them (the edit is thrown away).
+    pub fn discard_deferred(&self) {
+        if let Some(deferred) = self
+            .deferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            deferred.clear();
+        }
+    }
+
     /// Like [`ObjectWriter::put`] when the caller already computed the hash.
     pub fn put_hashed(&self, hash: Hash, kind: ObjectKind, raw: &[u8]) -> Result<()> {
+        {
+            let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(deferred) = deferred.as_mut() {
+                let raw = Arc::new(raw.to_vec());
+                if let Some(overlay) = self
+                    .overlay
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                {
+                    overlay
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(hash)
+                        .or_insert_with(|| (kind, raw.clone()));
+                }
+                deferred.push((hash, kind, raw));
+                return Ok(());
+            }
+        }
+        self.store_object(hash, kind, raw)
+    }
+
+    fn store_object(&self, hash: Hash, kind: ObjectKind, raw: &[u8]) -> Result<()> {
         if let Some(overlay) = self
             .overlay
             .lock()
@@ -513,7 +565,37 @@ impl ObjectWriter {
         Ok(())
     }
 
+    /// Starts the committing thread if it is not running yet.
+    fn ensure_committer(&self) -> Result<()> {
+        let Some(receiver) = self
+            .receiver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return Ok(());
+        };
+        let committing = self.kv.clone();
+        let failure_seen = self.failure.clone();
+        let committer = std::thread::Builder::new()
+            .name("kairos-object-writer".into())
+            .spawn(move || {
+                for batch in receiver {
+                    if let Err(error) = committing.commit(batch) {
+                        *failure_seen.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(error.to_string());
+                        return Err(error);
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|error| KvError::Io(format!("starting the object writer: {error}")))?;
+        *self.committer.lock().unwrap_or_else(|p| p.into_inner()) = Some(committer);
+        Ok(())
+    }
+
     fn send(&self, batch: WriteBatch) -> Result<()> {
+        self.ensure_committer()?;
         let sender = self
             .sender
             .lock()
@@ -537,6 +619,14 @@ impl ObjectWriter {
     /// Commits everything written so far (not yet durably: the frame commit that follows is
     /// durable and makes these batches durable with it) and returns what was stored.
     pub fn finish(&self) -> Result<WriteStats> {
+        let deferred = self
+            .deferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        for (hash, kind, raw) in deferred.into_iter().flatten() {
+            self.store_object(hash, kind, &raw)?;
+        }
         {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             let mut flushed = Flushed::default();
@@ -544,6 +634,12 @@ impl ObjectWriter {
             self.stage(&mut pending, flushed, true)?;
         }
         drop(self.sender.lock().unwrap_or_else(|p| p.into_inner()).take());
+        drop(
+            self.receiver
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
         if let Some(committer) = self
             .committer
             .lock()
@@ -580,6 +676,12 @@ impl ObjectWriter {
 impl Drop for ObjectWriter {
     fn drop(&mut self) {
         drop(self.sender.lock().unwrap_or_else(|p| p.into_inner()).take());
+        drop(
+            self.receiver
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
         if let Some(committer) = self
             .committer
             .lock()
