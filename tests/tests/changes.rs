@@ -810,6 +810,42 @@ fn a_node_killed_during_the_watch_window_leaves_the_replica_at_its_last_good_fra
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Bad input through the API: JSON errors with stable codes naming the problem.
+    let post = |path: &str, body: &str| {
+        let mut response = Node::agent()
+            .post(format!("{}{path}", node.url))
+            .header("content-type", "application/json")
+            .send(body)
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.body_mut().read_json().unwrap();
+        (
+            status,
+            body["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        )
+    };
+    let (status, code, _) = post("/api/replicas/site/proposals", "{not json");
+    assert_eq!((status, code.as_str()), (400, "bad_body"));
+    let (status, code, message) = post(
+        "/api/replicas/site/proposals",
+        r#"{"document": {"title": "t", "author": "a", "ops": [{"op": "delete", "path": "../../etc"}]}}"#,
+    );
+    assert_eq!((status, code.as_str()), (422, "bad_op"));
+    assert!(message.contains("escapes the replica root"), "{message}");
+    let (status, code, _) = post("/api/replicas/site/proposals/abcd1234/sandbox", "{}");
+    assert_eq!((status, code.as_str()), (404, "unknown_proposal"));
+    let (status, code, _) = post(
+        "/api/replicas/site/timelines",
+        r#"{"name": "main", "at": "latest"}"#,
+    );
+    assert_eq!((status, code.as_str()), (400, "main_timeline"));
     let id = propose(
         &kairos,
         base.path(),

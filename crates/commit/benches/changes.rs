@@ -184,7 +184,7 @@ fn main() {
         "µs",
     );
     row(
-        "sandbox: apply + diff + record + audit",
+        "sandbox: apply + store nodes + diff + record + audit (durable)",
         &mut whole_us,
         "µs",
     );

@@ -523,6 +523,35 @@ mod tests {
             .to_string();
         assert!(error.contains("replica[0].capture_interval"), "{error}");
 
+        let (_dir, path) = write(
+            "[[replica]]\nname = \"web\"\nroot = \"/srv\"\n[[replica.probe]]\nkind = \"tcp\"\n",
+        );
+        let error = load(Some(&path), env(&[]), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("replica") && error.contains("tcp"),
+            "{error}"
+        );
+
+        let (_dir, path) =
+            write("[[replica]]\nname = \"web\"\nroot = \"/srv\"\nwatch_window = \"soon\"\n");
+        let error = load(Some(&path), env(&[]), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("replica[0].watch_window"), "{error}");
+
+        let (_dir, path) = write(
+            "[[replica]]\nname = \"web\"\nroot = \"/srv\"\n[[replica.probe]]\nkind = \"metric\"\nmetric = \"load\"\nmax = 1.0\n",
+        );
+        let error = load(Some(&path), env(&[]), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("probe metric \"load\" is unknown"),
+            "{error}"
+        );
+
         let (_dir, path) = write("[limits]\nfile_bytes_max = \"big\"\n");
         let error = load(Some(&path), env(&[]), &Flags::default())
             .unwrap_err()
