@@ -892,3 +892,53 @@ fn a_node_killed_during_the_watch_window_leaves_the_replica_at_its_last_good_fra
     );
     assert_live_equals_frame(&kairos, "site", &root, &last_good, |_| true);
 }
+
+#[test]
+fn a_failing_after_commit_command_rolls_back_at_once() {
+    let base = tempfile::tempdir().unwrap();
+    let kairos = Kairos::new();
+    let root = base.path().join("svc");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("state.txt"), "ok\n").unwrap();
+    kairos.ok([
+        "replica",
+        "add",
+        "svc",
+        "--root",
+        root.to_str().unwrap(),
+        "--after-commit",
+        "grep -q ok {root}/state.txt",
+        "--watch-window",
+        "30s",
+        "--probe",
+        "command:true",
+    ]);
+    kairos.ok(["capture", "svc"]);
+    let id = propose(
+        &kairos,
+        base.path(),
+        "svc",
+        json!({"title": "t", "author": "a", "ops": [{"op": "put_file", "path": "state.txt", "content": "bad\n"}]}),
+    );
+    let started = Instant::now();
+    let (record, success) = json_and_status(&kairos, &["commit", "svc", &id, "--json"]);
+    assert!(!success);
+    assert_eq!(record["status"], json!("rolled_back"), "{record}");
+    assert_eq!(record["after_commit"]["exit_code"], json!(1));
+    assert!(
+        record["rollback"]["evidence"]
+            .as_str()
+            .unwrap()
+            .contains("exit code 1")
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "it did not wait for the window"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("state.txt")).unwrap(),
+        "ok\n"
+    );
+    // after_commit ran again after the restore, and passed.
+    assert_eq!(record["rollback"]["after_commit"]["passed"], json!(true));
+}

@@ -536,6 +536,31 @@ impl Committer<'_> {
         }
         let frame = self.capture()?;
         record.frame = Some(frame.id);
+        // A declared command that fails (a reload that refuses the config) is a failure
+        // observed at once: roll back without waiting for the probes.
+        let failed_command = record
+            .actions
+            .iter()
+            .chain(record.after_commit.as_ref())
+            .find(|outcome| !outcome.passed)
+            .cloned();
+        if let Some(outcome) = failed_command {
+            let evidence = format!(
+                "{:?} failed: {}{}",
+                outcome.command,
+                outcome
+                    .exit_code
+                    .map(|code| format!("exit code {code}"))
+                    .unwrap_or_else(|| "killed".into()),
+                if outcome.output.trim().is_empty() {
+                    String::new()
+                } else {
+                    format!(", output: {}", outcome.output.trim())
+                }
+            );
+            self.roll_back(&mut record, evidence, Clock::now())?;
+            return Ok(record);
+        }
         record.status = CommitStatus::Watching;
         self.save(&record)?;
         Ok(record)
@@ -564,7 +589,12 @@ impl Committer<'_> {
         if record.status != CommitStatus::Watching {
             return Ok(record);
         }
-        let window = Duration::from_millis(self.replica.watch_window_ms);
+        // Without probes there is nothing to watch: the window would only delay.
+        let window = if self.replica.probes.is_empty() {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(self.replica.watch_window_ms)
+        };
         let interval = Duration::from_millis(self.replica.probe_interval_ms);
         let started = Clock::now();
         loop {
@@ -738,6 +768,24 @@ impl Committer<'_> {
         record.frame = Some(frame.id);
         record.status = CommitStatus::Committed;
         record.finished = Some(Instant::now());
+        // A revert chosen by hand becomes the rollback target once the probes pass on it.
+        let (observations, failed) = probe::observe_all(self.replica, &self.limits);
+        record.probe_runs = u64::from(!observations.is_empty());
+        match failed {
+            None => {
+                self.store
+                    .set_replica_value(keys::GOOD, self.name(), Some(frame.id.as_bytes()))?
+            }
+            Some(failure) => {
+                record.note = Some(format!(
+                    "{}; probes fail on it ({}: {}), so it is not the last good frame",
+                    record.note.clone().unwrap_or_default(),
+                    failure.probe,
+                    failure.evidence
+                ));
+                record.probe_failures.push(failure);
+            }
+        }
         self.save(&record)?;
         self.store
             .set_replica_value(keys::PENDING, self.name(), None)?;

@@ -133,8 +133,27 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
     Ok(TimelineSpec::parse(text)?)
 }
 
-/// Runs `job` on the blocking pool with the replica's definition.
+/// Runs a short `job` (propose, sandbox, timelines, log) with the replica's definition
+/// through the replay pool: bounded concurrency and queue.
 async fn blocking<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    name: String,
+    job: impl FnOnce(Arc<Shared>, ReplicaDefinition) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let worker = shared.clone();
+    shared
+        .replay
+        .run(move || {
+            let replica = worker.store.replica(&name)?;
+            job(worker, replica)
+        })
+        .await
+}
+
+/// Runs a long `job` (a commit that watches for its window, a revert) on a blocking
+/// thread of its own: it must not hold a replay permit for seconds. Commits on a replica
+/// are one at a time (the store's pending marker), so these are bounded by replicas.
+async fn blocking_long<T: Send + 'static>(
     shared: &Arc<Shared>,
     name: String,
     job: impl FnOnce(Arc<Shared>, ReplicaDefinition) -> Result<T, ApiError> + Send + 'static,
@@ -318,7 +337,7 @@ pub async fn commit_proposal(
     let request = json_input(payload)?;
     let party = party(request.party)?;
     let runtime = tokio::runtime::Handle::current();
-    let record = blocking(&shared, name.clone(), move |shared, replica| {
+    let record = blocking_long(&shared, name.clone(), move |shared, replica| {
         let proposal = load_proposal(&shared.store, &name, &id)?;
         let capturer = NodeCapturer {
             shared: shared.clone(),
@@ -408,7 +427,7 @@ pub async fn revert(
     let to = spec(&request.to)?;
     let party = party(request.party)?;
     let runtime = tokio::runtime::Handle::current();
-    let record = blocking(&shared, name, move |shared, replica| {
+    let record = blocking_long(&shared, name, move |shared, replica| {
         let capturer = NodeCapturer {
             shared: shared.clone(),
             runtime,
