@@ -942,3 +942,91 @@ fn a_failing_after_commit_command_rolls_back_at_once() {
     // after_commit ran again after the restore, and passed.
     assert_eq!(record["rollback"]["after_commit"]["passed"], json!(true));
 }
+
+#[test]
+fn a_node_killed_while_a_commit_is_applying_is_recovered_to_the_last_good_frame() {
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path().join("site");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("index.html"), "good\n").unwrap();
+    let started_marker = base.path().join("action-started");
+    let config = format!(
+        "[node]\ncapture_debounce = \"100ms\"\n[[replica]]\nname = \"site\"\nroot = {:?}\ncapture_interval = \"60s\"\nactions = {{ slow = \"touch {} && sleep 30\" }}\n[[replica.probe]]\nkind = \"command\"\ncommand = \"true\"\n",
+        root.display().to_string(),
+        started_marker.display()
+    );
+    let data = base.path().join("data");
+    let mut node = Node::start(&config, &data);
+    let kairos = Kairos::at(&data);
+    let started = Instant::now();
+    while kairos
+        .json(["history", "site", "--json"])
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no first frame"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let id = propose(
+        &kairos,
+        base.path(),
+        "site",
+        json!({"title": "t", "author": "a", "ops": [
+            {"op": "put_file", "path": "index.html", "content": "half done\n"},
+            {"op": "action", "name": "slow"}
+        ]}),
+    );
+    // The commit runs its slow action: files are written, the record says "applying".
+    let committing = {
+        let data = data.clone();
+        let id = id.clone();
+        std::thread::spawn(move || Kairos::at(&data).run(["commit", "site", &id, "--json"]))
+    };
+    let started = Instant::now();
+    while !started_marker.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the action never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        std::fs::read_to_string(root.join("index.html")).unwrap(),
+        "half done\n"
+    );
+    unsafe { libc::kill(node.child.id() as i32, libc::SIGKILL) };
+    let _ = node.child.wait();
+    let output = committing.join().unwrap();
+    assert!(!output.status.success(), "the commit cannot have succeeded");
+
+    let _node = Node::start(&config, &data);
+    assert_eq!(
+        std::fs::read_to_string(root.join("index.html")).unwrap(),
+        "good\n"
+    );
+    let log = kairos.json(["log", "site", "--json"]);
+    assert_eq!(log["intact"], json!(true));
+    let recovery = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "recovery")
+        .expect("a recovery entry");
+    assert_eq!(recovery["details"]["status"], json!("applying"));
+    let rollback = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "rollback")
+        .expect("a rollback entry");
+    assert!(
+        rollback["details"]["evidence"]
+            .as_str()
+            .unwrap()
+            .contains("the node stopped while the commit was applying")
+    );
+}
