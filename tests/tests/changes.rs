@@ -75,6 +75,23 @@ fn assert_live_equals_frame(
     );
 }
 
+/// Waits until a node's first capture of `replica` is in its history.
+fn wait_for_first_frame(kairos: &Kairos, replica: &str) {
+    let started = Instant::now();
+    while kairos
+        .json(["history", replica, "--json"])
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no first frame of {replica}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn events(log: &Value) -> Vec<String> {
     log["entries"]
         .as_array()
@@ -100,19 +117,7 @@ fn nginx_through_the_node_bad_config_fails_the_check_good_change_stays_broken_pr
     let node = Node::start(&config, &data);
     // The CLI finds the node through the data directory.
     let kairos = Kairos::at(&data);
-    let started = Instant::now();
-    while kairos
-        .json(["history", "web", "--json"])
-        .as_array()
-        .unwrap()
-        .is_empty()
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no first frame"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_first_frame(&kairos, "web");
 
     // A broken config: the real `nginx -t` fails in the sandbox; nothing live changes.
     let bad = propose(
@@ -797,19 +802,7 @@ fn a_node_killed_during_the_watch_window_leaves_the_replica_at_its_last_good_fra
     let data = base.path().join("data");
     let mut node = Node::start(&config, &data);
     let kairos = Kairos::at(&data);
-    let started = Instant::now();
-    while kairos
-        .json(["history", "site", "--json"])
-        .as_array()
-        .unwrap()
-        .is_empty()
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no first frame"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_first_frame(&kairos, "site");
     // Bad input through the API: JSON errors with stable codes naming the problem.
     let post = |path: &str, body: &str| {
         let mut response = Node::agent()
@@ -958,19 +951,7 @@ fn a_node_killed_while_a_commit_is_applying_is_recovered_to_the_last_good_frame(
     let data = base.path().join("data");
     let mut node = Node::start(&config, &data);
     let kairos = Kairos::at(&data);
-    let started = Instant::now();
-    while kairos
-        .json(["history", "site", "--json"])
-        .as_array()
-        .unwrap()
-        .is_empty()
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no first frame"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_first_frame(&kairos, "site");
     let id = propose(
         &kairos,
         base.path(),

@@ -763,18 +763,8 @@ fn parse_config(
     let (Some(format), Some(bytes)) = (job.config, bytes) else {
         return Ok((None, None));
     };
-    match config::parse(format, bytes, limits.config_keys_max) {
-        Ok((format, pairs)) => {
-            let node = ConfigNode {
-                format: format.name().to_string(),
-                keys: pairs
-                    .into_iter()
-                    .map(|(key, value)| ConfigKey { key, value })
-                    .collect(),
-            };
-            let hash = writer.put(ObjectKind::Config, &node::to_bytes(&node))?;
-            Ok((Some(hash.0), None))
-        }
+    match store_config_keys(writer, format, bytes, limits)? {
+        Ok(hash) => Ok((Some(hash.0), None)),
         // A `.conf` file that is not key-value (nginx.conf) is simply not parsed.
         Err(_) if format == ConfigFormat::KeyValue => Ok((None, None)),
         Err(error) => Ok((
@@ -876,21 +866,34 @@ pub fn store_file_bytes(
     };
     let config = match config::format_for_name(name) {
         Some(format) if bytes.len() as u64 <= limits.config_file_bytes_max => {
-            match config::parse(format, bytes, limits.config_keys_max) {
-                Ok((format, pairs)) => {
-                    let node = ConfigNode {
-                        format: format.name().to_string(),
-                        keys: pairs
-                            .into_iter()
-                            .map(|(key, value)| ConfigKey { key, value })
-                            .collect(),
-                    };
-                    Some(writer.put(ObjectKind::Config, &node::to_bytes(&node))?.0)
-                }
-                Err(_) => None,
-            }
+            store_config_keys(writer, format, bytes, limits)?
+                .ok()
+                .map(|hash| hash.0)
         }
         _ => None,
     };
     Ok((content, config))
+}
+
+/// Parses a config file's keys and stores them as a config node (the outer error is the
+/// store's, the inner one the parser's).
+fn store_config_keys(
+    writer: &ObjectWriter,
+    format: ConfigFormat,
+    bytes: &[u8],
+    limits: &Limits,
+) -> Result<Result<Hash, config::ConfigError>, StoreError> {
+    match config::parse(format, bytes, limits.config_keys_max) {
+        Ok((format, pairs)) => {
+            let node = ConfigNode {
+                format: format.name().to_string(),
+                keys: pairs
+                    .into_iter()
+                    .map(|(key, value)| ConfigKey { key, value })
+                    .collect(),
+            };
+            Ok(Ok(writer.put(ObjectKind::Config, &node::to_bytes(&node))?))
+        }
+        Err(error) => Ok(Err(error)),
+    }
 }

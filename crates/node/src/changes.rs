@@ -339,31 +339,44 @@ pub async fn commit_proposal(
     let runtime = tokio::runtime::Handle::current();
     let record = blocking_long(&shared, name.clone(), move |shared, replica| {
         let proposal = load_proposal(&shared.store, &name, &id)?;
-        let capturer = NodeCapturer {
-            shared: shared.clone(),
-            runtime,
-        };
-        let committer = Committer {
-            store: &shared.store,
-            replica: &replica,
-            limits: shared.config.limits,
-            capturer: &capturer,
-        };
-        let record = committer.begin(&proposal, request.ops.as_deref(), &party)?;
-        if request.wait {
-            return Ok(committer.watch(record)?);
+        let record = with_committer(&shared, runtime.clone(), &replica, |committer| {
+            let record = committer.begin(&proposal, request.ops.as_deref(), &party)?;
+            if request.wait {
+                return committer.watch(record);
+            }
+            Ok(record)
+        })?;
+        if record.status == kairos_commit::CommitStatus::Watching {
+            let watching = record.clone();
+            let background = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("kairos-watch-{}", replica.name))
+                .spawn(move || watch_in_background(background, runtime, replica, watching))
+                .map_err(|error| ApiError::internal(format!("starting the watch: {error}")))?;
         }
-        let watching = record.clone();
-        let background = shared.clone();
-        let runtime = capturer.runtime.clone();
-        std::thread::Builder::new()
-            .name(format!("kairos-watch-{}", replica.name))
-            .spawn(move || watch_in_background(background, runtime, replica, watching))
-            .map_err(|error| ApiError::internal(format!("starting the watch: {error}")))?;
         Ok(record)
     })
     .await?;
     Ok(Json(record).into_response())
+}
+
+/// Runs `job` with a committer for `replica` whose captures go through its snapshotter.
+fn with_committer<T>(
+    shared: &Arc<Shared>,
+    runtime: tokio::runtime::Handle,
+    replica: &ReplicaDefinition,
+    job: impl FnOnce(&Committer<'_>) -> Result<T, CommitError>,
+) -> Result<T, CommitError> {
+    let capturer = NodeCapturer {
+        shared: shared.clone(),
+        runtime,
+    };
+    job(&Committer {
+        store: &shared.store,
+        replica,
+        limits: shared.config.limits,
+        capturer: &capturer,
+    })
 }
 
 fn watch_in_background(
@@ -372,17 +385,9 @@ fn watch_in_background(
     replica: ReplicaDefinition,
     record: CommitRecord,
 ) {
-    let capturer = NodeCapturer {
-        shared: shared.clone(),
-        runtime,
-    };
-    let committer = Committer {
-        store: &shared.store,
-        replica: &replica,
-        limits: shared.config.limits,
-        capturer: &capturer,
-    };
-    match committer.watch(record) {
+    match with_committer(&shared, runtime, &replica, |committer| {
+        committer.watch(record)
+    }) {
         Ok(record) => {
             tracing::info!(replica = %replica.name, commit = %record.commit.short(), status = record.status.name(), "commit finished")
         }
@@ -400,17 +405,9 @@ pub async fn get_commit(
 ) -> Result<Response, ApiError> {
     let runtime = tokio::runtime::Handle::current();
     let record = blocking(&shared, name, move |shared, replica| {
-        let capturer = NodeCapturer {
-            shared: shared.clone(),
-            runtime,
-        };
-        let committer = Committer {
-            store: &shared.store,
-            replica: &replica,
-            limits: shared.config.limits,
-            capturer: &capturer,
-        };
-        Ok(committer.commit_record(&id)?)
+        Ok(with_committer(&shared, runtime, &replica, |committer| {
+            committer.commit_record(&id)
+        })?)
     })
     .await?;
     Ok(Json(record).into_response())
@@ -428,17 +425,9 @@ pub async fn revert(
     let party = party(request.party)?;
     let runtime = tokio::runtime::Handle::current();
     let record = blocking_long(&shared, name, move |shared, replica| {
-        let capturer = NodeCapturer {
-            shared: shared.clone(),
-            runtime,
-        };
-        let committer = Committer {
-            store: &shared.store,
-            replica: &replica,
-            limits: shared.config.limits,
-            capturer: &capturer,
-        };
-        Ok(committer.revert(&to, &party)?)
+        Ok(with_committer(&shared, runtime, &replica, |committer| {
+            committer.revert(&to, &party)
+        })?)
     })
     .await?;
     Ok(Json(record).into_response())

@@ -206,6 +206,14 @@ impl Editor<'_, '_> {
         Ok(bytes)
     }
 
+    /// The text of an existing file the op edits.
+    fn read_text(&self, existing: Option<&DirEntry>, relative: &str) -> Result<String, String> {
+        let existing =
+            existing.ok_or_else(|| format!("{relative:?} does not exist in the base"))?;
+        String::from_utf8(self.read_file(existing)?)
+            .map_err(|_| "the file is not UTF-8 text".to_string())
+    }
+
     fn file_entry(
         &self,
         name: &[u8],
@@ -343,11 +351,9 @@ pub fn apply_ops(
                 "write"
             }
             Op::PatchFile { unified_diff, .. } => {
-                let existing = existing
-                    .ok_or_else(|| fail(format!("{relative:?} does not exist in the base")))?;
-                let before = editor.read_file(&existing).map_err(&fail)?;
-                let text = String::from_utf8(before)
-                    .map_err(|_| fail("the file is not UTF-8 text".into()))?;
+                let text = editor
+                    .read_text(existing.as_ref(), &relative)
+                    .map_err(&fail)?;
                 let patch = diffy::Patch::from_str(unified_diff).map_err(|error| {
                     fail(format!("unified_diff is not a unified diff: {error}"))
                 })?;
@@ -355,7 +361,7 @@ pub fn apply_ops(
                     fail(format!("the diff does not apply to the base: {error}"))
                 })?;
                 let entry = editor
-                    .file_entry(&name, Some(&existing), after.as_bytes(), None)
+                    .file_entry(&name, existing.as_ref(), after.as_bytes(), None)
                     .map_err(&fail)?;
                 editor.set(&mut tree, &path, Some(entry)).map_err(&fail)?;
                 "write"
@@ -373,16 +379,14 @@ pub fn apply_ops(
                     Op::UnsetConfig { key, .. } => (key, None),
                     _ => unreachable!("matched above"),
                 };
-                let existing = existing
-                    .ok_or_else(|| fail(format!("{relative:?} does not exist in the base")))?;
+                let text = editor
+                    .read_text(existing.as_ref(), &relative)
+                    .map_err(&fail)?;
                 let format = format_for_name(&name).ok_or_else(|| {
                     fail(format!(
                         "{relative:?} is not a config file of a format Kairos edits by key (toml, yaml, json, ini, .env, key-value .conf)"
                     ))
                 })?;
-                let before = editor.read_file(&existing).map_err(&fail)?;
-                let text = String::from_utf8(before)
-                    .map_err(|_| fail("the file is not UTF-8 text".into()))?;
                 // Sections in a .conf make it INI, as capture decides.
                 let (format, _) =
                     kairos_capture::config::parse(format, text.as_bytes(), limits.config_keys_max)
@@ -395,7 +399,7 @@ pub fn apply_ops(
                         ))
                     })?;
                 let entry = editor
-                    .file_entry(&name, Some(&existing), after.as_bytes(), None)
+                    .file_entry(&name, existing.as_ref(), after.as_bytes(), None)
                     .map_err(&fail)?;
                 editor.set(&mut tree, &path, Some(entry)).map_err(&fail)?;
                 "write"

@@ -467,18 +467,7 @@ impl ObjectWriter {
             let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(deferred) = deferred.as_mut() {
                 let raw = Arc::new(raw.to_vec());
-                if let Some(overlay) = self
-                    .overlay
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                {
-                    overlay
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .entry(hash)
-                        .or_insert_with(|| (kind, raw.clone()));
-                }
+                self.remember(hash, kind, || raw.clone());
                 deferred.push((hash, kind, raw));
                 return Ok(());
             }
@@ -486,7 +475,8 @@ impl ObjectWriter {
         self.store_object(hash, kind, raw)
     }
 
-    fn store_object(&self, hash: Hash, kind: ObjectKind, raw: &[u8]) -> Result<()> {
+    /// Keeps an object in the overlay, when there is one.
+    fn remember(&self, hash: Hash, kind: ObjectKind, raw: impl FnOnce() -> Arc<Vec<u8>>) {
         if let Some(overlay) = self
             .overlay
             .lock()
@@ -497,8 +487,12 @@ impl ObjectWriter {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .entry(hash)
-                .or_insert_with(|| (kind, Arc::new(raw.to_vec())));
+                .or_insert_with(|| (kind, raw()));
         }
+    }
+
+    fn store_object(&self, hash: Hash, kind: ObjectKind, raw: &[u8]) -> Result<()> {
+        self.remember(hash, kind, || Arc::new(raw.to_vec()));
         if let Some(failure) = self
             .failure
             .lock()
