@@ -893,6 +893,12 @@ fn a_failing_after_commit_command_rolls_back_at_once() {
     let root = base.path().join("svc");
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("state.txt"), "ok\n").unwrap();
+    std::fs::write(root.join("data.bin"), kairos_tests::bytes(3, 1 << 20)).unwrap();
+    let inode = |path: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().ino()
+    };
+    let data_inode = inode(&root.join("data.bin"));
     kairos.ok([
         "replica",
         "add",
@@ -934,6 +940,8 @@ fn a_failing_after_commit_command_rolls_back_at_once() {
     );
     // after_commit ran again after the restore, and passed.
     assert_eq!(record["rollback"]["after_commit"]["passed"], json!(true));
+    // The rollback rewrote the file that differed, not the others.
+    assert_eq!(inode(&root.join("data.bin")), data_inode);
 }
 
 #[test]

@@ -106,7 +106,8 @@ enum Command {
         #[arg(long)]
         into: PathBuf,
         /// Replace what a non-empty target holds: afterwards it equals the frame (paths
-        /// matching the replica's excludes are left alone)
+        /// matching the replica's excludes are left alone; files whose size and
+        /// modification time match the frame are kept, as rsync's quick check does)
         #[arg(long)]
         force: bool,
         #[arg(long)]
