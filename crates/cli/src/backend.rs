@@ -283,6 +283,7 @@ impl Backend {
                     force,
                     exclude: replica.exclude.clone(),
                     progress: Some(progress),
+                    durable: false,
                 };
                 Ok(kairos_replay::restore(store, &view, into, &options)?)
             }

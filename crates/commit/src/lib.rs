@@ -712,21 +712,10 @@ impl Committer<'_> {
                 force: true,
                 exclude: self.replica.exclude.clone(),
                 progress: None,
+                // On disk before the record says so.
+                durable: true,
             },
         )?;
-        // On disk before the record says so.
-        let root = std::fs::File::open(&self.replica.root).map_err(|e| CommitError::Live {
-            path: self.replica.root.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: syncfs on a descriptor we hold open.
-        if unsafe { libc::syncfs(root.as_raw_fd()) } != 0 {
-            return Err(CommitError::Live {
-                path: self.replica.root.display().to_string(),
-                reason: std::io::Error::last_os_error().to_string(),
-            });
-        }
         Ok(())
     }
 

@@ -593,6 +593,7 @@ async fn restore(
                 force: request.force,
                 exclude: replica.exclude,
                 progress: None,
+                durable: false,
             };
             Ok(kairos_replay::restore(
                 &worker.store,

@@ -29,6 +29,9 @@ pub struct RestoreOptions<'a> {
     pub exclude: Vec<String>,
     /// Called with the bytes written so far.
     pub progress: Option<&'a (dyn Fn(u64) + Sync)>,
+    /// Make each written file and its directory durable (fsync) before the restore
+    /// returns: for restores into a live replica (rollback, revert).
+    pub durable: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -129,7 +132,7 @@ pub fn restore(
         .par_iter()
         .map(|(path, entry)| {
             let target = into.join(OsStr::from_bytes(path));
-            let outcome = restore_file(&reader, &target, entry, is_root)?;
+            let outcome = restore_file(&reader, &target, entry, is_root, options.durable)?;
             if let Some(bytes) = outcome.written {
                 let total = written.fetch_add(bytes, Ordering::Relaxed) + bytes;
                 if let Some(progress) = options.progress {
@@ -321,6 +324,7 @@ fn restore_file(
     target: &Path,
     entry: &DirEntry,
     is_root: bool,
+    durable: bool,
 ) -> Result<FileOutcome, ReplayError> {
     let Body::File { content, .. } = &entry.body else {
         return Ok(FileOutcome {
@@ -398,11 +402,21 @@ fn restore_file(
     }
     file.set_times(FileTimes::new().set_modified(Instant(entry.meta.mtime_ns).to_system_time()))
         .map_err(|e| write_error(target, e))?;
+    if durable {
+        file.sync_all().map_err(|e| write_error(target, e))?;
+    }
     drop(file);
     if std::fs::symlink_metadata(target).is_ok_and(|m| m.is_dir()) {
         std::fs::remove_dir_all(target).map_err(|e| write_error(target, e))?;
     }
     std::fs::rename(&temporary, target).map_err(|e| write_error(target, e))?;
+    if durable {
+        if let Some(parent) = target.parent() {
+            std::fs::File::open(parent)
+                .and_then(|dir| dir.sync_all())
+                .map_err(|e| write_error(parent, e))?;
+        }
+    }
     Ok(FileOutcome {
         written: Some(written),
         skipped: None,

@@ -302,6 +302,7 @@ pub fn materialise(store: &Store, view: &StateView, into: &Path) -> Result<(), S
             force: false,
             exclude: Vec::new(),
             progress: None,
+            durable: false,
         },
     )?;
     Ok(())
