@@ -410,12 +410,10 @@ fn restore_file(
         std::fs::remove_dir_all(target).map_err(|e| write_error(target, e))?;
     }
     std::fs::rename(&temporary, target).map_err(|e| write_error(target, e))?;
-    if durable {
-        if let Some(parent) = target.parent() {
-            std::fs::File::open(parent)
-                .and_then(|dir| dir.sync_all())
-                .map_err(|e| write_error(parent, e))?;
-        }
+    if let Some(parent) = target.parent().filter(|_| durable) {
+        std::fs::File::open(parent)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| write_error(parent, e))?;
     }
     Ok(FileOutcome {
         written: Some(written),
