@@ -73,8 +73,14 @@ fn weight(entry: Option<&DirEntry>) -> (i64, i64) {
     }
 }
 
+/// A directory node and a name in it.
+type LookupKey = (Hash, Vec<u8>);
+
 struct Editor<'a, 'r> {
     reader: &'a Reader<'r>,
+    /// Entries already looked up, by (directory node, name): nodes are content-addressed,
+    /// so an answer never goes stale, and an op's walk down and its rewrite up share it.
+    lookups: std::cell::RefCell<std::collections::HashMap<LookupKey, Option<DirEntry>>>,
     writer: &'a ObjectWriter,
     limits: &'a Limits,
     now: Instant,
@@ -82,14 +88,24 @@ struct Editor<'a, 'r> {
 }
 
 impl Editor<'_, '_> {
+    fn lookup(&self, dir: &Hash, name: &[u8]) -> Result<Option<DirEntry>, String> {
+        let key = (*dir, name.to_vec());
+        if let Some(found) = self.lookups.borrow().get(&key) {
+            return Ok(found.clone());
+        }
+        let found = self
+            .reader
+            .dir_lookup(dir, name)
+            .map_err(|e| e.to_string())?;
+        self.lookups.borrow_mut().insert(key, found.clone());
+        Ok(found)
+    }
+
     /// The entry at `path`; every component before the last must be a real directory.
     fn get(&self, tree: &Tree, path: &[Vec<u8>]) -> Result<Option<DirEntry>, String> {
         let mut dir = tree.files;
         for (depth, component) in path.iter().enumerate() {
-            let entry = self
-                .reader
-                .dir_lookup(&dir, component)
-                .map_err(|e| e.to_string())?;
+            let entry = self.lookup(&dir, component)?;
             let last = depth + 1 == path.len();
             match entry {
                 None => return Ok(None),
@@ -131,10 +147,7 @@ impl Editor<'_, '_> {
         entry: Option<DirEntry>,
     ) -> Result<(Hash, i64, i64), String> {
         let name = &path[0];
-        let old = self
-            .reader
-            .dir_lookup(dir, name)
-            .map_err(|e| e.to_string())?;
+        let old = self.lookup(dir, name)?;
         if path.len() == 1 {
             let (old_entries, old_bytes) = weight(old.as_ref());
             let (new_entries, new_bytes) = weight(entry.as_ref());
@@ -279,6 +292,7 @@ pub fn apply_ops(
     let reader = store.reader()?.with_overlay(overlay);
     let editor = Editor {
         reader: &reader,
+        lookups: Default::default(),
         writer: &writer,
         limits,
         now,

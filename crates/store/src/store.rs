@@ -76,6 +76,56 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub struct Store {
     kv: Arc<dyn KvBackend>,
     dictionaries: RwLock<HashMap<u64, Arc<Dictionary>>>,
+    nodes: Mutex<NodeCache>,
+}
+
+/// Tree nodes kept decoded and verified after a read (content-addressed, so never stale):
+/// sandboxes, diffs and listings of recent frames read the same directory nodes again and
+/// again. File contents (blobs, chunks) are not kept.
+pub const NODE_CACHE_BYTES_MAX: usize = 8 << 20;
+
+#[derive(Default)]
+struct NodeCache {
+    map: HashMap<Hash, (ObjectKind, Arc<Vec<u8>>)>,
+    order: std::collections::VecDeque<Hash>,
+    bytes: usize,
+}
+
+impl NodeCache {
+    fn get(&self, hash: &Hash, kind: ObjectKind) -> Option<Arc<Vec<u8>>> {
+        self.map
+            .get(hash)
+            .filter(|(cached_kind, _)| *cached_kind == kind)
+            .map(|(_, raw)| raw.clone())
+    }
+
+    fn insert(&mut self, hash: Hash, kind: ObjectKind, raw: Arc<Vec<u8>>) {
+        if raw.len() > NODE_CACHE_BYTES_MAX / 64 || self.map.contains_key(&hash) {
+            return;
+        }
+        self.bytes += raw.len();
+        self.map.insert(hash, (kind, raw));
+        self.order.push_back(hash);
+        while self.bytes > NODE_CACHE_BYTES_MAX {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if let Some((_, raw)) = self.map.remove(&oldest) {
+                self.bytes -= raw.len();
+            }
+        }
+    }
+}
+
+fn is_tree_node(kind: ObjectKind) -> bool {
+    matches!(
+        kind,
+        ObjectKind::Dir
+            | ObjectKind::Root
+            | ObjectKind::Config
+            | ObjectKind::ChunkList
+            | ObjectKind::Runtime
+    )
 }
 
 impl Store {
@@ -96,6 +146,7 @@ impl Store {
         Store {
             kv,
             dictionaries: RwLock::new(HashMap::new()),
+            nodes: Mutex::new(NodeCache::default()),
         }
     }
 
@@ -262,8 +313,27 @@ impl Reader<'_> {
                 return Ok(raw.as_ref().clone());
             }
         }
+        let cacheable = is_tree_node(kind);
+        if cacheable {
+            let cached = self
+                .store
+                .nodes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(hash, kind);
+            if let Some(raw) = cached {
+                return Ok(raw.as_ref().clone());
+            }
+        }
         let value = self.stored_value(hash, kind)?;
         let raw = self.decode(hash, kind, &value)?;
+        if cacheable {
+            self.store
+                .nodes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(*hash, kind, Arc::new(raw.clone()));
+        }
         if let Some(overlay) = &self.overlay {
             // Edits read the same nodes again and again: keep what was read too.
             overlay
