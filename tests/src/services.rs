@@ -199,6 +199,15 @@ impl Redis {
         )
     }
 
+    /// The sandbox check: Redis refuses a bad config at once (FATAL CONFIG FILE ERROR);
+    /// one it accepts is still running after a second, on no port, and is stopped there.
+    pub fn check_command(&self) -> String {
+        format!(
+            "timeout 1 {} {{root}}/redis.conf --port 0 --unixsocket {{root}}/check.sock --dir {{root}} --daemonize no --save ''; test $? -eq 124",
+            self.server.display()
+        )
+    }
+
     pub fn ping_command(&self) -> String {
         format!(
             "{} -p {} ping | grep -q PONG",

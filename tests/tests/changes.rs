@@ -247,6 +247,8 @@ fn redis_config_edits_keep_formatting_staged_ops_commit_and_a_broken_port_rolls_
         root.to_str().unwrap(),
         "--exclude",
         "data/**",
+        "--check",
+        &redis.check_command(),
         "--after-commit",
         &redis.restart_command(),
         "--watch-window",
@@ -258,6 +260,28 @@ fn redis_config_edits_keep_formatting_staged_ops_commit_and_a_broken_port_rolls_
     ]);
     kairos.ok(["capture", "cache"]);
     let original = std::fs::read_to_string(root.join("redis.conf")).unwrap();
+
+    // A value Redis refuses fails the sandbox check, run by redis-server itself.
+    let bad = propose(
+        &kairos,
+        base.path(),
+        "cache",
+        json!({"title": "lots of memory", "author": "cache-team",
+            "ops": [{"op": "set_config", "file": "redis.conf", "key": "maxmemory", "value": "lots"}]}),
+    );
+    let (report, success) = json_and_status(
+        &kairos,
+        &["sandbox", "cache", &bad, "--run-check", "--json"],
+    );
+    assert!(!success);
+    assert_eq!(report["check"]["passed"], json!(false), "{report}");
+    assert!(
+        report["check"]["output"]
+            .as_str()
+            .unwrap()
+            .contains("CONFIG FILE ERROR"),
+        "{report}"
+    );
 
     // Two ops; only the first is committed (a staged commit).
     let id = propose(
@@ -272,6 +296,20 @@ fn redis_config_edits_keep_formatting_staged_ops_commit_and_a_broken_port_rolls_
             ]
         }),
     );
+    let (report, _) = json_and_status(
+        &kairos,
+        &[
+            "sandbox",
+            "cache",
+            &id,
+            "--ops",
+            "1",
+            "--run-check",
+            "--json",
+        ],
+    );
+    assert_eq!(report["check"]["passed"], json!(true), "{report}");
+    assert_eq!(report["ops"], json!([1]));
     let record = kairos.json(["commit", "cache", &id, "--ops", "1", "--json"]);
     assert_eq!(record["status"], json!("committed"), "{record}");
     assert_eq!(record["ops"], json!([1]));
