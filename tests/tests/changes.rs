@@ -1057,3 +1057,87 @@ fn a_node_killed_while_a_commit_is_applying_is_recovered_to_the_last_good_frame(
             .contains("the node stopped while the commit was applying")
     );
 }
+
+#[test]
+fn a_node_killed_during_a_rollback_finishes_it_on_restart() {
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path().join("svc");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("state.txt"), "ok\n").unwrap();
+    let marker = base.path().join("rollback-started");
+    // after_commit is slow the first time it runs on a restored (good) state: the node is
+    // killed then, in the middle of the rollback.
+    let after_commit = format!(
+        "grep -q bad {{root}}/state.txt || [ -f {m} ] || (touch {m}; sleep 30)",
+        m = marker.display()
+    );
+    let config = format!(
+        "[node]\ncapture_debounce = \"100ms\"\n[[replica]]\nname = \"svc\"\nroot = {:?}\ncapture_interval = \"60s\"\nafter_commit = {after_commit:?}\nwatch_window = \"30s\"\nprobe_interval = \"50ms\"\n[[replica.probe]]\nkind = \"command\"\ncommand = \"grep -q ok {{root}}/state.txt\"\n",
+        root.display().to_string()
+    );
+    let data = base.path().join("data");
+    let mut node = Node::start(&config, &data);
+    let kairos = Kairos::at(&data);
+    wait_for_first_frame(&kairos, "svc");
+    let id = propose(
+        &kairos,
+        base.path(),
+        "svc",
+        json!({"title": "t", "author": "a", "ops": [{"op": "put_file", "path": "state.txt", "content": "bad\n"}]}),
+    );
+    let committing = {
+        let data = data.clone();
+        let id = id.clone();
+        std::thread::spawn(move || Kairos::at(&data).run(["commit", "svc", &id, "--json"]))
+    };
+    let started = Instant::now();
+    while !marker.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the rollback never ran after_commit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(node.child.id() as i32, libc::SIGKILL) };
+    let _ = node.child.wait();
+    assert!(!committing.join().unwrap().status.success());
+
+    let restarted = Node::start(&config, &data);
+    assert_eq!(
+        std::fs::read_to_string(root.join("state.txt")).unwrap(),
+        "ok\n"
+    );
+    let log = kairos.json(["log", "svc", "--json"]);
+    assert_eq!(log["intact"], json!(true));
+    let recovery = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "recovery")
+        .expect("a recovery entry");
+    assert_eq!(recovery["details"]["status"], json!("rolling_back"));
+    let rollbacks: Vec<&Value> = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "rollback")
+        .collect();
+    assert_eq!(
+        rollbacks.len(),
+        1,
+        "the interrupted rollback was never recorded done"
+    );
+    let commit = recovery["details"]["commit"].as_str().unwrap();
+    let record: Value = {
+        let mut response = Node::agent()
+            .get(format!(
+                "{}/api/replicas/svc/commits/{}",
+                restarted.url,
+                &commit[..12]
+            ))
+            .call()
+            .unwrap();
+        response.body_mut().read_json().unwrap()
+    };
+    assert_eq!(record["status"], json!("rolled_back"));
+}
