@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use crate::free_port;
 
-/// The path of a service binary: on PATH, in /usr/sbin, or in PostgreSQL's versioned
-/// directory. Panics with the package to install when missing (`scripts/test` installs them).
+/// The path of a service binary: on PATH or in /usr/sbin. Panics with the package to
+/// install when missing (`scripts/test` installs them).
 pub fn binary(name: &str, package: &str) -> PathBuf {
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|paths| {
@@ -19,13 +19,6 @@ pub fn binary(name: &str, package: &str) -> PathBuf {
         })
         .unwrap_or_default();
     candidates.push(Path::new("/usr/sbin").join(name));
-    if let Ok(versions) = std::fs::read_dir("/usr/lib/postgresql") {
-        let mut versions: Vec<PathBuf> = versions.flatten().map(|e| e.path()).collect();
-        versions.sort();
-        for version in versions.into_iter().rev() {
-            candidates.push(version.join("bin").join(name));
-        }
-    }
     candidates
         .into_iter()
         .find(|path| path.is_file())

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kairos_tests::services::{Nginx, Postgres, Redis, http_get};
-use kairos_tests::{Kairos, Node, tree_listing};
+use kairos_tests::{Kairos, Node, tree_listing, wait_for};
 use serde_json::{Value, json};
 
 fn write_proposal(dir: &Path, name: &str, document: &Value) -> String {
@@ -77,19 +77,20 @@ fn assert_live_equals_frame(
 
 /// Waits until a node's first capture of `replica` is in its history.
 fn wait_for_first_frame(kairos: &Kairos, replica: &str) {
-    let started = Instant::now();
-    while kairos
-        .json(["history", replica, "--json"])
+    wait_for("a first frame", Duration::from_secs(30), || {
+        let history = kairos.json(["history", replica, "--json"]);
+        (!history.as_array().unwrap().is_empty()).then_some(())
+    });
+}
+
+/// The entries of an audit log with `event`, oldest first.
+fn entries<'a>(log: &'a Value, event: &str) -> Vec<&'a Value> {
+    log["entries"]
         .as_array()
         .unwrap()
-        .is_empty()
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no first frame of {replica}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        .iter()
+        .filter(|entry| entry["event"] == event)
+        .collect()
 }
 
 fn events(log: &Value) -> Vec<String> {
@@ -224,12 +225,7 @@ fn nginx_through_the_node_bad_config_fails_the_check_good_change_stays_broken_pr
     for event in ["proposal", "sandbox", "commit", "probe", "rollback"] {
         assert!(seen.contains(&event.to_string()), "no {event} in {seen:?}");
     }
-    let rollback_entry = log["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["event"] == "rollback")
-        .unwrap();
+    let rollback_entry = entries(&log, "rollback")[0];
     assert_eq!(rollback_entry["party"], json!("kairos"));
 }
 
@@ -449,7 +445,12 @@ fn postgres_bad_config_fails_the_check_and_a_good_change_commits_and_stays() {
 }
 
 /// A replica of plain files (no services) for validation, forks and conflicts.
-fn plain_replica(kairos: &Kairos, base: &Path, extra: &[&str]) -> std::path::PathBuf {
+fn plain_replica(
+    kairos: &Kairos,
+    base: &Path,
+    watch_window: &str,
+    extra: &[&str],
+) -> std::path::PathBuf {
     let root = base.join("app");
     std::fs::create_dir_all(root.join("etc")).unwrap();
     std::fs::write(
@@ -467,7 +468,7 @@ fn plain_replica(kairos: &Kairos, base: &Path, extra: &[&str]) -> std::path::Pat
         "--root",
         root.to_str().unwrap(),
         "--watch-window",
-        "0s",
+        watch_window,
         "--action",
         "touch=touch {root}/touched",
     ];
@@ -484,6 +485,7 @@ fn bad_proposals_are_refused_naming_the_op_and_nothing_is_stored() {
     plain_replica(
         &kairos,
         base.path(),
+        "0s",
         &["--check", "sleep 30", "--check-timeout", "300ms"],
     );
     let refused = |ops: Value| {
@@ -597,7 +599,7 @@ fn bad_proposals_are_refused_naming_the_op_and_nothing_is_stored() {
 fn forks_take_commits_as_frames_conflicts_are_refused_and_disjoint_changes_rebase() {
     let base = tempfile::tempdir().unwrap();
     let kairos = Kairos::new();
-    let root = plain_replica(&kairos, base.path(), &[]);
+    let root = plain_replica(&kairos, base.path(), "0s", &[]);
     let first = kairos.json(["history", "app", "--json"])[0]["frame"]
         .as_str()
         .unwrap()
@@ -790,30 +792,16 @@ fn a_flapping_probe_rolls_the_commit_back_with_its_evidence() {
     let root = plain_replica(
         &kairos,
         base.path(),
+        "5s",
         &["--probe", &probe, "--probe-interval", "50ms"],
     );
-    // Replace the 0s window of plain_replica: re-register under another name.
-    kairos.ok([
-        "replica",
-        "add",
-        "flappy",
-        "--root",
-        root.to_str().unwrap(),
-        "--watch-window",
-        "5s",
-        "--probe-interval",
-        "50ms",
-        "--probe",
-        &probe,
-    ]);
-    kairos.ok(["capture", "flappy"]);
     let id = propose(
         &kairos,
         base.path(),
-        "flappy",
+        "app",
         json!({"title": "t", "author": "a", "ops": [{"op": "put_file", "path": "index.html", "content": "changed\n"}]}),
     );
-    let (record, _) = json_and_status(&kairos, &["commit", "flappy", &id, "--json"]);
+    let (record, _) = json_and_status(&kairos, &["commit", "app", &id, "--json"]);
     assert_eq!(record["status"], json!("rolled_back"), "{record}");
     assert!(
         record["rollback"]["evidence"]
@@ -908,13 +896,7 @@ fn a_node_killed_during_the_watch_window_leaves_the_replica_at_its_last_good_fra
         seen.contains(&"recovery".to_string()) && seen.contains(&"rollback".to_string()),
         "{seen:?}"
     );
-    let rollback = log["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .rev()
-        .find(|e| e["event"] == "rollback")
-        .unwrap();
+    let rollback = *entries(&log, "rollback").last().unwrap();
     assert_eq!(rollback["details"]["commit"], json!(commit));
     assert_eq!(rollback["details"]["to"], json!(last_good));
     assert_eq!(
@@ -1013,14 +995,9 @@ fn a_node_killed_while_a_commit_is_applying_is_recovered_to_the_last_good_frame(
         let id = id.clone();
         std::thread::spawn(move || Kairos::at(&data).run(["commit", "site", &id, "--json"]))
     };
-    let started = Instant::now();
-    while !started_marker.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the action never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("the slow action to start", Duration::from_secs(30), || {
+        started_marker.exists().then_some(())
+    });
     assert_eq!(
         std::fs::read_to_string(root.join("index.html")).unwrap(),
         "half done\n"
@@ -1037,18 +1014,14 @@ fn a_node_killed_while_a_commit_is_applying_is_recovered_to_the_last_good_frame(
     );
     let log = kairos.json(["log", "site", "--json"]);
     assert_eq!(log["intact"], json!(true));
-    let recovery = log["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["event"] == "recovery")
+    let recovery = entries(&log, "recovery")
+        .first()
+        .copied()
         .expect("a recovery entry");
     assert_eq!(recovery["details"]["status"], json!("applying"));
-    let rollback = log["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["event"] == "rollback")
+    let rollback = entries(&log, "rollback")
+        .first()
+        .copied()
         .expect("a rollback entry");
     assert!(
         rollback["details"]["evidence"]
@@ -1090,14 +1063,11 @@ fn a_node_killed_during_a_rollback_finishes_it_on_restart() {
         let id = id.clone();
         std::thread::spawn(move || Kairos::at(&data).run(["commit", "svc", &id, "--json"]))
     };
-    let started = Instant::now();
-    while !marker.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the rollback never ran after_commit"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        "the rollback's after_commit",
+        Duration::from_secs(30),
+        || marker.exists().then_some(()),
+    );
     unsafe { libc::kill(node.child.id() as i32, libc::SIGKILL) };
     let _ = node.child.wait();
     assert!(!committing.join().unwrap().status.success());
@@ -1109,19 +1079,12 @@ fn a_node_killed_during_a_rollback_finishes_it_on_restart() {
     );
     let log = kairos.json(["log", "svc", "--json"]);
     assert_eq!(log["intact"], json!(true));
-    let recovery = log["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["event"] == "recovery")
+    let recovery = entries(&log, "recovery")
+        .first()
+        .copied()
         .expect("a recovery entry");
     assert_eq!(recovery["details"]["status"], json!("rolling_back"));
-    let rollbacks: Vec<&Value> = log["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["event"] == "rollback")
-        .collect();
+    let rollbacks = entries(&log, "rollback");
     assert_eq!(
         rollbacks.len(),
         1,

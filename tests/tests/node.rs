@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kairos_tests::{Kairos, Node, bytes, frames};
+use kairos_tests::{Kairos, Node, bytes, frames, wait_for};
 use serde_json::Value;
 
 /// A node configuration watching `replica_root` as replica "web".
@@ -13,17 +13,6 @@ fn config(replica_root: &Path, node_keys: &str, capture_interval: &str) -> Strin
         "[node]\ncapture_debounce = \"100ms\"\n{node_keys}\n[telemetry]\nlog = \"info\"\n[[replica]]\nname = \"web\"\nroot = {:?}\ncapture_interval = {capture_interval:?}\nexclude = [\"*.log\"]\n",
         replica_root.display().to_string()
     )
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn get_json(url: &str) -> (u16, Value) {

@@ -11,7 +11,6 @@ pub mod live;
 pub mod probe;
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::{Duration, Instant as Clock};
 
 use kairos_core::spec::MAIN_TIMELINE;
@@ -53,16 +52,6 @@ pub enum CommitError {
     Catalog(#[from] CatalogError),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl CommitError {
-    pub fn is_bad_input(&self) -> bool {
-        match self {
-            CommitError::Sandbox(error) => error.is_bad_input(),
-            CommitError::UnknownCommit { .. } => true,
-            _ => false,
-        }
-    }
 }
 
 /// Where a commit stands. `applying`, `watching` and `rolling_back` are in progress;
@@ -345,19 +334,6 @@ impl Committer<'_> {
         }
     }
 
-    /// Paths that differ between two frames.
-    fn changed_paths(
-        &self,
-        from: &FrameRecord,
-        to: &FrameRecord,
-    ) -> Result<BTreeSet<String>, CommitError> {
-        let from_root = base_root(self.store, from)?;
-        let to_root = base_root(self.store, to)?;
-        let (files, _) =
-            kairos_replay::diff_files(self.store, &Hash(from_root.files), &Hash(to_root.files))?;
-        Ok(files.into_iter().map(|change| change.path).collect())
-    }
-
     /// Starts a commit of `proposal`'s chosen ops: checks for conflicts, applies the ops
     /// (to the live root on `main`, as a new frame on a fork) and records it. On `main`
     /// the returned record is `watching`: call [`Committer::watch`] to finish it.
@@ -419,17 +395,17 @@ impl Committer<'_> {
         // no rebase.
         record.rebased = head_root.files != base_files;
         if record.rebased {
-            let on_base = apply_ops(
-                self.store,
-                self.replica,
-                &base_root(self.store, &base)?,
-                &ops,
-                &self.limits,
-                started,
-            )?;
-            let touched: BTreeSet<String> =
-                on_base.touched.iter().map(|t| t.path.clone()).collect();
-            let found = conflicts(&touched, &self.changed_paths(&base, &head)?);
+            // The paths the ops name (validated when proposed), as the files diff names them.
+            let touched: BTreeSet<String> = ops
+                .iter()
+                .filter_map(|(_, op)| op.path())
+                .filter_map(|path| kairos_sandbox::proposal::path_components(path).ok())
+                .map(|components| String::from_utf8_lossy(&components.join(&b'/')).into_owned())
+                .collect();
+            let (changed, _) =
+                kairos_replay::diff_files(self.store, &Hash(base_files), &Hash(head_root.files))?;
+            let changed: BTreeSet<String> = changed.into_iter().map(|change| change.path).collect();
+            let found = conflicts(&touched, &changed);
             if !found.is_empty() {
                 record.status = CommitStatus::Conflict;
                 record.conflicts = found;
@@ -834,23 +810,6 @@ impl Committer<'_> {
         self.roll_back(&mut record, evidence, Clock::now())?;
         Ok(Some(record))
     }
-
-    /// Commits, newest first.
-    pub fn commits(&self) -> Result<Vec<CommitRecord>, CommitError> {
-        let mut records: Vec<CommitRecord> = Vec::new();
-        for id in self.store.record_ids(keys::COMMIT, self.name(), "")? {
-            if let Some(record) = self.store.record(keys::COMMIT, self.name(), &id)? {
-                records.push(record);
-            }
-        }
-        records.sort_by_key(|r| std::cmp::Reverse(r.started));
-        Ok(records)
-    }
-}
-
-/// Restores happen on this root; exposed for tests that check the live root.
-pub fn live_root(replica: &ReplicaDefinition) -> &Path {
-    &replica.root
 }
 
 #[cfg(test)]

@@ -3,8 +3,6 @@
 //! Every op is validated against the state as the ops before it left it; an error names
 //! the op.
 
-use std::collections::BTreeSet;
-
 use globset::GlobSet;
 use kairos_capture::config::format_for_name;
 use kairos_core::{Hash, Instant, Limits, ReplicaDefinition};
@@ -336,7 +334,8 @@ pub fn apply_ops(
         }
         let existing = editor.get(&tree, &path).map_err(&fail)?;
         let name = path.last().cloned().unwrap_or_default();
-        let change = match op {
+        // The new content of the path (with the mode for a new file), or None to delete it.
+        let new_content: Option<(Vec<u8>, Option<u32>)> = match op {
             Op::PutFile { mode, .. } => {
                 let bytes = op.put_content().map_err(&fail)?;
                 content_bytes_total += bytes.len() as u64;
@@ -358,11 +357,7 @@ pub fn apply_ops(
                         "{relative:?} exists and is not a regular file"
                     )));
                 }
-                let entry = editor
-                    .file_entry(&name, existing.as_ref(), &bytes, *mode)
-                    .map_err(&fail)?;
-                editor.set(&mut tree, &path, Some(entry)).map_err(&fail)?;
-                "write"
+                Some((bytes, *mode))
             }
             Op::PatchFile { unified_diff, .. } => {
                 let text = editor
@@ -374,18 +369,13 @@ pub fn apply_ops(
                 let after = diffy::apply(&text, &patch).map_err(|error| {
                     fail(format!("the diff does not apply to the base: {error}"))
                 })?;
-                let entry = editor
-                    .file_entry(&name, existing.as_ref(), after.as_bytes(), None)
-                    .map_err(&fail)?;
-                editor.set(&mut tree, &path, Some(entry)).map_err(&fail)?;
-                "write"
+                Some((after.into_bytes(), None))
             }
             Op::Delete { .. } => {
                 if existing.is_none() {
                     return Err(fail(format!("{relative:?} does not exist in the base")));
                 }
-                editor.set(&mut tree, &path, None).map_err(&fail)?;
-                "delete"
+                None
             }
             Op::SetConfig { .. } | Op::UnsetConfig { .. } => {
                 let (key, value) = match op {
@@ -412,13 +402,22 @@ pub fn apply_ops(
                             "the edit would leave {relative:?} unparseable: {error}"
                         ))
                     })?;
+                Some((after.into_bytes(), None))
+            }
+            Op::Action { .. } => unreachable!("handled above"),
+        };
+        let change = match new_content {
+            Some((bytes, mode)) => {
                 let entry = editor
-                    .file_entry(&name, existing.as_ref(), after.as_bytes(), None)
+                    .file_entry(&name, existing.as_ref(), &bytes, mode)
                     .map_err(&fail)?;
                 editor.set(&mut tree, &path, Some(entry)).map_err(&fail)?;
                 "write"
             }
-            Op::Action { .. } => unreachable!("handled above"),
+            None => {
+                editor.set(&mut tree, &path, None).map_err(&fail)?;
+                "delete"
+            }
         };
         touched.push(Touched {
             op: index,
@@ -447,9 +446,4 @@ pub fn apply_ops(
         actions,
         writer,
     })
-}
-
-/// The paths a list of touched entries covers (for conflict checks).
-pub fn touched_paths(touched: &[Touched]) -> BTreeSet<String> {
-    touched.iter().map(|t| t.path.clone()).collect()
 }

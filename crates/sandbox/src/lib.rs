@@ -58,19 +58,6 @@ pub enum SandboxError {
     Store(#[from] StoreError),
 }
 
-impl SandboxError {
-    /// Whether the caller can fix the request (as opposed to a store or IO failure).
-    pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            SandboxError::Document { .. }
-                | SandboxError::Invalid(_)
-                | SandboxError::Op { .. }
-                | SandboxError::NoCheck(_)
-        )
-    }
-}
-
 /// The changes a sandbox makes to its base.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct SandboxDiff {

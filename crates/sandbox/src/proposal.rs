@@ -127,11 +127,18 @@ impl ProposalDocument {
             reason: "the document is not UTF-8 text".into(),
         })?;
         let document: ProposalDocument = if text.trim_start().starts_with('{') {
-            let deserializer = &mut serde_json::Deserializer::from_str(text);
-            serde_path_to_error_free(deserializer).map_err(|reason| SandboxError::Document {
+            // The error names where in the document it is (`ops[2].op: unknown variant`).
+            let json = |reason: String| SandboxError::Document {
                 format: "JSON",
                 reason,
-            })?
+            };
+            let deserializer = &mut serde_json::Deserializer::from_str(text);
+            let document = serde_path_to_error::deserialize(&mut *deserializer)
+                .map_err(|error| json(format!("at {}: {}", error.path(), error.inner())))?;
+            deserializer
+                .end()
+                .map_err(|error| json(error.to_string()))?;
+            document
         } else {
             toml::from_str(text).map_err(|error| SandboxError::Document {
                 format: "TOML",
@@ -163,14 +170,6 @@ impl ProposalDocument {
         }
         Ok(())
     }
-}
-
-fn serde_path_to_error_free(
-    deserializer: &mut serde_json::Deserializer<serde_json::de::StrRead<'_>>,
-) -> Result<ProposalDocument, String> {
-    let document = ProposalDocument::deserialize(&mut *deserializer).map_err(|e| e.to_string())?;
-    deserializer.end().map_err(|e| e.to_string())?;
-    Ok(document)
 }
 
 /// A stored proposal: the document, resolved against its base frame.

@@ -270,8 +270,7 @@ pub struct Reader<'s> {
 }
 
 /// Objects an [`ObjectWriter`] wrote and has not committed yet, readable by a [`Reader`]
-/// made [`Reader::with_overlay`]: an edit reads back what it just wrote. Such a reader also
-/// keeps the objects it reads there, so an edit decodes each node once.
+/// made [`Reader::with_overlay`]: an edit reads back what it just wrote.
 pub type Overlay = Arc<Mutex<HashMap<Hash, (ObjectKind, Arc<Vec<u8>>)>>>;
 
 /// An object put while writes are deferred: stored by `finish`.
@@ -333,13 +332,6 @@ impl Reader<'_> {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(*hash, kind, Arc::new(raw.clone()));
-        }
-        if let Some(overlay) = &self.overlay {
-            // Edits read the same nodes again and again: keep what was read too.
-            overlay
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(*hash, (kind, Arc::new(raw.clone())));
         }
         Ok(raw)
     }
@@ -517,18 +509,6 @@ impl ObjectWriter {
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert_with(Vec::new);
         self.keep_written()
-    }
-
-    /// Drops the deferred objects instead of storing them (the edit is thrown away).
-    pub fn discard_deferred(&self) {
-        if let Some(deferred) = self
-            .deferred
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-        {
-            deferred.clear();
-        }
     }
 
     /// Like [`ObjectWriter::put`] when the caller already computed the hash.
