@@ -4,9 +4,13 @@
 //! hand, and recovery of a commit interrupted by a crash. Every step is recorded (commit
 //! records and the replica's audit log) before and after it happens.
 //!
-//! The decisions (does a commit conflict, what does a probe failure lead to) are plain
-//! functions; [`Committer`] runs them against the store, the live root and a [`Capturer`].
+//! The decisions are plain: [`conflicts`] and [`watch_step`] are functions, and the
+//! commit/rollback/revert/recover state machine is [`engine::CommitEngine`], which takes
+//! inputs and returns effects without doing IO. [`Committer`] is the thin driver that
+//! performs the effects against the store (through catalog commands), the live root and a
+//! [`Capturer`].
 
+pub mod engine;
 pub mod live;
 pub mod probe;
 
@@ -20,26 +24,23 @@ use kairos_sandbox::command::{self, CommandOutcome};
 use kairos_sandbox::{
     Proposal, SandboxError, Touched, apply_ops, base_root, select_ops, state_view,
 };
-use kairos_store::{CatalogError, FrameDraft, FrameRecord, Store, StoreError, WriteStats, keys};
+use kairos_store::audit::{CommitEvent, CommitKind};
+use kairos_store::{
+    AuditEvent, CatalogError, Change, Command, FrameDraft, FrameRecord, RecordBody, RecordFamily,
+    Store, StoreError, WriteStats,
+};
 use serde::{Deserialize, Serialize};
 
-pub use probe::ProbeObservation;
+use engine::{Actor, CatalogStep, CommitEngine, Effect, Input, Plan, Watch};
 
-/// Who acts when Kairos itself acts (automated rollback, recovery).
-pub const SYSTEM_PARTY: &str = "kairos";
+pub use kairos_core::CommitStatus;
+pub use kairos_store::SYSTEM_PARTY;
+pub use probe::ProbeObservation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
-    #[error(
-        "replica {replica:?}: commit {commit} is in progress ({status}); wait for it to finish"
-    )]
-    Busy {
-        replica: String,
-        commit: String,
-        status: String,
-    },
     #[error("replica {replica:?}: no commit id starts with {prefix:?}")]
     UnknownCommit { replica: String, prefix: String },
     #[error("capturing replica {replica:?}: {reason}")]
@@ -47,46 +48,13 @@ pub enum CommitError {
     #[error("writing the live replica at {path}: {reason}")]
     Live { path: String, reason: String },
     #[error(transparent)]
+    Engine(#[from] engine::UnexpectedInput),
+    #[error(transparent)]
     Replay(#[from] ReplayError),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// Where a commit stands. `applying`, `watching` and `rolling_back` are in progress;
-/// the others are final.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CommitStatus {
-    Applying,
-    Watching,
-    RollingBack,
-    Committed,
-    RolledBack,
-    Conflict,
-    Failed,
-}
-
-impl CommitStatus {
-    pub fn name(self) -> &'static str {
-        match self {
-            CommitStatus::Applying => "applying",
-            CommitStatus::Watching => "watching",
-            CommitStatus::RollingBack => "rolling_back",
-            CommitStatus::Committed => "committed",
-            CommitStatus::RolledBack => "rolled_back",
-            CommitStatus::Conflict => "conflict",
-            CommitStatus::Failed => "failed",
-        }
-    }
-
-    pub fn is_final(self) -> bool {
-        !matches!(
-            self,
-            CommitStatus::Applying | CommitStatus::Watching | CommitStatus::RollingBack
-        )
-    }
 }
 
 /// A rollback: which frame was restored, why, and how fast.
@@ -111,8 +79,7 @@ pub struct CommitRecord {
     pub commit: Hash,
     pub replica: String,
     pub timeline: String,
-    /// `commit` or `revert`.
-    pub kind: String,
+    pub kind: CommitKind,
     pub party: String,
     pub status: CommitStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -221,7 +188,31 @@ pub fn watch_step(
     }
 }
 
-/// Runs commits, reverts and recoveries for one replica.
+/// The audit event of a commit or revert record.
+pub fn audit_event(record: &CommitRecord) -> AuditEvent {
+    let event = CommitEvent {
+        commit: record.commit,
+        kind: record.kind,
+        status: record.status,
+        timeline: record.timeline.clone(),
+        proposal: record.proposal,
+        ops: record.ops.clone(),
+        base: record.base,
+        applied_on: record.applied_on,
+        rebased: record.rebased,
+        frame: record.frame,
+        last_good: record.last_good,
+        conflicts: record.conflicts.clone(),
+        note: record.note.clone(),
+    };
+    match record.kind {
+        CommitKind::Commit => AuditEvent::Commit(event),
+        CommitKind::Revert => AuditEvent::Revert(event),
+    }
+}
+
+/// Runs commits, reverts and recoveries for one replica: prepares them (head, conflicts,
+/// ops applied to a copy of the head) and drives their [`CommitEngine`].
 pub struct Committer<'a> {
     pub store: &'a Store,
     pub replica: &'a ReplicaDefinition,
@@ -229,22 +220,10 @@ pub struct Committer<'a> {
     pub capturer: &'a dyn Capturer,
 }
 
-fn audit_details(record: &CommitRecord) -> serde_json::Value {
-    serde_json::json!({
-        "commit": record.commit.to_hex(),
-        "kind": record.kind,
-        "status": record.status.name(),
-        "timeline": record.timeline,
-        "proposal": record.proposal.map(|p| p.to_hex()),
-        "ops": record.ops,
-        "base": record.base.to_hex(),
-        "applied_on": record.applied_on.to_hex(),
-        "rebased": record.rebased,
-        "frame": record.frame.map(|f| f.to_hex()),
-        "last_good": record.last_good.map(|f| f.to_hex()),
-        "conflicts": record.conflicts,
-        "note": record.note,
-    })
+/// What the driver needs besides the engine: the applied state to write live.
+struct Live {
+    view: kairos_replay::StateView,
+    touched: Vec<Touched>,
 }
 
 impl Committer<'_> {
@@ -252,21 +231,17 @@ impl Committer<'_> {
         &self.replica.name
     }
 
-    fn save(&self, record: &CommitRecord) -> Result<(), CommitError> {
-        Ok(self
-            .store
-            .put_record(keys::COMMIT, self.name(), &record.commit, record)?)
-    }
-
-    fn audit(
-        &self,
-        party: &str,
-        event: &str,
-        details: serde_json::Value,
-    ) -> Result<(), CommitError> {
-        self.store
-            .audit_append(self.name(), party, event, details, Instant::now())?;
-        Ok(())
+    fn watch_settings(&self) -> Watch {
+        Watch {
+            // Without probes there is nothing to watch: the window would only delay.
+            window: if self.replica.probes.is_empty() {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(self.replica.watch_window_ms)
+            },
+            interval: Duration::from_millis(self.replica.probe_interval_ms),
+            has_after_commit: self.replica.after_commit.is_some(),
+        }
     }
 
     fn capture(&self) -> Result<FrameRecord, CommitError> {
@@ -280,7 +255,7 @@ impl Committer<'_> {
 
     /// The commit in progress on this replica, if any.
     pub fn pending(&self) -> Result<Option<CommitRecord>, CommitError> {
-        let Some(value) = self.store.replica_value(keys::PENDING, self.name())? else {
+        let Some(value) = self.store.pending_marker(self.name())? else {
             return Ok(None);
         };
         let Some(id) = Hash::from_slice(&value) else {
@@ -291,26 +266,26 @@ impl Committer<'_> {
             }
             .into());
         };
-        Ok(self.store.record(keys::COMMIT, self.name(), &id)?)
+        Ok(self.store.record(RecordFamily::Commit, self.name(), &id)?)
     }
 
-    fn ensure_idle(&self) -> Result<(), CommitError> {
+    /// Refuses early when a commit is in progress. Only a courtesy: the guard that counts
+    /// is the `BeginCommit` command's check of the pending marker.
+    fn refuse_if_busy(&self) -> Result<(), CommitError> {
         if let Some(record) = self.pending()? {
-            return Err(CommitError::Busy {
+            return Err(CatalogError::Busy {
                 replica: self.name().to_string(),
                 commit: record.commit.short(),
                 status: record.status.name().to_string(),
-            });
+            }
+            .into());
         }
         Ok(())
     }
 
     /// The last frame known good (probes passed), if any.
     pub fn last_good(&self) -> Result<Option<Hash>, CommitError> {
-        Ok(self
-            .store
-            .replica_value(keys::GOOD, self.name())?
-            .and_then(|value| Hash::from_slice(&value)))
+        Ok(self.store.last_good(self.name())?)
     }
 
     pub fn commit_record(&self, prefix: &str) -> Result<CommitRecord, CommitError> {
@@ -318,228 +293,188 @@ impl Committer<'_> {
             .map_err(|error| SandboxError::Invalid(format!("commit id {prefix:?}: {error}")))?;
         let ids = self
             .store
-            .record_ids(keys::COMMIT, self.name(), &prefix_hex)?;
+            .record_ids(RecordFamily::Commit, self.name(), &prefix_hex)?;
+        let unknown = || CommitError::UnknownCommit {
+            replica: self.name().to_string(),
+            prefix: prefix_hex.clone(),
+        };
         match ids.as_slice() {
-            [id] => Ok(self
+            [id] => self
                 .store
-                .record(keys::COMMIT, self.name(), id)?
-                .ok_or_else(|| CommitError::UnknownCommit {
-                    replica: self.name().to_string(),
-                    prefix: prefix_hex.clone(),
-                })?),
-            _ => Err(CommitError::UnknownCommit {
-                replica: self.name().to_string(),
-                prefix: prefix_hex,
-            }),
+                .record(RecordFamily::Commit, self.name(), id)?
+                .ok_or_else(unknown),
+            _ => Err(unknown()),
         }
     }
 
     /// Starts a commit of `proposal`'s chosen ops: checks for conflicts, applies the ops
     /// (to the live root on `main`, as a new frame on a fork) and records it. On `main`
-    /// the returned record is `watching`: call [`Committer::watch`] to finish it.
+    /// the returned record is `watching` (call [`Committer::watch`] to finish it) or
+    /// already final (a failed write or command rolled it back).
     pub fn begin(
         &self,
         proposal: &Proposal,
         chosen: Option<&[usize]>,
         party: &str,
     ) -> Result<CommitRecord, CommitError> {
-        self.ensure_idle()?;
+        self.refuse_if_busy()?;
         let ops = select_ops(proposal, chosen)?;
         let started = Instant::now();
-        let live = proposal.timeline == MAIN_TIMELINE;
-        let head = if live {
-            // The live root may have moved since the last frame: capture it first.
-            self.capture()?
-        } else {
-            let spec = TimelineSpec::parse(&format!("{}@latest", proposal.timeline))
-                .map_err(|error| SandboxError::Invalid(error.to_string()))?;
-            self.store.resolve(self.name(), &spec, started)?
-        };
+        let head = self.head_for(proposal, started)?;
         let base = self.store.frame(&proposal.base)?;
-        let id_bytes = [
-            self.name().as_bytes(),
-            proposal.id.as_bytes(),
-            party.as_bytes(),
-            &started.to_sortable_bytes(),
-            format!("{:?}", ops.iter().map(|(i, _)| *i).collect::<Vec<_>>()).as_bytes(),
-        ]
-        .concat();
-        let mut record = CommitRecord {
-            commit: Hash::of(0x43, &id_bytes),
-            replica: self.name().to_string(),
-            timeline: proposal.timeline.clone(),
-            kind: "commit".into(),
-            party: party.to_string(),
-            status: CommitStatus::Applying,
-            proposal: Some(proposal.id),
-            ops: ops.iter().map(|(index, _)| *index).collect(),
-            base: base.id,
-            applied_on: head.id,
-            rebased: false,
-            conflicts: Vec::new(),
-            touched: Vec::new(),
-            frame: None,
-            last_good: None,
-            actions: Vec::new(),
-            after_commit: None,
-            probe_runs: 0,
-            probe_failures: Vec::new(),
-            rollback: None,
-            note: None,
-            started,
-            finished: None,
-        };
-        let base_files = base_root(self.store, &base)?.files;
+        let mut record = new_commit_record(self.name(), proposal, &ops, party, started, &base, &head);
         let head_root = base_root(self.store, &head)?;
+        let base_files = base_root(self.store, &base)?.files;
         // A head with the same files as the base (a capture of an unchanged root) needs
         // no rebase.
         record.rebased = head_root.files != base_files;
         if record.rebased {
-            // The paths the ops name (validated when proposed), as the files diff names them.
-            let touched: BTreeSet<String> = ops
-                .iter()
-                .filter_map(|(_, op)| op.path())
-                .filter_map(|path| kairos_sandbox::proposal::path_components(path).ok())
-                .map(|components| String::from_utf8_lossy(&components.join(&b'/')).into_owned())
-                .collect();
-            let (changed, _) =
-                kairos_replay::diff_files(self.store, &Hash(base_files), &Hash(head_root.files))?;
-            let changed: BTreeSet<String> = changed.into_iter().map(|change| change.path).collect();
-            let found = conflicts(&touched, &changed);
+            let found = self.conflicts_since_base(&ops, &Hash(base_files), &head_root)?;
             if !found.is_empty() {
-                record.status = CommitStatus::Conflict;
-                record.conflicts = found;
-                record.finished = Some(Instant::now());
-                record.note = Some(format!(
-                    "the head moved from {} to {} and changed entries the ops touch",
-                    base.id.short(),
-                    head.id.short()
-                ));
-                self.save(&record)?;
-                self.audit(party, "commit", audit_details(&record))?;
-                return Ok(record);
+                return self.refuse_conflict(record, found, &base, &head);
             }
         }
-        let applied = apply_ops(
-            self.store,
-            self.replica,
-            &head_root,
-            &ops,
-            &self.limits,
-            started,
-        )?;
+        let applied = apply_ops(self.store, self.replica, &head_root, &ops, &self.limits, started)?;
         applied.persist()?;
         record.touched = applied.touched.clone();
-        if !live {
-            let frame = self.store.commit_frame(FrameDraft {
-                replica: self.name().to_string(),
-                timeline: proposal.timeline.clone(),
-                time: started,
-                parent: Some(head.id),
-                root: applied.root,
-                entries: applied.root_node.file_entries,
-                bytes: applied.root_node.file_bytes,
-                stats: WriteStats::default(),
-                torn: 0,
-                unreadable: 0,
-                capture_ms: 0,
-            })?;
-            record.frame = Some(frame.id);
-            record.status = CommitStatus::Committed;
-            record.finished = Some(Instant::now());
-            self.save(&record)?;
-            self.audit(party, "commit", audit_details(&record))?;
-            return Ok(record);
+        if proposal.timeline != MAIN_TIMELINE {
+            return self.commit_on_fork(record, &head, &applied);
         }
-
-        // On main: the rollback target is the last good frame; with none yet, the state
-        // just captured if the probes pass on it now.
-        record.last_good = match self.last_good()? {
-            Some(good) => Some(good),
-            None => {
-                let (_, failed) = probe::observe_all(self.replica, &self.limits);
-                match failed {
-                    None => {
-                        self.store.set_replica_value(
-                            keys::GOOD,
-                            self.name(),
-                            Some(head.id.as_bytes()),
-                        )?;
-                        Some(head.id)
-                    }
-                    Some(failure) => {
-                        record.note = Some(format!(
-                            "no known good frame: probes failed before the commit ({}: {}); a rollback restores the pre-commit frame",
-                            failure.probe, failure.evidence
-                        ));
-                        Some(head.id)
-                    }
-                }
-            }
+        let set_last_good = self.initial_last_good(&mut record, &head)?;
+        let live = Live {
+            view: state_view(self.name(), &head, applied.root, applied.root_node.clone()),
+            touched: applied.touched.clone(),
         };
-        // Recorded before the live root is touched: a crash from here on is recovered.
-        self.save(&record)?;
-        self.store
-            .set_replica_value(keys::PENDING, self.name(), Some(record.commit.as_bytes()))?;
-        self.audit(party, "commit", audit_details(&record))?;
+        let engine = CommitEngine::new(
+            record,
+            Plan::Commit {
+                actions: applied.actions.clone(),
+                set_last_good,
+            },
+            self.watch_settings(),
+        );
+        self.drive(engine, Input::Start, Some(&live), true)
+    }
 
-        let view = state_view(self.name(), &head, applied.root, applied.root_node.clone());
-        if let Err(error) = live::write_live(
-            self.store,
-            &view,
-            &self.replica.root,
-            &applied.touched,
-            &self.limits,
-            &record.commit,
-        ) {
-            let evidence = format!("writing the commit failed: {error}");
-            self.roll_back(&mut record, evidence, Clock::now())?;
-            return Ok(record);
+    /// The head a commit applies on: on `main` the live root captured now (it may have
+    /// moved since the last frame), on a fork its head frame.
+    fn head_for(&self, proposal: &Proposal, now: Instant) -> Result<FrameRecord, CommitError> {
+        if proposal.timeline == MAIN_TIMELINE {
+            return self.capture();
         }
-        for action in &applied.actions {
-            let template = self
-                .replica
-                .actions
-                .get(action)
-                .cloned()
-                .unwrap_or_default();
-            record
-                .actions
-                .push(self.run_declared(&format!("action {action:?}"), &template)?);
-        }
-        if let Some(template) = self.replica.after_commit.clone() {
-            record.after_commit = Some(self.run_declared("after_commit", &template)?);
-        }
-        let frame = self.capture()?;
-        record.frame = Some(frame.id);
-        // A declared command that fails (a reload that refuses the config) is a failure
-        // observed at once: roll back without waiting for the probes.
-        let failed_command = record
-            .actions
+        let spec = TimelineSpec::parse(&format!("{}@latest", proposal.timeline))
+            .map_err(|error| SandboxError::Invalid(error.to_string()))?;
+        Ok(self.store.resolve(self.name(), &spec, now)?)
+    }
+
+    /// The paths the ops touch that changed between the base and the head.
+    fn conflicts_since_base(
+        &self,
+        ops: &[(usize, kairos_sandbox::Op)],
+        base_files: &Hash,
+        head_root: &kairos_store::node::RootNode,
+    ) -> Result<Vec<String>, CommitError> {
+        // The paths the ops name (validated when proposed), as the files diff names them.
+        let touched: BTreeSet<String> = ops
             .iter()
-            .chain(record.after_commit.as_ref())
-            .find(|outcome| !outcome.passed)
-            .cloned();
-        if let Some(outcome) = failed_command {
-            let evidence = format!(
-                "{:?} failed: {}{}",
-                outcome.command,
-                outcome
-                    .exit_code
-                    .map(|code| format!("exit code {code}"))
-                    .unwrap_or_else(|| "killed".into()),
-                if outcome.output.trim().is_empty() {
-                    String::new()
-                } else {
-                    format!(", output: {}", outcome.output.trim())
-                }
-            );
-            self.roll_back(&mut record, evidence, Clock::now())?;
-            return Ok(record);
-        }
-        record.status = CommitStatus::Watching;
-        self.save(&record)?;
+            .filter_map(|(_, op)| op.path())
+            .filter_map(|path| kairos_sandbox::proposal::path_components(path).ok())
+            .map(|components| String::from_utf8_lossy(&components.join(&b'/')).into_owned())
+            .collect();
+        let (changed, _) =
+            kairos_replay::diff_files(self.store, base_files, &Hash(head_root.files))?;
+        let changed: BTreeSet<String> = changed.into_iter().map(|change| change.path).collect();
+        Ok(conflicts(&touched, &changed))
+    }
+
+    fn refuse_conflict(
+        &self,
+        mut record: CommitRecord,
+        found: Vec<String>,
+        base: &FrameRecord,
+        head: &FrameRecord,
+    ) -> Result<CommitRecord, CommitError> {
+        record.status = CommitStatus::Conflict;
+        record.conflicts = found;
+        record.finished = Some(Instant::now());
+        record.note = Some(format!(
+            "the head moved from {} to {} and changed entries the ops touch",
+            base.id.short(),
+            head.id.short()
+        ));
+        self.record_final(&record)?;
         Ok(record)
+    }
+
+    /// Stores a commit that never becomes pending, with its audit event.
+    fn record_final(&self, record: &CommitRecord) -> Result<(), CommitError> {
+        self.store.submit(
+            &Command::new(
+                record.finished.unwrap_or(record.started),
+                self.name(),
+                &record.timeline,
+                &record.party,
+                Change::RecordCommit {
+                    commit: record.commit,
+                    record: RecordBody::of(record)?,
+                },
+            )
+            .with_audit(audit_event(record)),
+        )?;
+        Ok(())
+    }
+
+    /// On a fork the applied state becomes the fork's next frame; nothing live changes.
+    fn commit_on_fork(
+        &self,
+        mut record: CommitRecord,
+        head: &FrameRecord,
+        applied: &kairos_sandbox::Applied,
+    ) -> Result<CommitRecord, CommitError> {
+        let frame = self.store.commit_frame(FrameDraft {
+            replica: self.name().to_string(),
+            timeline: record.timeline.clone(),
+            time: record.started,
+            parent: Some(head.id),
+            root: applied.root,
+            entries: applied.root_node.file_entries,
+            bytes: applied.root_node.file_bytes,
+            stats: WriteStats::default(),
+            torn: 0,
+            unreadable: 0,
+            capture_ms: 0,
+        })?;
+        record.frame = Some(frame.id);
+        record.status = CommitStatus::Committed;
+        record.finished = Some(Instant::now());
+        self.record_final(&record)?;
+        Ok(record)
+    }
+
+    /// The rollback target of a commit on `main`: the last good frame; with none yet, the
+    /// head just captured, which also becomes the last good frame if the probes pass on
+    /// it now (returned, to be set as the commit begins).
+    fn initial_last_good(
+        &self,
+        record: &mut CommitRecord,
+        head: &FrameRecord,
+    ) -> Result<Option<Hash>, CommitError> {
+        if let Some(good) = self.last_good()? {
+            record.last_good = Some(good);
+            return Ok(None);
+        }
+        record.last_good = Some(head.id);
+        let (_, failed) = probe::observe_all(self.replica, &self.limits);
+        match failed {
+            None => Ok(Some(head.id)),
+            Some(failure) => {
+                record.note = Some(format!(
+                    "no known good frame: probes failed before the commit ({}: {}); a rollback restores the pre-commit frame",
+                    failure.probe, failure.evidence
+                ));
+                Ok(None)
+            }
+        }
     }
 
     fn run_declared(&self, what: &str, template: &str) -> Result<CommandOutcome, CommitError> {
@@ -559,121 +494,112 @@ impl Committer<'_> {
         })
     }
 
-    /// Watches a `watching` commit for the replica's watch window; a failed probe rolls
-    /// it back. Returns the final record.
-    pub fn watch(&self, mut record: CommitRecord) -> Result<CommitRecord, CommitError> {
-        if record.status != CommitStatus::Watching {
-            return Ok(record);
-        }
-        // Without probes there is nothing to watch: the window would only delay.
-        let window = if self.replica.probes.is_empty() {
-            Duration::ZERO
-        } else {
-            Duration::from_millis(self.replica.watch_window_ms)
-        };
-        let interval = Duration::from_millis(self.replica.probe_interval_ms);
-        let started = Clock::now();
+    /// Performs the engine's effects until it is done (or, with `stop_at_watching`, until
+    /// the commit is recorded as watching).
+    fn drive(
+        &self,
+        mut engine: CommitEngine,
+        first: Input,
+        live: Option<&Live>,
+        stop_at_watching: bool,
+    ) -> Result<CommitRecord, CommitError> {
+        let clock = Clock::now();
+        let now_ms = || clock.elapsed().as_millis() as u64;
+        let mut effect = engine.step(first, now_ms())?;
         loop {
-            let round = Clock::now();
-            let (_, failed) = probe::observe_all(self.replica, &self.limits);
-            record.probe_runs += 1;
-            match watch_step(failed, started.elapsed(), window) {
-                WatchStep::Continue => {
-                    let spent = round.elapsed();
-                    let remaining = window.saturating_sub(started.elapsed());
-                    std::thread::sleep(interval.saturating_sub(spent).min(remaining));
+            let input = match effect {
+                Effect::Submit { step, actor, audit } => {
+                    self.submit(&mut engine, step, actor, audit)?;
+                    Input::Submitted
                 }
-                WatchStep::Good => {
-                    record.status = CommitStatus::Committed;
-                    record.finished = Some(Instant::now());
-                    if let Some(frame) = record.frame {
-                        self.store.set_replica_value(
-                            keys::GOOD,
-                            self.name(),
-                            Some(frame.as_bytes()),
-                        )?;
-                    }
-                    self.save(&record)?;
-                    self.store
-                        .set_replica_value(keys::PENDING, self.name(), None)?;
-                    self.audit(
-                        &record.party.clone(),
-                        "probe",
-                        serde_json::json!({
-                            "commit": record.commit.to_hex(),
-                            "passed": true,
-                            "runs": record.probe_runs,
-                            "window_ms": self.replica.watch_window_ms,
-                        }),
-                    )?;
-                    self.audit(&record.party.clone(), "commit", audit_details(&record))?;
-                    return Ok(record);
+                Effect::WriteLive => {
+                    let written = match live {
+                        Some(live) => live::write_live(
+                            self.store,
+                            &live.view,
+                            &self.replica.root,
+                            &live.touched,
+                            &self.limits,
+                            &engine.record().commit,
+                        )
+                        .map_err(|error| error.to_string()),
+                        None => Err("nothing to write (no applied state)".to_string()),
+                    };
+                    Input::Written(written)
                 }
-                WatchStep::RollBack(failure) => {
-                    let observed = Clock::now();
-                    record.probe_failures.push(failure.clone());
-                    self.audit(
-                        SYSTEM_PARTY,
-                        "probe",
-                        serde_json::json!({
-                            "commit": record.commit.to_hex(),
-                            "passed": false,
-                            "probe": failure.probe,
-                            "evidence": failure.evidence,
-                        }),
-                    )?;
-                    let evidence = format!("{}: {}", failure.probe, failure.evidence);
-                    self.roll_back(&mut record, evidence, observed)?;
-                    return Ok(record);
+                Effect::RunAction(action) => {
+                    let template = self.replica.actions.get(&action).cloned().unwrap_or_default();
+                    Input::Ran(self.run_declared(&format!("action {action:?}"), &template)?)
                 }
-            }
+                Effect::RunAfterCommit => {
+                    let template = self.replica.after_commit.clone().unwrap_or_default();
+                    Input::Ran(self.run_declared("after_commit", &template)?)
+                }
+                Effect::Capture => Input::Captured(self.capture()?),
+                Effect::Watching if stop_at_watching => return Ok(engine.into_record()),
+                Effect::Watching => Input::Watch,
+                Effect::Probe { after } => {
+                    std::thread::sleep(after);
+                    let (_, failed) = probe::observe_all(self.replica, &self.limits);
+                    Input::Probed { failed }
+                }
+                Effect::Restore { frame } => {
+                    self.restore_live(&frame)?;
+                    Input::Restored
+                }
+                Effect::Done => return Ok(engine.into_record()),
+            };
+            effect = engine.step(input, now_ms())?;
         }
     }
 
-    /// Restores the commit's last good frame to the live root, runs after_commit,
-    /// captures, and records the commit rolled back.
-    fn roll_back(
+    /// Turns a catalog step of the engine into a command about its record and submits it.
+    fn submit(
         &self,
-        record: &mut CommitRecord,
-        evidence: String,
-        since: Clock,
+        engine: &mut CommitEngine,
+        step: CatalogStep,
+        actor: Actor,
+        audit: Vec<AuditEvent>,
     ) -> Result<(), CommitError> {
-        let target = record.last_good.unwrap_or(record.applied_on);
-        record.status = CommitStatus::RollingBack;
-        self.save(record)?;
-        self.store
-            .set_replica_value(keys::PENDING, self.name(), Some(record.commit.as_bytes()))?;
-        self.restore_live(&target)?;
-        let restored_ms = since.elapsed().as_millis() as u64;
-        let after_commit = match self.replica.after_commit.clone() {
-            Some(template) => Some(self.run_declared("after_commit", &template)?),
-            None => None,
+        let now = Instant::now();
+        if engine.record().status.is_final() {
+            engine.stamp_finished(now);
+        }
+        let record = engine.record();
+        let party = match actor {
+            Actor::Requester => record.party.as_str(),
+            Actor::System => SYSTEM_PARTY,
         };
-        let frame = self.capture()?;
-        record.rollback = Some(Rollback {
-            to: target,
-            frame: Some(frame.id),
-            evidence,
-            restored_ms,
-            after_commit,
-        });
-        record.status = CommitStatus::RolledBack;
-        record.finished = Some(Instant::now());
-        self.save(record)?;
-        self.store
-            .set_replica_value(keys::PENDING, self.name(), None)?;
-        self.audit(
-            SYSTEM_PARTY,
-            "rollback",
-            serde_json::json!({
-                "commit": record.commit.to_hex(),
-                "to": target.to_hex(),
-                "frame": frame.id.to_hex(),
-                "evidence": record.rollback.as_ref().map(|r| r.evidence.clone()),
-                "restored_ms": restored_ms,
-            }),
-        )?;
+        let body = RecordBody::of(record)?;
+        let change = match step {
+            CatalogStep::Begin { last_good } => Change::BeginCommit {
+                commit: record.commit,
+                status: record.status,
+                record: body,
+                last_good,
+            },
+            CatalogStep::Advance { last_good } => Change::AdvanceCommit {
+                commit: record.commit,
+                status: record.status,
+                record: body,
+                last_good,
+            },
+            CatalogStep::Event => Change::Event,
+        };
+        let mut command = Command::new(now, self.name(), &record.timeline, party, change);
+        command.audit = audit;
+        self.store.submit(&command)?;
         Ok(())
+    }
+
+    /// Watches a `watching` commit for the replica's watch window; a failed probe rolls
+    /// it back. Returns the final record.
+    pub fn watch(&self, record: CommitRecord) -> Result<CommitRecord, CommitError> {
+        if record.status != CommitStatus::Watching {
+            return Ok(record);
+        }
+        let engine = CommitEngine::watching(record, self.watch_settings());
+        self.drive(engine, Input::Watch, None, false)
     }
 
     /// Makes the live root equal to `frame` (paths the replica excludes are left alone).
@@ -697,11 +623,11 @@ impl Committer<'_> {
 
     /// `kairos revert R --to SPEC`: restores any frame to the live root, as a commit.
     pub fn revert(&self, spec: &TimelineSpec, party: &str) -> Result<CommitRecord, CommitError> {
-        self.ensure_idle()?;
+        self.refuse_if_busy()?;
         let started = Instant::now();
         let target = self.store.resolve(self.name(), spec, started)?;
         let head = self.capture()?;
-        let mut record = CommitRecord {
+        let record = CommitRecord {
             commit: Hash::of(
                 0x52,
                 &[
@@ -714,7 +640,7 @@ impl Committer<'_> {
             ),
             replica: self.name().to_string(),
             timeline: MAIN_TIMELINE.to_string(),
-            kind: "revert".into(),
+            kind: CommitKind::Revert,
             party: party.to_string(),
             status: CommitStatus::Applying,
             proposal: None,
@@ -735,80 +661,83 @@ impl Committer<'_> {
             started,
             finished: None,
         };
-        self.save(&record)?;
-        self.store
-            .set_replica_value(keys::PENDING, self.name(), Some(record.commit.as_bytes()))?;
-        self.restore_live(&target.id)?;
-        if let Some(template) = self.replica.after_commit.clone() {
-            record.after_commit = Some(self.run_declared("after_commit", &template)?);
-        }
-        let frame = self.capture()?;
-        record.frame = Some(frame.id);
-        record.status = CommitStatus::Committed;
-        record.finished = Some(Instant::now());
-        // A revert chosen by hand becomes the rollback target once the probes pass on it.
-        let (observations, failed) = probe::observe_all(self.replica, &self.limits);
-        record.probe_runs = u64::from(!observations.is_empty());
-        match failed {
-            None => {
-                self.store
-                    .set_replica_value(keys::GOOD, self.name(), Some(frame.id.as_bytes()))?
-            }
-            Some(failure) => {
-                record.note = Some(format!(
-                    "{}; probes fail on it ({}: {}), so it is not the last good frame",
-                    record.note.clone().unwrap_or_default(),
-                    failure.probe,
-                    failure.evidence
-                ));
-                record.probe_failures.push(failure);
-            }
-        }
-        self.save(&record)?;
-        self.store
-            .set_replica_value(keys::PENDING, self.name(), None)?;
-        self.audit(party, "revert", audit_details(&record))?;
-        Ok(record)
+        let engine = CommitEngine::new(
+            record,
+            Plan::Revert { target: target.id },
+            self.watch_settings(),
+        );
+        self.drive(engine, Input::Start, None, false)
     }
 
     /// After a crash: a commit left in progress is rolled back to its last good frame (a
     /// state the audit log names), and recorded so. Returns the recovered record.
     pub fn recover(&self) -> Result<Option<CommitRecord>, CommitError> {
-        let Some(mut record) = self.pending()? else {
-            if self
-                .store
-                .replica_value(keys::PENDING, self.name())?
-                .is_some()
-            {
-                // The pending marker was written but its record was not: nothing was
-                // written live (the record is saved first).
-                self.store
-                    .set_replica_value(keys::PENDING, self.name(), None)?;
-            }
+        let Some(marker) = self.store.pending_marker(self.name())? else {
             return Ok(None);
         };
-        if record.status.is_final() {
-            self.store
-                .set_replica_value(keys::PENDING, self.name(), None)?;
-            return Ok(None);
-        }
-        let was = record.status;
-        self.audit(
-            SYSTEM_PARTY,
-            "recovery",
-            serde_json::json!({
-                "commit": record.commit.to_hex(),
-                "status": was.name(),
-                "to": record.last_good.unwrap_or(record.applied_on).to_hex(),
-            }),
-        )?;
-        let evidence = format!(
-            "the node stopped while the {} was {}; the last good frame was restored on restart",
-            record.kind,
-            was.name()
-        );
-        self.roll_back(&mut record, evidence, Clock::now())?;
-        Ok(Some(record))
+        let record = match self.pending()? {
+            Some(record) if !record.status.is_final() => record,
+            // A marker without a record, or naming a finished commit (stores written by
+            // earlier versions): nothing was left half-done on the live root.
+            _ => {
+                self.store.submit(&Command::new(
+                    Instant::now(),
+                    self.name(),
+                    MAIN_TIMELINE,
+                    SYSTEM_PARTY,
+                    Change::ClearPending { marker },
+                ))?;
+                return Ok(None);
+            }
+        };
+        let engine = CommitEngine::new(record, Plan::Recover, self.watch_settings());
+        self.drive(engine, Input::Start, None, false).map(Some)
+    }
+}
+
+/// The record of a commit about to start: its id, what it applies, on which head.
+fn new_commit_record(
+    replica: &str,
+    proposal: &Proposal,
+    ops: &[(usize, kairos_sandbox::Op)],
+    party: &str,
+    started: Instant,
+    base: &FrameRecord,
+    head: &FrameRecord,
+) -> CommitRecord {
+    let op_indexes: Vec<usize> = ops.iter().map(|(index, _)| *index).collect();
+    let id_bytes = [
+        replica.as_bytes(),
+        proposal.id.as_bytes(),
+        party.as_bytes(),
+        &started.to_sortable_bytes(),
+        format!("{op_indexes:?}").as_bytes(),
+    ]
+    .concat();
+    CommitRecord {
+        commit: Hash::of(0x43, &id_bytes),
+        replica: replica.to_string(),
+        timeline: proposal.timeline.clone(),
+        kind: CommitKind::Commit,
+        party: party.to_string(),
+        status: CommitStatus::Applying,
+        proposal: Some(proposal.id),
+        ops: op_indexes,
+        base: base.id,
+        applied_on: head.id,
+        rebased: false,
+        conflicts: Vec::new(),
+        touched: Vec::new(),
+        frame: None,
+        last_good: None,
+        actions: Vec::new(),
+        after_commit: None,
+        probe_runs: 0,
+        probe_failures: Vec::new(),
+        rollback: None,
+        note: None,
+        started,
+        finished: None,
     }
 }
 

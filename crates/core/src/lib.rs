@@ -7,6 +7,7 @@ pub mod limits;
 pub mod probe;
 pub mod replica;
 pub mod spec;
+pub mod status;
 
 pub use hash::{Hash, HashParseError};
 pub use instant::{Instant, InstantError};
@@ -14,3 +15,4 @@ pub use limits::Limits;
 pub use probe::Probe;
 pub use replica::{ReplicaDefinition, ReplicaError};
 pub use spec::{FrameSpec, SpecError, TimelineSpec};
+pub use status::CommitStatus;

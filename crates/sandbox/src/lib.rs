@@ -14,7 +14,11 @@ use std::time::Duration;
 use kairos_core::{Hash, Instant, Limits, ReplicaDefinition, TimelineSpec};
 use kairos_replay::{ConfigChange, FileChange, ReplayError, RestoreOptions, StateView};
 use kairos_store::node::RootNode;
-use kairos_store::{CatalogError, FrameRecord, ObjectKind, Store, StoreError, keys};
+use kairos_store::audit::{CheckSummary, ProposalEvent, SandboxEvent};
+use kairos_store::{
+    AuditEvent, CatalogError, Change, Command, FrameRecord, ObjectKind, RecordBody, RecordFamily,
+    Store, StoreError,
+};
 use serde::{Deserialize, Serialize};
 
 pub use apply::{Applied, Touched, apply_ops};
@@ -201,19 +205,26 @@ pub fn propose(
         created: now,
         ops: proposal.ops.len(),
     };
-    store.put_record(keys::PROPOSAL, &replica.name, &proposal.id, &summary)?;
-    store.audit_append(
-        &replica.name,
-        &proposal.author,
-        "proposal",
-        serde_json::json!({
-            "proposal": proposal.id.to_hex(),
-            "title": proposal.title,
-            "timeline": proposal.timeline,
-            "base": proposal.base.to_hex(),
-            "ops": proposal.ops.iter().map(Op::describe).collect::<Vec<_>>(),
-        }),
-        now,
+    let event = AuditEvent::Proposal(ProposalEvent {
+        proposal: proposal.id,
+        title: proposal.title.clone(),
+        timeline: proposal.timeline.clone(),
+        base: proposal.base,
+        ops: proposal.ops.iter().map(Op::describe).collect(),
+    });
+    store.submit(
+        &Command::new(
+            now,
+            &replica.name,
+            &proposal.timeline,
+            &proposal.author,
+            Change::PutRecord {
+                family: RecordFamily::Proposal,
+                id: proposal.id,
+                record: RecordBody::of(&summary)?,
+            },
+        )
+        .with_audit(event),
     )?;
     Ok(proposal)
 }
@@ -223,7 +234,7 @@ pub fn load_proposal(store: &Store, replica: &str, prefix: &str) -> Result<Propo
     let prefix = kairos_core::hash::parse_hex_prefix(prefix)
         .map_err(|error| SandboxError::Invalid(format!("proposal id {prefix:?}: {error}")))?;
     store.replica(replica)?;
-    let ids = store.record_ids(keys::PROPOSAL, replica, &prefix)?;
+    let ids = store.record_ids(RecordFamily::Proposal, replica, &prefix)?;
     let id = match ids.as_slice() {
         [] => {
             return Err(SandboxError::UnknownProposal {
@@ -380,26 +391,33 @@ pub fn sandbox(
         0x58,
         &[proposal.id.as_bytes().as_slice(), applied.root.as_bytes()].concat(),
     );
-    store.put_record(keys::SANDBOX, &replica.name, &record_id, &report)?;
-    store.audit_append(
-        &replica.name,
-        party,
-        "sandbox",
-        serde_json::json!({
-            "proposal": proposal.id.to_hex(),
-            "base": base.id.to_hex(),
-            "state": applied.root.to_hex(),
-            "ops": report.ops,
-            "files_changed": report.diff.files.len(),
-            "check": report.check.as_ref().map(|c| serde_json::json!({
-                "exit_code": c.exit_code,
-                "passed": c.passed,
-                "timed_out": c.timed_out,
-                "duration_ms": c.duration_ms,
-                "peak_memory_bytes": c.peak_memory_bytes,
-            })),
+    let event = AuditEvent::Sandbox(SandboxEvent {
+        proposal: proposal.id,
+        base: base.id,
+        state: applied.root,
+        ops: report.ops.clone(),
+        files_changed: report.diff.files.len(),
+        check: report.check.as_ref().map(|check| CheckSummary {
+            exit_code: check.exit_code,
+            passed: check.passed,
+            timed_out: check.timed_out,
+            duration_ms: check.duration_ms,
+            peak_memory_bytes: check.peak_memory_bytes,
         }),
-        now,
+    });
+    store.submit(
+        &Command::new(
+            now,
+            &replica.name,
+            &proposal.timeline,
+            party,
+            Change::PutRecord {
+                family: RecordFamily::Sandbox,
+                id: record_id,
+                record: RecordBody::of(&report)?,
+            },
+        )
+        .with_audit(event),
     )?;
     Ok(report)
 }

@@ -3,12 +3,13 @@
 
 use std::ops::Bound;
 
-use kairos_core::spec::FRAME_ID_PREFIX_LEN_MIN;
+use kairos_core::spec::{FRAME_ID_PREFIX_LEN_MIN, MAIN_TIMELINE};
 use kairos_core::{FrameSpec, Hash, Instant, ReplicaDefinition, TimelineSpec};
 use serde::{Deserialize, Serialize};
 
+use crate::command::{Change, Command, FrameFields, SYSTEM_PARTY};
 use crate::keys;
-use crate::kv::{KvError, WriteBatch, printable};
+use crate::kv::{KvError, printable};
 use crate::store::{Reader, Result, Store, StoreError, WriteStats};
 
 /// Domain byte of frame ids.
@@ -104,6 +105,28 @@ pub enum CatalogError {
         "replica {replica:?} timeline {timeline:?}: the head moved while capturing; capture again"
     )]
     HeadMoved { replica: String, timeline: String },
+    #[error("replica {replica:?}: timeline {timeline:?} already exists")]
+    TimelineExists { replica: String, timeline: String },
+    #[error("replica {replica:?}: no timeline {timeline:?} (see `kairos timeline list {replica}`)")]
+    UnknownTimeline { replica: String, timeline: String },
+    #[error(
+        "replica {replica:?}: timeline {timeline:?} follows the live replica and cannot be forked onto or deleted"
+    )]
+    MainTimeline { replica: String, timeline: String },
+    #[error("replica {replica:?} is busy: commit {commit} is in progress ({status}); wait for it to finish")]
+    Busy {
+        replica: String,
+        commit: String,
+        status: String,
+    },
+    #[error("replica {replica:?}: commit {commit} is not the commit in progress")]
+    NotPending { replica: String, commit: String },
+    #[error("replica {replica:?}: the catalog key {key} kept changing under the command; try again")]
+    Contended { replica: String, key: String },
+    #[error("catalog command version {version} is not supported (this build applies version {supported})")]
+    Version { version: u16, supported: u16 },
+    #[error("catalog command: {0}")]
+    Invalid(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -123,25 +146,32 @@ fn bad_record(what: &'static str, key: &[u8], problem: impl ToString) -> StoreEr
 }
 
 impl Store {
+    /// Registers a replica (refused if one of that name exists).
     pub fn add_replica(&self, replica: &ReplicaDefinition) -> Result<(), CatalogError> {
-        let key = keys::replica(&replica.name);
-        let mut batch = WriteBatch::new();
-        batch.check(key.clone(), None)?;
-        let value = serde_json::to_vec(replica).map_err(|e| bad_record("replica", &key, e))?;
-        batch.put(key, value)?;
-        match self.kv().commit(batch) {
-            Err(KvError::Conflict { .. }) => Err(CatalogError::ReplicaExists(replica.name.clone())),
-            other => Ok(other?),
-        }
+        self.register_replica(replica, false)
     }
 
     /// Stores `replica`, replacing a definition of the same name (configuration wins).
     pub fn put_replica(&self, replica: &ReplicaDefinition) -> Result<(), CatalogError> {
-        let key = keys::replica(&replica.name);
-        let mut batch = WriteBatch::new();
-        let value = serde_json::to_vec(replica).map_err(|e| bad_record("replica", &key, e))?;
-        batch.put(key, value)?;
-        Ok(self.kv().commit(batch)?)
+        self.register_replica(replica, true)
+    }
+
+    fn register_replica(
+        &self,
+        replica: &ReplicaDefinition,
+        replace: bool,
+    ) -> Result<(), CatalogError> {
+        self.submit(&Command::new(
+            Instant::now(),
+            &replica.name,
+            MAIN_TIMELINE,
+            SYSTEM_PARTY,
+            Change::RegisterReplica {
+                definition: replica.clone(),
+                replace,
+            },
+        ))?;
+        Ok(())
     }
 
     pub fn replica(&self, name: &str) -> Result<ReplicaDefinition, CatalogError> {
@@ -162,62 +192,32 @@ impl Store {
             .collect()
     }
 
-    /// Stores a frame and moves the timeline head to it, atomically and durably.
+    /// Stores a frame and moves the timeline head to it, atomically and durably (an
+    /// `AppendFrame` command).
     pub fn commit_frame(&self, draft: FrameDraft) -> Result<FrameRecord, CatalogError> {
-        let reader = self.reader()?;
-        let head_key = keys::head(&draft.replica, &draft.timeline);
-        let head = reader.get(&head_key)?;
-        let head_id = head.as_deref().and_then(Hash::from_slice);
-        if head_id != draft.parent {
-            return Err(CatalogError::HeadMoved {
-                replica: draft.replica,
-                timeline: draft.timeline,
-            });
-        }
-        // Frame times strictly increase along a timeline, whatever the clock does.
-        let mut time = draft.time;
-        if let Some(parent) = &draft.parent {
-            let parent = reader_frame(&reader, parent)?;
-            if time <= parent.time {
-                time = Instant(parent.time.0 + 1);
-            }
-        }
-        let mut record = FrameRecord {
-            id: Hash::default(),
-            replica: draft.replica,
-            timeline: draft.timeline,
-            time,
-            parent: draft.parent,
-            root: draft.root,
-            entries: draft.entries,
-            bytes: draft.bytes,
-            objects_new: draft.stats.objects_new,
-            bytes_new_stored: draft.stats.bytes_stored,
-            torn: draft.torn,
-            unreadable: draft.unreadable,
-            capture_ms: draft.capture_ms,
-        };
-        record.id = record.compute_id();
-        let frame_key = keys::frame(&record.id);
-        let mut batch = WriteBatch::new();
-        batch.check(head_key.clone(), head)?;
-        batch.put(
-            frame_key.clone(),
-            serde_json::to_vec(&record).map_err(|e| bad_record("frame", &frame_key, e))?,
-        )?;
-        batch.put(
-            keys::time(&record.replica, &record.timeline, record.time, &record.id),
-            Vec::new(),
-        )?;
-        batch.put(head_key, record.id.as_bytes().to_vec())?;
-        match self.kv().commit(batch) {
-            Ok(()) => Ok(record),
-            Err(KvError::Conflict { .. }) => Err(CatalogError::HeadMoved {
-                replica: record.replica,
-                timeline: record.timeline,
-            }),
-            Err(error) => Err(error.into()),
-        }
+        let command = Command::new(
+            draft.time,
+            &draft.replica,
+            &draft.timeline,
+            SYSTEM_PARTY,
+            Change::AppendFrame {
+                frame: FrameFields {
+                    time: draft.time,
+                    parent: draft.parent,
+                    root: draft.root,
+                    entries: draft.entries,
+                    bytes: draft.bytes,
+                    objects_new: draft.stats.objects_new,
+                    bytes_new_stored: draft.stats.bytes_stored,
+                    torn: draft.torn,
+                    unreadable: draft.unreadable,
+                    capture_ms: draft.capture_ms,
+                },
+            },
+        );
+        self.submit(&command)?.frame.ok_or_else(|| {
+            CatalogError::Invalid("an appended frame was not returned".into())
+        })
     }
 
     pub fn frame(&self, id: &Hash) -> Result<FrameRecord> {
@@ -387,7 +387,7 @@ fn reader_frame(reader: &Reader<'_>, id: &Hash) -> Result<FrameRecord> {
     }
 }
 
-fn parse_frame(key: &[u8], value: &[u8]) -> Result<FrameRecord> {
+pub(crate) fn parse_frame(key: &[u8], value: &[u8]) -> Result<FrameRecord> {
     let record: FrameRecord =
         serde_json::from_slice(value).map_err(|error| bad_record("frame", key, error))?;
     if keys::frame(&record.id) != key {

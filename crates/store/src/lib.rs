@@ -7,11 +7,15 @@
 //! - [`node`]: the rkyv node types of a state's Merkle tree;
 //! - [`tree`]: building and reading directories and chunk lists;
 //! - [`catalog`]: replicas, frames, timeline heads and the time index;
-//! - [`changes`]: forks, proposals, sandboxes, commits and the hash-chained audit log;
+//! - [`command`]: the one write path of the catalog: typed commands, applied as guarded batches;
+//! - [`audit`]: typed audit events, hash-chained;
+//! - [`changes`]: forks, proposal, sandbox and commit records, last good and pending commits;
 //! - [`verify`]: a full check of everything stored.
 
+pub mod audit;
 pub mod catalog;
 pub mod changes;
+pub mod command;
 pub mod conformance;
 pub mod keys;
 pub mod kv;
@@ -24,7 +28,9 @@ pub mod tree;
 pub mod verify;
 
 pub use catalog::{CatalogError, FrameDraft, FrameRecord};
-pub use changes::{AuditEntry, AuditLog, ForkRecord, TimelineError, TimelineInfo};
+pub use audit::{AuditEntry, AuditEvent, AuditLog};
+pub use changes::{ForkRecord, TimelineInfo};
+pub use command::{Applied, Change, Command, RecordBody, RecordFamily, SYSTEM_PARTY};
 pub use object::ObjectKind;
 pub use store::{ObjectWriter, Overlay, Reader, Store, StoreError, WriteStats};
 pub use verify::VerifyReport;
