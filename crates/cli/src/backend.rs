@@ -6,16 +6,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use kairos_capture::{CaptureRequest, capture};
-use kairos_commit::{CommitRecord, Committer, DirectCapturer};
-use kairos_core::spec::MAIN_TIMELINE;
-use kairos_core::{Instant, Limits, ReplicaDefinition, TimelineSpec};
+use kairos_commit::{CommitRecord, DirectCapturer};
+use kairos_core::{Limits, ReplicaDefinition, TimelineSpec};
 use kairos_node::wire::{
     AddReplicaRequest, CaptureJson, CommitRequest, ErrorBody, ForkRequest, FrameJson, ProposalJson,
     ProposeRequest, RestoreRequest, RevertRequest, SandboxRequest,
 };
-use kairos_replay::{RestoreOptions, RestoreReport, StateDiff, StateListing};
-use kairos_sandbox::{ProposalDocument, SandboxOptions, SandboxReport};
+use kairos_ops::Service;
+use kairos_replay::{RestoreReport, StateDiff, StateListing};
+use kairos_sandbox::{ProposalDocument, SandboxReport};
 use kairos_store::{AuditLog, Store, TimelineInfo, VerifyReport};
 use serde::de::DeserializeOwned;
 
@@ -39,14 +38,47 @@ fn spec(text: &str) -> Result<TimelineSpec> {
 }
 
 impl Backend {
-    pub fn direct(data_dir: &Path) -> Result<Backend> {
+    /// The store in `data_dir`, with the limits of the configuration.
+    pub fn direct(data_dir: &Path, limits: Limits) -> Result<Backend> {
         let store = Store::open(data_dir)
             .with_context(|| format!("opening the store in {}", data_dir.display()))?;
         Ok(Backend::Direct {
             store,
             data_dir: data_dir.to_path_buf(),
-            limits: Limits::default(),
+            limits,
         })
+    }
+
+    /// The operations on the data directory's store (direct mode only).
+    fn service(&self) -> Option<Service<'_>> {
+        match self {
+            Backend::Direct {
+                store,
+                data_dir,
+                limits,
+            } => Some(Service {
+                store,
+                limits: *limits,
+                skip: vec![data_dir.clone()],
+            }),
+            Backend::Node { .. } => None,
+        }
+    }
+
+    /// Captures on the data directory's store, for commits run directly.
+    fn capturer(&self) -> Result<DirectCapturer<'_>> {
+        match self {
+            Backend::Direct {
+                store,
+                data_dir,
+                limits,
+            } => Ok(DirectCapturer {
+                store,
+                limits: *limits,
+                skip: vec![data_dir.clone()],
+            }),
+            Backend::Node { .. } => bail!("not a direct backend"),
+        }
     }
 
     pub fn node(url: &str) -> Result<Backend> {
@@ -123,7 +155,7 @@ impl Backend {
 
     pub fn replicas(&self) -> Result<Vec<ReplicaDefinition>> {
         match self {
-            Backend::Direct { store, .. } => Ok(store.replicas()?),
+            Backend::Direct { .. } => Ok(self.service().context("direct")?.replicas()?),
             Backend::Node { .. } => self.get("/api/replicas", &[]),
         }
     }
@@ -138,13 +170,20 @@ impl Backend {
         settings: kairos_capture::ReplicaSettings,
     ) -> Result<ReplicaDefinition> {
         match self {
-            Backend::Direct { store, .. } => {
-                let replica = kairos_capture::define_replica(
-                    name, root, processes, exclude, interval, &settings,
-                )
-                .map_err(|message| anyhow!(message))?;
-                store.add_replica(&replica)?;
-                Ok(replica)
+            Backend::Direct { .. } => {
+                let root = std::path::absolute(root)
+                    .with_context(|| format!("resolving {}", root.display()))?;
+                Ok(self
+                    .service()
+                    .context("direct")?
+                    .add_replica(kairos_ops::ReplicaRequest {
+                        name,
+                        root: &root,
+                        processes,
+                        exclude,
+                        capture_interval: interval,
+                        settings: &settings,
+                    })?)
             }
             Backend::Node { .. } => {
                 let root = std::path::absolute(root)
@@ -164,21 +203,8 @@ impl Backend {
 
     pub fn capture(&self, name: &str) -> Result<CaptureJson> {
         match self {
-            Backend::Direct {
-                store,
-                data_dir,
-                limits,
-            } => {
-                let replica = store.replica(name)?;
-                let report = capture(
-                    store,
-                    &CaptureRequest {
-                        replica: &replica,
-                        timeline: MAIN_TIMELINE,
-                        limits: *limits,
-                        skip: vec![data_dir.clone()],
-                    },
-                )?;
+            Backend::Direct { .. } => {
+                let report = self.service().context("direct")?.capture_directly(name)?;
                 Ok(CaptureJson::from(&report))
             }
             Backend::Node { .. } => {
@@ -189,13 +215,8 @@ impl Backend {
 
     pub fn history(&self, name: &str, timeline: &str) -> Result<Vec<FrameJson>> {
         match self {
-            Backend::Direct { store, .. } => {
-                store.replica(name)?;
-                Ok(store
-                    .history(name, timeline)?
-                    .iter()
-                    .map(FrameJson::from)
-                    .collect())
+            Backend::Direct { .. } => {
+                Ok(self.service().context("direct")?.history(name, timeline)?)
             }
             Backend::Node { .. } => self.get(
                 &format!("/api/replicas/{name}/history"),
@@ -206,9 +227,8 @@ impl Backend {
 
     pub fn state(&self, name: &str, at: &str) -> Result<StateListing> {
         match self {
-            Backend::Direct { store, .. } => {
-                let view = kairos_replay::open(store, name, &spec(at)?, Instant::now())?;
-                Ok(kairos_replay::listing(store, &view)?)
+            Backend::Direct { .. } => {
+                Ok(self.service().context("direct")?.state(name, &spec(at)?)?)
             }
             Backend::Node { .. } => {
                 spec(at)?;
@@ -220,10 +240,9 @@ impl Backend {
     pub fn cat(&self, name: &str, path: &Path, at: &str, out: &mut dyn Write) -> Result<()> {
         use std::os::unix::ffi::OsStrExt;
         match self {
-            Backend::Direct { store, limits, .. } => {
-                let view = kairos_replay::open(store, name, &spec(at)?, Instant::now())?;
-                let reader = store.reader()?;
-                view.cat(&reader, path.as_os_str().as_bytes(), limits, out)?;
+            Backend::Direct { .. } => {
+                let service = self.service().context("direct")?;
+                service.cat(name, path.as_os_str().as_bytes(), &spec(at)?, out)?;
                 Ok(())
             }
             Backend::Node { base, agent } => {
@@ -248,11 +267,11 @@ impl Backend {
 
     pub fn diff(&self, name: &str, from: &str, to: &str) -> Result<StateDiff> {
         match self {
-            Backend::Direct { store, .. } => {
-                let now = Instant::now();
-                let from = kairos_replay::open(store, name, &spec(from)?, now)?;
-                let to = kairos_replay::open(store, name, &spec(to)?, now)?;
-                Ok(kairos_replay::diff(store, &from, &to)?)
+            Backend::Direct { .. } => {
+                Ok(self
+                    .service()
+                    .context("direct")?
+                    .diff(name, &spec(from)?, &spec(to)?)?)
             }
             Backend::Node { .. } => {
                 spec(from)?;
@@ -275,17 +294,11 @@ impl Backend {
         total: &dyn Fn(u64),
     ) -> Result<RestoreReport> {
         match self {
-            Backend::Direct { store, .. } => {
-                let replica = store.replica(name)?;
-                let view = kairos_replay::open(store, name, &spec(at)?, Instant::now())?;
-                total(view.frame.bytes);
-                let options = RestoreOptions {
-                    force,
-                    exclude: replica.exclude.clone(),
-                    progress: Some(progress),
-                    durable: false,
-                };
-                Ok(kairos_replay::restore(store, &view, into, &options)?)
+            Backend::Direct { .. } => {
+                let into = std::path::absolute(into)
+                    .with_context(|| format!("resolving {}", into.display()))?;
+                let service = self.service().context("direct")?;
+                Ok(service.restore(name, &spec(at)?, &into, force, Some(progress), total)?)
             }
             Backend::Node { .. } => {
                 spec(at)?;
@@ -303,43 +316,16 @@ impl Backend {
 
     pub fn verify(&self) -> Result<VerifyReport> {
         match self {
-            Backend::Direct { store, .. } => Ok(store.verify()?),
+            Backend::Direct { .. } => Ok(self.service().context("direct")?.verify()?),
             Backend::Node { .. } => self.get("/api/verify", &[]),
         }
     }
 
-    fn committer_parts(&self) -> Result<(&Store, &PathBuf, Limits)> {
-        match self {
-            Backend::Direct {
-                store,
-                data_dir,
-                limits,
-            } => Ok((store, data_dir, *limits)),
-            Backend::Node { .. } => bail!("not a direct backend"),
-        }
-    }
-
-    /// Runs `job` with a committer on the data directory, after recovering a commit that a
-    /// killed process left in progress (no other process can hold the store meanwhile).
-    fn with_committer<T>(
-        &self,
-        name: &str,
-        job: impl FnOnce(&Committer<'_>) -> Result<T>,
-    ) -> Result<T> {
-        let (store, data_dir, limits) = self.committer_parts()?;
-        let replica = store.replica(name)?;
-        let capturer = DirectCapturer {
-            store,
-            limits,
-            skip: vec![data_dir.clone()],
-        };
-        let committer = Committer {
-            store,
-            replica: &replica,
-            limits,
-            capturer: &capturer,
-        };
-        if let Some(recovered) = committer.recover()? {
+    /// Before a change on the data directory: a commit a killed process left in progress
+    /// is rolled back first (no other process can hold the store meanwhile).
+    fn recover_first(&self, name: &str) -> Result<()> {
+        let service = self.service().context("direct")?;
+        for recovered in service.recover(Some(name), &self.capturer()?)? {
             eprintln!(
                 "kairos: commit {} was interrupted ({}); the last good frame was restored",
                 recovered.commit.short(),
@@ -350,12 +336,25 @@ impl Backend {
                     .unwrap_or("")
             );
         }
-        job(&committer)
+        Ok(())
+    }
+
+    /// `kairos recover [R]`: rolls back commits a crash left in progress.
+    pub fn recover(&self, name: Option<&str>) -> Result<Vec<CommitRecord>> {
+        match self {
+            Backend::Direct { .. } => {
+                let service = self.service().context("direct")?;
+                Ok(service.recover(name, &self.capturer()?)?)
+            }
+            Backend::Node { .. } => bail!(
+                "a running node recovers interrupted commits when it starts; stop it and run `kairos recover` on its data directory, or restart it"
+            ),
+        }
     }
 
     pub fn timelines(&self, name: &str) -> Result<Vec<TimelineInfo>> {
         match self {
-            Backend::Direct { store, .. } => Ok(store.timeline_infos(name)?),
+            Backend::Direct { .. } => Ok(self.service().context("direct")?.timelines(name)?),
             Backend::Node { .. } => self.get(&format!("/api/replicas/{name}/timelines"), &[]),
         }
     }
@@ -365,22 +364,11 @@ impl Backend {
             bail!("timeline name {timeline:?} is invalid: use letters, digits, '-', '_' or '.'");
         }
         match self {
-            Backend::Direct { store, .. } => {
-                let now = Instant::now();
-                let base = store.resolve(name, &spec(at)?, now)?;
-                store.fork_timeline(name, timeline, &base, now)?;
-                store.audit_append(
-                    name,
-                    party,
-                    "timeline",
-                    serde_json::json!({"fork": timeline, "at": base.id.to_hex()}),
-                    now,
-                )?;
-                store
-                    .timeline_infos(name)?
-                    .into_iter()
-                    .find(|info| info.name == timeline)
-                    .ok_or_else(|| anyhow!("the fork vanished"))
+            Backend::Direct { .. } => {
+                Ok(self
+                    .service()
+                    .context("direct")?
+                    .fork(name, timeline, &spec(at)?, party)?)
             }
             Backend::Node { .. } => self.post(
                 &format!("/api/replicas/{name}/timelines"),
@@ -395,17 +383,10 @@ impl Backend {
 
     pub fn delete_timeline(&self, name: &str, timeline: &str, party: &str) -> Result<()> {
         match self {
-            Backend::Direct { store, .. } => {
-                store.delete_timeline(name, timeline)?;
-                store.audit_append(
-                    name,
-                    party,
-                    "timeline",
-                    serde_json::json!({"delete": timeline}),
-                    Instant::now(),
-                )?;
-                Ok(())
-            }
+            Backend::Direct { .. } => Ok(self
+                .service()
+                .context("direct")?
+                .delete_timeline(name, timeline, party)?),
             Backend::Node { .. } => {
                 let (base, agent) = self.node_parts()?;
                 let response = agent
@@ -425,18 +406,10 @@ impl Backend {
         timeline: Option<&str>,
     ) -> Result<ProposalJson> {
         match self {
-            Backend::Direct { store, limits, .. } => {
-                let replica = store.replica(name)?;
-                let proposal = kairos_sandbox::propose(
-                    store,
-                    &replica,
-                    document,
-                    timeline,
-                    limits,
-                    Instant::now(),
-                )?;
-                Ok(ProposalJson::from(&proposal))
-            }
+            Backend::Direct { .. } => Ok(self
+                .service()
+                .context("direct")?
+                .propose(name, document, timeline)?),
             Backend::Node { .. } => self.post(
                 &format!("/api/replicas/{name}/proposals"),
                 Some(&ProposeRequest {
@@ -456,22 +429,13 @@ impl Backend {
         party: &str,
     ) -> Result<SandboxReport> {
         match self {
-            Backend::Direct { store, limits, .. } => {
-                let replica = store.replica(name)?;
-                let loaded = kairos_sandbox::load_proposal(store, name, proposal)?;
-                Ok(kairos_sandbox::sandbox(
-                    store,
-                    &replica,
-                    &loaded,
-                    &SandboxOptions {
-                        chosen: ops.as_deref(),
-                        run_check,
-                        party,
-                    },
-                    limits,
-                    Instant::now(),
-                )?)
-            }
+            Backend::Direct { .. } => Ok(self.service().context("direct")?.sandbox(
+                name,
+                proposal,
+                ops.as_deref(),
+                run_check,
+                party,
+            )?),
             Backend::Node { .. } => {
                 kairos_core::hash::parse_hex_prefix(proposal)
                     .map_err(|error| anyhow!("proposal id {proposal:?}: {error}"))?;
@@ -496,17 +460,18 @@ impl Backend {
         party: &str,
     ) -> Result<CommitRecord> {
         match self {
-            Backend::Direct { store, .. } => {
+            Backend::Direct { .. } => {
                 if !wait {
                     bail!(
                         "--no-wait needs a running node to watch the commit (--node URL); without one the command waits for the watch window"
                     );
                 }
-                let loaded = kairos_sandbox::load_proposal(store, name, proposal)?;
-                self.with_committer(name, |committer| {
-                    let record = committer.begin(&loaded, ops.as_deref(), party)?;
-                    Ok(committer.watch(record)?)
-                })
+                self.recover_first(name)?;
+                let service = self.service().context("direct")?;
+                let capturer = self.capturer()?;
+                let record =
+                    service.begin_commit(name, proposal, ops.as_deref(), party, &capturer)?;
+                Ok(service.watch(record, &capturer)?)
             }
             Backend::Node { .. } => {
                 kairos_core::hash::parse_hex_prefix(proposal)
@@ -527,7 +492,9 @@ impl Backend {
         let to_spec = spec(to)?;
         match self {
             Backend::Direct { .. } => {
-                self.with_committer(name, |committer| Ok(committer.revert(&to_spec, party)?))
+                self.recover_first(name)?;
+                let service = self.service().context("direct")?;
+                Ok(service.revert(name, &to_spec, party, &self.capturer()?)?)
             }
             Backend::Node { .. } => self.post(
                 &format!("/api/replicas/{name}/revert"),
@@ -541,11 +508,7 @@ impl Backend {
 
     pub fn log(&self, name: &str) -> Result<AuditLog> {
         match self {
-            Backend::Direct { store, .. } => {
-                store.replica(name)?;
-                self.with_committer(name, |_| Ok(()))?;
-                Ok(store.audit_log(name)?)
-            }
+            Backend::Direct { .. } => Ok(self.service().context("direct")?.log(name)?),
             Backend::Node { .. } => self.get(&format!("/api/replicas/{name}/log"), &[]),
         }
     }

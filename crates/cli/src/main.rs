@@ -30,6 +30,10 @@ struct Cli {
     /// of on the data directory (a node running on the data directory is used by itself)
     #[arg(long, global = true, env = "KAIROS_NODE", hide_env_values = true)]
     node: Option<String>,
+    /// Configuration file: the node's settings for `up`, and the limits every command
+    /// applies [default: config/kairos.toml if it exists, else built-in defaults]
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// The party acting (recorded in the audit log) [default: $KAIROS_PARTY, else $USER]
     #[arg(long, global = true, env = "KAIROS_PARTY", hide_env_values = true)]
     party: Option<String>,
@@ -42,9 +46,6 @@ enum Command {
     /// Run a node: capture every configured replica continuously and serve the HTTP API
     /// (prints "listening on http://ADDR" once ready; Ctrl-C or SIGTERM stops it cleanly)
     Up {
-        /// Configuration file [default: config/kairos.toml if it exists, else built-in defaults]
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
         /// Address for the API, e.g. 127.0.0.1:7700 (overrides node.listen)
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
@@ -191,6 +192,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Roll back commits a crash left in progress (of one replica, or of all) to their
+    /// last good frame, and log it. A node does this when it starts; commit and revert
+    /// on a data directory do it first by themselves
+    Recover {
+        /// Only this replica
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -298,8 +308,8 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    if let Command::Up { config, listen } = cli.command {
-        return up(config, listen, cli.data_dir);
+    if let Command::Up { listen } = cli.command {
+        return up(cli.config, listen, cli.data_dir);
     }
     let party = cli
         .party
@@ -320,7 +330,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .or_else(|| kairos_node::running_node(&data_dir))
     {
         Some(url) => Backend::node(&url)?,
-        None => Backend::direct(&data_dir)?,
+        None => {
+            // The same limits a node on this configuration applies.
+            let flags = kairos_config::Flags {
+                listen: None,
+                data_dir: Some(data_dir.clone()),
+            };
+            let config = kairos_config::load(cli.config.as_deref(), std::env::vars(), &flags)?;
+            Backend::direct(&data_dir, config.limits)?
+        }
     };
     match cli.command {
         Command::Up { .. } => unreachable!("handled above"),
@@ -644,6 +662,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if !log.intact {
                 return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Recover { name, json } => {
+            let recovered = backend.recover(name.as_deref())?;
+            if json {
+                print_json(&recovered)?;
+            } else if recovered.is_empty() {
+                println!("no commit was left in progress");
+            } else {
+                for record in &recovered {
+                    output::print_commit(record)?;
+                }
             }
         }
     }

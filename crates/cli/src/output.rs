@@ -241,7 +241,7 @@ pub fn print_commit(record: &kairos_commit::CommitRecord) -> Result<()> {
     writeln!(
         out,
         "{} {} on {}: {}{}",
-        record.kind,
+        record.kind.name(),
         record.commit.short(),
         record.timeline,
         record.status.name(),
@@ -293,7 +293,13 @@ pub fn print_log(log: &kairos_store::AuditLog) -> Result<()> {
         writeln!(
             out,
             "{:>5}  {}  {:<12}  {:<9}  {}",
-            entry.seq, entry.time, entry.party, entry.event, entry.details
+            entry.seq,
+            entry.time,
+            entry.party,
+            entry.event.name(),
+            serde_json::to_value(&entry.event)
+                .map(|event| event["details"].clone())
+                .unwrap_or_default()
         )?;
     }
     match &log.problem {

@@ -101,14 +101,23 @@ fn main() {
     let mut fork_us = Vec::with_capacity(samples);
     for index in 0..samples {
         let started = Clock::now();
-        store
-            .fork_timeline(
-                "big",
-                &format!("fork-{index}"),
-                &report.frame,
-                Instant::now(),
-            )
-            .expect("fork");
+        let timeline = format!("fork-{index}");
+        let fork = kairos_store::Command::new(
+            Instant::now(),
+            "big",
+            &timeline,
+            "bench",
+            kairos_store::Change::ForkTimeline {
+                base: report.frame.id,
+            },
+        )
+        .with_audit(kairos_store::AuditEvent::Timeline(
+            kairos_store::audit::TimelineEvent::Fork {
+                fork: timeline.clone(),
+                at: report.frame.id,
+            },
+        ));
+        store.submit(&fork).expect("fork");
         fork_us.push(started.elapsed().as_secs_f64() * 1e6);
     }
     row(

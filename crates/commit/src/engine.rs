@@ -84,7 +84,9 @@ pub enum Input {
     Ran(CommandOutcome),
     Captured(FrameRecord),
     Watch,
-    Probed { failed: Option<ProbeObservation> },
+    Probed {
+        failed: Option<ProbeObservation>,
+    },
     Restored,
 }
 
@@ -634,10 +636,7 @@ mod tests {
                 ..
             }
         ));
-        assert_eq!(
-            engine.step(Input::Submitted, 1).unwrap(),
-            Effect::WriteLive
-        );
+        assert_eq!(engine.step(Input::Submitted, 1).unwrap(), Effect::WriteLive);
         assert_eq!(
             engine.step(Input::Written(Ok(())), 2).unwrap(),
             Effect::Capture

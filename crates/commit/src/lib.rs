@@ -322,7 +322,8 @@ impl Committer<'_> {
         let started = Instant::now();
         let head = self.head_for(proposal, started)?;
         let base = self.store.frame(&proposal.base)?;
-        let mut record = new_commit_record(self.name(), proposal, &ops, party, started, &base, &head);
+        let mut record =
+            new_commit_record(self.name(), proposal, &ops, party, started, &base, &head);
         let head_root = base_root(self.store, &head)?;
         let base_files = base_root(self.store, &base)?.files;
         // A head with the same files as the base (a capture of an unchanged root) needs
@@ -334,7 +335,14 @@ impl Committer<'_> {
                 return self.refuse_conflict(record, found, &base, &head);
             }
         }
-        let applied = apply_ops(self.store, self.replica, &head_root, &ops, &self.limits, started)?;
+        let applied = apply_ops(
+            self.store,
+            self.replica,
+            &head_root,
+            &ops,
+            &self.limits,
+            started,
+        )?;
         applied.persist()?;
         record.touched = applied.touched.clone();
         if proposal.timeline != MAIN_TIMELINE {
@@ -528,7 +536,12 @@ impl Committer<'_> {
                     Input::Written(written)
                 }
                 Effect::RunAction(action) => {
-                    let template = self.replica.actions.get(&action).cloned().unwrap_or_default();
+                    let template = self
+                        .replica
+                        .actions
+                        .get(&action)
+                        .cloned()
+                        .unwrap_or_default();
                     Input::Ran(self.run_declared(&format!("action {action:?}"), &template)?)
                 }
                 Effect::RunAfterCommit => {

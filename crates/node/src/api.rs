@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use kairos_capture::CaptureError;
 use kairos_core::{Instant, SpecError, TimelineSpec};
-use kairos_replay::{ReplayError, RestoreOptions};
+use kairos_replay::ReplayError;
 use kairos_store::{CatalogError, StoreError};
 use serde::Deserialize;
 use utoipa::OpenApi;
@@ -108,8 +108,24 @@ impl From<CatalogError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, "frame_not_found", message)
             }
             CatalogError::Ambiguous { .. } => ApiError::bad_request("ambiguous_frame", message),
-            CatalogError::HeadMoved { .. } => {
+            CatalogError::HeadMoved { .. } | CatalogError::Contended { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", message)
+            }
+            CatalogError::TimelineExists { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "timeline_exists", message)
+            }
+            CatalogError::UnknownTimeline { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_timeline", message)
+            }
+            CatalogError::MainTimeline { .. } => ApiError::bad_request("main_timeline", message),
+            CatalogError::Busy { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "commit_in_progress", message)
+            }
+            CatalogError::NotPending { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "commit_not_pending", message)
+            }
+            CatalogError::Version { .. } | CatalogError::Invalid(_) => {
+                ApiError::bad_request("bad_command", message)
             }
             CatalogError::Store(error) => error.into(),
         }
@@ -149,6 +165,57 @@ impl From<CaptureError> for ApiError {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "root_unreadable", message)
             }
             _ => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "capture_failed", message),
+        }
+    }
+}
+
+impl From<kairos_ops::OpsError> for ApiError {
+    fn from(error: kairos_ops::OpsError) -> ApiError {
+        use kairos_ops::{InputError, OpsError};
+        match error {
+            OpsError::Input(input) => {
+                let message = input.to_string();
+                let code = match input {
+                    InputError::TimelineName(_) => "bad_timeline",
+                    InputError::Party(_) => "bad_party",
+                    InputError::RelativeRoot { .. } => "bad_root",
+                    InputError::RelativeTarget(_) => "bad_target",
+                    InputError::Replica(_) => "bad_replica",
+                    InputError::ProposalId { .. } => "bad_proposal",
+                };
+                ApiError::bad_request(code, message)
+            }
+            OpsError::Spec(error) => error.into(),
+            OpsError::Catalog(error) => error.into(),
+            OpsError::Replay(error) => error.into(),
+            OpsError::Capture(error) => error.into(),
+            OpsError::Sandbox(error) => error.into(),
+            OpsError::Commit(error) => error.into(),
+            OpsError::Store(error) => error.into(),
+        }
+    }
+}
+
+impl From<crate::snapshotter::CaptureFailure> for ApiError {
+    fn from(failure: crate::snapshotter::CaptureFailure) -> ApiError {
+        use crate::snapshotter::{CaptureFailure, CaptureFailureKind};
+        let message = failure.to_string();
+        match failure {
+            CaptureFailure::Busy(_) => ApiError::busy(message),
+            CaptureFailure::Failed { kind, .. } => match kind {
+                CaptureFailureKind::UnknownReplica => {
+                    ApiError::new(StatusCode::NOT_FOUND, "unknown_replica", message)
+                }
+                CaptureFailureKind::RootUnreadable => {
+                    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "root_unreadable", message)
+                }
+                CaptureFailureKind::Corrupt => {
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store_corrupt", message)
+                }
+                CaptureFailureKind::Other => {
+                    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "capture_failed", message)
+                }
+            },
         }
     }
 }
@@ -319,7 +386,7 @@ async fn list_replicas(State(shared): State<Arc<Shared>>) -> Result<Response, Ap
     let store = shared.clone();
     let replicas = shared
         .replay
-        .run(move || Ok(store.store.replicas()?))
+        .run(move || Ok(store.service().replicas()?))
         .await?;
     Ok(Json(replicas).into_response())
 }
@@ -333,31 +400,19 @@ async fn add_replica(
     payload: Result<Json<AddReplicaRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_input(payload)?;
-    let root = PathBuf::from(&request.root);
-    if !root.is_absolute() {
-        return Err(ApiError::bad_request(
-            "bad_root",
-            format!(
-                "replica {:?}: root {:?} must be an absolute path",
-                request.name, request.root
-            ),
-        ));
-    }
     let worker = shared.clone();
     let replica = shared
         .replay
         .run(move || {
-            let replica = kairos_capture::define_replica(
-                &request.name,
-                &root,
-                request.processes,
-                request.exclude,
-                &request.capture_interval,
-                &request.settings,
-            )
-            .map_err(|message| ApiError::bad_request("bad_replica", message))?;
-            worker.store.add_replica(&replica)?;
-            Ok(replica)
+            let root = PathBuf::from(&request.root);
+            Ok(worker.service().add_replica(kairos_ops::ReplicaRequest {
+                name: &request.name,
+                root: &root,
+                processes: request.processes,
+                exclude: request.exclude,
+                capture_interval: &request.capture_interval,
+                settings: &request.settings,
+            })?)
         })
         .await?;
     let supervisor = shared
@@ -429,11 +484,7 @@ async fn history(
     let worker = shared.clone();
     let frames = shared
         .replay
-        .run(move || {
-            worker.store.replica(&name)?;
-            let frames = worker.store.history(&name, &timeline)?;
-            Ok(frames.iter().map(FrameJson::from).collect::<Vec<_>>())
-        })
+        .run(move || Ok(worker.service().history(&name, &timeline)?))
         .await?;
     Ok(Json(frames).into_response())
 }
@@ -487,10 +538,7 @@ async fn state(
     let worker = shared.clone();
     let listing = shared
         .replay
-        .run(move || {
-            let view = kairos_replay::open(&worker.store, &name, &at, Instant::now())?;
-            Ok(kairos_replay::listing(&worker.store, &view)?)
-        })
+        .run(move || Ok(worker.service().state(&name, &at)?))
         .await?;
     Ok(Json(listing).into_response())
 }
@@ -518,15 +566,10 @@ async fn file(
     let bytes = shared
         .replay
         .run(move || {
-            let view = kairos_replay::open(&worker.store, &name, &at, Instant::now())?;
-            let reader = worker.store.reader()?;
             let mut out = Vec::new();
-            view.cat(
-                &reader,
-                query.path.as_bytes(),
-                &worker.config.limits,
-                &mut out,
-            )?;
+            worker
+                .service()
+                .cat(&name, query.path.as_bytes(), &at, &mut out)?;
             Ok(out)
         })
         .await?;
@@ -556,12 +599,7 @@ async fn diff(
     let worker = shared.clone();
     let changes = shared
         .replay
-        .run(move || {
-            let now = Instant::now();
-            let from = kairos_replay::open(&worker.store, &name, &from, now)?;
-            let to = kairos_replay::open(&worker.store, &name, &to, now)?;
-            Ok(kairos_replay::diff(&worker.store, &from, &to)?)
-        })
+        .run(move || Ok(worker.service().diff(&name, &from, &to)?))
         .await?;
     Ok(Json(changes).into_response())
 }
@@ -577,30 +615,13 @@ async fn restore(
     let request = json_input(payload)?;
     let at = spec(&request.at)?;
     let into = PathBuf::from(&request.into);
-    if !into.is_absolute() {
-        return Err(ApiError::bad_request(
-            "bad_target",
-            format!("restore target {:?} must be an absolute path", request.into),
-        ));
-    }
     let worker = shared.clone();
     let report = shared
         .replay
         .run(move || {
-            let replica = worker.store.replica(&name)?;
-            let view = kairos_replay::open(&worker.store, &name, &at, Instant::now())?;
-            let options = RestoreOptions {
-                force: request.force,
-                exclude: replica.exclude,
-                progress: None,
-                durable: false,
-            };
-            Ok(kairos_replay::restore(
-                &worker.store,
-                &view,
-                &into,
-                &options,
-            )?)
+            Ok(worker
+                .service()
+                .restore(&name, &at, &into, request.force, None, &|_| {})?)
         })
         .await?;
     Ok(Json(report).into_response())
@@ -611,7 +632,7 @@ async fn verify(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError>
     let worker = shared.clone();
     let report = shared
         .replay
-        .run(move || Ok(worker.store.verify()?))
+        .run(move || Ok(worker.service().verify()?))
         .await?;
     Ok(Json(report).into_response())
 }

@@ -10,10 +10,10 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use kairos_commit::{Capturer, CommitError, CommitRecord, Committer};
-use kairos_core::{Instant, ReplicaDefinition, TimelineSpec};
-use kairos_sandbox::{SandboxError, SandboxOptions, load_proposal, propose, sandbox};
-use kairos_store::{FrameRecord, TimelineError};
+use kairos_commit::{Capturer, CommitError, CommitRecord};
+use kairos_core::ReplicaDefinition;
+use kairos_sandbox::SandboxError;
+use kairos_store::FrameRecord;
 
 use crate::Shared;
 use crate::api::{ApiError, json_input};
@@ -55,35 +55,16 @@ impl From<CommitError> for ApiError {
         let message = error.to_string();
         match error {
             CommitError::Sandbox(error) => error.into(),
-            CommitError::Busy { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "commit_in_progress", message)
-            }
             CommitError::UnknownCommit { .. } => {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_commit", message)
             }
             CommitError::Capture { .. } => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "capture_failed", message)
             }
-            CommitError::Live { .. } => ApiError::internal(message),
+            CommitError::Live { .. } | CommitError::Engine(_) => ApiError::internal(message),
             CommitError::Replay(error) => error.into(),
             CommitError::Catalog(error) => error.into(),
             CommitError::Store(error) => error.into(),
-        }
-    }
-}
-
-impl From<TimelineError> for ApiError {
-    fn from(error: TimelineError) -> ApiError {
-        let message = error.to_string();
-        match error {
-            TimelineError::Exists { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "timeline_exists", message)
-            }
-            TimelineError::Unknown { .. } => {
-                ApiError::new(StatusCode::NOT_FOUND, "unknown_timeline", message)
-            }
-            TimelineError::Main { .. } => ApiError::bad_request("main_timeline", message),
-            TimelineError::Catalog(error) => error.into(),
         }
     }
 }
@@ -111,7 +92,7 @@ impl Capturer for NodeCapturer {
                 .store
                 .frame(&capture.frame.frame)
                 .map_err(|error| error.to_string()),
-            Ok(ractor::rpc::CallResult::Success(Err(error))) => Err(error.message),
+            Ok(ractor::rpc::CallResult::Success(Err(error))) => Err(error.to_string()),
             Ok(_) => Err("the capture did not finish in time".into()),
             Err(error) => Err(format!("the snapshotter is restarting: {error}")),
         }
@@ -119,18 +100,9 @@ impl Capturer for NodeCapturer {
 }
 
 fn party(given: Option<String>) -> Result<String, ApiError> {
-    let party = given.unwrap_or_else(|| PARTY_DEFAULT.to_string());
-    if !kairos_core::replica::is_valid_replica_name(&party) {
-        return Err(ApiError::bad_request(
-            "bad_party",
-            format!("party {party:?} is invalid: use letters, digits, '-', '_' or '.'"),
-        ));
-    }
-    Ok(party)
-}
-
-fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
-    Ok(TimelineSpec::parse(text)?)
+    Ok(kairos_ops::party(
+        given.as_deref().unwrap_or(PARTY_DEFAULT),
+    )?)
 }
 
 /// Runs a short `job` (propose, sandbox, timelines, log) with the replica's definition
@@ -177,7 +149,7 @@ pub async fn list_timelines(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let infos = blocking(&shared, name.clone(), move |shared, _| {
-        Ok(shared.store.timeline_infos(&name)?)
+        Ok(shared.service().timelines(&name)?)
     })
     .await?;
     Ok(Json(infos).into_response())
@@ -191,35 +163,10 @@ pub async fn fork_timeline(
     payload: Result<Json<ForkRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_input(payload)?;
-    let at = spec(&request.at)?;
-    if !kairos_core::spec::is_valid_timeline_name(&request.name) {
-        return Err(ApiError::bad_request(
-            "bad_timeline",
-            format!(
-                "timeline name {:?} is invalid: use letters, digits, '-', '_' or '.'",
-                request.name
-            ),
-        ));
-    }
+    let at = kairos_ops::spec(&request.at)?;
     let party = party(request.party)?;
     let info = blocking(&shared, name.clone(), move |shared, _| {
-        let now = Instant::now();
-        let base = shared.store.resolve(&name, &at, now)?;
-        shared
-            .store
-            .fork_timeline(&name, &request.name, &base, now)?;
-        shared.store.audit_append(
-            &name,
-            &party,
-            "timeline",
-            serde_json::json!({"fork": request.name, "at": base.id.to_hex()}),
-            now,
-        )?;
-        let infos = shared.store.timeline_infos(&name)?;
-        infos
-            .into_iter()
-            .find(|info| info.name == request.name)
-            .ok_or_else(|| ApiError::internal("the fork vanished"))
+        Ok(shared.service().fork(&name, &request.name, &at, &party)?)
     })
     .await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
@@ -245,15 +192,7 @@ pub async fn delete_timeline(
         .map_err(|rejection| ApiError::bad_request("bad_query", rejection.body_text()))?;
     let party = party(query.party)?;
     blocking(&shared, name.clone(), move |shared, _| {
-        shared.store.delete_timeline(&name, &timeline)?;
-        shared.store.audit_append(
-            &name,
-            &party,
-            "timeline",
-            serde_json::json!({"delete": timeline}),
-            Instant::now(),
-        )?;
-        Ok(())
+        Ok(shared.service().delete_timeline(&name, &timeline, &party)?)
     })
     .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -268,19 +207,13 @@ pub async fn create_proposal(
     payload: Result<Json<ProposeRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_input(payload)?;
-    let proposal = blocking(&shared, name, move |shared, replica| {
-        let limits = shared.config.limits;
-        Ok(propose(
-            &shared.store,
-            &replica,
-            request.document,
-            request.timeline.as_deref(),
-            &limits,
-            Instant::now(),
-        )?)
+    let proposal: ProposalJson = blocking(&shared, name.clone(), move |shared, _| {
+        Ok(shared
+            .service()
+            .propose(&name, request.document, request.timeline.as_deref())?)
     })
     .await?;
-    Ok((StatusCode::CREATED, Json(ProposalJson::from(&proposal))).into_response())
+    Ok((StatusCode::CREATED, Json(proposal)).into_response())
 }
 
 #[utoipa::path(get, path = "/api/replicas/{name}/proposals/{id}", params(("name" = String, Path, description = "Replica"), ("id" = String, Path, description = "Proposal id prefix")), responses(
@@ -290,7 +223,7 @@ pub async fn get_proposal(
     Path((name, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let proposal = blocking(&shared, name.clone(), move |shared, _| {
-        Ok(load_proposal(&shared.store, &name, &id)?)
+        Ok(shared.service().proposal(&name, &id)?)
     })
     .await?;
     Ok(Json(proposal).into_response())
@@ -305,20 +238,13 @@ pub async fn sandbox_proposal(
 ) -> Result<Response, ApiError> {
     let request = json_input(payload)?;
     let party = party(request.party)?;
-    let report = blocking(&shared, name.clone(), move |shared, replica| {
-        let proposal = load_proposal(&shared.store, &name, &id)?;
-        let limits = shared.config.limits;
-        Ok(sandbox(
-            &shared.store,
-            &replica,
-            &proposal,
-            &SandboxOptions {
-                chosen: request.ops.as_deref(),
-                run_check: request.run_check,
-                party: &party,
-            },
-            &limits,
-            Instant::now(),
+    let report = blocking(&shared, name.clone(), move |shared, _| {
+        Ok(shared.service().sandbox(
+            &name,
+            &id,
+            request.ops.as_deref(),
+            request.run_check,
+            &party,
         )?)
     })
     .await?;
@@ -328,7 +254,7 @@ pub async fn sandbox_proposal(
 #[utoipa::path(post, path = "/api/replicas/{name}/proposals/{id}/commit", request_body = CommitRequest, params(("name" = String, Path, description = "Replica")
 , ("id" = String, Path, description = "Proposal id prefix")), responses(
     (status = 200, description = "The commit record: status committed, rolled_back, conflict or (without wait) watching"),
-    (status = 409, description = "Another commit is in progress on the replica", body = ErrorBody)))]
+    (status = 409, description = "Another commit is in progress on the replica (code commit_in_progress)", body = ErrorBody)))]
 pub async fn commit_proposal(
     State(shared): State<Arc<Shared>>,
     Path((name, id)): Path<(String, String)>,
@@ -338,61 +264,42 @@ pub async fn commit_proposal(
     let party = party(request.party)?;
     let runtime = tokio::runtime::Handle::current();
     let record = blocking_long(&shared, name.clone(), move |shared, replica| {
-        let proposal = load_proposal(&shared.store, &name, &id)?;
-        let record = with_committer(&shared, runtime.clone(), &replica, |committer| {
-            let record = committer.begin(&proposal, request.ops.as_deref(), &party)?;
-            if request.wait {
-                return committer.watch(record);
-            }
-            Ok(record)
-        })?;
-        if record.status == kairos_commit::CommitStatus::Watching {
-            let watching = record.clone();
-            let background = shared.clone();
-            std::thread::Builder::new()
-                .name(format!("kairos-watch-{}", replica.name))
-                .spawn(move || watch_in_background(background, runtime, replica, watching))
-                .map_err(|error| ApiError::internal(format!("starting the watch: {error}")))?;
+        let capturer = NodeCapturer {
+            shared: shared.clone(),
+            runtime: runtime.clone(),
+        };
+        let service = shared.service();
+        let record = service.begin_commit(&name, &id, request.ops.as_deref(), &party, &capturer)?;
+        if record.status != kairos_commit::CommitStatus::Watching {
+            return Ok(record);
         }
+        if request.wait {
+            return Ok(service.watch(record, &capturer)?);
+        }
+        let watching = record.clone();
+        let background = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("kairos-watch-{}", replica.name))
+            .spawn(move || watch_in_background(background, runtime, watching))
+            .map_err(|error| ApiError::internal(format!("starting the watch: {error}")))?;
         Ok(record)
     })
     .await?;
     Ok(Json(record).into_response())
 }
 
-/// Runs `job` with a committer for `replica` whose captures go through its snapshotter.
-fn with_committer<T>(
-    shared: &Arc<Shared>,
-    runtime: tokio::runtime::Handle,
-    replica: &ReplicaDefinition,
-    job: impl FnOnce(&Committer<'_>) -> Result<T, CommitError>,
-) -> Result<T, CommitError> {
+fn watch_in_background(shared: Arc<Shared>, runtime: tokio::runtime::Handle, record: CommitRecord) {
+    let replica = record.replica.clone();
     let capturer = NodeCapturer {
         shared: shared.clone(),
         runtime,
     };
-    job(&Committer {
-        store: &shared.store,
-        replica,
-        limits: shared.config.limits,
-        capturer: &capturer,
-    })
-}
-
-fn watch_in_background(
-    shared: Arc<Shared>,
-    runtime: tokio::runtime::Handle,
-    replica: ReplicaDefinition,
-    record: CommitRecord,
-) {
-    match with_committer(&shared, runtime, &replica, |committer| {
-        committer.watch(record)
-    }) {
+    match shared.service().watch(record, &capturer) {
         Ok(record) => {
-            tracing::info!(replica = %replica.name, commit = %record.commit.short(), status = record.status.name(), "commit finished")
+            tracing::info!(replica = %replica, commit = %record.commit.short(), status = record.status.name(), "commit finished")
         }
         Err(error) => {
-            tracing::error!(replica = %replica.name, %error, "watching a commit failed; it is recovered on restart")
+            tracing::error!(replica = %replica, %error, "watching a commit failed; it is recovered on restart")
         }
     }
 }
@@ -403,11 +310,8 @@ pub async fn get_commit(
     State(shared): State<Arc<Shared>>,
     Path((name, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let runtime = tokio::runtime::Handle::current();
-    let record = blocking(&shared, name, move |shared, replica| {
-        Ok(with_committer(&shared, runtime, &replica, |committer| {
-            committer.commit_record(&id)
-        })?)
+    let record = blocking(&shared, name.clone(), move |shared, _| {
+        Ok(shared.service().commit_record(&name, &id)?)
     })
     .await?;
     Ok(Json(record).into_response())
@@ -421,13 +325,15 @@ pub async fn revert(
     payload: Result<Json<RevertRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_input(payload)?;
-    let to = spec(&request.to)?;
+    let to = kairos_ops::spec(&request.to)?;
     let party = party(request.party)?;
     let runtime = tokio::runtime::Handle::current();
-    let record = blocking_long(&shared, name, move |shared, replica| {
-        Ok(with_committer(&shared, runtime, &replica, |committer| {
-            committer.revert(&to, &party)
-        })?)
+    let record = blocking_long(&shared, name.clone(), move |shared, _| {
+        let capturer = NodeCapturer {
+            shared: shared.clone(),
+            runtime,
+        };
+        Ok(shared.service().revert(&name, &to, &party, &capturer)?)
     })
     .await?;
     Ok(Json(record).into_response())
@@ -440,7 +346,7 @@ pub async fn audit_log(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let log = blocking(&shared, name.clone(), move |shared, _| {
-        Ok(shared.store.audit_log(&name)?)
+        Ok(shared.service().log(&name)?)
     })
     .await?;
     Ok(Json(log).into_response())
@@ -449,29 +355,20 @@ pub async fn audit_log(
 /// At start-up, before the actors run: commits a crash left in progress are rolled back
 /// to their last good frame (captured directly: nothing else writes yet).
 pub fn recover_commits(shared: &Shared) {
-    let Ok(replicas) = shared.store.replicas() else {
-        return;
+    let service = shared.service();
+    let capturer = kairos_commit::DirectCapturer {
+        store: &shared.store,
+        limits: shared.config.limits,
+        skip: vec![shared.config.node.data_dir.clone()],
     };
-    for replica in replicas {
-        let capturer = kairos_commit::DirectCapturer {
-            store: &shared.store,
-            limits: shared.config.limits,
-            skip: vec![shared.config.node.data_dir.clone()],
-        };
-        let committer = Committer {
-            store: &shared.store,
-            replica: &replica,
-            limits: shared.config.limits,
-            capturer: &capturer,
-        };
-        match committer.recover() {
-            Ok(Some(record)) => {
-                tracing::warn!(replica = %replica.name, commit = %record.commit.short(), "a commit interrupted by a stop was rolled back to the last good frame")
+    match service.recover(None, &capturer) {
+        Ok(recovered) => {
+            for record in recovered {
+                tracing::warn!(replica = %record.replica, commit = %record.commit.short(), "a commit interrupted by a stop was rolled back to the last good frame")
             }
-            Ok(None) => {}
-            Err(error) => {
-                tracing::error!(replica = %replica.name, %error, "recovering an interrupted commit failed")
-            }
+        }
+        Err(error) => {
+            tracing::error!(%error, "recovering interrupted commits failed")
         }
     }
 }

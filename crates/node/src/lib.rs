@@ -9,7 +9,7 @@ pub mod schedule;
 pub mod snapshotter;
 pub mod supervisor;
 pub mod watcher;
-pub mod wire;
+pub use kairos_ops::wire;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 use crate::api::ApiError;
 use crate::snapshotter::SnapshotterMsg;
 use crate::supervisor::{SupervisorActor, SupervisorMsg};
-use crate::wire::{CaptureJson, ReplicaStatusJson, StatusJson};
+use crate::wire::{ReplicaStatusJson, StatusJson};
 
 /// A running node announces itself in its data directory with this file (its URL and
 /// pid), so that the CLI pointed at that directory goes through the node.
@@ -119,6 +119,15 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The operations on the node's store, with its configured limits.
+    pub fn service(&self) -> kairos_ops::Service<'_> {
+        kairos_ops::Service {
+            store: &self.store,
+            limits: self.config.limits,
+            skip: vec![self.config.node.data_dir.clone()],
+        }
+    }
+
     pub fn snapshotter(&self, replica: &str) -> Option<ActorRef<SnapshotterMsg>> {
         self.snapshotters
             .read()
@@ -160,9 +169,9 @@ impl Shared {
         self.with_status(replica, |status| status.watching = watching);
     }
 
-    fn record_capture(&self, replica: &str, result: &Result<CaptureJson, ApiError>) {
+    fn record_capture(&self, replica: &str, result: &snapshotter::CaptureResult) {
         if let Err(error) = result {
-            tracing::warn!(replica = %replica, error = %error.message, "capture failed");
+            tracing::warn!(replica = %replica, %error, "capture failed");
         }
         self.with_status(replica, |status| match result {
             Ok(capture) => {
@@ -172,7 +181,7 @@ impl Shared {
             }
             Err(error) => {
                 status.capture_failures += 1;
-                status.last_error = Some(error.message.clone());
+                status.last_error = Some(error.to_string());
             }
         });
     }

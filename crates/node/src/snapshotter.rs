@@ -9,11 +9,58 @@ use kairos_core::spec::MAIN_TIMELINE;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::Shared;
-use crate::api::ApiError;
 use crate::schedule::{CaptureQueue, Requested};
 use crate::wire::CaptureJson;
 
-pub type CaptureReply = RpcReplyPort<Result<CaptureJson, ApiError>>;
+/// Why a capture gave no frame (a domain answer; the API maps it to its codes).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CaptureFailure {
+    #[error("replica {0:?}: too many captures are waiting; retry later")]
+    Busy(String),
+    #[error("{message}")]
+    Failed {
+        kind: CaptureFailureKind,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureFailureKind {
+    UnknownReplica,
+    RootUnreadable,
+    /// The store is damaged.
+    Corrupt,
+    Other,
+}
+
+impl From<kairos_capture::CaptureError> for CaptureFailure {
+    fn from(error: kairos_capture::CaptureError) -> CaptureFailure {
+        use kairos_capture::CaptureError;
+        let kind = match &error {
+            CaptureError::Catalog(kairos_store::CatalogError::UnknownReplica(_)) => {
+                CaptureFailureKind::UnknownReplica
+            }
+            CaptureError::RootUnreadable { .. } | CaptureError::RootNotDirectory { .. } => {
+                CaptureFailureKind::RootUnreadable
+            }
+            CaptureError::Store(error) if error.is_corruption() => CaptureFailureKind::Corrupt,
+            _ => CaptureFailureKind::Other,
+        };
+        CaptureFailure::Failed {
+            kind,
+            message: error.to_string(),
+        }
+    }
+}
+
+impl From<kairos_store::CatalogError> for CaptureFailure {
+    fn from(error: kairos_store::CatalogError) -> CaptureFailure {
+        kairos_capture::CaptureError::from(error).into()
+    }
+}
+
+pub type CaptureResult = Result<CaptureJson, CaptureFailure>;
+pub type CaptureReply = RpcReplyPort<CaptureResult>;
 
 pub struct SnapshotterActor;
 
@@ -22,7 +69,7 @@ pub enum SnapshotterMsg {
     /// of whatever asked (an API request), so the capture's span is its child.
     Capture(Option<CaptureReply>, tracing::Span),
     /// The running capture finished.
-    Finished(Box<Result<CaptureJson, ApiError>>),
+    Finished(Box<CaptureResult>),
 }
 
 pub struct SnapshotterState {
@@ -82,10 +129,7 @@ fn on_capture(
             state.next_cause.get_or_insert(cause);
         }
         Requested::Full(reply) => {
-            let _ = reply.send(Err(ApiError::busy(format!(
-                "replica {:?}: too many captures are waiting; retry later",
-                state.replica
-            ))));
+            let _ = reply.send(Err(CaptureFailure::Busy(state.replica.clone())));
         }
     }
 }
@@ -93,7 +137,7 @@ fn on_capture(
 fn on_finished(
     myself: ActorRef<SnapshotterMsg>,
     state: &mut SnapshotterState,
-    result: Result<CaptureJson, ApiError>,
+    result: CaptureResult,
 ) {
     state.shared.record_capture(&state.replica, &result);
     let (waiters, again) = state.queue.finished();
@@ -115,17 +159,18 @@ fn start(myself: ActorRef<SnapshotterMsg>, state: &SnapshotterState, cause: trac
             span.in_scope(|| run_capture(&shared, &replica, &span))
         })
         .await
-        .unwrap_or_else(|error| Err(ApiError::internal(format!("capture task failed: {error}"))));
+        .unwrap_or_else(|error| {
+            Err(CaptureFailure::Failed {
+                kind: CaptureFailureKind::Other,
+                message: format!("capture task failed: {error}"),
+            })
+        });
         let _ = myself.cast(SnapshotterMsg::Finished(Box::new(result)));
     });
 }
 
 /// One capture, on the blocking pool.
-fn run_capture(
-    shared: &Shared,
-    replica: &str,
-    span: &tracing::Span,
-) -> Result<CaptureJson, ApiError> {
+fn run_capture(shared: &Shared, replica: &str, span: &tracing::Span) -> CaptureResult {
     let started = std::time::Instant::now();
     let attributes = kairos_telemetry::Metrics::replica(replica);
     let result = capture_once(shared, replica, span);
@@ -148,11 +193,7 @@ fn run_capture(
     result
 }
 
-fn capture_once(
-    shared: &Shared,
-    replica: &str,
-    span: &tracing::Span,
-) -> Result<CaptureJson, ApiError> {
+fn capture_once(shared: &Shared, replica: &str, span: &tracing::Span) -> CaptureResult {
     let definition = shared.store.replica(replica)?;
     let report = capture(
         &shared.store,

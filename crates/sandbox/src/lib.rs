@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use kairos_core::{Hash, Instant, Limits, ReplicaDefinition, TimelineSpec};
 use kairos_replay::{ConfigChange, FileChange, ReplayError, RestoreOptions, StateView};
-use kairos_store::node::RootNode;
 use kairos_store::audit::{CheckSummary, ProposalEvent, SandboxEvent};
+use kairos_store::node::RootNode;
 use kairos_store::{
     AuditEvent, CatalogError, Change, Command, FrameRecord, ObjectKind, RecordBody, RecordFamily,
     Store, StoreError,

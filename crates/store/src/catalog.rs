@@ -113,7 +113,9 @@ pub enum CatalogError {
         "replica {replica:?}: timeline {timeline:?} follows the live replica and cannot be forked onto or deleted"
     )]
     MainTimeline { replica: String, timeline: String },
-    #[error("replica {replica:?} is busy: commit {commit} is in progress ({status}); wait for it to finish")]
+    #[error(
+        "replica {replica:?} is busy: commit {commit} is in progress ({status}); wait for it to finish"
+    )]
     Busy {
         replica: String,
         commit: String,
@@ -121,9 +123,13 @@ pub enum CatalogError {
     },
     #[error("replica {replica:?}: commit {commit} is not the commit in progress")]
     NotPending { replica: String, commit: String },
-    #[error("replica {replica:?}: the catalog key {key} kept changing under the command; try again")]
+    #[error(
+        "replica {replica:?}: the catalog key {key} kept changing under the command; try again"
+    )]
     Contended { replica: String, key: String },
-    #[error("catalog command version {version} is not supported (this build applies version {supported})")]
+    #[error(
+        "catalog command version {version} is not supported (this build applies version {supported})"
+    )]
     Version { version: u16, supported: u16 },
     #[error("catalog command: {0}")]
     Invalid(String),
@@ -215,9 +221,9 @@ impl Store {
                 },
             },
         );
-        self.submit(&command)?.frame.ok_or_else(|| {
-            CatalogError::Invalid("an appended frame was not returned".into())
-        })
+        self.submit(&command)?
+            .frame
+            .ok_or_else(|| CatalogError::Invalid("an appended frame was not returned".into()))
     }
 
     pub fn frame(&self, id: &Hash) -> Result<FrameRecord> {

@@ -82,7 +82,12 @@ impl Store {
     }
 
     /// Ids of a family's records of `replica` that start with the hex `prefix`.
-    pub fn record_ids(&self, family: RecordFamily, replica: &str, prefix: &str) -> Result<Vec<Hash>> {
+    pub fn record_ids(
+        &self,
+        family: RecordFamily,
+        replica: &str,
+        prefix: &str,
+    ) -> Result<Vec<Hash>> {
         let scan = keys::replica_prefix(family.prefix(), replica);
         Ok(self
             .reader()?

@@ -405,7 +405,12 @@ fn busy(view: &dyn KvSnapshot, replica: &str, marker: &[u8]) -> CatalogError {
             view.get(&key).ok().flatten()
         })
         .and_then(|value| serde_json::from_slice::<serde_json::Value>(&value).ok())
-        .and_then(|record| record.get("status").and_then(|s| s.as_str()).map(String::from))
+        .and_then(|record| {
+            record
+                .get("status")
+                .and_then(|s| s.as_str())
+                .map(String::from)
+        })
         .unwrap_or_else(|| "starting".into());
     CatalogError::Busy {
         replica: replica.to_string(),

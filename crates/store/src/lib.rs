@@ -27,8 +27,8 @@ pub mod store;
 pub mod tree;
 pub mod verify;
 
-pub use catalog::{CatalogError, FrameDraft, FrameRecord};
 pub use audit::{AuditEntry, AuditEvent, AuditLog};
+pub use catalog::{CatalogError, FrameDraft, FrameRecord};
 pub use changes::{ForkRecord, TimelineInfo};
 pub use command::{Applied, Change, Command, RecordBody, RecordFamily, SYSTEM_PARTY};
 pub use object::ObjectKind;

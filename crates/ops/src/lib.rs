@@ -1,0 +1,418 @@
+//! Kairos operations: one implementation of every command over a store — history, state,
+//! cat, diff, restore, verify, timelines, proposals, sandboxes, commits, reverts, the
+//! audit log and recovery. The CLI calls it on a data directory, the node's HTTP handlers
+//! call it on the node's store: same code, same limits, same answers. Reads never change
+//! anything; every write is a catalog command.
+//!
+//! Captures are the one thing done differently by the two callers (the node's go through
+//! the replica's snapshotter actor, the only writer of its frames); commits therefore take
+//! a [`Capturer`].
+
+pub mod wire;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use kairos_capture::{CaptureError, CaptureReport, CaptureRequest};
+use kairos_commit::{Capturer, CommitError, CommitRecord, Committer};
+use kairos_core::spec::MAIN_TIMELINE;
+use kairos_core::{Instant, Limits, ReplicaDefinition, SpecError, TimelineSpec};
+use kairos_replay::{ReplayError, RestoreOptions, RestoreReport, StateDiff, StateListing};
+use kairos_sandbox::{
+    Proposal, ProposalDocument, SandboxError, SandboxOptions, SandboxReport, load_proposal,
+};
+use kairos_store::audit::TimelineEvent;
+use kairos_store::{
+    AuditEvent, AuditLog, CatalogError, Change, Command, Store, StoreError, TimelineInfo,
+    VerifyReport,
+};
+
+use wire::{FrameJson, ProposalJson};
+
+/// Input that is wrong before anything is looked up: the caller can fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error("timeline name {0:?} is invalid: use letters, digits, '-', '_' or '.'")]
+    TimelineName(String),
+    #[error("party {0:?} is invalid: use letters, digits, '-', '_' or '.'")]
+    Party(String),
+    #[error("replica {replica:?}: root {root:?} must be an absolute path")]
+    RelativeRoot { replica: String, root: String },
+    #[error("restore target {0:?} must be an absolute path")]
+    RelativeTarget(String),
+    #[error("{0}")]
+    Replica(String),
+    #[error("proposal id {id:?}: {problem}")]
+    ProposalId { id: String, problem: String },
+}
+
+/// Everything an operation can answer instead of its result.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub type Result<T, E = OpsError> = std::result::Result<T, E>;
+
+/// Checks a party name (it is written in the audit log).
+pub fn party(name: &str) -> Result<String> {
+    if !kairos_core::replica::is_valid_replica_name(name) {
+        return Err(InputError::Party(name.to_string()).into());
+    }
+    Ok(name.to_string())
+}
+
+/// Parses a frame spec (`latest`, an id prefix, an instant, an age, `TIMELINE@SPEC`).
+pub fn spec(text: &str) -> Result<TimelineSpec> {
+    Ok(TimelineSpec::parse(text)?)
+}
+
+/// Checks a proposal id prefix without looking it up.
+pub fn proposal_id(id: &str) -> Result<()> {
+    kairos_core::hash::parse_hex_prefix(id).map_err(|error| InputError::ProposalId {
+        id: id.to_string(),
+        problem: error.to_string(),
+    })?;
+    Ok(())
+}
+
+/// A new replica, as `replica add` and `POST /api/replicas` describe it.
+pub struct ReplicaRequest<'a> {
+    pub name: &'a str,
+    pub root: &'a Path,
+    pub processes: Vec<String>,
+    pub exclude: Vec<String>,
+    pub capture_interval: &'a str,
+    pub settings: &'a kairos_capture::ReplicaSettings,
+}
+
+/// The operations on one store, with the limits of its configuration.
+pub struct Service<'s> {
+    pub store: &'s Store,
+    pub limits: Limits,
+    /// Paths never captured (the store's own directory).
+    pub skip: Vec<PathBuf>,
+}
+
+impl Service<'_> {
+    pub fn replicas(&self) -> Result<Vec<ReplicaDefinition>> {
+        Ok(self.store.replicas()?)
+    }
+
+    pub fn add_replica(&self, request: ReplicaRequest<'_>) -> Result<ReplicaDefinition> {
+        if !request.root.is_absolute() {
+            return Err(InputError::RelativeRoot {
+                replica: request.name.to_string(),
+                root: request.root.display().to_string(),
+            }
+            .into());
+        }
+        let replica = kairos_capture::define_replica(
+            request.name,
+            request.root,
+            request.processes,
+            request.exclude,
+            request.capture_interval,
+            request.settings,
+        )
+        .map_err(InputError::Replica)?;
+        self.store.add_replica(&replica)?;
+        Ok(replica)
+    }
+
+    /// One capture of `name` on this thread (the CLI's; a node captures through its
+    /// snapshotter).
+    pub fn capture_directly(&self, name: &str) -> Result<CaptureReport> {
+        let replica = self.store.replica(name)?;
+        Ok(kairos_capture::capture(
+            self.store,
+            &CaptureRequest {
+                replica: &replica,
+                timeline: MAIN_TIMELINE,
+                limits: self.limits,
+                skip: self.skip.clone(),
+            },
+        )?)
+    }
+
+    pub fn history(&self, name: &str, timeline: &str) -> Result<Vec<FrameJson>> {
+        self.store.replica(name)?;
+        Ok(self
+            .store
+            .history(name, timeline)?
+            .iter()
+            .map(FrameJson::from)
+            .collect())
+    }
+
+    pub fn state(&self, name: &str, at: &TimelineSpec) -> Result<StateListing> {
+        let view = kairos_replay::open(self.store, name, at, Instant::now())?;
+        Ok(kairos_replay::listing(self.store, &view)?)
+    }
+
+    pub fn cat(
+        &self,
+        name: &str,
+        path: &[u8],
+        at: &TimelineSpec,
+        out: &mut dyn Write,
+    ) -> Result<()> {
+        let view = kairos_replay::open(self.store, name, at, Instant::now())?;
+        let reader = self.store.reader()?;
+        view.cat(&reader, path, &self.limits, out)?;
+        Ok(())
+    }
+
+    pub fn diff(&self, name: &str, from: &TimelineSpec, to: &TimelineSpec) -> Result<StateDiff> {
+        let now = Instant::now();
+        let from = kairos_replay::open(self.store, name, from, now)?;
+        let to = kairos_replay::open(self.store, name, to, now)?;
+        Ok(kairos_replay::diff(self.store, &from, &to)?)
+    }
+
+    /// Materialises a frame into `into` (absolute), calling `total` with its size first.
+    pub fn restore(
+        &self,
+        name: &str,
+        at: &TimelineSpec,
+        into: &Path,
+        force: bool,
+        progress: Option<&(dyn Fn(u64) + Sync)>,
+        total: &dyn Fn(u64),
+    ) -> Result<RestoreReport> {
+        if !into.is_absolute() {
+            return Err(InputError::RelativeTarget(into.display().to_string()).into());
+        }
+        let replica = self.store.replica(name)?;
+        let view = kairos_replay::open(self.store, name, at, Instant::now())?;
+        total(view.frame.bytes);
+        let options = RestoreOptions {
+            force,
+            exclude: replica.exclude.clone(),
+            progress,
+            durable: false,
+        };
+        Ok(kairos_replay::restore(self.store, &view, into, &options)?)
+    }
+
+    pub fn verify(&self) -> Result<VerifyReport> {
+        Ok(self.store.verify()?)
+    }
+
+    pub fn timelines(&self, name: &str) -> Result<Vec<TimelineInfo>> {
+        Ok(self.store.timeline_infos(name)?)
+    }
+
+    /// Forks `timeline` at the frame `at` names: a pointer, logged.
+    pub fn fork(
+        &self,
+        name: &str,
+        timeline: &str,
+        at: &TimelineSpec,
+        party: &str,
+    ) -> Result<TimelineInfo> {
+        if !kairos_core::spec::is_valid_timeline_name(timeline) {
+            return Err(InputError::TimelineName(timeline.to_string()).into());
+        }
+        let now = Instant::now();
+        let base = self.store.resolve(name, at, now)?;
+        self.store.submit(
+            &Command::new(
+                now,
+                name,
+                timeline,
+                party,
+                Change::ForkTimeline { base: base.id },
+            )
+            .with_audit(AuditEvent::Timeline(TimelineEvent::Fork {
+                fork: timeline.to_string(),
+                at: base.id,
+            })),
+        )?;
+        self.store
+            .timeline_infos(name)?
+            .into_iter()
+            .find(|info| info.name == timeline)
+            .ok_or_else(|| {
+                CatalogError::UnknownTimeline {
+                    replica: name.to_string(),
+                    timeline: timeline.to_string(),
+                }
+                .into()
+            })
+    }
+
+    /// Deletes a fork (its frames stay readable by id), logged.
+    pub fn delete_timeline(&self, name: &str, timeline: &str, party: &str) -> Result<()> {
+        self.store.submit(
+            &Command::new(
+                Instant::now(),
+                name,
+                timeline,
+                party,
+                Change::DeleteTimeline,
+            )
+            .with_audit(AuditEvent::Timeline(TimelineEvent::Delete {
+                delete: timeline.to_string(),
+            })),
+        )?;
+        Ok(())
+    }
+
+    pub fn propose(
+        &self,
+        name: &str,
+        document: ProposalDocument,
+        timeline: Option<&str>,
+    ) -> Result<ProposalJson> {
+        let replica = self.store.replica(name)?;
+        let proposal = kairos_sandbox::propose(
+            self.store,
+            &replica,
+            document,
+            timeline,
+            &self.limits,
+            Instant::now(),
+        )?;
+        Ok(ProposalJson::from(&proposal))
+    }
+
+    pub fn proposal(&self, name: &str, id: &str) -> Result<Proposal> {
+        proposal_id(id)?;
+        Ok(load_proposal(self.store, name, id)?)
+    }
+
+    pub fn sandbox(
+        &self,
+        name: &str,
+        id: &str,
+        ops: Option<&[usize]>,
+        run_check: bool,
+        party: &str,
+    ) -> Result<SandboxReport> {
+        let replica = self.store.replica(name)?;
+        let proposal = self.proposal(name, id)?;
+        Ok(kairos_sandbox::sandbox(
+            self.store,
+            &replica,
+            &proposal,
+            &SandboxOptions {
+                chosen: ops,
+                run_check,
+                party,
+            },
+            &self.limits,
+            Instant::now(),
+        )?)
+    }
+
+    fn committer<'a>(
+        &'a self,
+        replica: &'a ReplicaDefinition,
+        capturer: &'a dyn Capturer,
+    ) -> Committer<'a> {
+        Committer {
+            store: self.store,
+            replica,
+            limits: self.limits,
+            capturer,
+        }
+    }
+
+    /// Starts a commit of a proposal's chosen ops: the record is `watching` (call
+    /// [`Service::watch`]) or final. While another commit of the replica is in progress
+    /// it is refused as busy.
+    pub fn begin_commit(
+        &self,
+        name: &str,
+        id: &str,
+        ops: Option<&[usize]>,
+        party: &str,
+        capturer: &dyn Capturer,
+    ) -> Result<CommitRecord> {
+        let replica = self.store.replica(name)?;
+        let proposal = self.proposal(name, id)?;
+        Ok(self
+            .committer(&replica, capturer)
+            .begin(&proposal, ops, party)?)
+    }
+
+    /// Watches a `watching` commit to its end.
+    pub fn watch(&self, record: CommitRecord, capturer: &dyn Capturer) -> Result<CommitRecord> {
+        let replica = self.store.replica(&record.replica)?;
+        Ok(self.committer(&replica, capturer).watch(record)?)
+    }
+
+    pub fn commit_record(&self, name: &str, id: &str) -> Result<CommitRecord> {
+        let replica = self.store.replica(name)?;
+        let nothing = NoCapture;
+        Ok(self.committer(&replica, &nothing).commit_record(id)?)
+    }
+
+    pub fn revert(
+        &self,
+        name: &str,
+        to: &TimelineSpec,
+        party: &str,
+        capturer: &dyn Capturer,
+    ) -> Result<CommitRecord> {
+        let replica = self.store.replica(name)?;
+        Ok(self.committer(&replica, capturer).revert(to, party)?)
+    }
+
+    /// The replica's audit log with its chain checked. Reads only.
+    pub fn log(&self, name: &str) -> Result<AuditLog> {
+        self.store.replica(name)?;
+        Ok(self.store.audit_log(name)?)
+    }
+
+    /// Rolls back every commit a crash left in progress (of `only`, or of every
+    /// replica) to its last good frame; returns the recovered records.
+    pub fn recover(
+        &self,
+        only: Option<&str>,
+        capturer: &dyn Capturer,
+    ) -> Result<Vec<CommitRecord>> {
+        let replicas = match only {
+            Some(name) => vec![self.store.replica(name)?],
+            None => self.store.replicas()?,
+        };
+        let mut recovered = Vec::new();
+        for replica in &replicas {
+            if let Some(record) = self.committer(replica, capturer).recover()? {
+                recovered.push(record);
+            }
+        }
+        Ok(recovered)
+    }
+}
+
+/// For operations that never capture.
+struct NoCapture;
+
+impl Capturer for NoCapture {
+    fn capture(
+        &self,
+        replica: &ReplicaDefinition,
+    ) -> std::result::Result<kairos_store::FrameRecord, String> {
+        Err(format!(
+            "replica {:?}: this operation does not capture",
+            replica.name
+        ))
+    }
+}
