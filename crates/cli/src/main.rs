@@ -54,71 +54,19 @@ enum Command {
     #[command(subcommand)]
     Replica(ReplicaCommand),
     /// Capture the current state of a replica as a new frame
-    Capture {
-        /// The replica to capture
-        name: String,
-        #[arg(long)]
-        json: bool,
-    },
+    Capture(CaptureArgs),
     /// List the frames of a replica, oldest first
-    History {
-        name: String,
-        /// The timeline to list
-        #[arg(long, default_value = MAIN_TIMELINE)]
-        timeline: String,
-        #[arg(long)]
-        json: bool,
-    },
+    History(HistoryArgs),
     /// Show the state at an instant: files, config keys, processes and metrics
-    Show {
-        name: String,
-        #[command(flatten)]
-        at: AtArg,
-        #[arg(long)]
-        json: bool,
-    },
+    Show(ShowArgs),
     /// Print a file's bytes as they were at an instant
-    Cat {
-        name: String,
-        /// Path of the file, relative to the replica root
-        path: PathBuf,
-        #[command(flatten)]
-        at: AtArg,
-    },
+    Cat(CatArgs),
     /// Show what changed between two instants (files, config keys, processes, metrics)
-    Diff {
-        name: String,
-        /// The earlier instant (a SPEC, see `kairos show --help`)
-        #[arg(long, allow_hyphen_values = true)]
-        from: String,
-        /// The later instant
-        #[arg(long, default_value = "latest", allow_hyphen_values = true)]
-        to: String,
-        #[arg(long)]
-        json: bool,
-    },
+    Diff(DiffArgs),
     /// Materialise the state at an instant into a directory
-    Restore {
-        name: String,
-        /// The instant to restore (a SPEC, see `kairos show --help`)
-        #[arg(long, allow_hyphen_values = true)]
-        at: String,
-        /// The directory to write; it must be empty or absent unless --force is given
-        #[arg(long)]
-        into: PathBuf,
-        /// Replace what a non-empty target holds: afterwards it equals the frame (paths
-        /// matching the replica's excludes are left alone; files whose size and
-        /// modification time match the frame are kept, as rsync's quick check does)
-        #[arg(long)]
-        force: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Restore(RestoreArgs),
     /// Check every stored object and frame (hashes, compression, tree structure)
-    Verify {
-        #[arg(long)]
-        json: bool,
-    },
+    Verify(VerifyArgs),
     /// Fork, list and delete timelines (main follows the live replica)
     #[command(subcommand)]
     Timeline(TimelineCommand),
@@ -130,77 +78,168 @@ enum Command {
     /// patch_file {path, unified_diff}, delete {path}, set_config {file, key, value},
     /// unset_config {file, key}, action {name}. Paths are relative to the replica root.
     #[command(group(clap::ArgGroup::new("source").required(true).args(["file", "from_dir"])))]
-    Propose {
-        name: String,
-        /// The proposal document (JSON or TOML)
-        #[arg(long, value_name = "FILE")]
-        file: Option<PathBuf>,
-        /// Derive the ops from how DIR differs from the base (e.g. a restored, edited copy)
-        #[arg(long, value_name = "DIR")]
-        from_dir: Option<PathBuf>,
-        /// The timeline to propose on [default: main]
-        #[arg(long)]
-        timeline: Option<String>,
-        /// Title for --from-dir proposals
-        #[arg(long)]
-        title: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    Propose(ProposeArgs),
     /// Apply a proposal to a copy of its base and show the diff; --run-check materialises
     /// it in a scratch directory and runs the replica's check there (exit 1 if it fails)
-    Sandbox {
-        name: String,
-        /// Proposal id (4+ hex digits)
-        proposal: String,
-        /// Only these ops, by 1-based index, e.g. `1,3`
-        #[arg(long, value_name = "LIST")]
-        ops: Option<String>,
-        #[arg(long)]
-        run_check: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Sandbox(SandboxArgs),
     /// Commit a proposal (all ops or --ops) to its timeline; on main the live replica is
     /// written, then probes watch it and a failure rolls it back. Exit 1 unless committed
-    Commit {
-        name: String,
-        /// Proposal id (4+ hex digits)
-        proposal: String,
-        /// Only these ops, by 1-based index, e.g. `1,3`
-        #[arg(long, value_name = "LIST")]
-        ops: Option<String>,
-        /// Answer "watching" at once instead of waiting for the watch window (needs a node)
-        #[arg(long)]
-        no_wait: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Commit(CommitArgs),
     /// Restore a frame to the live replica by hand, recorded as a commit
-    Revert {
-        name: String,
-        /// The frame to restore (a SPEC)
-        #[arg(long, allow_hyphen_values = true)]
-        to: String,
-        #[arg(long)]
-        json: bool,
-    },
+    Revert(RevertArgs),
     /// The replica's audit log: proposals, sandboxes, commits, probes, rollbacks, reverts
     /// (hash-chained; exit 1 if the chain is broken)
-    Log {
-        name: String,
-        #[arg(long)]
-        json: bool,
-    },
+    Log(LogArgs),
     /// Roll back commits a crash left in progress (of one replica, or of all) to their
     /// last good frame, and log it. A node does this when it starts; commit and revert
     /// on a data directory do it first by themselves
-    Recover {
-        /// Only this replica
-        name: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    Recover(RecoverArgs),
+}
+
+#[derive(Args)]
+struct CaptureArgs {
+    /// The replica to capture
+    name: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct HistoryArgs {
+    name: String,
+    /// The timeline to list
+    #[arg(long, default_value = MAIN_TIMELINE)]
+    timeline: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ShowArgs {
+    name: String,
+    #[command(flatten)]
+    at: AtArg,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CatArgs {
+    name: String,
+    /// Path of the file, relative to the replica root
+    path: PathBuf,
+    #[command(flatten)]
+    at: AtArg,
+}
+
+#[derive(Args)]
+struct DiffArgs {
+    name: String,
+    /// The earlier instant (a SPEC, see `kairos show --help`)
+    #[arg(long, allow_hyphen_values = true)]
+    from: String,
+    /// The later instant
+    #[arg(long, default_value = "latest", allow_hyphen_values = true)]
+    to: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    name: String,
+    /// The instant to restore (a SPEC, see `kairos show --help`)
+    #[arg(long, allow_hyphen_values = true)]
+    at: String,
+    /// The directory to write; it must be empty or absent unless --force is given
+    #[arg(long)]
+    into: PathBuf,
+    /// Replace what a non-empty target holds: afterwards it equals the frame (paths
+    /// matching the replica's excludes are left alone; files whose size and
+    /// modification time match the frame are kept, as rsync's quick check does)
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ProposeArgs {
+    name: String,
+    /// The proposal document (JSON or TOML)
+    #[arg(long, value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Derive the ops from how DIR differs from the base (e.g. a restored, edited copy)
+    #[arg(long, value_name = "DIR")]
+    from_dir: Option<PathBuf>,
+    /// The timeline to propose on [default: main]
+    #[arg(long)]
+    timeline: Option<String>,
+    /// Title for --from-dir proposals
+    #[arg(long)]
+    title: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SandboxArgs {
+    name: String,
+    /// Proposal id (4+ hex digits)
+    proposal: String,
+    /// Only these ops, by 1-based index, e.g. `1,3`
+    #[arg(long, value_name = "LIST")]
+    ops: Option<String>,
+    #[arg(long)]
+    run_check: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CommitArgs {
+    name: String,
+    /// Proposal id (4+ hex digits)
+    proposal: String,
+    /// Only these ops, by 1-based index, e.g. `1,3`
+    #[arg(long, value_name = "LIST")]
+    ops: Option<String>,
+    /// Answer "watching" at once instead of waiting for the watch window (needs a node)
+    #[arg(long)]
+    no_wait: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RevertArgs {
+    name: String,
+    /// The frame to restore (a SPEC)
+    #[arg(long, allow_hyphen_values = true)]
+    to: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct LogArgs {
+    name: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RecoverArgs {
+    /// Only this replica
+    name: Option<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -341,8 +380,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     };
     match cli.command {
-        Command::Up { .. } => unreachable!("handled above"),
-        Command::Replica(ReplicaCommand::Add {
+        // Handled before a backend is chosen.
+        Command::Up { .. } => Ok(ExitCode::SUCCESS),
+        Command::Replica(command) => replica(&backend, command),
+        Command::Capture(args) => capture_command(&backend, args),
+        Command::History(args) => history_command(&backend, args),
+        Command::Show(args) => show_command(&backend, args),
+        Command::Cat(args) => cat_command(&backend, args),
+        Command::Diff(args) => diff_command(&backend, args),
+        Command::Restore(args) => restore_command(&backend, args),
+        Command::Verify(args) => verify_command(&backend, args),
+        Command::Timeline(command) => timeline(&backend, command, &party),
+        Command::Propose(args) => propose_command(&backend, args, &party),
+        Command::Sandbox(args) => sandbox_command(&backend, args, &party),
+        Command::Commit(args) => commit_command(&backend, args, &party),
+        Command::Revert(args) => revert_command(&backend, args, &party),
+        Command::Log(args) => log_command(&backend, args),
+        Command::Recover(args) => recover_command(&backend, args),
+    }
+}
+
+fn replica(backend: &Backend, command: ReplicaCommand) -> Result<ExitCode> {
+    match command {
+        ReplicaCommand::Add {
             name,
             root,
             processes,
@@ -355,7 +415,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             probe_interval,
             actions,
             probes,
-        }) => {
+        } => {
             let settings = kairos_capture::ReplicaSettings {
                 check,
                 check_timeout,
@@ -379,7 +439,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 replica.root.display()
             );
         }
-        Command::Replica(ReplicaCommand::List { json }) => {
+        ReplicaCommand::List { json } => {
             let replicas = backend.replicas()?;
             if json {
                 print_json(&replicas)?;
@@ -406,275 +466,320 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Capture { name, json } => {
-            let report = backend.capture(&name)?;
-            if json {
-                print_json(&report)?;
-            } else {
-                let frame = &report.frame;
-                println!(
-                    "frame {} at {}: {} entries, {}; read {} files, reused {}; stored {} new objects ({}); {} processes; {} ms",
-                    frame.frame.short(),
-                    frame.time,
-                    frame.entries,
-                    bytes(frame.bytes),
-                    report.files_read,
-                    report.files_reused,
-                    frame.objects_new,
-                    bytes(frame.bytes_new_stored),
-                    report.processes,
-                    frame.capture_ms,
-                );
-                for note in &report.notes {
-                    println!("  note {}: {}", note.path, note.message);
-                }
-            }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn capture_command(backend: &Backend, CaptureArgs { name, json }: CaptureArgs) -> Result<ExitCode> {
+    let report = backend.capture(&name)?;
+    if json {
+        print_json(&report)?;
+    } else {
+        let frame = &report.frame;
+        println!(
+            "frame {} at {}: {} entries, {}; read {} files, reused {}; stored {} new objects ({}); {} processes; {} ms",
+            frame.frame.short(),
+            frame.time,
+            frame.entries,
+            bytes(frame.bytes),
+            report.files_read,
+            report.files_reused,
+            frame.objects_new,
+            bytes(frame.bytes_new_stored),
+            report.processes,
+            frame.capture_ms,
+        );
+        for note in &report.notes {
+            println!("  note {}: {}", note.path, note.message);
         }
-        Command::History {
-            name,
-            timeline,
-            json,
-        } => {
-            let frames = backend.history(&name, &timeline)?;
-            if json {
-                print_json(&frames)?;
-            } else if frames.is_empty() {
-                println!("replica {name:?} has no frames on timeline {timeline:?} yet");
-            } else {
-                println!(
-                    "{:<12}  {:<30}  {:>9}  {:>10}  {:>10}",
-                    "FRAME", "TIME", "ENTRIES", "SIZE", "NEW"
-                );
-                for frame in &frames {
-                    println!(
-                        "{:<12}  {:<30}  {:>9}  {:>10}  {:>10}",
-                        frame.frame.short(),
-                        frame.time.to_string(),
-                        frame.entries,
-                        bytes(frame.bytes),
-                        bytes(frame.bytes_new_stored)
-                    );
-                }
-            }
-        }
-        Command::Show { name, at, json } => {
-            let listing = backend.state(&name, &at.at)?;
-            if json {
-                print_json(&listing)?;
-            } else {
-                output::print_listing(&listing)?;
-            }
-        }
-        Command::Cat { name, path, at } => {
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout.lock());
-            backend.cat(&name, &path, &at.at, &mut out)?;
-            out.flush().context("writing to standard output")?;
-        }
-        Command::Diff {
-            name,
-            from,
-            to,
-            json,
-        } => {
-            let changes = backend.diff(&name, &from, &to)?;
-            if json {
-                print_json(&changes)?;
-            } else {
-                output::print_diff(&changes)?;
-            }
-        }
-        Command::Restore {
-            name,
-            at,
-            into,
-            force,
-            json,
-        } => {
-            let bar = indicatif::ProgressBar::with_draw_target(
-                None,
-                if std::io::stderr().is_terminal() && !json {
-                    indicatif::ProgressDrawTarget::stderr()
-                } else {
-                    indicatif::ProgressDrawTarget::hidden()
-                },
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn history_command(
+    backend: &Backend,
+    HistoryArgs {
+        name,
+        timeline,
+        json,
+    }: HistoryArgs,
+) -> Result<ExitCode> {
+    let frames = backend.history(&name, &timeline)?;
+    if json {
+        print_json(&frames)?;
+    } else if frames.is_empty() {
+        println!("replica {name:?} has no frames on timeline {timeline:?} yet");
+    } else {
+        println!(
+            "{:<12}  {:<30}  {:>9}  {:>10}  {:>10}",
+            "FRAME", "TIME", "ENTRIES", "SIZE", "NEW"
+        );
+        for frame in &frames {
+            println!(
+                "{:<12}  {:<30}  {:>9}  {:>10}  {:>10}",
+                frame.frame.short(),
+                frame.time.to_string(),
+                frame.entries,
+                bytes(frame.bytes),
+                bytes(frame.bytes_new_stored)
             );
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            let progress = |written: u64| bar.set_position(written);
-            let total = |bytes: u64| bar.set_length(bytes);
-            let report = backend.restore(&name, &at, &into, force, &progress, &total)?;
-            bar.finish_and_clear();
-            if json {
-                print_json(&report)?;
-            } else {
-                println!(
-                    "restored frame {} into {}: {} files, {} directories, {} symlinks, {}{} in {} ms",
-                    &report.frame[..12.min(report.frame.len())],
-                    into.display(),
-                    report.files,
-                    report.directories,
-                    report.symlinks,
-                    bytes(report.bytes),
-                    if report.removed > 0 {
-                        format!(", removed {} entries", report.removed)
-                    } else {
-                        String::new()
-                    },
-                    report.duration_ms
-                );
-                for skipped in &report.skipped {
-                    println!("  skipped {skipped}");
-                }
-            }
         }
-        Command::Verify { json } => {
-            let report = backend.verify()?;
-            if json {
-                print_json(&report)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show_command(backend: &Backend, ShowArgs { name, at, json }: ShowArgs) -> Result<ExitCode> {
+    let listing = backend.state(&name, &at.at)?;
+    if json {
+        print_json(&listing)?;
+    } else {
+        output::print_listing(&listing)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cat_command(backend: &Backend, CatArgs { name, path, at }: CatArgs) -> Result<ExitCode> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    backend.cat(&name, &path, &at.at, &mut out)?;
+    out.flush().context("writing to standard output")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn diff_command(
+    backend: &Backend,
+    DiffArgs {
+        name,
+        from,
+        to,
+        json,
+    }: DiffArgs,
+) -> Result<ExitCode> {
+    let changes = backend.diff(&name, &from, &to)?;
+    if json {
+        print_json(&changes)?;
+    } else {
+        output::print_diff(&changes)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn restore_command(
+    backend: &Backend,
+    RestoreArgs {
+        name,
+        at,
+        into,
+        force,
+        json,
+    }: RestoreArgs,
+) -> Result<ExitCode> {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        None,
+        if std::io::stderr().is_terminal() && !json {
+            indicatif::ProgressDrawTarget::stderr()
+        } else {
+            indicatif::ProgressDrawTarget::hidden()
+        },
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let progress = |written: u64| bar.set_position(written);
+    let total = |bytes: u64| bar.set_length(bytes);
+    let report = backend.restore(&name, &at, &into, force, &progress, &total)?;
+    bar.finish_and_clear();
+    if json {
+        print_json(&report)?;
+    } else {
+        println!(
+            "restored frame {} into {}: {} files, {} directories, {} symlinks, {}{} in {} ms",
+            &report.frame[..12.min(report.frame.len())],
+            into.display(),
+            report.files,
+            report.directories,
+            report.symlinks,
+            bytes(report.bytes),
+            if report.removed > 0 {
+                format!(", removed {} entries", report.removed)
             } else {
-                println!(
-                    "{} replicas, {} frames, {} objects ({} stored), {} reachable, {} orphaned",
-                    report.replicas,
-                    report.frames,
-                    report.objects,
-                    bytes(report.bytes_stored),
-                    report.objects_reachable,
-                    report.objects_orphaned
-                );
-                for problem in &report.problems {
-                    println!("problem: {problem}");
-                }
-            }
-            if !report.ok {
-                bail!(
-                    "the store has {} problems (listed above)",
-                    report.problems_count
-                );
-            }
-            if !json {
-                println!("ok");
-            }
+                String::new()
+            },
+            report.duration_ms
+        );
+        for skipped in &report.skipped {
+            println!("  skipped {skipped}");
         }
-        Command::Timeline(command) => return timeline(&backend, command, &party),
-        Command::Propose {
-            name,
-            file,
-            from_dir,
-            timeline,
-            title,
-            json,
-        } => {
-            let document = match (file, from_dir) {
-                (Some(file), _) => {
-                    let bytes = std::fs::read(&file)
-                        .with_context(|| format!("reading {}", file.display()))?;
-                    let mut document = kairos_sandbox::ProposalDocument::parse(&bytes)?;
-                    let base_dir = file.parent().unwrap_or(std::path::Path::new("."));
-                    fromdir::read_from_files(&mut document, base_dir)?;
-                    document
-                }
-                (None, Some(dir)) => fromdir::document_from_dir(
-                    &backend,
-                    &name,
-                    &dir,
-                    timeline.as_deref(),
-                    title,
-                    &party,
-                )?,
-                (None, None) => bail!("give --file or --from-dir"),
-            };
-            let proposal = backend.propose(&name, document, timeline.as_deref())?;
-            if json {
-                print_json(&proposal)?;
-            } else {
-                println!(
-                    "proposal {}: {:?} by {} on {}, base {} ({} ops)",
-                    proposal.proposal.short(),
-                    proposal.title,
-                    proposal.author,
-                    proposal.timeline,
-                    proposal.base.short(),
-                    proposal.ops.len()
-                );
-                for (index, op) in proposal.ops.iter().enumerate() {
-                    println!("  {}. {op}", index + 1);
-                }
-            }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify_command(backend: &Backend, VerifyArgs { json }: VerifyArgs) -> Result<ExitCode> {
+    let report = backend.verify()?;
+    if json {
+        print_json(&report)?;
+    } else {
+        println!(
+            "{} replicas, {} frames, {} objects ({} stored), {} reachable, {} orphaned",
+            report.replicas,
+            report.frames,
+            report.objects,
+            bytes(report.bytes_stored),
+            report.objects_reachable,
+            report.objects_orphaned
+        );
+        for problem in &report.problems {
+            println!("problem: {problem}");
         }
-        Command::Sandbox {
-            name,
-            proposal,
-            ops,
-            run_check,
-            json,
-        } => {
-            let ops = ops.as_deref().map(parse_ops).transpose()?;
-            let report = backend.sandbox(&name, &proposal, ops, run_check, &party)?;
-            if json {
-                print_json(&report)?;
-            } else {
-                output::print_sandbox(&report)?;
-            }
-            if report.check.as_ref().is_some_and(|check| !check.passed) {
-                return Ok(ExitCode::FAILURE);
-            }
+    }
+    if !report.ok {
+        bail!(
+            "the store has {} problems (listed above)",
+            report.problems_count
+        );
+    }
+    if !json {
+        println!("ok");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn propose_command(
+    backend: &Backend,
+    ProposeArgs {
+        name,
+        file,
+        from_dir,
+        timeline,
+        title,
+        json,
+    }: ProposeArgs,
+    party: &str,
+) -> Result<ExitCode> {
+    let document = match (file, from_dir) {
+        (Some(file), _) => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let mut document = kairos_sandbox::ProposalDocument::parse(&bytes)?;
+            let base_dir = file.parent().unwrap_or(std::path::Path::new("."));
+            fromdir::read_from_files(&mut document, base_dir)?;
+            document
         }
-        Command::Commit {
-            name,
-            proposal,
-            ops,
-            no_wait,
-            json,
-        } => {
-            let ops = ops.as_deref().map(parse_ops).transpose()?;
-            let record = backend.commit(&name, &proposal, ops, !no_wait, &party)?;
-            if json {
-                print_json(&record)?;
-            } else {
-                output::print_commit(&record)?;
-            }
-            if !matches!(
-                record.status,
-                kairos_commit::CommitStatus::Committed | kairos_commit::CommitStatus::Watching
-            ) {
-                return Ok(ExitCode::FAILURE);
-            }
+        (None, Some(dir)) => {
+            fromdir::document_from_dir(&backend, &name, &dir, timeline.as_deref(), title, &party)?
         }
-        Command::Revert { name, to, json } => {
-            let record = backend.revert(&name, &to, &party)?;
-            if json {
-                print_json(&record)?;
-            } else {
-                output::print_commit(&record)?;
-            }
+        (None, None) => bail!("give --file or --from-dir"),
+    };
+    let proposal = backend.propose(&name, document, timeline.as_deref())?;
+    if json {
+        print_json(&proposal)?;
+    } else {
+        println!(
+            "proposal {}: {:?} by {} on {}, base {} ({} ops)",
+            proposal.proposal.short(),
+            proposal.title,
+            proposal.author,
+            proposal.timeline,
+            proposal.base.short(),
+            proposal.ops.len()
+        );
+        for (index, op) in proposal.ops.iter().enumerate() {
+            println!("  {}. {op}", index + 1);
         }
-        Command::Log { name, json } => {
-            let log = backend.log(&name)?;
-            if json {
-                print_json(&log)?;
-            } else {
-                output::print_log(&log)?;
-            }
-            if !log.intact {
-                return Ok(ExitCode::FAILURE);
-            }
-        }
-        Command::Recover { name, json } => {
-            let recovered = backend.recover(name.as_deref())?;
-            if json {
-                print_json(&recovered)?;
-            } else if recovered.is_empty() {
-                println!("no commit was left in progress");
-            } else {
-                for record in &recovered {
-                    output::print_commit(record)?;
-                }
-            }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sandbox_command(
+    backend: &Backend,
+    SandboxArgs {
+        name,
+        proposal,
+        ops,
+        run_check,
+        json,
+    }: SandboxArgs,
+    party: &str,
+) -> Result<ExitCode> {
+    let ops = ops.as_deref().map(parse_ops).transpose()?;
+    let report = backend.sandbox(&name, &proposal, ops, run_check, &party)?;
+    if json {
+        print_json(&report)?;
+    } else {
+        output::print_sandbox(&report)?;
+    }
+    if report.check.as_ref().is_some_and(|check| !check.passed) {
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn commit_command(
+    backend: &Backend,
+    CommitArgs {
+        name,
+        proposal,
+        ops,
+        no_wait,
+        json,
+    }: CommitArgs,
+    party: &str,
+) -> Result<ExitCode> {
+    let ops = ops.as_deref().map(parse_ops).transpose()?;
+    let record = backend.commit(&name, &proposal, ops, !no_wait, &party)?;
+    if json {
+        print_json(&record)?;
+    } else {
+        output::print_commit(&record)?;
+    }
+    if !matches!(
+        record.status,
+        kairos_commit::CommitStatus::Committed | kairos_commit::CommitStatus::Watching
+    ) {
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn revert_command(
+    backend: &Backend,
+    RevertArgs { name, to, json }: RevertArgs,
+    party: &str,
+) -> Result<ExitCode> {
+    let record = backend.revert(&name, &to, &party)?;
+    if json {
+        print_json(&record)?;
+    } else {
+        output::print_commit(&record)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn log_command(backend: &Backend, LogArgs { name, json }: LogArgs) -> Result<ExitCode> {
+    let log = backend.log(&name)?;
+    if json {
+        print_json(&log)?;
+    } else {
+        output::print_log(&log)?;
+    }
+    if !log.intact {
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn recover_command(backend: &Backend, RecoverArgs { name, json }: RecoverArgs) -> Result<ExitCode> {
+    let recovered = backend.recover(name.as_deref())?;
+    if json {
+        print_json(&recovered)?;
+    } else if recovered.is_empty() {
+        println!("no commit was left in progress");
+    } else {
+        for record in &recovered {
+            output::print_commit(record)?;
         }
     }
     Ok(ExitCode::SUCCESS)
