@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant as Clock;
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
+use globset::GlobSet;
 use kairos_core::{Hash, Instant, Limits, ReplicaDefinition};
 use kairos_store::node::{
     self, Body, CaptureNote, ChunkRef, ConfigKey, ConfigNode, Content, DirEntry, Meta, Metrics,
@@ -50,12 +50,8 @@ pub enum CaptureError {
     RootNotDirectory { replica: String, root: PathBuf },
     #[error("replica {replica:?}: the state has more than {max} entries (limit state_entries_max)")]
     TooManyEntries { replica: String, max: u64 },
-    #[error("replica {replica:?}: exclude glob {pattern:?} is invalid: {reason}")]
-    BadExclude {
-        replica: String,
-        pattern: String,
-        reason: String,
-    },
+    #[error(transparent)]
+    BadExclude(#[from] kairos_replica::exclude::ExcludeError),
     #[error("replica {replica:?}: {source}")]
     Selector {
         replica: String,
@@ -302,21 +298,9 @@ fn note(path: &[u8], message: String) -> CaptureNote {
     }
 }
 
+/// The replica's exclude globs (see [`kairos_replica::exclude`]).
 pub fn build_excludes(replica: &ReplicaDefinition) -> Result<GlobSet, CaptureError> {
-    let mut builder = GlobSetBuilder::new();
-    for pattern in &replica.exclude {
-        let glob = Glob::new(pattern).map_err(|error| CaptureError::BadExclude {
-            replica: replica.name.clone(),
-            pattern: pattern.clone(),
-            reason: error.kind().to_string(),
-        })?;
-        builder.add(glob);
-    }
-    builder.build().map_err(|error| CaptureError::BadExclude {
-        replica: replica.name.clone(),
-        pattern: replica.exclude.join(", "),
-        reason: error.to_string(),
-    })
+    Ok(kairos_replica::exclude::build_excludes(replica)?)
 }
 
 pub fn meta_of(metadata: &Metadata) -> Meta {

@@ -3,56 +3,9 @@
 
 use std::collections::HashMap;
 
-use globset::{Glob, GlobMatcher};
 use kairos_core::Instant;
+pub use kairos_replica::selector::{Selector, SelectorError};
 use kairos_store::node::{ListeningSocket, ProcessEntry};
-
-/// Matches processes: a plain word matches a process name (comm or argv[0]'s base name)
-/// exactly; a pattern with `*`, `?` or `[` is a glob over the whole command line.
-pub struct Selector {
-    pattern: String,
-    glob: Option<GlobMatcher>,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("process selector {pattern:?} is not a valid glob: {reason}")]
-pub struct SelectorError {
-    pub pattern: String,
-    pub reason: String,
-}
-
-impl Selector {
-    pub fn new(pattern: &str) -> Result<Selector, SelectorError> {
-        let glob = if pattern.contains(['*', '?', '[']) {
-            Some(
-                Glob::new(pattern)
-                    .map_err(|error| SelectorError {
-                        pattern: pattern.to_string(),
-                        reason: error.kind().to_string(),
-                    })?
-                    .compile_matcher(),
-            )
-        } else {
-            None
-        };
-        Ok(Selector {
-            pattern: pattern.to_string(),
-            glob,
-        })
-    }
-
-    pub fn matches(&self, name: &str, cmdline: &[String]) -> bool {
-        match &self.glob {
-            Some(glob) => glob.is_match(cmdline.join(" ")),
-            None => {
-                name == self.pattern
-                    || cmdline.first().is_some_and(|argv0| {
-                        argv0.rsplit('/').next().unwrap_or(argv0) == self.pattern
-                    })
-            }
-        }
-    }
-}
 
 /// What the previous frame knew of a process, to turn CPU time into a rate.
 #[derive(Debug, Clone, Copy)]
@@ -135,7 +88,7 @@ pub fn sample(
             cpu_percent: (cpu_percent * 100.0).round() / 100.0,
             threads: stat.num_threads.max(0) as u32,
             listening,
-            selector: selector.pattern.clone(),
+            selector: selector.pattern().to_string(),
         });
     }
     out.sort_by_key(|process| (process.start_time_ns, process.pid));

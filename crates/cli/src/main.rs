@@ -669,7 +669,7 @@ fn propose_command(
             document
         }
         (None, Some(dir)) => {
-            fromdir::document_from_dir(&backend, &name, &dir, timeline.as_deref(), title, &party)?
+            fromdir::document_from_dir(backend, &name, &dir, timeline.as_deref(), title, party)?
         }
         (None, None) => bail!("give --file or --from-dir"),
     };
@@ -705,7 +705,7 @@ fn sandbox_command(
     party: &str,
 ) -> Result<ExitCode> {
     let ops = ops.as_deref().map(parse_ops).transpose()?;
-    let report = backend.sandbox(&name, &proposal, ops, run_check, &party)?;
+    let report = backend.sandbox(&name, &proposal, ops, run_check, party)?;
     if json {
         print_json(&report)?;
     } else {
@@ -729,7 +729,7 @@ fn commit_command(
     party: &str,
 ) -> Result<ExitCode> {
     let ops = ops.as_deref().map(parse_ops).transpose()?;
-    let record = backend.commit(&name, &proposal, ops, !no_wait, &party)?;
+    let record = backend.commit(&name, &proposal, ops, !no_wait, party)?;
     if json {
         print_json(&record)?;
     } else {
@@ -749,7 +749,7 @@ fn revert_command(
     RevertArgs { name, to, json }: RevertArgs,
     party: &str,
 ) -> Result<ExitCode> {
-    let record = backend.revert(&name, &to, &party)?;
+    let record = backend.revert(&name, &to, party)?;
     if json {
         print_json(&record)?;
     } else {

@@ -40,8 +40,8 @@ pub enum InputError {
     RelativeRoot { replica: String, root: String },
     #[error("restore target {0:?} must be an absolute path")]
     RelativeTarget(String),
-    #[error("{0}")]
-    Replica(String),
+    #[error(transparent)]
+    Replica(#[from] kairos_replica::SettingsError),
     #[error("proposal id {id:?}: {problem}")]
     ProposalId { id: String, problem: String },
 }
@@ -98,7 +98,7 @@ pub struct ReplicaRequest<'a> {
     pub processes: Vec<String>,
     pub exclude: Vec<String>,
     pub capture_interval: &'a str,
-    pub settings: &'a kairos_capture::ReplicaSettings,
+    pub settings: &'a kairos_replica::ReplicaSettings,
 }
 
 /// The operations on one store, with the limits of its configuration.
@@ -122,7 +122,7 @@ impl Service<'_> {
             }
             .into());
         }
-        let replica = kairos_capture::define_replica(
+        let replica = kairos_replica::define_replica(
             request.name,
             request.root,
             request.processes,

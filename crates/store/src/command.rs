@@ -216,7 +216,6 @@ pub fn apply(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, Catalo
         });
     }
     let replica = command.replica.as_str();
-    let timeline = command.timeline.as_str();
     let mut batch = WriteBatch::new();
     let mut applied = Applied::default();
     let replica_key = keys::replica(replica);
@@ -253,75 +252,8 @@ pub fn apply(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, Catalo
         Change::AppendFrame { frame } => {
             applied.frame = Some(append_frame(view, &mut batch, command, frame)?);
         }
-        Change::ForkTimeline { base } => {
-            if timeline == MAIN_TIMELINE {
-                return Err(CatalogError::MainTimeline {
-                    replica: replica.into(),
-                    timeline: timeline.into(),
-                });
-            }
-            let head_key = keys::head(replica, timeline);
-            if view.get(&head_key)?.is_some() {
-                return Err(CatalogError::TimelineExists {
-                    replica: replica.into(),
-                    timeline: timeline.into(),
-                });
-            }
-            let base_key = keys::frame(base);
-            let base_frame = match view.get(&base_key)? {
-                Some(value) => parse_frame(&base_key, &value)?,
-                None => {
-                    return Err(CatalogError::NoSuchFrame {
-                        replica: replica.into(),
-                        prefix: base.to_hex(),
-                    });
-                }
-            };
-            let record = crate::changes::ForkRecord {
-                replica: replica.to_string(),
-                timeline: timeline.to_string(),
-                base: *base,
-                created: command.time,
-            };
-            batch.check(head_key.clone(), None)?;
-            batch.put(head_key, base.as_bytes().to_vec())?;
-            batch.put(
-                keys::time(replica, timeline, base_frame.time, base),
-                Vec::new(),
-            )?;
-            let fork_key = keys::replica_record(keys::FORK, replica, timeline.as_bytes());
-            batch.put(fork_key.clone(), encode("fork", &fork_key, &record)?)?;
-        }
-        Change::DeleteTimeline => {
-            if timeline == MAIN_TIMELINE {
-                return Err(CatalogError::MainTimeline {
-                    replica: replica.into(),
-                    timeline: timeline.into(),
-                });
-            }
-            let head_key = keys::head(replica, timeline);
-            let Some(head) = view.get(&head_key)? else {
-                return Err(CatalogError::UnknownTimeline {
-                    replica: replica.into(),
-                    timeline: timeline.into(),
-                });
-            };
-            batch.check(head_key.clone(), Some(head))?;
-            batch.delete(head_key)?;
-            let times = scan_prefix(
-                view,
-                &keys::time_prefix(replica, timeline),
-                TIMELINE_DELETE_FRAMES_MAX,
-            )?;
-            for (key, _) in times {
-                batch.delete(key)?;
-            }
-            batch.delete(keys::replica_record(
-                keys::FORK,
-                replica,
-                timeline.as_bytes(),
-            ))?;
-        }
+        Change::ForkTimeline { base } => fork_timeline(view, &mut batch, command, base)?,
+        Change::DeleteTimeline => delete_timeline(view, &mut batch, command)?,
         Change::PutRecord { family, id, record } => {
             let key = keys::replica_record(family.prefix(), replica, id.as_bytes());
             batch.put(key.clone(), encode("record", &key, record)?)?;
@@ -335,49 +267,17 @@ pub fn apply(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, Catalo
             status,
             record,
             last_good,
-        } => {
-            if status.is_final() {
-                return Err(CatalogError::Invalid(format!(
-                    "commit {}: a commit begins in progress, not {status}",
-                    commit.short()
-                )));
-            }
-            let marker_key = pending_key(replica);
-            if let Some(marker) = view.get(&marker_key)? {
-                return Err(busy(view, replica, &marker));
-            }
-            batch.check(marker_key.clone(), None)?;
-            batch.put(marker_key, commit.as_bytes().to_vec())?;
-            let key = keys::replica_record(keys::COMMIT, replica, commit.as_bytes());
-            batch.put(key.clone(), encode("commit", &key, record)?)?;
-            if let Some(frame) = last_good {
-                batch.put(good_key(replica), frame.as_bytes().to_vec())?;
-            }
-        }
+        } => begin_commit(
+            view, &mut batch, replica, *commit, *status, record, last_good,
+        )?,
         Change::AdvanceCommit {
             commit,
             status,
             record,
             last_good,
-        } => {
-            let marker_key = pending_key(replica);
-            let marker = view.get(&marker_key)?;
-            if marker.as_deref() != Some(commit.as_bytes().as_slice()) {
-                return Err(CatalogError::NotPending {
-                    replica: replica.into(),
-                    commit: commit.short(),
-                });
-            }
-            batch.check(marker_key.clone(), marker)?;
-            if status.is_final() {
-                batch.delete(marker_key)?;
-            }
-            let key = keys::replica_record(keys::COMMIT, replica, commit.as_bytes());
-            batch.put(key.clone(), encode("commit", &key, record)?)?;
-            if let Some(frame) = last_good {
-                batch.put(good_key(replica), frame.as_bytes().to_vec())?;
-            }
-        }
+        } => advance_commit(
+            view, &mut batch, replica, *commit, *status, record, last_good,
+        )?,
         Change::ClearPending { marker } => {
             let marker_key = pending_key(replica);
             batch.check(marker_key.clone(), Some(marker.clone()))?;
@@ -395,6 +295,152 @@ pub fn apply(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, Catalo
         applied.audit = append_audit(view, &mut batch, command)?;
     }
     Ok(Planned { batch, applied })
+}
+
+/// A fork: its head, its time index entry at the base, its fork record.
+fn fork_timeline(
+    view: &dyn KvSnapshot,
+    batch: &mut WriteBatch,
+    command: &Command,
+    base: &Hash,
+) -> Result<(), CatalogError> {
+    let (replica, timeline) = (command.replica.as_str(), command.timeline.as_str());
+    if timeline == MAIN_TIMELINE {
+        return Err(CatalogError::MainTimeline {
+            replica: replica.into(),
+            timeline: timeline.into(),
+        });
+    }
+    let head_key = keys::head(replica, timeline);
+    if view.get(&head_key)?.is_some() {
+        return Err(CatalogError::TimelineExists {
+            replica: replica.into(),
+            timeline: timeline.into(),
+        });
+    }
+    let base_key = keys::frame(base);
+    let base_frame = match view.get(&base_key)? {
+        Some(value) => parse_frame(&base_key, &value)?,
+        None => {
+            return Err(CatalogError::NoSuchFrame {
+                replica: replica.into(),
+                prefix: base.to_hex(),
+            });
+        }
+    };
+    let record = crate::changes::ForkRecord {
+        replica: replica.to_string(),
+        timeline: timeline.to_string(),
+        base: *base,
+        created: command.time,
+    };
+    batch.check(head_key.clone(), None)?;
+    batch.put(head_key, base.as_bytes().to_vec())?;
+    batch.put(
+        keys::time(replica, timeline, base_frame.time, base),
+        Vec::new(),
+    )?;
+    let fork_key = keys::replica_record(keys::FORK, replica, timeline.as_bytes());
+    batch.put(fork_key.clone(), encode("fork", &fork_key, &record)?)?;
+    Ok(())
+}
+
+/// Removes a fork's head, time index and fork record.
+fn delete_timeline(
+    view: &dyn KvSnapshot,
+    batch: &mut WriteBatch,
+    command: &Command,
+) -> Result<(), CatalogError> {
+    let (replica, timeline) = (command.replica.as_str(), command.timeline.as_str());
+    if timeline == MAIN_TIMELINE {
+        return Err(CatalogError::MainTimeline {
+            replica: replica.into(),
+            timeline: timeline.into(),
+        });
+    }
+    let head_key = keys::head(replica, timeline);
+    let Some(head) = view.get(&head_key)? else {
+        return Err(CatalogError::UnknownTimeline {
+            replica: replica.into(),
+            timeline: timeline.into(),
+        });
+    };
+    batch.check(head_key.clone(), Some(head))?;
+    batch.delete(head_key)?;
+    let times = scan_prefix(
+        view,
+        &keys::time_prefix(replica, timeline),
+        TIMELINE_DELETE_FRAMES_MAX,
+    )?;
+    for (key, _) in times {
+        batch.delete(key)?;
+    }
+    batch.delete(keys::replica_record(
+        keys::FORK,
+        replica,
+        timeline.as_bytes(),
+    ))?;
+    Ok(())
+}
+
+/// Records a commit and sets the pending marker, guarded by "no commit pending".
+fn begin_commit(
+    view: &dyn KvSnapshot,
+    batch: &mut WriteBatch,
+    replica: &str,
+    commit: Hash,
+    status: CommitStatus,
+    record: &RecordBody,
+    last_good: &Option<Hash>,
+) -> Result<(), CatalogError> {
+    if status.is_final() {
+        return Err(CatalogError::Invalid(format!(
+            "commit {}: a commit begins in progress, not {status}",
+            commit.short()
+        )));
+    }
+    let marker_key = pending_key(replica);
+    if let Some(marker) = view.get(&marker_key)? {
+        return Err(busy(view, replica, &marker));
+    }
+    batch.check(marker_key.clone(), None)?;
+    batch.put(marker_key, commit.as_bytes().to_vec())?;
+    let key = keys::replica_record(keys::COMMIT, replica, commit.as_bytes());
+    batch.put(key.clone(), encode("commit", &key, record)?)?;
+    if let Some(frame) = last_good {
+        batch.put(good_key(replica), frame.as_bytes().to_vec())?;
+    }
+    Ok(())
+}
+
+/// Moves the pending commit on, guarded by "it is the pending one".
+fn advance_commit(
+    view: &dyn KvSnapshot,
+    batch: &mut WriteBatch,
+    replica: &str,
+    commit: Hash,
+    status: CommitStatus,
+    record: &RecordBody,
+    last_good: &Option<Hash>,
+) -> Result<(), CatalogError> {
+    let marker_key = pending_key(replica);
+    let marker = view.get(&marker_key)?;
+    if marker.as_deref() != Some(commit.as_bytes().as_slice()) {
+        return Err(CatalogError::NotPending {
+            replica: replica.into(),
+            commit: commit.short(),
+        });
+    }
+    batch.check(marker_key.clone(), marker)?;
+    if status.is_final() {
+        batch.delete(marker_key)?;
+    }
+    let key = keys::replica_record(keys::COMMIT, replica, commit.as_bytes());
+    batch.put(key.clone(), encode("commit", &key, record)?)?;
+    if let Some(frame) = last_good {
+        batch.put(good_key(replica), frame.as_bytes().to_vec())?;
+    }
+    Ok(())
 }
 
 /// The `busy` refusal, naming the commit in progress.
