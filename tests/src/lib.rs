@@ -286,6 +286,7 @@ impl Node {
 
     /// Sends SIGTERM and waits; returns whether the node exited successfully.
     pub fn stop(&mut self) -> bool {
+        // SAFETY: kill(2) takes only a pid and a signal number; no memory is shared with the callee.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         self.child
             .wait()
@@ -305,6 +306,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) takes only a pid and a signal number; no memory is shared with the callee.
             unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
             let _ = self.child.wait();
         }

@@ -28,6 +28,7 @@ pub fn binary(name: &str, package: &str) -> PathBuf {
 }
 
 pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) takes no arguments, cannot fail and touches no memory of ours.
     unsafe { libc::geteuid() == 0 }
 }
 
@@ -135,6 +136,7 @@ impl Drop for Nginx {
             .ok()
             .and_then(|pid| pid.trim().parse::<i32>().ok())
         {
+            // SAFETY: kill(2) takes only a pid and a signal number; no memory is shared with the callee.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
@@ -228,6 +230,7 @@ impl Drop for Redis {
             .ok()
             .and_then(|pid| pid.trim().parse::<i32>().ok())
         {
+            // SAFETY: kill(2) takes only a pid and a signal number; no memory is shared with the callee.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }

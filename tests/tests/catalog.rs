@@ -288,6 +288,7 @@ fn reading_the_log_changes_nothing_and_recovery_is_explicit() {
     wait_for("the slow action to start", Duration::from_secs(30), || {
         marker.exists().then_some(())
     });
+    // SAFETY: kill(2) takes only a pid and a signal number; no memory is shared with the callee.
     unsafe { libc::kill(committing.id() as i32, libc::SIGKILL) };
     let _ = committing.wait();
 

@@ -880,6 +880,7 @@ fn a_node_killed_during_the_watch_window_leaves_the_replica_at_its_last_good_fra
             .fails(["commit", "site", &id])
             .contains("is in progress (watching)")
     );
+    // SAFETY: kill(2) takes only a pid and a signal number; no memory is shared with the callee.
     unsafe { libc::kill(node.child.id() as i32, libc::SIGKILL) };
     let _ = node.child.wait();
     assert_eq!(
@@ -1002,6 +1003,7 @@ fn a_node_killed_while_a_commit_is_applying_is_recovered_to_the_last_good_frame(
         std::fs::read_to_string(root.join("index.html")).unwrap(),
         "half done\n"
     );
+    // SAFETY: kill(2) takes only a pid and a signal number; no memory is shared with the callee.
     unsafe { libc::kill(node.child.id() as i32, libc::SIGKILL) };
     let _ = node.child.wait();
     let output = committing.join().unwrap();
@@ -1068,6 +1070,7 @@ fn a_node_killed_during_a_rollback_finishes_it_on_restart() {
         Duration::from_secs(30),
         || marker.exists().then_some(()),
     );
+    // SAFETY: kill(2) takes only a pid and a signal number; no memory is shared with the callee.
     unsafe { libc::kill(node.child.id() as i32, libc::SIGKILL) };
     let _ = node.child.wait();
     assert!(!committing.join().unwrap().status.success());

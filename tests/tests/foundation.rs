@@ -283,6 +283,7 @@ fn odd_entries_are_recorded_and_restored_without_escaping() {
     std::os::unix::fs::symlink("loop-b", root.join("loop-a")).unwrap();
     std::os::unix::fs::symlink("loop-a", root.join("loop-b")).unwrap();
     let fifo = std::ffi::CString::new(root.join("pipe").as_os_str().as_bytes()).unwrap();
+    // SAFETY: the path is a NUL-terminated CString that lives until the call returns.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) }, 0);
     std::fs::write(root.join("empty"), b"").unwrap();
     std::fs::create_dir(root.join("locked")).unwrap();
@@ -582,6 +583,7 @@ fn kill_9_during_capture_leaves_whole_frames_only() {
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(20 + round * 37));
+        // SAFETY: kill(2) takes only a pid and a signal number; no memory is shared with the callee.
         unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
         let status = child.wait().unwrap();
         if status.success() {

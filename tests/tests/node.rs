@@ -360,6 +360,7 @@ fn kill_9_during_continuous_capture_loses_no_acknowledged_frame() {
         let answer: Value = response.body_mut().read_json().unwrap();
         acknowledged.push(answer["frame"].as_str().expect("a frame").to_string());
     }
+    // SAFETY: kill(2) takes only a pid and a signal number; no memory is shared with the callee.
     unsafe { libc::kill(node.child.id() as i32, libc::SIGKILL) };
     let _ = node.child.wait();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

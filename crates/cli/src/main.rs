@@ -332,6 +332,7 @@ enum ReplicaCommand {
 
 fn main() -> ExitCode {
     // Output piped into `head` ends quietly, as for other Unix tools.
+    // SAFETY: called at the start of main, before any thread exists; SIG_DFL is a valid disposition for SIGPIPE.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
@@ -865,11 +866,11 @@ fn up(
     let result = runtime.block_on(async {
         let shutdown = async {
             let interrupt = tokio::signal::ctrl_c();
-            let mut terminate =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(signal) => signal,
-                    Err(_) => return,
-                };
+            let Ok(mut terminate) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
             tokio::select! {
                 _ = interrupt => {}
                 _ = terminate.recv() => {}

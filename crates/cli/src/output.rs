@@ -160,7 +160,7 @@ fn print_changes(
         }
         match (change.size_from, change.size_to) {
             (Some(from), Some(to)) if from != to => {
-                line.push_str(&format!("  {} -> {}", bytes(from), bytes(to)))
+                line.push_str(&format!("  {} -> {}", bytes(from), bytes(to)));
             }
             _ => {}
         }
@@ -174,7 +174,7 @@ fn print_changes(
                 change.file, change.key
             )?,
             (None, Some(to)) => {
-                writeln!(out, "config {}: {} added = {to}", change.file, change.key)?
+                writeln!(out, "config {}: {} added = {to}", change.file, change.key)?;
             }
             (Some(from), None) => writeln!(
                 out,

@@ -79,7 +79,7 @@ pub fn write_live(
         if change.change == "delete" {
             match std::fs::symlink_metadata(&target) {
                 Ok(metadata) if metadata.is_dir() => {
-                    std::fs::remove_dir_all(&target).map_err(|e| live_error(&target, e))?
+                    std::fs::remove_dir_all(&target).map_err(|e| live_error(&target, e))?;
                 }
                 Ok(_) => std::fs::remove_file(&target).map_err(|e| live_error(&target, e))?,
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
@@ -119,6 +119,7 @@ pub fn write_live(
             std::fs::Permissions::from_mode(entry.meta.mode & 0o7777),
         )
         .map_err(|e| live_error(&temporary, e))?;
+        // SAFETY: geteuid(2) takes no arguments, cannot fail and touches no memory of ours.
         if unsafe { libc::geteuid() } == 0 {
             use std::os::unix::fs::fchown;
             let _ = fchown(&file, Some(entry.meta.uid), Some(entry.meta.gid));

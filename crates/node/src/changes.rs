@@ -296,10 +296,10 @@ fn watch_in_background(shared: Arc<Shared>, runtime: tokio::runtime::Handle, rec
     };
     match shared.service().watch(record, &capturer) {
         Ok(record) => {
-            tracing::info!(replica = %replica, commit = %record.commit.short(), status = record.status.name(), "commit finished")
+            tracing::info!(replica = %replica, commit = %record.commit.short(), status = record.status.name(), "commit finished");
         }
         Err(error) => {
-            tracing::error!(replica = %replica, %error, "watching a commit failed; it is recovered on restart")
+            tracing::error!(replica = %replica, %error, "watching a commit failed; it is recovered on restart");
         }
     }
 }
@@ -364,11 +364,11 @@ pub fn recover_commits(shared: &Shared) {
     match service.recover(None, &capturer) {
         Ok(recovered) => {
             for record in recovered {
-                tracing::warn!(replica = %record.replica, commit = %record.commit.short(), "a commit interrupted by a stop was rolled back to the last good frame")
+                tracing::warn!(replica = %record.replica, commit = %record.commit.short(), "a commit interrupted by a stop was rolled back to the last good frame");
             }
         }
         Err(error) => {
-            tracing::error!(%error, "recovering interrupted commits failed")
+            tracing::error!(%error, "recovering interrupted commits failed");
         }
     }
 }

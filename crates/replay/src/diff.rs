@@ -254,13 +254,13 @@ impl DiffWalk<'_, '_> {
         } else {
             match (&a.body, &b.body) {
                 (Body::File { content: x, .. }, Body::File { content: y, .. }) if x != y => {
-                    what.push("content")
+                    what.push("content");
                 }
                 (Body::Symlink { target: x }, Body::Symlink { target: y }) if x != y => {
-                    what.push("target")
+                    what.push("target");
                 }
                 (Body::Unreadable { error: x }, Body::Unreadable { error: y }) if x != y => {
-                    what.push("content")
+                    what.push("content");
                 }
                 _ => {}
             }

@@ -111,6 +111,7 @@ pub fn restore(
         report.removed = remove_extra(into, b"", &wanted, &excludes)?;
     }
     let kept = |path: &[u8]| !excludes.is_match(Path::new(OsStr::from_bytes(path)));
+    // SAFETY: geteuid(2) takes no arguments, cannot fail and touches no memory of ours.
     let is_root = unsafe { libc::geteuid() } == 0;
 
     // Directories first, in walk order (parents before children).
@@ -174,6 +175,7 @@ pub fn restore(
                 remove_if_present(&target)?;
                 let name = CString::new(target.as_os_str().as_bytes())
                     .map_err(|e| write_error(&target, e))?;
+                // SAFETY: the path is a NUL-terminated CString that lives until the call returns.
                 if unsafe {
                     libc::mkfifo(name.as_ptr(), (entry.meta.mode & 0o7777) as libc::mode_t)
                 } != 0
@@ -271,7 +273,7 @@ fn remove_extra(
         };
         match wanted.get(path.as_slice()) {
             Some(&"dir") if kind == "dir" => {
-                removed += remove_extra(into, &path, wanted, excludes)?
+                removed += remove_extra(into, &path, wanted, excludes)?;
             }
             Some(&want) if want == kind || (want == "fifo" && kind == "special") => {}
             _ => {

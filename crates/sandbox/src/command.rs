@@ -59,6 +59,7 @@ pub fn run(
         .spawn()?;
     let pid = child.id() as libc::pid_t;
     let mut status: libc::c_int = 0;
+    // SAFETY: rusage is a plain C struct of integers and timevals, for which all-zero bytes are a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let mut timed_out = false;
     loop {
@@ -80,6 +81,7 @@ pub fn run(
             unsafe {
                 libc::kill(-pid, libc::SIGKILL);
             }
+            // SAFETY: status and usage are live, exclusively borrowed locals of the right C types; pid names our own child.
             let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
             if waited < 0 {
                 return Err(std::io::Error::last_os_error());
@@ -89,6 +91,7 @@ pub fn run(
         std::thread::sleep(POLL_INTERVAL);
     }
     if kill_group_after || timed_out {
+        // SAFETY: kill(2) takes only a pid and a signal number; no memory is shared with the callee.
         unsafe {
             libc::kill(-pid, libc::SIGKILL);
         }

@@ -223,7 +223,7 @@ pub fn path_components(path: &str) -> Result<Vec<Vec<u8>>, String> {
     let mut components = Vec::new();
     for component in path.split('/') {
         match component {
-            "" | "." => continue,
+            "" | "." => {}
             ".." => return Err(format!("path {path:?} escapes the replica root (..)")),
             name => components.push(name.as_bytes().to_vec()),
         }

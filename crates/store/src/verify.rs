@@ -212,7 +212,7 @@ impl Walk<'_, '_> {
                                     self.visit(&Hash(hash), ObjectKind::Blob, &child);
                                 }
                                 Content::Chunks { list, .. } => {
-                                    self.chunk_list(&Hash(list), &child)
+                                    self.chunk_list(&Hash(list), &child);
                                 }
                                 Content::Empty | Content::Omitted { .. } => {}
                             }
