@@ -9,8 +9,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use kairos_commit::{CommitRecord, DirectCapturer};
 use kairos_core::{Limits, ReplicaDefinition, TimelineSpec};
 use kairos_node::wire::{
-    AddReplicaRequest, CaptureJson, CommitRequest, ErrorBody, ForkRequest, FrameJson, ProposalJson,
-    ProposeRequest, RestoreRequest, RevertRequest, SandboxRequest,
+    AddReplicaRequest, CaptureJson, CommitRequest, ErrorBody, ForkRequest, FrameJson, NewPartyJson,
+    PartyJson, PartyRequest, ProposalJson, ProposeRequest, RestoreRequest, RevertRequest,
+    SandboxRequest,
 };
 use kairos_ops::Service;
 use kairos_replay::{RestoreReport, StateDiff, StateListing};
@@ -30,6 +31,11 @@ pub enum Backend {
     Node {
         base: String,
         agent: ureq::Agent,
+        /// `Bearer TOKEN`, when the party has a token.
+        authorization: Option<String>,
+        /// Whether requests name the acting party (with a token and no explicit
+        /// `--party`, the node records the token's party).
+        name_party: bool,
     },
 }
 
@@ -81,7 +87,7 @@ impl Backend {
         }
     }
 
-    pub fn node(url: &str) -> Result<Backend> {
+    pub fn node(url: &str, token: Option<&str>, party_given: bool) -> Result<Backend> {
         let base = url.trim_end_matches('/').to_string();
         if !base.starts_with("http://") {
             bail!("--node {url:?} is not an http:// URL");
@@ -91,7 +97,12 @@ impl Backend {
             .timeout_global(Some(Duration::from_secs(900)))
             .build()
             .into();
-        Ok(Backend::Node { base, agent })
+        Ok(Backend::Node {
+            base,
+            agent,
+            authorization: token.map(|token| format!("Bearer {}", token.trim())),
+            name_party: party_given || token.is_none(),
+        })
     }
 
     fn answer(
@@ -111,14 +122,35 @@ impl Backend {
 
     fn node_parts(&self) -> Result<(&str, &ureq::Agent)> {
         match self {
-            Backend::Node { base, agent } => Ok((base, agent)),
+            Backend::Node { base, agent, .. } => Ok((base, agent)),
             Backend::Direct { .. } => bail!("this request needs a node (--node URL)"),
+        }
+    }
+
+    /// The party a request to the node names, if it names one.
+    fn node_party(&self, party: &str) -> Option<String> {
+        match self {
+            Backend::Node {
+                name_party: false, ..
+            } => None,
+            _ => Some(party.to_string()),
+        }
+    }
+
+    /// The request with the party's token, if any.
+    fn authorized<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match self {
+            Backend::Node {
+                authorization: Some(authorization),
+                ..
+            } => request.header("Authorization", authorization),
+            _ => request,
         }
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str, query: &[(&str, &str)]) -> Result<T> {
         let (base, agent) = self.node_parts()?;
-        let mut request = agent.get(format!("{base}{path}"));
+        let mut request = self.authorized(agent.get(format!("{base}{path}")));
         for (key, value) in query {
             request = request.query(*key, *value);
         }
@@ -131,7 +163,7 @@ impl Backend {
         body: Option<&impl serde::Serialize>,
     ) -> Result<T> {
         let (base, agent) = self.node_parts()?;
-        let request = agent.post(format!("{base}{path}"));
+        let request = self.authorized(agent.post(format!("{base}{path}")));
         let response = match body {
             Some(body) => request.send_json(body),
             None => request.send_empty(),
@@ -245,7 +277,7 @@ impl Backend {
                 service.cat(name, path.as_os_str().as_bytes(), &spec(at)?, out)?;
                 Ok(())
             }
-            Backend::Node { base, agent } => {
+            Backend::Node { base, agent, .. } => {
                 spec(at)?;
                 let path = path.to_str().ok_or_else(|| {
                     anyhow!(
@@ -253,8 +285,8 @@ impl Backend {
                         path.display()
                     )
                 })?;
-                let request = agent
-                    .get(format!("{base}/api/replicas/{name}/file"))
+                let request = self
+                    .authorized(agent.get(format!("{base}/api/replicas/{name}/file")))
                     .query("path", path)
                     .query("at", at);
                 let mut response = Self::answer(base, request.call())?;
@@ -375,7 +407,7 @@ impl Backend {
                 Some(&ForkRequest {
                     name: timeline.to_string(),
                     at: at.to_string(),
-                    party: Some(party.to_string()),
+                    party: self.node_party(party),
                 }),
             ),
         }
@@ -389,10 +421,13 @@ impl Backend {
                 .delete_timeline(name, timeline, party)?),
             Backend::Node { .. } => {
                 let (base, agent) = self.node_parts()?;
-                let response = agent
-                    .delete(format!("{base}/api/replicas/{name}/timelines/{timeline}"))
-                    .query("party", party)
-                    .call();
+                let mut request = self.authorized(
+                    agent.delete(format!("{base}/api/replicas/{name}/timelines/{timeline}")),
+                );
+                if let Some(party) = self.node_party(party) {
+                    request = request.query("party", party);
+                }
+                let response = request.call();
                 Self::answer(base, response)?;
                 Ok(())
             }
@@ -404,17 +439,19 @@ impl Backend {
         name: &str,
         document: ProposalDocument,
         timeline: Option<&str>,
+        party: &str,
     ) -> Result<ProposalJson> {
         match self {
             Backend::Direct { .. } => Ok(self
                 .service()
                 .context("direct")?
-                .propose(name, document, timeline)?),
+                .propose(name, document, timeline, party)?),
             Backend::Node { .. } => self.post(
                 &format!("/api/replicas/{name}/proposals"),
                 Some(&ProposeRequest {
                     document,
                     timeline: timeline.map(str::to_string),
+                    party: self.node_party(party),
                 }),
             ),
         }
@@ -444,7 +481,7 @@ impl Backend {
                     Some(&SandboxRequest {
                         ops,
                         run_check,
-                        party: Some(party.to_string()),
+                        party: self.node_party(party),
                     }),
                 )
             }
@@ -481,7 +518,7 @@ impl Backend {
                     Some(&CommitRequest {
                         ops,
                         wait,
-                        party: Some(party.to_string()),
+                        party: self.node_party(party),
                     }),
                 )
             }
@@ -500,7 +537,7 @@ impl Backend {
                 &format!("/api/replicas/{name}/revert"),
                 Some(&RevertRequest {
                     to: to.to_string(),
-                    party: Some(party.to_string()),
+                    party: self.node_party(party),
                 }),
             ),
         }
@@ -510,6 +547,46 @@ impl Backend {
         match self {
             Backend::Direct { .. } => Ok(self.service().context("direct")?.log(name)?),
             Backend::Node { .. } => self.get(&format!("/api/replicas/{name}/log"), &[]),
+        }
+    }
+
+    pub fn add_party(&self, name: &str, role: &str, replicas: &[String]) -> Result<NewPartyJson> {
+        match self {
+            Backend::Direct { .. } => Ok(self
+                .service()
+                .context("direct")?
+                .add_party(name, role, replicas)?),
+            Backend::Node { .. } => self.post(
+                "/api/parties",
+                Some(&PartyRequest {
+                    name: name.to_string(),
+                    role: role.to_string(),
+                    replicas: replicas.to_vec(),
+                }),
+            ),
+        }
+    }
+
+    pub fn parties(&self) -> Result<Vec<PartyJson>> {
+        match self {
+            Backend::Direct { .. } => Ok(self.service().context("direct")?.parties()?),
+            Backend::Node { .. } => self.get("/api/parties", &[]),
+        }
+    }
+
+    pub fn revoke_party(&self, name: &str, by: &str) -> Result<()> {
+        match self {
+            Backend::Direct { .. } => {
+                Ok(self.service().context("direct")?.revoke_party(name, by)?)
+            }
+            Backend::Node { .. } => {
+                let (base, agent) = self.node_parts()?;
+                let response = self
+                    .authorized(agent.delete(format!("{base}/api/parties/{name}")))
+                    .call();
+                Self::answer(base, response)?;
+                Ok(())
+            }
         }
     }
 }

@@ -34,6 +34,10 @@ struct Cli {
     /// applies [default: config/kairos.toml if it exists, else built-in defaults]
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// A party's token, sent to the node as a bearer token (needed once parties exist,
+    /// and whenever the node listens beyond loopback) [default: $KAIROS_TOKEN]
+    #[arg(long, global = true, env = "KAIROS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// The party acting (recorded in the audit log) [default: $KAIROS_PARTY, else $USER]
     #[arg(long, global = true, env = "KAIROS_PARTY", hide_env_values = true)]
     party: Option<String>,
@@ -53,6 +57,10 @@ enum Command {
     /// Register or list replicas (the services Kairos watches)
     #[command(subcommand)]
     Replica(ReplicaCommand),
+    /// Manage parties: the teams and pipelines that act through the API, with their roles
+    /// and tokens
+    #[command(subcommand)]
+    Party(PartyCommand),
     /// Capture the current state of a replica as a new frame
     Capture(CaptureArgs),
     /// List the frames of a replica, oldest first
@@ -243,6 +251,34 @@ struct RecoverArgs {
 }
 
 #[derive(Subcommand)]
+enum PartyCommand {
+    /// Add a party; its token is printed once (store it: only its hash is kept). On a
+    /// data directory with no node running this needs no token: that is how the first
+    /// admin is made
+    Add {
+        /// A name: letters, digits, '-', '_' and '.'
+        name: String,
+        /// viewer (reads), proposer (+ propose, sandbox, fork, capture), reviewer,
+        /// committer (+ commit, revert), admin (+ replicas and their commands, restore,
+        /// verify, parties)
+        #[arg(long)]
+        role: String,
+        /// Limit the party to this replica (repeatable; default: every replica)
+        #[arg(long = "replica", value_name = "NAME")]
+        replicas: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List parties (never their tokens)
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a party: its token stops working at once
+    Revoke { name: String },
+}
+
+#[derive(Subcommand)]
 enum TimelineCommand {
     /// Make timeline NAME start at a frame (a pointer, not a copy)
     Fork {
@@ -369,7 +405,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .clone()
         .or_else(|| kairos_node::running_node(&data_dir))
     {
-        Some(url) => Backend::node(&url)?,
+        Some(url) => Backend::node(&url, cli.token.as_deref(), cli.party.is_some())?,
         None => {
             // The same limits a node on this configuration applies.
             let flags = kairos_config::Flags {
@@ -384,6 +420,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         // Handled before a backend is chosen.
         Command::Up { .. } => Ok(ExitCode::SUCCESS),
         Command::Replica(command) => replica(&backend, command),
+        Command::Party(command) => party_command(&backend, command, &party),
         Command::Capture(args) => capture_command(&backend, args),
         Command::History(args) => history_command(&backend, args),
         Command::Show(args) => show_command(&backend, args),
@@ -674,7 +711,7 @@ fn propose_command(
         }
         (None, None) => bail!("give --file or --from-dir"),
     };
-    let proposal = backend.propose(&name, document, timeline.as_deref())?;
+    let proposal = backend.propose(&name, document, timeline.as_deref(), party)?;
     if json {
         print_json(&proposal)?;
     } else {
@@ -890,5 +927,62 @@ fn up(
     // Export what is buffered before leaving, even when the node failed.
     telemetry.shutdown();
     result?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn party_command(backend: &Backend, command: PartyCommand, acting: &str) -> Result<ExitCode> {
+    match command {
+        PartyCommand::Add {
+            name,
+            role,
+            replicas,
+            json,
+        } => {
+            let party = backend.add_party(&name, &role, &replicas)?;
+            if json {
+                print_json(&party)?;
+            } else {
+                println!(
+                    "party {:?} added with role {}{}; its token (shown once, keep it secret):",
+                    party.party,
+                    party.role,
+                    if party.replicas.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" on replicas {}", party.replicas.join(", "))
+                    }
+                );
+                println!("{}", party.token);
+            }
+        }
+        PartyCommand::List { json } => {
+            let parties = backend.parties()?;
+            if json {
+                print_json(&parties)?;
+            } else if parties.is_empty() {
+                println!(
+                    "no parties: the API needs no token on loopback (add one with `kairos party add NAME --role admin`)"
+                );
+            } else {
+                for party in parties {
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        party.party,
+                        party.role,
+                        if party.replicas.is_empty() {
+                            "every replica".to_string()
+                        } else {
+                            party.replicas.join(", ")
+                        },
+                        party.created
+                    );
+                }
+            }
+        }
+        PartyCommand::Revoke { name } => {
+            backend.revoke_party(&name, acting)?;
+            println!("party {name:?} revoked");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -60,6 +60,20 @@ pub struct NodeConfig {
     pub snapshotter_mailbox_max: usize,
     /// Memory the store may use to cache pages.
     pub store_cache_bytes: usize,
+    /// Listening beyond loopback without TLS is refused unless this is set.
+    pub insecure_listen: bool,
+    /// Host header names the API answers (besides the listen address and loopback names);
+    /// others are refused, so a browser page cannot reach it by DNS rebinding.
+    pub allowed_hosts: Vec<String>,
+    /// Replica roots registered through the API must be under one of these (empty: any).
+    pub allowed_roots: Vec<PathBuf>,
+    /// Restores through the API write only below this directory (unset: only an admin, or
+    /// anyone on a node without parties, may restore, anywhere the node may write).
+    pub restore_root: Option<PathBuf>,
+    /// A client must send its request headers within this time.
+    pub header_read_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub connections_max: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -95,6 +109,12 @@ struct RawNode {
     capture_debounce: String,
     snapshotter_mailbox_max: usize,
     store_cache_bytes: usize,
+    insecure_listen: bool,
+    allowed_hosts: Vec<String>,
+    allowed_roots: Vec<PathBuf>,
+    restore_root: Option<PathBuf>,
+    header_read_timeout: String,
+    connections_max: usize,
 }
 
 impl Default for RawNode {
@@ -108,6 +128,12 @@ impl Default for RawNode {
             capture_debounce: "200ms".into(),
             snapshotter_mailbox_max: 64,
             store_cache_bytes: 64 << 20,
+            insecure_listen: false,
+            allowed_hosts: Vec::new(),
+            allowed_roots: Vec::new(),
+            restore_root: None,
+            header_read_timeout: "10s".into(),
+            connections_max: 4096,
         }
     }
 }
@@ -340,6 +366,7 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             raw.node.snapshotter_mailbox_max,
         ),
         ("node.store_cache_bytes", raw.node.store_cache_bytes),
+        ("node.connections_max", raw.node.connections_max),
     ] {
         if value == 0 {
             return Err(key_error(key, "must be at least 1".into()));
@@ -350,6 +377,33 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
         "node.capture_debounce",
         &raw.node.capture_debounce,
     )?;
+    let header_read_timeout = duration(
+        source_name,
+        "node.header_read_timeout",
+        &raw.node.header_read_timeout,
+    )?;
+    if !listen.ip().is_loopback() && !raw.node.insecure_listen {
+        return Err(key_error(
+            "node.listen",
+            format!(
+                "{listen} is reachable beyond this host, and the API has no TLS: set node.insecure_listen = true to accept that (behind a TLS proxy), or listen on 127.0.0.1"
+            ),
+        ));
+    }
+    for (index, root) in raw.node.allowed_roots.iter().enumerate() {
+        if !root.is_absolute() {
+            return Err(key_error(
+                &format!("node.allowed_roots[{index}]"),
+                format!("{} is not an absolute path", root.display()),
+            ));
+        }
+    }
+    if let Some(root) = raw.node.restore_root.as_ref().filter(|r| !r.is_absolute()) {
+        return Err(key_error(
+            "node.restore_root",
+            format!("{} is not an absolute path", root.display()),
+        ));
+    }
     let mut replicas: Vec<ReplicaDefinition> = Vec::new();
     for (index, replica) in raw.replica.into_iter().enumerate() {
         let interval = match &replica.capture_interval {
@@ -430,6 +484,12 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             capture_debounce,
             snapshotter_mailbox_max: raw.node.snapshotter_mailbox_max,
             store_cache_bytes: raw.node.store_cache_bytes,
+            insecure_listen: raw.node.insecure_listen,
+            allowed_hosts: raw.node.allowed_hosts,
+            allowed_roots: raw.node.allowed_roots,
+            restore_root: raw.node.restore_root,
+            header_read_timeout,
+            connections_max: raw.node.connections_max,
         },
         telemetry: TelemetryConfig {
             otlp_endpoint,

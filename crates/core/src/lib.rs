@@ -4,6 +4,7 @@
 pub mod hash;
 pub mod instant;
 pub mod limits;
+pub mod party;
 pub mod probe;
 pub mod replica;
 pub mod spec;
@@ -12,6 +13,7 @@ pub mod status;
 pub use hash::{Hash, HashParseError};
 pub use instant::{Instant, InstantError};
 pub use limits::Limits;
+pub use party::{PartyRecord, Role};
 pub use probe::Probe;
 pub use replica::{ReplicaDefinition, ReplicaError};
 pub use spec::{FrameSpec, SpecError, TimelineSpec};

@@ -124,6 +124,12 @@ impl From<CatalogError> for ApiError {
             CatalogError::NotPending { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "commit_not_pending", message)
             }
+            CatalogError::PartyExists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "party_exists", message)
+            }
+            CatalogError::UnknownParty(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_party", message)
+            }
             CatalogError::Version { .. } | CatalogError::Invalid(_) => {
                 ApiError::bad_request("bad_command", message)
             }
@@ -182,6 +188,9 @@ impl From<kairos_ops::OpsError> for ApiError {
                     InputError::RelativeTarget(_) => "bad_target",
                     InputError::Replica(_) => "bad_replica",
                     InputError::ProposalId { .. } => "bad_proposal",
+                    InputError::Role(_) => "bad_role",
+                    InputError::PartyReplica { .. } => "unknown_replica",
+                    InputError::Random(_) => return ApiError::internal(message),
                 };
                 ApiError::bad_request(code, message)
             }
@@ -277,7 +286,10 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
         crate::changes::commit_proposal,
         crate::changes::get_commit,
         crate::changes::revert,
-        crate::changes::audit_log
+        crate::changes::audit_log,
+        list_parties,
+        add_party,
+        revoke_party
     ),
     components(schemas(
         ErrorBody,
@@ -291,13 +303,26 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
         crate::wire::ProposeRequest,
         crate::wire::SandboxRequest,
         crate::wire::CommitRequest,
-        crate::wire::RevertRequest
+        crate::wire::RevertRequest,
+        crate::wire::PartyRequest
     ))
 )]
 pub struct ApiDoc;
 
+/// The largest proposal body: enough for the largest proposal the limits allow (JSON-
+/// escaped or base64 content grows by about a third), and never below the API's limit.
+pub fn proposal_body_bytes_max(shared: &Shared) -> usize {
+    let proposal = usize::try_from(shared.config.limits.proposal_bytes_max).unwrap_or(usize::MAX);
+    shared.config.node.request_body_bytes_max.max(
+        proposal
+            .saturating_add(proposal / 3)
+            .saturating_add(64 << 10),
+    )
+}
+
 pub fn router(shared: Arc<Shared>) -> Router {
     let limit = shared.config.node.request_body_bytes_max;
+    let proposal_limit = proposal_body_bytes_max(&shared);
     Router::new()
         .route("/api/health", get(health))
         .route("/api/status", get(status))
@@ -321,7 +346,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route(
             "/api/replicas/{name}/proposals",
-            post(crate::changes::create_proposal),
+            post(crate::changes::create_proposal).layer(DefaultBodyLimit::max(proposal_limit)),
         )
         .route(
             "/api/replicas/{name}/proposals/{id}",
@@ -341,6 +366,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/api/replicas/{name}/revert", post(crate::changes::revert))
         .route("/api/replicas/{name}/log", get(crate::changes::audit_log))
+        .route("/api/parties", get(list_parties).post(add_party))
+        .route("/api/parties/{party}", axum::routing::delete(revoke_party))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -349,6 +376,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            crate::auth::authorize,
+        ))
         .layer(axum::middleware::from_fn(trace_request))
         .with_state(shared)
 }
@@ -405,6 +436,7 @@ async fn add_replica(
         .replay
         .run(move || {
             let root = PathBuf::from(&request.root);
+            root_allowed(&worker, &request.name, &root)?;
             Ok(worker.service().add_replica(kairos_ops::ReplicaRequest {
                 name: &request.name,
                 root: &root,
@@ -615,6 +647,24 @@ async fn restore(
     let request = json_input(payload)?;
     let at = spec(&request.at)?;
     let into = PathBuf::from(&request.into);
+    if let Some(restore_root) = &shared.config.node.restore_root {
+        let inside = into.is_absolute()
+            && !into
+                .components()
+                .any(|part| matches!(part, std::path::Component::ParentDir))
+            && into.starts_with(restore_root);
+        if !inside {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "restore_target_not_allowed",
+                format!(
+                    "restore target {} is not below node.restore_root {}",
+                    into.display(),
+                    restore_root.display()
+                ),
+            ));
+        }
+    }
     let worker = shared.clone();
     let report = shared
         .replay
@@ -635,4 +685,74 @@ async fn verify(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError>
         .run(move || Ok(worker.service().verify()?))
         .await?;
     Ok(Json(report).into_response())
+}
+
+/// A replica root registered through the API must be below one of `node.allowed_roots`
+/// (when any is configured), after resolving symlinks.
+fn root_allowed(shared: &Shared, name: &str, root: &std::path::Path) -> Result<(), ApiError> {
+    let allowed = &shared.config.node.allowed_roots;
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let resolved = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    if allowed.iter().any(|prefix| {
+        let prefix = prefix.canonicalize().unwrap_or_else(|_| prefix.clone());
+        resolved.starts_with(prefix)
+    }) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "root_not_allowed",
+        format!(
+            "replica {name:?}: root {} is not below any of node.allowed_roots",
+            root.display()
+        ),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/parties", responses((status = 200, description = "Parties: name, role, replicas, created (never tokens); admin only")))]
+async fn list_parties(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
+    let worker = shared.clone();
+    let parties = shared
+        .replay
+        .run(move || Ok(worker.service().parties()?))
+        .await?;
+    Ok(Json(parties).into_response())
+}
+
+#[utoipa::path(post, path = "/api/parties", request_body = crate::wire::PartyRequest, responses(
+    (status = 201, description = "The party with its token, shown this once: {party, role, replicas, token}"),
+    (status = 409, description = "A party of that name exists", body = ErrorBody)))]
+async fn add_party(
+    State(shared): State<Arc<Shared>>,
+    payload: Result<Json<crate::wire::PartyRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_input(payload)?;
+    let worker = shared.clone();
+    let party = shared
+        .replay
+        .run(move || {
+            Ok(worker
+                .service()
+                .add_party(&request.name, &request.role, &request.replicas)?)
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(party)).into_response())
+}
+
+#[utoipa::path(delete, path = "/api/parties/{party}", params(("party" = String, Path, description = "Party")), responses(
+    (status = 204, description = "Revoked: its token no longer works"), (status = 404, description = "Unknown party", body = ErrorBody)))]
+async fn revoke_party(
+    State(shared): State<Arc<Shared>>,
+    axum::Extension(acting): axum::Extension<crate::auth::Acting>,
+    Path(party): Path<String>,
+) -> Result<Response, ApiError> {
+    let by = acting.party(None, crate::wire::PARTY_DEFAULT)?;
+    let worker = shared.clone();
+    shared
+        .replay
+        .run(move || Ok(worker.service().revoke_party(&party, &by)?))
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

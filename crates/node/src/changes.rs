@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use kairos_commit::{Capturer, CommitError, CommitRecord};
 use kairos_core::ReplicaDefinition;
 use kairos_sandbox::SandboxError;
@@ -17,6 +17,7 @@ use kairos_store::FrameRecord;
 
 use crate::Shared;
 use crate::api::{ApiError, json_input};
+use crate::auth::Acting;
 use crate::snapshotter::SnapshotterMsg;
 use crate::wire::{
     CommitRequest, ErrorBody, ForkRequest, PARTY_DEFAULT, ProposalJson, ProposeRequest,
@@ -99,10 +100,8 @@ impl Capturer for NodeCapturer {
     }
 }
 
-fn party(given: Option<String>) -> Result<String, ApiError> {
-    Ok(kairos_ops::party(
-        given.as_deref().unwrap_or(PARTY_DEFAULT),
-    )?)
+fn party(acting: &Acting, given: Option<String>) -> Result<String, ApiError> {
+    acting.party(given, PARTY_DEFAULT)
 }
 
 /// Runs a short `job` (propose, sandbox, timelines, log) with the replica's definition
@@ -159,12 +158,13 @@ pub async fn list_timelines(
     (status = 201, description = "Forked: a pointer to the frame"), (status = 409, description = "The timeline exists", body = ErrorBody)))]
 pub async fn fork_timeline(
     State(shared): State<Arc<Shared>>,
+    Extension(acting): Extension<Acting>,
     Path(name): Path<String>,
     payload: Result<Json<ForkRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_input(payload)?;
     let at = kairos_ops::spec(&request.at)?;
-    let party = party(request.party)?;
+    let party = party(&acting, request.party)?;
     let info = blocking(&shared, name.clone(), move |shared, _| {
         Ok(shared.service().fork(&name, &request.name, &at, &party)?)
     })
@@ -184,13 +184,14 @@ pub struct PartyQuery {
     (status = 204, description = "Deleted (its frames stay readable by id)"), (status = 404, description = "Unknown timeline", body = ErrorBody)))]
 pub async fn delete_timeline(
     State(shared): State<Arc<Shared>>,
+    Extension(acting): Extension<Acting>,
     Path((name, timeline)): Path<(String, String)>,
     query: Result<axum::extract::Query<PartyQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let query = query
         .map(|q| q.0)
         .map_err(|rejection| ApiError::bad_request("bad_query", rejection.body_text()))?;
-    let party = party(query.party)?;
+    let party = party(&acting, query.party)?;
     blocking(&shared, name.clone(), move |shared, _| {
         Ok(shared.service().delete_timeline(&name, &timeline, &party)?)
     })
@@ -203,14 +204,33 @@ pub async fn delete_timeline(
     (status = 422, description = "An op is invalid (the message names it)", body = ErrorBody)))]
 pub async fn create_proposal(
     State(shared): State<Arc<Shared>>,
+    Extension(acting): Extension<Acting>,
     Path(name): Path<String>,
     payload: Result<Json<ProposeRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let request = json_input(payload)?;
+    let mut request = json_input(payload)?;
+    let party = party(&acting, request.party.take())?;
+    if acting.is_party() {
+        // A token's party proposes as itself.
+        if !request.document.author.is_empty() && request.document.author != party {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "party_mismatch",
+                format!(
+                    "the token is party {party:?}'s; it cannot propose as author {:?}",
+                    request.document.author
+                ),
+            ));
+        }
+        request.document.author = party.clone();
+    }
     let proposal: ProposalJson = blocking(&shared, name.clone(), move |shared, _| {
-        Ok(shared
-            .service()
-            .propose(&name, request.document, request.timeline.as_deref())?)
+        Ok(shared.service().propose(
+            &name,
+            request.document,
+            request.timeline.as_deref(),
+            &party,
+        )?)
     })
     .await?;
     Ok((StatusCode::CREATED, Json(proposal)).into_response())
@@ -233,11 +253,12 @@ pub async fn get_proposal(
     (status = 200, description = "The sandbox: diff, touched paths and (with run_check) the check's outcome"), (status = 404, description = "Unknown proposal", body = ErrorBody)))]
 pub async fn sandbox_proposal(
     State(shared): State<Arc<Shared>>,
+    Extension(acting): Extension<Acting>,
     Path((name, id)): Path<(String, String)>,
     payload: Result<Json<SandboxRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_input(payload)?;
-    let party = party(request.party)?;
+    let party = party(&acting, request.party)?;
     let report = blocking(&shared, name.clone(), move |shared, _| {
         Ok(shared.service().sandbox(
             &name,
@@ -257,11 +278,12 @@ pub async fn sandbox_proposal(
     (status = 409, description = "Another commit is in progress on the replica (code commit_in_progress)", body = ErrorBody)))]
 pub async fn commit_proposal(
     State(shared): State<Arc<Shared>>,
+    Extension(acting): Extension<Acting>,
     Path((name, id)): Path<(String, String)>,
     payload: Result<Json<CommitRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_input(payload)?;
-    let party = party(request.party)?;
+    let party = party(&acting, request.party)?;
     let runtime = tokio::runtime::Handle::current();
     let record = blocking_long(&shared, name.clone(), move |shared, replica| {
         let capturer = NodeCapturer {
@@ -321,12 +343,13 @@ pub async fn get_commit(
     (status = 200, description = "The revert, recorded as a commit"), (status = 409, description = "A commit is in progress", body = ErrorBody)))]
 pub async fn revert(
     State(shared): State<Arc<Shared>>,
+    Extension(acting): Extension<Acting>,
     Path(name): Path<String>,
     payload: Result<Json<RevertRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_input(payload)?;
     let to = kairos_ops::spec(&request.to)?;
-    let party = party(request.party)?;
+    let party = party(&acting, request.party)?;
     let runtime = tokio::runtime::Handle::current();
     let record = blocking_long(&shared, name.clone(), move |shared, _| {
         let capturer = NodeCapturer {

@@ -4,8 +4,10 @@
 //! [`schedule`], capture and replay in their crates.
 
 pub mod api;
+pub mod auth;
 pub mod changes;
 pub mod schedule;
+pub mod serve;
 pub mod snapshotter;
 pub mod supervisor;
 pub mod watcher;
@@ -286,9 +288,11 @@ pub async fn run(
         tracing::warn!(path = %marker.display(), %error, "cannot announce the node in its data directory");
     }
     ready(listen);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let limits = serve::ServeLimits {
+        connections_max: shared.config.node.connections_max,
+        header_read_timeout: shared.config.node.header_read_timeout,
+    };
+    let served = serve::serve(listener, app, limits, shutdown).await;
     let _ = std::fs::remove_file(&marker);
     // Stop capturing: watchers and snapshotters stop with their supervisor; a capture
     // already running finishes (or is discarded whole) on the blocking pool.

@@ -27,7 +27,7 @@ use kairos_store::{
     VerifyReport,
 };
 
-use wire::{FrameJson, ProposalJson};
+use wire::{FrameJson, NewPartyJson, PartyJson, ProposalJson};
 
 /// Input that is wrong before anything is looked up: the caller can fix it.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +44,12 @@ pub enum InputError {
     Replica(#[from] kairos_replica::SettingsError),
     #[error("proposal id {id:?}: {problem}")]
     ProposalId { id: String, problem: String },
+    #[error("role {0:?} is not one of viewer, proposer, reviewer, committer, admin")]
+    Role(String),
+    #[error("party {party:?}: replica {replica:?} is not registered")]
+    PartyReplica { party: String, replica: String },
+    #[error("drawing a token from the operating system: {0}")]
+    Random(String),
 }
 
 /// Everything an operation can answer instead of its result.
@@ -274,12 +280,17 @@ impl Service<'_> {
         Ok(())
     }
 
+    /// Validates and stores a proposal; a document without an author is `party`'s.
     pub fn propose(
         &self,
         name: &str,
-        document: ProposalDocument,
+        mut document: ProposalDocument,
         timeline: Option<&str>,
+        party: &str,
     ) -> Result<ProposalJson> {
+        if document.author.is_empty() {
+            document.author = party.to_string();
+        }
         let replica = self.store.replica(name)?;
         let proposal = kairos_sandbox::propose(
             self.store,
@@ -381,6 +392,67 @@ impl Service<'_> {
         Ok(self.store.audit_log(name)?)
     }
 
+    /// Adds a party with a fresh token (returned once; stored only as its hash).
+    pub fn add_party(&self, name: &str, role: &str, replicas: &[String]) -> Result<NewPartyJson> {
+        let role = kairos_core::Role::parse(role).ok_or_else(|| InputError::Role(role.into()))?;
+        for replica in replicas {
+            if self.store.replica(replica).is_err() {
+                return Err(InputError::PartyReplica {
+                    party: name.to_string(),
+                    replica: replica.clone(),
+                }
+                .into());
+            }
+        }
+        let token = kairos_core::party::token_from(&random_bytes()?);
+        let party = kairos_core::PartyRecord {
+            name: name.to_string(),
+            role,
+            replicas: replicas.to_vec(),
+            token_hash: kairos_core::party::token_hash(&token),
+            created: Instant::now(),
+        };
+        self.store.submit(&Command::new(
+            party.created,
+            "",
+            MAIN_TIMELINE,
+            name,
+            Change::AddParty {
+                party: party.clone(),
+            },
+        ))?;
+        Ok(NewPartyJson {
+            party: party.name,
+            role,
+            replicas: party.replicas,
+            token,
+        })
+    }
+
+    pub fn parties(&self) -> Result<Vec<PartyJson>> {
+        Ok(self.store.parties()?.iter().map(PartyJson::from).collect())
+    }
+
+    pub fn revoke_party(&self, name: &str, by: &str) -> Result<()> {
+        self.store.submit(&Command::new(
+            Instant::now(),
+            "",
+            MAIN_TIMELINE,
+            by,
+            Change::RevokeParty {
+                name: name.to_string(),
+            },
+        ))?;
+        Ok(())
+    }
+
+    /// The party a bearer token names, if any.
+    pub fn authenticate(&self, token: &str) -> Result<Option<kairos_core::PartyRecord>> {
+        Ok(self
+            .store
+            .party_by_token(&kairos_core::party::token_hash(token))?)
+    }
+
     /// Rolls back every commit a crash left in progress (of `only`, or of every
     /// replica) to its last good frame; returns the recovered records.
     pub fn recover(
@@ -415,4 +487,14 @@ impl Capturer for NoCapture {
             replica.name
         ))
     }
+}
+
+/// Randomness for tokens, from the operating system.
+fn random_bytes() -> Result<[u8; kairos_core::party::TOKEN_RANDOM_BYTES]> {
+    use std::io::Read;
+    let mut bytes = [0; kairos_core::party::TOKEN_RANDOM_BYTES];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut bytes))
+        .map_err(|error| InputError::Random(error.to_string()))?;
+    Ok(bytes)
 }

@@ -194,6 +194,10 @@ pub struct ProposeRequest {
     /// The timeline to propose on when the document gives no base (default `main`).
     #[serde(default)]
     pub timeline: Option<String>,
+    /// The party proposing, when the document names no author (with a token: the
+    /// token's party)
+    #[serde(default)]
+    pub party: Option<String>,
 }
 
 /// `POST /api/replicas/{name}/proposals/{id}/sandbox`.
@@ -269,3 +273,44 @@ impl From<&kairos_sandbox::Proposal> for ProposalJson {
 
 /// The party acting when a request names none.
 pub const PARTY_DEFAULT: &str = "anonymous";
+
+/// `POST /api/parties`: a new party.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PartyRequest {
+    pub name: String,
+    /// viewer, proposer, reviewer, committer or admin
+    pub role: String,
+    /// The replicas it may act on (all when empty)
+    #[serde(default)]
+    pub replicas: Vec<String>,
+}
+
+/// A party just made, with its token: shown this once, stored only as a hash.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NewPartyJson {
+    pub party: String,
+    pub role: kairos_core::Role,
+    pub replicas: Vec<String>,
+    pub token: String,
+}
+
+/// A party as listed (never its token).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PartyJson {
+    pub party: String,
+    pub role: kairos_core::Role,
+    pub replicas: Vec<String>,
+    pub created: Instant,
+}
+
+impl From<&kairos_core::PartyRecord> for PartyJson {
+    fn from(party: &kairos_core::PartyRecord) -> PartyJson {
+        PartyJson {
+            party: party.name.clone(),
+            role: party.role,
+            replicas: party.replicas.clone(),
+            created: party.created,
+        }
+    }
+}

@@ -155,6 +155,11 @@ pub fn propose(
     now: Instant,
 ) -> Result<Proposal, SandboxError> {
     document.check_fields()?;
+    if document.author.is_empty() {
+        return Err(SandboxError::Invalid(
+            "names no author, and no party submits it".into(),
+        ));
+    }
     if document.ops.len() > limits.proposal_ops_max {
         return Err(SandboxError::Invalid(format!(
             "has {} ops, over the limit of {}",
@@ -193,9 +198,7 @@ pub fn propose(
         limits,
         now,
     )?;
-    let writer = store.object_writer(&replica.name)?;
-    proposal.id = writer.put(ObjectKind::Blob, &bytes)?;
-    writer.finish()?;
+    proposal.id = store_document(store, &replica.name, &bytes)?;
     let summary = ProposalSummary {
         id: proposal.id,
         title: proposal.title.clone(),
@@ -229,6 +232,47 @@ pub fn propose(
     Ok(proposal)
 }
 
+/// Pieces of a proposal document larger than one object.
+const DOCUMENT_PIECE_BYTES: usize = 512 << 10;
+
+/// Stores a proposal document: one blob, or (over the object limit) pieces under a chunk
+/// list. Its id is that object's hash.
+fn store_document(store: &Store, replica: &str, bytes: &[u8]) -> Result<Hash, SandboxError> {
+    let writer = store.object_writer(replica)?;
+    let id = if bytes.len() <= kairos_store::object::OBJECT_RAW_BYTES_MAX {
+        writer.put(ObjectKind::Blob, bytes)?
+    } else {
+        let mut pieces = Vec::with_capacity(bytes.len() / DOCUMENT_PIECE_BYTES + 1);
+        for piece in bytes.chunks(DOCUMENT_PIECE_BYTES) {
+            pieces.push(kairos_store::node::ChunkRef {
+                hash: writer.put(ObjectKind::Chunk, piece)?.0,
+                bytes: piece.len() as u64,
+            });
+        }
+        kairos_store::tree::write_chunk_list(&writer, pieces)?
+    };
+    writer.finish()?;
+    Ok(id)
+}
+
+/// A stored proposal document's bytes, from its blob or its pieces.
+fn read_document(store: &Store, id: &Hash) -> Result<Vec<u8>, SandboxError> {
+    let reader = store.reader()?;
+    let blob_error = match reader.object(id, ObjectKind::Blob) {
+        Ok(bytes) => return Ok(bytes),
+        Err(error) => error,
+    };
+    // Not a blob: a large document's chunk list (any other error is the blob's).
+    let Ok(pieces) = reader.chunks(id) else {
+        return Err(blob_error.into());
+    };
+    let mut bytes = Vec::new();
+    for piece in pieces {
+        bytes.extend(reader.object(&Hash(piece.hash), ObjectKind::Chunk)?);
+    }
+    Ok(bytes)
+}
+
 /// The proposal whose id starts with `prefix` (4+ hex digits).
 pub fn load_proposal(store: &Store, replica: &str, prefix: &str) -> Result<Proposal, SandboxError> {
     let prefix = kairos_core::hash::parse_hex_prefix(prefix)
@@ -251,7 +295,7 @@ pub fn load_proposal(store: &Store, replica: &str, prefix: &str) -> Result<Propo
             });
         }
     };
-    let bytes = store.reader()?.object(&id, ObjectKind::Blob)?;
+    let bytes = read_document(store, &id)?;
     let mut proposal: Proposal = serde_json::from_slice(&bytes).map_err(|error| {
         SandboxError::Store(StoreError::BadRecord {
             what: "proposal",

@@ -106,7 +106,8 @@ impl Op {
 #[serde(deny_unknown_fields)]
 pub struct ProposalDocument {
     pub title: String,
-    /// The party proposing.
+    /// The party proposing; when absent, the party that submits the document.
+    #[serde(default)]
     pub author: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
@@ -157,8 +158,10 @@ impl ProposalDocument {
                 "title must be 1 to {TITLE_LEN_MAX} characters"
             )));
         }
-        if !kairos_core::replica::is_valid_replica_name(&self.author)
-            || self.author.len() > PARTY_LEN_MAX
+        // An absent author is the party that submits the document (filled in then).
+        if !self.author.is_empty()
+            && (!kairos_core::replica::is_valid_replica_name(&self.author)
+                || self.author.len() > PARTY_LEN_MAX)
         {
             return Err(invalid(format!(
                 "author {:?} is not a party name (letters, digits, '-', '_', '.')",

@@ -127,6 +127,10 @@ pub enum CatalogError {
         "replica {replica:?}: the catalog key {key} kept changing under the command; try again"
     )]
     Contended { replica: String, key: String },
+    #[error("party {0:?} already exists")]
+    PartyExists(String),
+    #[error("no party {0:?} (see `kairos party list`)")]
+    UnknownParty(String),
     #[error(
         "catalog command version {version} is not supported (this build applies version {supported})"
     )]

@@ -103,6 +103,39 @@ impl Store {
         self.reader()?.get(&pending_key(replica))
     }
 
+    /// Every party, by name.
+    pub fn parties(&self) -> Result<Vec<kairos_core::PartyRecord>> {
+        self.reader()?
+            .scan_prefix(keys::PARTY)?
+            .iter()
+            .map(|(key, value)| {
+                serde_json::from_slice(value).map_err(|e| bad_record("party", key, e))
+            })
+            .collect()
+    }
+
+    /// Whether any party exists (then every API request needs a token).
+    pub fn has_parties(&self) -> Result<bool> {
+        let reader = self.reader()?;
+        Ok(!crate::kv::scan_prefix(reader.snapshot(), keys::PARTY, 1)?.is_empty())
+    }
+
+    /// The party whose token hashes to `token_hash`: one key lookup by the hash, so no
+    /// secret is ever compared.
+    pub fn party_by_token(&self, token_hash: &Hash) -> Result<Option<kairos_core::PartyRecord>> {
+        let reader = self.reader()?;
+        let Some(name) = reader.get(&keys::party_token(token_hash))? else {
+            return Ok(None);
+        };
+        let key = keys::party(&String::from_utf8_lossy(&name));
+        match reader.get(&key)? {
+            None => Ok(None),
+            Some(value) => serde_json::from_slice(&value)
+                .map(Some)
+                .map_err(|e| bad_record("party", &key, e)),
+        }
+    }
+
     /// The last frame known good (its probes passed), if any.
     pub fn last_good(&self, replica: &str) -> Result<Option<Hash>> {
         Ok(self

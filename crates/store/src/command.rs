@@ -12,7 +12,7 @@
 //! events are what the bus publishes.
 
 use kairos_core::spec::MAIN_TIMELINE;
-use kairos_core::{CommitStatus, Hash, Instant, ReplicaDefinition};
+use kairos_core::{CommitStatus, Hash, Instant, PartyRecord, ReplicaDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{self, AuditEntry, AuditEvent};
@@ -146,6 +146,18 @@ pub enum Change {
     ClearPending { marker: Vec<u8> },
     /// Only the audit event (e.g. a recovery found at start-up).
     Event,
+    /// Adds a party (refused if one of that name exists). Not about a replica: the
+    /// command's `replica` is empty.
+    AddParty { party: PartyRecord },
+    /// Removes a party and its token.
+    RevokeParty { name: String },
+}
+
+impl Change {
+    /// Whether the change is about the node's parties rather than a replica.
+    fn is_party_change(&self) -> bool {
+        matches!(self, Change::AddParty { .. } | Change::RevokeParty { .. })
+    }
 }
 
 /// What a submitted command did.
@@ -220,6 +232,9 @@ pub fn apply(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, Catalo
     let mut applied = Applied::default();
     let replica_key = keys::replica(replica);
     let registered = view.get(&replica_key)?;
+    if command.change.is_party_change() {
+        return apply_party_change(view, command);
+    }
     if !matches!(command.change, Change::RegisterReplica { .. }) {
         // Every other change is about a registered replica (and stays so while it runs).
         if registered.is_none() {
@@ -282,6 +297,9 @@ pub fn apply(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, Catalo
             let marker_key = pending_key(replica);
             batch.check(marker_key.clone(), Some(marker.clone()))?;
             batch.delete(marker_key)?;
+        }
+        Change::AddParty { .. } | Change::RevokeParty { .. } => {
+            unreachable_party_change()?;
         }
         Change::Event => {
             if command.audit.is_empty() {
@@ -441,6 +459,61 @@ fn advance_commit(
         batch.put(good_key(replica), frame.as_bytes().to_vec())?;
     }
     Ok(())
+}
+
+fn unreachable_party_change() -> Result<(), CatalogError> {
+    Err(CatalogError::Invalid(
+        "a party change is applied on its own".into(),
+    ))
+}
+
+/// Adds or revokes a party: its record and the index from its token's hash.
+fn apply_party_change(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, CatalogError> {
+    if !command.audit.is_empty() || !command.replica.is_empty() {
+        return Err(CatalogError::Invalid(
+            "a party change names no replica and carries no audit event".into(),
+        ));
+    }
+    let mut batch = WriteBatch::new();
+    match &command.change {
+        Change::AddParty { party } => {
+            if !kairos_core::replica::is_valid_replica_name(&party.name) {
+                return Err(CatalogError::Invalid(format!(
+                    "party name {:?} is invalid: use letters, digits, '-', '_' or '.'",
+                    party.name
+                )));
+            }
+            let key = keys::party(&party.name);
+            if view.get(&key)?.is_some() {
+                return Err(CatalogError::PartyExists(party.name.clone()));
+            }
+            let token_key = keys::party_token(&party.token_hash);
+            batch.check(key.clone(), None)?;
+            batch.check(token_key.clone(), None)?;
+            batch.put(key.clone(), encode("party", &key, party)?)?;
+            batch.put(token_key, party.name.as_bytes().to_vec())?;
+        }
+        Change::RevokeParty { name } => {
+            let key = keys::party(name);
+            let Some(value) = view.get(&key)? else {
+                return Err(CatalogError::UnknownParty(name.clone()));
+            };
+            let party: PartyRecord =
+                serde_json::from_slice(&value).map_err(|error| StoreError::BadRecord {
+                    what: "party",
+                    key: printable(&key),
+                    problem: error.to_string(),
+                })?;
+            batch.check(key.clone(), Some(value))?;
+            batch.delete(key)?;
+            batch.delete(keys::party_token(&party.token_hash))?;
+        }
+        _ => return Err(CatalogError::Invalid("not a party change".into())),
+    }
+    Ok(Planned {
+        batch,
+        applied: Applied::default(),
+    })
 }
 
 /// The `busy` refusal, naming the commit in progress.

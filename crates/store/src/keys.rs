@@ -105,3 +105,14 @@ pub fn replica_record(prefix: &[u8], replica: &str, name: &[u8]) -> Vec<u8> {
 pub fn audit(replica: &str, seq: u64) -> Vec<u8> {
     replica_record(AUDIT, replica, &seq.to_be_bytes())
 }
+
+pub const PARTY: &[u8] = b"y/";
+pub const PARTY_TOKEN: &[u8] = b"Y/";
+
+pub fn party(name: &str) -> Vec<u8> {
+    [PARTY, name.as_bytes()].concat()
+}
+
+pub fn party_token(hash: &Hash) -> Vec<u8> {
+    [PARTY_TOKEN, hash.as_bytes()].concat()
+}

@@ -48,6 +48,12 @@ pub enum StoreError {
         kind: &'static str,
         problem: String,
     },
+    #[error("{kind} of {bytes} bytes is over the object limit of {max} bytes (split it)")]
+    TooLarge {
+        kind: &'static str,
+        bytes: usize,
+        max: usize,
+    },
     #[error("{what} {key} is corrupt: {problem}")]
     BadRecord {
         what: &'static str,
@@ -513,6 +519,13 @@ impl ObjectWriter {
 
     /// Like [`ObjectWriter::put`] when the caller already computed the hash.
     pub fn put_hashed(&self, hash: Hash, kind: ObjectKind, raw: &[u8]) -> Result<()> {
+        if raw.len() > object::OBJECT_RAW_BYTES_MAX {
+            return Err(StoreError::TooLarge {
+                kind: kind.name(),
+                bytes: raw.len(),
+                max: object::OBJECT_RAW_BYTES_MAX,
+            });
+        }
         {
             let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(deferred) = deferred.as_mut() {

@@ -1,0 +1,261 @@
+//! Who is asking, and may they: the Host header is one the node answers to (no DNS
+//! rebinding from a browser); once any party exists — and always when the node listens
+//! beyond loopback — every request carries a party's bearer token; the route says which
+//! role it needs ([`required_role`], a pure function) and a party limited to some
+//! replicas acts only on those. The acting party rides in the request's extensions.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use kairos_core::{PartyRecord, Role};
+
+use crate::Shared;
+use crate::api::ApiError;
+
+/// Who a request acts as.
+#[derive(Debug, Clone)]
+pub enum Acting {
+    /// No party is required (no parties exist, loopback only): the request may name any
+    /// party, as a local user may.
+    Anyone,
+    /// The party whose token the request carried.
+    Party(PartyRecord),
+}
+
+impl Acting {
+    /// The party to record: the authenticated one, or the one the request names.
+    pub fn party(&self, named: Option<String>, default: &str) -> Result<String, ApiError> {
+        match self {
+            Acting::Anyone => Ok(kairos_ops::party(named.as_deref().unwrap_or(default))?),
+            Acting::Party(party) => match named {
+                Some(named) if named != party.name => Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "party_mismatch",
+                    format!(
+                        "the token is party {:?}'s; it cannot act as party {named:?}",
+                        party.name
+                    ),
+                )),
+                _ => Ok(party.name.clone()),
+            },
+        }
+    }
+
+    pub fn is_party(&self) -> bool {
+        matches!(self, Acting::Party(_))
+    }
+
+    /// Whether the request may act with `role` (anyone may, when no party is required).
+    pub fn has(&self, role: Role) -> bool {
+        match self {
+            Acting::Anyone => true,
+            Acting::Party(party) => party.role >= role,
+        }
+    }
+}
+
+/// The role a route needs; `None` for routes open to all (health, the API document).
+pub fn required_role(method: &Method, path: &str) -> Option<Role> {
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    match (method, parts.as_slice()) {
+        (_, ["", "api", "health" | "openapi.json"]) => None,
+        (&Method::GET, ["", "api", "status"]) => Some(Role::Viewer),
+        (&Method::GET, ["", "api", "verify"]) => Some(Role::Admin),
+        (_, ["", "api", "parties", ..]) => Some(Role::Admin),
+        (&Method::GET, ["", "api", "replicas"]) => Some(Role::Viewer),
+        (&Method::POST, ["", "api", "replicas"]) => Some(Role::Admin),
+        (&Method::POST, ["", "api", "replicas", _, "restore"]) => Some(Role::Admin),
+        (&Method::POST, ["", "api", "replicas", _, "revert"]) => Some(Role::Committer),
+        (&Method::POST, ["", "api", "replicas", _, "proposals", _, "commit"]) => {
+            Some(Role::Committer)
+        }
+        (
+            &Method::POST,
+            [
+                "",
+                "api",
+                "replicas",
+                _,
+                "capture" | "proposals" | "timelines",
+            ]
+            | ["", "api", "replicas", _, "proposals", _, "sandbox"],
+        )
+        | (&Method::DELETE, ["", "api", "replicas", _, "timelines", _]) => Some(Role::Proposer),
+        (&Method::GET, ["", "api", "replicas", ..]) => Some(Role::Viewer),
+        // Anything else (unknown routes, other methods) needs the most.
+        _ => Some(Role::Admin),
+    }
+}
+
+/// The replica a route is about, if any.
+fn replica_of(path: &str) -> Option<&str> {
+    path.strip_prefix("/api/replicas/")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|name| !name.is_empty())
+}
+
+/// Whether `host` (a Host header's value) names this node.
+pub fn host_allowed(host: &str, listen: SocketAddr, allowed: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        // [::1]:7700
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.to_ascii_lowercase();
+    matches!(name.as_str(), "localhost" | "127.0.0.1" | "::1")
+        || name == listen.ip().to_string()
+        || allowed
+            .iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(&name))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// The middleware: Host check, authentication, role and replica scope.
+pub async fn authorize(
+    State(shared): State<Arc<Shared>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    match check(&shared, &request) {
+        Ok(acting) => {
+            request.extensions_mut().insert(acting);
+            next.run(request).await
+        }
+        Err(error) => error.into_response(),
+    }
+}
+
+fn check(shared: &Shared, request: &Request) -> Result<Acting, ApiError> {
+    let node = &shared.config.node;
+    if let Some(host) = request.headers().get(header::HOST) {
+        let host = host.to_str().unwrap_or("");
+        if !host_allowed(host, shared.listen, &node.allowed_hosts) {
+            return Err(ApiError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "unknown_host",
+                format!(
+                    "this node does not answer to host {host:?} (add it to node.allowed_hosts)"
+                ),
+            ));
+        }
+    }
+    let path = request.uri().path();
+    let Some(role) = required_role(request.method(), path) else {
+        return Ok(Acting::Anyone);
+    };
+    let required = !shared.listen.ip().is_loopback() || shared.store.has_parties()?;
+    if !required {
+        return Ok(Acting::Anyone);
+    }
+    let Some(token) = bearer(request.headers()) else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "this node needs a party's token: send `Authorization: Bearer TOKEN` (the CLI: --token or KAIROS_TOKEN)",
+        ));
+    };
+    let Some(party) = shared.service().authenticate(token)? else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "the token names no party (it was revoked, or mistyped)",
+        ));
+    };
+    if party.role < role {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "party {:?} has role {}; {} {path} needs role {role}",
+                party.name,
+                party.role,
+                request.method()
+            ),
+        ));
+    }
+    if let Some(replica) = replica_of(path).filter(|replica| !party.covers(replica)) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "party {:?} may act on replicas {} only, not on {replica:?}",
+                party.name,
+                party.replicas.join(", ")
+            ),
+        ));
+    }
+    Ok(Acting::Party(party))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_need_the_role_their_effect_needs() {
+        let cases = [
+            (Method::GET, "/api/health", None),
+            (Method::GET, "/api/openapi.json", None),
+            (Method::GET, "/api/replicas/web/history", Some(Role::Viewer)),
+            (Method::GET, "/api/replicas/web/log", Some(Role::Viewer)),
+            (
+                Method::POST,
+                "/api/replicas/web/proposals",
+                Some(Role::Proposer),
+            ),
+            (
+                Method::POST,
+                "/api/replicas/web/proposals/abcd/sandbox",
+                Some(Role::Proposer),
+            ),
+            (
+                Method::POST,
+                "/api/replicas/web/proposals/abcd/commit",
+                Some(Role::Committer),
+            ),
+            (
+                Method::POST,
+                "/api/replicas/web/revert",
+                Some(Role::Committer),
+            ),
+            // Registering a replica defines the commands it runs: admins only.
+            (Method::POST, "/api/replicas", Some(Role::Admin)),
+            (Method::POST, "/api/replicas/web/restore", Some(Role::Admin)),
+            (Method::POST, "/api/parties", Some(Role::Admin)),
+            (Method::GET, "/api/verify", Some(Role::Admin)),
+            (Method::PUT, "/api/replicas/web/history", Some(Role::Admin)),
+            (Method::GET, "/api/nothing", Some(Role::Admin)),
+        ];
+        for (method, path, role) in cases {
+            assert_eq!(required_role(&method, path), role, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn only_this_nodes_names_are_answered() {
+        let listen: SocketAddr = "127.0.0.1:7700".parse().unwrap();
+        assert!(host_allowed("127.0.0.1:7700", listen, &[]));
+        assert!(host_allowed("localhost:7700", listen, &[]));
+        assert!(host_allowed("[::1]:7700", listen, &[]));
+        assert!(!host_allowed("evil.example:7700", listen, &[]));
+        assert!(host_allowed(
+            "kairos.internal",
+            listen,
+            &["kairos.internal".to_string()]
+        ));
+        assert_eq!(replica_of("/api/replicas/web/log"), Some("web"));
+        assert_eq!(replica_of("/api/replicas"), None);
+    }
+}

@@ -1,0 +1,80 @@
+//! Serving the API over TCP with the limits a public endpoint needs: at most
+//! `node.connections_max` connections at once (more wait in the listen backlog, so a
+//! flood of idle sockets cannot exhaust the node's file descriptors), a header-read
+//! timeout (`node.header_read_timeout`, so a slow client cannot hold a connection
+//! without sending a request), and a graceful stop that lets answers in flight finish.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// How long a stopping node waits for answers in flight.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+/// After an accept error (e.g. out of file descriptors), wait this long before retrying.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+pub struct ServeLimits {
+    pub connections_max: usize,
+    pub header_read_timeout: Duration,
+}
+
+/// Serves `app` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ServeLimits,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let permits = Arc::new(Semaphore::new(limits.connections_max));
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "accepting a connection failed; retrying");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(STOP_WAIT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("answers still in flight after {STOP_WAIT:?}; stopping anyway");
+    }
+    Ok(())
+}
