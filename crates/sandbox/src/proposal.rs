@@ -207,7 +207,11 @@ pub struct ProposalSummary {
     pub ops: usize,
 }
 
-/// Splits a proposal path into components, refusing what could leave the root.
+/// The longest file name Linux file systems take (`NAME_MAX`), in bytes.
+pub const NAME_BYTES_MAX: usize = 255;
+
+/// Splits a proposal path into components, refusing what could leave the root or what no
+/// file system would take.
 pub fn path_components(path: &str) -> Result<Vec<Vec<u8>>, String> {
     if path.is_empty() {
         return Err("the path is empty".into());
@@ -228,6 +232,13 @@ pub fn path_components(path: &str) -> Result<Vec<Vec<u8>>, String> {
         match component {
             "" | "." => {}
             ".." => return Err(format!("path {path:?} escapes the replica root (..)")),
+            name if name.len() > NAME_BYTES_MAX => {
+                return Err(format!(
+                    "path {path:?}: the name {:?}… is {} bytes, over the file system's limit of {NAME_BYTES_MAX}",
+                    name.chars().take(16).collect::<String>(),
+                    name.len()
+                ));
+            }
             name => components.push(name.as_bytes().to_vec()),
         }
     }
@@ -285,5 +296,13 @@ mod tests {
                 .contains("absolute")
         );
         assert!(path_components(".").is_err());
+        // A name the file system refuses is refused when proposed, not at commit.
+        let long = format!("dir/{}", "n".repeat(300));
+        assert!(
+            path_components(&long)
+                .unwrap_err()
+                .contains("over the file system's limit of 255")
+        );
+        assert!(path_components(&format!("dir/{}", "n".repeat(255))).is_ok());
     }
 }
