@@ -36,9 +36,67 @@ pub fn expand(template: &str, root: &Path) -> String {
     template.replace("{root}", &quoted)
 }
 
+/// The environment variable that marks every process a command starts.
+const MARKER_VARIABLE: &str = "KAIROS_COMMAND_ID";
+/// Sweeps of /proc for marked processes after a command (each may find ones the previous
+/// one's victims forked meanwhile).
+const SWEEP_ROUNDS_MAX: usize = 8;
+
+/// A marker no other command on this host carries.
+fn new_marker() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{nanos}-{count}", std::process::id())
+}
+
+/// Kills every process whose environment carries `marker`: what a command started,
+/// including what left its process group (`setsid`, double forks). Returns how many.
+fn kill_marked(marker: &str) -> usize {
+    let needle = format!("{MARKER_VARIABLE}={marker}\0").into_bytes();
+    let mut killed = 0;
+    for _ in 0..SWEEP_ROUNDS_MAX {
+        let mut found = 0;
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return killed;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse::<libc::pid_t>().ok())
+            else {
+                continue;
+            };
+            let Ok(environment) = std::fs::read(entry.path().join("environ")) else {
+                continue;
+            };
+            if environment
+                .windows(needle.len())
+                .any(|window| window == needle.as_slice())
+            {
+                // SAFETY: kill(2) takes only a pid and a signal number; no memory is shared with the callee.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+                found += 1;
+            }
+        }
+        killed += found;
+        if found == 0 {
+            break;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    killed
+}
+
 /// Runs `command` with `sh -c` in `dir`. When `kill_group_after` is set, processes the
-/// command left behind in its group are killed when it exits (checks must not leave
-/// daemons behind; after_commit and actions may start them).
+/// command left behind are killed when it exits — its process group, and every process
+/// carrying its environment marker, so one that called `setsid` does not outlive it
+/// (checks must not leave daemons behind; after_commit and actions may start them).
 pub fn run(
     command: &str,
     dir: &Path,
@@ -48,9 +106,11 @@ pub fn run(
 ) -> std::io::Result<CommandOutcome> {
     let started = Clock::now();
     let mut output_file = tempfile::tempfile()?;
+    let marker = new_marker();
     let child = Command::new("sh")
         .arg("-c")
         .arg(command)
+        .env(MARKER_VARIABLE, &marker)
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(output_file.try_clone()?)
@@ -95,6 +155,7 @@ pub fn run(
         unsafe {
             libc::kill(-pid, libc::SIGKILL);
         }
+        kill_marked(&marker);
     }
     drop(child);
     let duration_ms = started.elapsed().as_millis() as u64;
@@ -191,6 +252,37 @@ mod tests {
         assert!(
             state.is_empty() || state.contains(") Z"),
             "child still alive: {state}"
+        );
+    }
+
+    #[test]
+    fn a_process_that_leaves_the_group_does_not_outlive_its_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("escaped.pid");
+        // `setsid` puts the sleep in a session (and group) of its own; the check waits
+        // until it has left, then exits.
+        let command = format!(
+            "setsid sh -c 'echo $$ > {0}; exec sleep 300' & while [ ! -s {0} ]; do sleep 0.01; done; exit 0",
+            marker.display()
+        );
+        let outcome = run(&command, dir.path(), Duration::from_secs(10), 1024, true).unwrap();
+        assert!(outcome.passed);
+        let escaped: i32 = std::fs::read_to_string(&marker)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let mut state = String::new();
+        for _ in 0..50 {
+            state = std::fs::read_to_string(format!("/proc/{escaped}/stat")).unwrap_or_default();
+            if state.is_empty() || state.contains(") Z") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            state.is_empty() || state.contains(") Z"),
+            "the escaped process is still alive: {state}"
         );
     }
 
