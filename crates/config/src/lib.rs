@@ -133,7 +133,7 @@ impl Default for RawNode {
             allowed_roots: Vec::new(),
             restore_root: None,
             header_read_timeout: "10s".into(),
-            connections_max: 4096,
+            connections_max: 16384,
         }
     }
 }

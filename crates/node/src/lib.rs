@@ -289,7 +289,7 @@ pub async fn run(
     }
     ready(listen);
     let limits = serve::ServeLimits {
-        connections_max: shared.config.node.connections_max,
+        connections_max: serve::connections_that_fit(shared.config.node.connections_max),
         header_read_timeout: shared.config.node.header_read_timeout,
     };
     let served = serve::serve(listener, app, limits, shutdown).await;

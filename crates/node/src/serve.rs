@@ -15,6 +15,43 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+/// File descriptors kept for the store, the watchers and captures, beyond connections.
+const DESCRIPTORS_RESERVED: u64 = 1024;
+
+/// Raises the soft limit on open files to the hard limit (as servers do) and returns how
+/// many connections fit under it with room for everything else; at most `wanted`.
+pub fn connections_that_fit(wanted: usize) -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct through a pointer to a live local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return wanted;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads one rlimit struct through a pointer to a live local.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    let fit = usize::try_from(limit.rlim_cur.saturating_sub(DESCRIPTORS_RESERVED))
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if fit < wanted {
+        tracing::warn!(
+            wanted,
+            fit,
+            "node.connections_max is above what the open-file limit allows; serving {fit} connections at once"
+        );
+    }
+    wanted.min(fit)
+}
+
 /// How long a stopping node waits for answers in flight.
 const STOP_WAIT: Duration = Duration::from_secs(10);
 /// After an accept error (e.g. out of file descriptors), wait this long before retrying.
