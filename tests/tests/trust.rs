@@ -392,3 +392,48 @@ fn a_large_proposal_fits_through_the_node_as_it_does_directly() {
     ]);
     assert_eq!(proposal["ops"].as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn a_party_over_its_request_rate_is_told_to_wait_and_others_are_not() {
+    let base = tempfile::tempdir().unwrap();
+    let root = replica_root(base.path(), "web");
+    let kairos = Kairos::at(&base.path().join("data"));
+    kairos.ok(["replica", "add", "web", "--root", &root]);
+    kairos.ok(["capture", "web"]);
+    let noisy = add_party(&kairos, "noisy", "viewer", &[], None);
+    let quiet = add_party(&kairos, "quiet", "viewer", &[], None);
+    let node = Node::start(
+        "[node]\ncapture_debounce = \"100ms\"\nparty_requests_per_second = 5\n",
+        kairos.data_dir(),
+    );
+    let agent = Node::agent();
+    let get = |token: &str| {
+        let mut response = agent
+            .get(format!("{}/api/replicas/web/history", node.url))
+            .header("Authorization", format!("Bearer {token}"))
+            .call()
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.body_mut().read_json().unwrap_or(Value::Null);
+        (status, body)
+    };
+    let answers: Vec<(u16, Value)> = (0..30).map(|_| get(&noisy)).collect();
+    let limited: Vec<&Value> = answers
+        .iter()
+        .filter(|(status, _)| *status == 429)
+        .map(|(_, body)| body)
+        .collect();
+    assert!(
+        !limited.is_empty(),
+        "30 requests at once exceed 5 per second"
+    );
+    assert_eq!(limited[0]["error"]["code"], json!("rate_limited"));
+    assert!(
+        answers.iter().filter(|(status, _)| *status == 200).count() >= 5,
+        "the burst is served"
+    );
+    // Another party is not held back by the noisy one.
+    assert_eq!(get(&quiet).0, 200);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(get(&noisy).0, 200, "the noisy party is served again later");
+}

@@ -74,6 +74,8 @@ pub struct NodeConfig {
     pub header_read_timeout: Duration,
     /// Connections served at once; more wait in the listen backlog.
     pub connections_max: usize,
+    /// Requests a party may make per second (with bursts of as many); 0: no limit.
+    pub party_requests_per_second: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -115,6 +117,7 @@ struct RawNode {
     restore_root: Option<PathBuf>,
     header_read_timeout: String,
     connections_max: usize,
+    party_requests_per_second: u32,
 }
 
 impl Default for RawNode {
@@ -134,6 +137,7 @@ impl Default for RawNode {
             restore_root: None,
             header_read_timeout: "10s".into(),
             connections_max: 16384,
+            party_requests_per_second: 200,
         }
     }
 }
@@ -490,6 +494,7 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             restore_root: raw.node.restore_root,
             header_read_timeout,
             connections_max: raw.node.connections_max,
+            party_requests_per_second: raw.node.party_requests_per_second,
         },
         telemetry: TelemetryConfig {
             otlp_endpoint,

@@ -196,6 +196,23 @@ fn check(shared: &Shared, request: &Request) -> Result<Acting, ApiError> {
             ),
         ));
     }
+    if let Some(limiter) = &shared.party_limiter
+        && let Err(not_until) = limiter.check_key(&party.name)
+    {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "party {:?} is over its {} requests per second; retry in {} ms",
+                party.name,
+                node.party_requests_per_second,
+                wait.as_millis().max(1)
+            ),
+        ));
+    }
     Ok(Acting::Party(party))
 }
 

@@ -115,6 +115,8 @@ pub struct Shared {
     pub replay: ReplayPool,
     pub metrics: kairos_telemetry::Metrics,
     pub actor_restarts: AtomicU64,
+    /// Requests per party per second (`node.party_requests_per_second`), if limited.
+    pub party_limiter: Option<governor::DefaultKeyedRateLimiter<String>>,
     snapshotters: RwLock<HashMap<String, ActorRef<SnapshotterMsg>>>,
     statuses: Mutex<HashMap<String, ReplicaStatusJson>>,
     supervisor: OnceLock<ActorRef<SupervisorMsg>>,
@@ -250,6 +252,7 @@ pub async fn run(
     let metrics = kairos_telemetry::Metrics::new();
     let kv = store.kv().clone();
     metrics.observe_store_size(move || kv.size_bytes().ok());
+    let config_party_rate = config.node.party_requests_per_second;
     let shared = Arc::new(Shared {
         store,
         replay: ReplayPool::new(
@@ -262,6 +265,8 @@ pub async fn run(
         listen,
         started: std::time::Instant::now(),
         actor_restarts: AtomicU64::new(0),
+        party_limiter: std::num::NonZeroU32::new(config_party_rate)
+            .map(|rate| governor::RateLimiter::keyed(governor::Quota::per_second(rate))),
         snapshotters: RwLock::new(HashMap::new()),
         statuses: Mutex::new(HashMap::new()),
         supervisor: OnceLock::new(),
