@@ -325,3 +325,242 @@ fn reading_the_log_changes_nothing_and_recovery_is_explicit() {
         "nothing is left in progress"
     );
 }
+
+#[test]
+fn a_rollback_never_touches_the_store_inside_the_replica_root_and_proposals_cannot_name_it() {
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path().join("svc");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("a.txt"), "a\n").unwrap();
+    // The default data directory, `./.kairos`, run from the service's own directory.
+    let kairos = Kairos::at(&root.join(".kairos"));
+    kairos.ok([
+        "replica",
+        "add",
+        "web",
+        "--root",
+        root.to_str().unwrap(),
+        "--watch-window",
+        "1s",
+        "--probe",
+        "command:test ! -f {root}/BREAK",
+    ]);
+    kairos.ok(["capture", "web"]);
+    let breaking = propose(
+        &kairos,
+        base.path(),
+        "web",
+        "break",
+        json!({"title": "b", "author": "a", "ops": [{"op": "put_file", "path": "BREAK", "content": "x"}]}),
+    );
+    let output = kairos.run(["commit", "web", &breaking, "--json"]);
+    let record: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(record["status"], json!("rolled_back"), "{record}");
+    assert!(!root.join("BREAK").exists());
+    assert!(
+        root.join(".kairos").is_dir(),
+        "the store survived the rollback"
+    );
+    let log = kairos.json(["log", "web", "--json"]);
+    assert_eq!(log["intact"], json!(true));
+    assert!(events(&log).iter().any(|(event, _)| event == "rollback"));
+
+    let store_file = root.join(".kairos/kairos.redb");
+    let size = std::fs::metadata(&store_file).unwrap().len();
+    let path = base.path().join("clobber.json");
+    std::fs::write(
+        &path,
+        json!({"title": "s", "author": "a", "ops": [{"op": "put_file", "path": ".kairos/kairos.redb", "content": "x"}]})
+            .to_string(),
+    )
+    .unwrap();
+    let error = kairos.fails(["propose", "web", "--file", path.to_str().unwrap()]);
+    assert!(error.contains("own data directory"), "{error}");
+    assert_eq!(std::fs::metadata(&store_file).unwrap().len(), size);
+}
+
+#[test]
+fn concurrent_commits_on_a_fork_rebase_onto_each_other() {
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path().join("svc");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("app.conf"), "port = 1\n").unwrap();
+    let config = format!(
+        "[node]\ncapture_debounce = \"100ms\"\n[[replica]]\nname = \"svc\"\nroot = {:?}\ncapture_interval = \"60s\"\n",
+        root.display().to_string()
+    );
+    let data = base.path().join("data");
+    let _node = Node::start(&config, &data);
+    let kairos = Kairos::at(&data);
+    wait_for("a first frame", Duration::from_secs(30), || {
+        let history = kairos.json(["history", "svc", "--json"]);
+        (!history.as_array().unwrap().is_empty()).then_some(())
+    });
+    kairos.ok([
+        "timeline",
+        "fork",
+        "try",
+        "--replica",
+        "svc",
+        "--at",
+        "latest",
+    ]);
+    const COMMITS: usize = 5;
+    let ids: Vec<String> = (0..COMMITS)
+        .map(|index| {
+            let path = base.path().join(format!("f{index}.json"));
+            std::fs::write(
+                &path,
+                json!({"title": "t", "author": "a", "ops": [{"op": "put_file", "path": format!("f{index}.txt"), "content": "x"}]})
+                    .to_string(),
+            )
+            .unwrap();
+            kairos.json(["propose", "svc", "--file", path.to_str().unwrap(), "--timeline", "try", "--json"])
+                ["proposal"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let barrier = Arc::new(Barrier::new(COMMITS));
+    let threads: Vec<_> = ids
+        .into_iter()
+        .map(|id| {
+            let data = data.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                Kairos::at(&data).run(["commit", "svc", &id, "--json"])
+            })
+        })
+        .collect();
+    for thread in threads {
+        let output = thread.join().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let record: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(record["status"], json!("committed"), "{record}");
+    }
+    let history = kairos.json(["history", "svc", "--timeline", "try", "--json"]);
+    assert_eq!(history.as_array().unwrap().len(), 1 + COMMITS);
+    let latest = kairos
+        .json(["show", "svc", "--at", "try@latest", "--json"])
+        .to_string();
+    for index in 0..COMMITS {
+        assert!(
+            latest.contains(&format!("f{index}.txt")),
+            "every commit is in the fork's head"
+        );
+    }
+}
+
+#[test]
+fn a_stopping_node_lets_a_commit_in_its_watch_window_finish() {
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path().join("svc");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("app.conf"), "port = 1\n").unwrap();
+    let config = format!(
+        "[node]\ncapture_debounce = \"100ms\"\n[[replica]]\nname = \"svc\"\nroot = {:?}\ncapture_interval = \"60s\"\nwatch_window = \"2s\"\nprobe_interval = \"200ms\"\n[[replica.probe]]\nkind = \"command\"\ncommand = \"true\"\n",
+        root.display().to_string()
+    );
+    let data = base.path().join("data");
+    let mut node = Node::start(&config, &data);
+    let kairos = Kairos::at(&data);
+    wait_for("a first frame", Duration::from_secs(30), || {
+        let history = kairos.json(["history", "svc", "--json"]);
+        (!history.as_array().unwrap().is_empty()).then_some(())
+    });
+    let id = propose(
+        &kairos,
+        base.path(),
+        "svc",
+        "good",
+        json!({"title": "g", "author": "a", "ops": [{"op": "put_file", "path": "good.txt", "content": "g\n"}]}),
+    );
+    let record = kairos.json(["commit", "svc", &id, "--no-wait", "--json"]);
+    assert_eq!(record["status"], json!("watching"));
+    assert!(node.stop(), "the node stops cleanly");
+    // On the data directory: the commit finished before the node left.
+    let log = kairos.json(["log", "svc", "--json"]);
+    let names: Vec<String> = events(&log).into_iter().map(|(event, _)| event).collect();
+    assert!(!names.contains(&"recovery".to_string()), "{names:?}");
+    let last_commit = events(&log)
+        .into_iter()
+        .rev()
+        .find(|(event, _)| event == "commit")
+        .unwrap();
+    assert_eq!(last_commit.1["status"], json!("committed"));
+    assert_eq!(kairos.json(["recover", "--json"]), json!([]));
+    assert_eq!(
+        std::fs::read_to_string(root.join("good.txt")).unwrap(),
+        "g\n"
+    );
+}
+
+#[test]
+fn reverts_are_logged_as_they_begin_and_replicas_cannot_share_a_root() {
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path().join("svc");
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::fs::write(root.join("app.conf"), "port = 1\n").unwrap();
+    let kairos = Kairos::at(&base.path().join("data"));
+    kairos.ok(["replica", "add", "svc", "--root", root.to_str().unwrap()]);
+    let first = kairos.json(["capture", "svc", "--json"])["frame"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::write(root.join("app.conf"), "port = 2\n").unwrap();
+    kairos.ok(["capture", "svc"]);
+    kairos.ok(["revert", "svc", "--to", &first]);
+    let log = kairos.json(["log", "svc", "--json"]);
+    let statuses: Vec<String> = events(&log)
+        .into_iter()
+        .filter(|(event, _)| event == "revert")
+        .map(|(_, details)| details["status"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(statuses, ["applying", "committed"]);
+
+    for other in [root.clone(), root.join("sub")] {
+        let error = kairos.fails(["replica", "add", "again", "--root", other.to_str().unwrap()]);
+        assert!(error.contains("overlaps replica \"svc\""), "{error}");
+    }
+}
+
+#[test]
+fn names_reach_the_node_as_names_and_a_mistyped_data_directory_is_not_created() {
+    let base = tempfile::tempdir().unwrap();
+    let (kairos, _) = store_to_read(base.path());
+    let direct = kairos.fails(["log", "%77eb"]);
+    let _node = Node::start("[node]\ncapture_debounce = \"100ms\"\n", kairos.data_dir());
+    for name in ["%77eb", "web?x", "web/../web", "we b"] {
+        let through_node = kairos.fails(["log", name]);
+        assert!(
+            through_node.contains(&format!("unknown replica {name:?}")),
+            "{name}: {through_node}"
+        );
+    }
+    assert!(direct.contains("unknown replica \"%77eb\""), "{direct}");
+
+    let missing = base.path().join("no/such/dir");
+    let error = Kairos::at(&missing).fails(["log", "web"]);
+    assert!(error.contains("does not exist"), "{error}");
+    assert!(!missing.exists());
+}
+
+#[test]
+fn a_node_marker_naming_a_live_process_that_does_not_listen_is_ignored() {
+    let base = tempfile::tempdir().unwrap();
+    let (kairos, _) = store_to_read(base.path());
+    // This test's own pid: alive, but no node listens at that address.
+    std::fs::write(
+        kairos.data_dir().join("node.json"),
+        json!({"url": "http://127.0.0.1:1", "pid": std::process::id()}).to_string(),
+    )
+    .unwrap();
+    let history = kairos.json(["history", "web", "--json"]);
+    assert_eq!(history.as_array().unwrap().len(), 2);
+}

@@ -239,9 +239,10 @@ impl Backend {
                 let report = self.service().context("direct")?.capture_directly(name)?;
                 Ok(CaptureJson::from(&report))
             }
-            Backend::Node { .. } => {
-                self.post(&format!("/api/replicas/{name}/capture"), None::<&()>)
-            }
+            Backend::Node { .. } => self.post(
+                &format!("/api/replicas/{}/capture", segment(name)),
+                None::<&()>,
+            ),
         }
     }
 
@@ -251,7 +252,7 @@ impl Backend {
                 Ok(self.service().context("direct")?.history(name, timeline)?)
             }
             Backend::Node { .. } => self.get(
-                &format!("/api/replicas/{name}/history"),
+                &format!("/api/replicas/{}/history", segment(name)),
                 &[("timeline", timeline)],
             ),
         }
@@ -264,7 +265,10 @@ impl Backend {
             }
             Backend::Node { .. } => {
                 spec(at)?;
-                self.get(&format!("/api/replicas/{name}/state"), &[("at", at)])
+                self.get(
+                    &format!("/api/replicas/{}/state", segment(name)),
+                    &[("at", at)],
+                )
             }
         }
     }
@@ -286,7 +290,7 @@ impl Backend {
                     )
                 })?;
                 let request = self
-                    .authorized(agent.get(format!("{base}/api/replicas/{name}/file")))
+                    .authorized(agent.get(format!("{}/api/replicas/{}/file", base, segment(name))))
                     .query("path", path)
                     .query("at", at);
                 let mut response = Self::answer(base, request.call())?;
@@ -309,7 +313,7 @@ impl Backend {
                 spec(from)?;
                 spec(to)?;
                 self.get(
-                    &format!("/api/replicas/{name}/diff"),
+                    &format!("/api/replicas/{}/diff", segment(name)),
                     &[("from", from), ("to", to)],
                 )
             }
@@ -341,7 +345,10 @@ impl Backend {
                     into: into.display().to_string(),
                     force,
                 };
-                self.post(&format!("/api/replicas/{name}/restore"), Some(&request))
+                self.post(
+                    &format!("/api/replicas/{}/restore", segment(name)),
+                    Some(&request),
+                )
             }
         }
     }
@@ -378,22 +385,32 @@ impl Backend {
                 let service = self.service().context("direct")?;
                 Ok(service.recover(name, &self.capturer()?)?)
             }
-            Backend::Node { .. } => bail!(
-                "a running node recovers interrupted commits when it starts; stop it and run `kairos recover` on its data directory, or restart it"
-            ),
+            Backend::Node { .. } => {
+                if let Some(name) = name {
+                    // An unknown replica is named as such, as on the data directory.
+                    self.timelines(name)?;
+                }
+                bail!(
+                    "a running node recovers interrupted commits when it starts; stop it and run `kairos recover` on its data directory, or restart it"
+                )
+            }
         }
     }
 
     pub fn timelines(&self, name: &str) -> Result<Vec<TimelineInfo>> {
         match self {
             Backend::Direct { .. } => Ok(self.service().context("direct")?.timelines(name)?),
-            Backend::Node { .. } => self.get(&format!("/api/replicas/{name}/timelines"), &[]),
+            Backend::Node { .. } => {
+                self.get(&format!("/api/replicas/{}/timelines", segment(name)), &[])
+            }
         }
     }
 
     pub fn fork(&self, name: &str, timeline: &str, at: &str, party: &str) -> Result<TimelineInfo> {
         if !kairos_core::spec::is_valid_timeline_name(timeline) {
-            bail!("timeline name {timeline:?} is invalid: use letters, digits, '-', '_' or '.'");
+            bail!(
+                "timeline name {timeline:?} is invalid: use letters, digits, '-', '_' or '.', starting with a letter or digit, at most 64 characters"
+            );
         }
         match self {
             Backend::Direct { .. } => {
@@ -403,7 +420,7 @@ impl Backend {
                     .fork(name, timeline, &spec(at)?, party)?)
             }
             Backend::Node { .. } => self.post(
-                &format!("/api/replicas/{name}/timelines"),
+                &format!("/api/replicas/{}/timelines", segment(name)),
                 Some(&ForkRequest {
                     name: timeline.to_string(),
                     at: at.to_string(),
@@ -421,9 +438,12 @@ impl Backend {
                 .delete_timeline(name, timeline, party)?),
             Backend::Node { .. } => {
                 let (base, agent) = self.node_parts()?;
-                let mut request = self.authorized(
-                    agent.delete(format!("{base}/api/replicas/{name}/timelines/{timeline}")),
-                );
+                let mut request = self.authorized(agent.delete(format!(
+                    "{}/api/replicas/{}/timelines/{}",
+                    base,
+                    segment(name),
+                    segment(timeline)
+                )));
                 if let Some(party) = self.node_party(party) {
                     request = request.query("party", party);
                 }
@@ -447,7 +467,7 @@ impl Backend {
                 .context("direct")?
                 .propose(name, document, timeline, party)?),
             Backend::Node { .. } => self.post(
-                &format!("/api/replicas/{name}/proposals"),
+                &format!("/api/replicas/{}/proposals", segment(name)),
                 Some(&ProposeRequest {
                     document,
                     timeline: timeline.map(str::to_string),
@@ -477,7 +497,11 @@ impl Backend {
                 kairos_core::hash::parse_hex_prefix(proposal)
                     .map_err(|error| anyhow!("proposal id {proposal:?}: {error}"))?;
                 self.post(
-                    &format!("/api/replicas/{name}/proposals/{proposal}/sandbox"),
+                    &format!(
+                        "/api/replicas/{}/proposals/{}/sandbox",
+                        segment(name),
+                        segment(proposal)
+                    ),
                     Some(&SandboxRequest {
                         ops,
                         run_check,
@@ -514,7 +538,11 @@ impl Backend {
                 kairos_core::hash::parse_hex_prefix(proposal)
                     .map_err(|error| anyhow!("proposal id {proposal:?}: {error}"))?;
                 self.post(
-                    &format!("/api/replicas/{name}/proposals/{proposal}/commit"),
+                    &format!(
+                        "/api/replicas/{}/proposals/{}/commit",
+                        segment(name),
+                        segment(proposal)
+                    ),
                     Some(&CommitRequest {
                         ops,
                         wait,
@@ -534,7 +562,7 @@ impl Backend {
                 Ok(service.revert(name, &to_spec, party, &self.capturer()?)?)
             }
             Backend::Node { .. } => self.post(
-                &format!("/api/replicas/{name}/revert"),
+                &format!("/api/replicas/{}/revert", segment(name)),
                 Some(&RevertRequest {
                     to: to.to_string(),
                     party: self.node_party(party),
@@ -546,7 +574,7 @@ impl Backend {
     pub fn log(&self, name: &str) -> Result<AuditLog> {
         match self {
             Backend::Direct { .. } => Ok(self.service().context("direct")?.log(name)?),
-            Backend::Node { .. } => self.get(&format!("/api/replicas/{name}/log"), &[]),
+            Backend::Node { .. } => self.get(&format!("/api/replicas/{}/log", segment(name)), &[]),
         }
     }
 
@@ -582,11 +610,25 @@ impl Backend {
             Backend::Node { .. } => {
                 let (base, agent) = self.node_parts()?;
                 let response = self
-                    .authorized(agent.delete(format!("{base}/api/parties/{name}")))
+                    .authorized(agent.delete(format!("{}/api/parties/{}", base, segment(name))))
                     .call();
                 Self::answer(base, response)?;
                 Ok(())
             }
         }
     }
+}
+
+/// `text` as one URL path segment: everything but unreserved characters percent-encoded,
+/// so a name is never read as a path, a query or an escape by the node.
+fn segment(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
 }

@@ -393,7 +393,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .or_else(|| std::env::var("USER").ok())
         .unwrap_or_else(|| "cli".to_string());
     if !kairos_core::replica::is_valid_replica_name(&party) {
-        bail!("party {party:?} is invalid: use letters, digits, '-', '_' or '.'");
+        bail!(
+            "party {party:?} is invalid: use letters, digits, '-', '_' or '.', starting with a letter or digit, at most 64 characters"
+        );
     }
     let data_dir = cli
         .data_dir
@@ -407,6 +409,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
     {
         Some(url) => Backend::node(&url, cli.token.as_deref(), cli.party.is_some())?,
         None => {
+            // Only commands that register something make a store; a mistyped --data-dir
+            // is reported, not created.
+            let creates = matches!(
+                cli.command,
+                Command::Replica(ReplicaCommand::Add { .. })
+                    | Command::Party(PartyCommand::Add { .. })
+            );
+            if !creates && !data_dir.exists() {
+                bail!(
+                    "no store in {}: the directory does not exist (`kairos replica add` makes one; check --data-dir or KAIROS_DATA_DIR)",
+                    data_dir.display()
+                );
+            }
             // The same limits a node on this configuration applies.
             let flags = kairos_config::Flags {
                 listen: None,

@@ -216,6 +216,7 @@ fn main() {
     };
     capturer_capture(&capturer, &site);
     let committer = Committer {
+        protected: Vec::new(),
         store: &store,
         replica: &site,
         limits,

@@ -234,7 +234,7 @@ impl CommitEngine {
                     Effect::Submit {
                         step: CatalogStep::Begin { last_good: None },
                         actor: Actor::Requester,
-                        audit: Vec::new(),
+                        audit: vec![audit_event(&self.record)],
                     }
                 }
                 Plan::Recover => {
@@ -369,6 +369,10 @@ impl CommitEngine {
                     frame: frame.id,
                     evidence: rollback.evidence.clone(),
                     restored_ms: rollback.restored_ms,
+                    after_commit_passed: rollback
+                        .after_commit
+                        .as_ref()
+                        .map(|outcome| outcome.passed),
                 });
                 self.record.status = CommitStatus::RolledBack;
                 self.phase = Phase::FinishingRollback;

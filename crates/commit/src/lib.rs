@@ -41,6 +41,8 @@ pub use probe::ProbeObservation;
 pub enum CommitError {
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    #[error("commit id {id:?}: {problem}")]
+    BadId { id: String, problem: String },
     #[error("replica {replica:?}: no commit id starts with {prefix:?}")]
     UnknownCommit { replica: String, prefix: String },
     #[error("capturing replica {replica:?}: {reason}")]
@@ -218,6 +220,26 @@ pub struct Committer<'a> {
     pub replica: &'a ReplicaDefinition,
     pub limits: Limits,
     pub capturer: &'a dyn Capturer,
+    /// Paths Kairos never writes or removes on the live root (the store's own directory,
+    /// when it lies inside the replica's root).
+    pub protected: Vec<std::path::PathBuf>,
+}
+
+/// Attempts at a fork commit when other commits move the fork's head meanwhile.
+const FORK_COMMIT_ATTEMPTS_MAX: usize = 16;
+
+/// The protected paths that lie inside `root`, relative to it.
+pub fn protected_inside(root: &std::path::Path, protected: &[std::path::PathBuf]) -> Vec<String> {
+    let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    protected
+        .iter()
+        .filter_map(|path| {
+            let path = path.canonicalize().unwrap_or_else(|_| path.clone());
+            path.strip_prefix(&root)
+                .ok()
+                .map(|relative| relative.to_string_lossy().into_owned())
+        })
+        .collect()
 }
 
 /// What the driver needs besides the engine: the applied state to write live.
@@ -274,6 +296,7 @@ impl Committer<'_> {
     fn refuse_if_busy(&self) -> Result<(), CommitError> {
         if let Some(record) = self.pending()? {
             return Err(CatalogError::Busy {
+                kind: record.kind.name().to_string(),
                 replica: self.name().to_string(),
                 commit: record.commit.short(),
                 status: record.status.name().to_string(),
@@ -289,8 +312,11 @@ impl Committer<'_> {
     }
 
     pub fn commit_record(&self, prefix: &str) -> Result<CommitRecord, CommitError> {
-        let prefix_hex = kairos_core::hash::parse_hex_prefix(prefix)
-            .map_err(|error| SandboxError::Invalid(format!("commit id {prefix:?}: {error}")))?;
+        let prefix_hex =
+            kairos_core::hash::parse_hex_prefix(prefix).map_err(|error| CommitError::BadId {
+                id: prefix.to_string(),
+                problem: error.to_string(),
+            })?;
         let ids = self
             .store
             .record_ids(RecordFamily::Commit, self.name(), &prefix_hex)?;
@@ -312,6 +338,27 @@ impl Committer<'_> {
     /// the returned record is `watching` (call [`Committer::watch`] to finish it) or
     /// already final (a failed write or command rolled it back).
     pub fn begin(
+        &self,
+        proposal: &Proposal,
+        chosen: Option<&[usize]>,
+        party: &str,
+    ) -> Result<CommitRecord, CommitError> {
+        let mut attempt = 1;
+        loop {
+            match self.begin_on_head(proposal, chosen, party) {
+                // Another commit on the fork landed first: rebase onto its frame.
+                Err(CommitError::Catalog(CatalogError::HeadMoved { .. }))
+                    if proposal.timeline != MAIN_TIMELINE && attempt < FORK_COMMIT_ATTEMPTS_MAX =>
+                {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One attempt of [`Committer::begin`] on the timeline's head as it is now.
+    fn begin_on_head(
         &self,
         proposal: &Proposal,
         chosen: Option<&[usize]>,
@@ -348,6 +395,7 @@ impl Committer<'_> {
         if proposal.timeline != MAIN_TIMELINE {
             return self.commit_on_fork(record, &head, &applied);
         }
+        self.refuse_protected(&record.touched)?;
         let set_last_good = self.initial_last_good(&mut record, &head)?;
         let live = Live {
             view: state_view(self.name(), &head, applied.root, applied.root_node.clone()),
@@ -362,6 +410,29 @@ impl Committer<'_> {
             self.watch_settings(),
         );
         self.drive(engine, Input::Start, Some(&live), true)
+    }
+
+    /// Refuses ops that would write into a protected path (the store's own directory).
+    fn refuse_protected(&self, touched: &[Touched]) -> Result<(), CommitError> {
+        let protected = protected_inside(&self.replica.root, &self.protected);
+        for touch in touched {
+            if let Some(inside) = protected.iter().find(|inside| {
+                inside.is_empty()
+                    || touch.path == **inside
+                    || touch.path.starts_with(&format!("{inside}/"))
+            }) {
+                return Err(SandboxError::Op {
+                    index: touch.op,
+                    op: touch.path.clone(),
+                    problem: format!(
+                        "{:?} is inside Kairos's own data directory ({inside:?}); it is never written",
+                        touch.path
+                    ),
+                }
+                .into());
+            }
+        }
+        Ok(())
     }
 
     /// The head a commit applies on: on `main` the live root captured now (it may have
@@ -425,6 +496,8 @@ impl Committer<'_> {
                 Change::RecordCommit {
                     commit: record.commit,
                     record: RecordBody::of(record)?,
+                    // A conflict on main is judged against a head no commit is changing.
+                    require_idle: record.timeline == MAIN_TIMELINE,
                 },
             )
             .with_audit(audit_event(record)),
@@ -619,13 +692,20 @@ impl Committer<'_> {
     fn restore_live(&self, frame: &Hash) -> Result<(), CommitError> {
         let frame = self.store.frame(frame)?;
         let view = kairos_replay::open_frame(self.store, frame)?;
+        // The store's own directory inside the root is neither removed nor rewritten.
+        let mut exclude = self.replica.exclude.clone();
+        for inside in protected_inside(&self.replica.root, &self.protected) {
+            let escaped = globset::escape(&inside);
+            exclude.push(escaped.clone());
+            exclude.push(format!("{escaped}/**"));
+        }
         kairos_replay::restore(
             self.store,
             &view,
             &self.replica.root,
             &RestoreOptions {
                 force: true,
-                exclude: self.replica.exclude.clone(),
+                exclude,
                 progress: None,
                 // On disk before the record says so.
                 durable: true,
@@ -664,7 +744,9 @@ impl Committer<'_> {
             conflicts: Vec::new(),
             touched: Vec::new(),
             frame: None,
-            last_good: Some(head.id),
+            // Where an interrupted revert goes back to: the last good frame, else the
+            // state it started from.
+            last_good: Some(self.last_good()?.unwrap_or(head.id)),
             actions: Vec::new(),
             after_commit: None,
             probe_runs: 0,

@@ -189,6 +189,7 @@ impl From<kairos_ops::OpsError> for ApiError {
                     InputError::Replica(_) => "bad_replica",
                     InputError::ProposalId { .. } => "bad_proposal",
                     InputError::Role(_) => "bad_role",
+                    InputError::SharedRoot { .. } => "shared_root",
                     InputError::PartyReplica { .. } => "unknown_replica",
                     InputError::Random(_) => return ApiError::internal(message),
                 };
@@ -368,6 +369,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/replicas/{name}/log", get(crate::changes::audit_log))
         .route("/api/parties", get(list_parties).post(add_party))
         .route("/api/parties/{party}", axum::routing::delete(revoke_party))
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method (see /api/openapi.json)",
+            )
+        })
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,

@@ -56,6 +56,7 @@ impl From<CommitError> for ApiError {
         let message = error.to_string();
         match error {
             CommitError::Sandbox(error) => error.into(),
+            CommitError::BadId { .. } => ApiError::bad_request("bad_commit", message),
             CommitError::UnknownCommit { .. } => {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_commit", message)
             }
@@ -300,10 +301,13 @@ pub async fn commit_proposal(
         }
         let watching = record.clone();
         let background = shared.clone();
-        std::thread::Builder::new()
+        let watch = std::thread::Builder::new()
             .name(format!("kairos-watch-{}", replica.name))
             .spawn(move || watch_in_background(background, runtime, watching))
             .map_err(|error| ApiError::internal(format!("starting the watch: {error}")))?;
+        let mut watches = shared.watches.lock().unwrap_or_else(|p| p.into_inner());
+        watches.retain(|watch| !watch.is_finished());
+        watches.push(watch);
         Ok(record)
     })
     .await?;

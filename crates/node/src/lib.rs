@@ -38,11 +38,16 @@ pub fn running_node(data_dir: &std::path::Path) -> Option<String> {
     let text = std::fs::read_to_string(data_dir.join(NODE_MARKER_FILE)).ok()?;
     let announced: serde_json::Value = serde_json::from_str(&text).ok()?;
     let pid = i32::try_from(announced["pid"].as_u64()?).ok()?;
-    // A marker left by a node killed with -9 names a dead process.
-    let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
-    alive
-        .then(|| announced["url"].as_str().map(str::to_string))
-        .flatten()
+    // A marker left by a node killed with -9 names a dead process (or, once its pid is
+    // reused, a live process that is not listening there: a zombie or another program).
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    if state.contains(") Z") || state.contains(") X") {
+        return None;
+    }
+    let url = announced["url"].as_str()?.to_string();
+    let address: SocketAddr = url.strip_prefix("http://")?.parse().ok()?;
+    std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(1)).ok()?;
+    Some(url)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +120,8 @@ pub struct Shared {
     pub replay: ReplayPool,
     pub metrics: kairos_telemetry::Metrics,
     pub actor_restarts: AtomicU64,
+    /// Commits watched in the background (`--no-wait`): a stopping node lets them finish.
+    pub watches: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Requests per party per second (`node.party_requests_per_second`), if limited.
     pub party_limiter: Option<governor::DefaultKeyedRateLimiter<String>>,
     snapshotters: RwLock<HashMap<String, ActorRef<SnapshotterMsg>>>,
@@ -265,6 +272,7 @@ pub async fn run(
         listen,
         started: std::time::Instant::now(),
         actor_restarts: AtomicU64::new(0),
+        watches: Mutex::new(Vec::new()),
         party_limiter: std::num::NonZeroU32::new(config_party_rate)
             .map(|rate| governor::RateLimiter::keyed(governor::Quota::per_second(rate))),
         snapshotters: RwLock::new(HashMap::new()),
@@ -298,6 +306,22 @@ pub async fn run(
         header_read_timeout: shared.config.node.header_read_timeout,
     };
     let served = serve::serve(listener, app, limits, shutdown).await;
+    // Commits in their watch window finish (committed or rolled back) before the
+    // snapshotters they capture through stop; a restart would otherwise roll them back.
+    let watches: Vec<_> =
+        std::mem::take(&mut *shared.watches.lock().unwrap_or_else(|p| p.into_inner()));
+    if !watches.is_empty() {
+        tracing::info!(
+            commits = watches.len(),
+            "stopping: waiting for commits in their watch window"
+        );
+        let _ = tokio::task::spawn_blocking(move || {
+            for watch in watches {
+                let _ = watch.join();
+            }
+        })
+        .await;
+    }
     let _ = std::fs::remove_file(&marker);
     // Stop capturing: watchers and snapshotters stop with their supervisor; a capture
     // already running finishes (or is discarded whole) on the blocking pool.

@@ -32,9 +32,13 @@ use wire::{FrameJson, NewPartyJson, PartyJson, ProposalJson};
 /// Input that is wrong before anything is looked up: the caller can fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
-    #[error("timeline name {0:?} is invalid: use letters, digits, '-', '_' or '.'")]
+    #[error(
+        "timeline name {0:?} is invalid: use letters, digits, '-', '_' or '.', starting with a letter or digit, at most 64 characters"
+    )]
     TimelineName(String),
-    #[error("party {0:?} is invalid: use letters, digits, '-', '_' or '.'")]
+    #[error(
+        "party {0:?} is invalid: use letters, digits, '-', '_' or '.', starting with a letter or digit, at most 64 characters"
+    )]
     Party(String),
     #[error("replica {replica:?}: root {root:?} must be an absolute path")]
     RelativeRoot { replica: String, root: String },
@@ -48,6 +52,15 @@ pub enum InputError {
     Role(String),
     #[error("party {party:?}: replica {replica:?} is not registered")]
     PartyReplica { party: String, replica: String },
+    #[error(
+        "replica {replica:?}: root {root} overlaps replica {other:?}'s root {other_root} (two replicas would commit to the same files)"
+    )]
+    SharedRoot {
+        replica: String,
+        root: String,
+        other: String,
+        other_root: String,
+    },
     #[error("drawing a token from the operating system: {0}")]
     Random(String),
 }
@@ -137,6 +150,19 @@ impl Service<'_> {
             request.settings,
         )
         .map_err(InputError::Replica)?;
+        for other in self.store.replicas()? {
+            if other.name != replica.name
+                && (replica.root.starts_with(&other.root) || other.root.starts_with(&replica.root))
+            {
+                return Err(InputError::SharedRoot {
+                    replica: replica.name.clone(),
+                    root: replica.root.display().to_string(),
+                    other: other.name,
+                    other_root: other.root.display().to_string(),
+                }
+                .into());
+            }
+        }
         self.store.add_replica(&replica)?;
         Ok(replica)
     }
@@ -292,6 +318,7 @@ impl Service<'_> {
             document.author = party.to_string();
         }
         let replica = self.store.replica(name)?;
+        self.refuse_protected_paths(&replica, &document)?;
         let proposal = kairos_sandbox::propose(
             self.store,
             &replica,
@@ -301,6 +328,39 @@ impl Service<'_> {
             Instant::now(),
         )?;
         Ok(ProposalJson::from(&proposal))
+    }
+
+    /// A proposal may not name a path inside Kairos's own data directory.
+    fn refuse_protected_paths(
+        &self,
+        replica: &ReplicaDefinition,
+        document: &ProposalDocument,
+    ) -> Result<()> {
+        let inside = kairos_commit::protected_inside(&replica.root, &self.skip);
+        if inside.is_empty() {
+            return Ok(());
+        }
+        for (index, op) in document.ops.iter().enumerate() {
+            let Some(path) = op.path() else { continue };
+            let Ok(components) = kairos_sandbox::proposal::path_components(path) else {
+                continue;
+            };
+            let path = String::from_utf8_lossy(&components.join(&b'/')).into_owned();
+            if let Some(protected) = inside
+                .iter()
+                .find(|p| path == **p || path.starts_with(&format!("{p}/")))
+            {
+                return Err(SandboxError::Op {
+                    index: index + 1,
+                    op: op.describe(),
+                    problem: format!(
+                        "{path:?} is inside Kairos's own data directory ({protected:?}); it is never written"
+                    ),
+                }
+                .into());
+            }
+        }
+        Ok(())
     }
 
     pub fn proposal(&self, name: &str, id: &str) -> Result<Proposal> {
@@ -342,6 +402,7 @@ impl Service<'_> {
             replica,
             limits: self.limits,
             capturer,
+            protected: self.skip.clone(),
         }
     }
 

@@ -142,6 +142,9 @@ pub struct RollbackEvent {
     pub frame: Hash,
     pub evidence: String,
     pub restored_ms: u64,
+    /// Whether `after_commit` passed after the restore (absent when none is declared).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_commit_passed: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -114,9 +114,11 @@ pub enum CatalogError {
     )]
     MainTimeline { replica: String, timeline: String },
     #[error(
-        "replica {replica:?} is busy: commit {commit} is in progress ({status}); wait for it to finish"
+        "replica {replica:?} is busy: {kind} {commit} is in progress ({status}); wait for it to finish"
     )]
     Busy {
+        /// `commit` or `revert`.
+        kind: String,
         replica: String,
         commit: String,
         status: String,

@@ -121,8 +121,14 @@ pub enum Change {
         id: Hash,
         record: RecordBody,
     },
-    /// Records a commit that never touches the live replica (a fork's commit, a conflict).
-    RecordCommit { commit: Hash, record: RecordBody },
+    /// Records a commit that never touches the live replica (a fork's commit, a conflict);
+    /// with `require_idle`, refused as busy while another commit is in progress.
+    RecordCommit {
+        commit: Hash,
+        record: RecordBody,
+        #[serde(default)]
+        require_idle: bool,
+    },
     /// Starts a commit on the live replica: refused while another commit is in progress
     /// (the replica's pending marker), else records it and sets the marker, in one batch.
     BeginCommit {
@@ -273,7 +279,18 @@ pub fn apply(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, Catalo
             let key = keys::replica_record(family.prefix(), replica, id.as_bytes());
             batch.put(key.clone(), encode("record", &key, record)?)?;
         }
-        Change::RecordCommit { commit, record } => {
+        Change::RecordCommit {
+            commit,
+            record,
+            require_idle,
+        } => {
+            if *require_idle {
+                let marker_key = pending_key(replica);
+                if let Some(marker) = view.get(&marker_key)? {
+                    return Err(busy(view, replica, &marker));
+                }
+                batch.check(marker_key, None)?;
+            }
             let key = keys::replica_record(keys::COMMIT, replica, commit.as_bytes());
             batch.put(key.clone(), encode("commit", &key, record)?)?;
         }
@@ -479,7 +496,7 @@ fn apply_party_change(view: &dyn KvSnapshot, command: &Command) -> Result<Planne
         Change::AddParty { party } => {
             if !kairos_core::replica::is_valid_replica_name(&party.name) {
                 return Err(CatalogError::Invalid(format!(
-                    "party name {:?} is invalid: use letters, digits, '-', '_' or '.'",
+                    "party name {:?} is invalid: use letters, digits, '-', '_' or '.', starting with a letter or digit, at most 64 characters",
                     party.name
                 )));
             }
@@ -518,25 +535,25 @@ fn apply_party_change(view: &dyn KvSnapshot, command: &Command) -> Result<Planne
 
 /// The `busy` refusal, naming the commit in progress.
 fn busy(view: &dyn KvSnapshot, replica: &str, marker: &[u8]) -> CatalogError {
-    let status = Hash::from_slice(marker)
+    let record = Hash::from_slice(marker)
         .and_then(|id| {
             let key = keys::replica_record(keys::COMMIT, replica, id.as_bytes());
             view.get(&key).ok().flatten()
         })
-        .and_then(|value| serde_json::from_slice::<serde_json::Value>(&value).ok())
-        .and_then(|record| {
-            record
-                .get("status")
-                .and_then(|s| s.as_str())
-                .map(String::from)
-        })
-        .unwrap_or_else(|| "starting".into());
+        .and_then(|value| serde_json::from_slice::<serde_json::Value>(&value).ok());
+    let field = |name: &str, default: &str| {
+        record
+            .as_ref()
+            .and_then(|record| record.get(name).and_then(|s| s.as_str()).map(String::from))
+            .unwrap_or_else(|| default.into())
+    };
     CatalogError::Busy {
+        kind: field("kind", "commit"),
+        status: field("status", "starting"),
         replica: replica.to_string(),
         commit: Hash::from_slice(marker)
             .map(|id| id.short())
             .unwrap_or_else(|| printable(marker)),
-        status,
     }
 }
 
