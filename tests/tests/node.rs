@@ -146,6 +146,14 @@ fn the_api_answers_bad_input_with_json_errors_and_documents_itself() {
     );
     let agent = Node::agent();
     let url = |path: &str| format!("{}{path}", node.url);
+    // The requests below about paths need the node's first frame.
+    kairos_tests::wait_for("the first frame", Duration::from_secs(30), || {
+        let (_, history) = get_json(&url("/api/replicas/web/history"));
+        history
+            .as_array()
+            .is_some_and(|frames| !frames.is_empty())
+            .then_some(())
+    });
 
     let (status, health) = get_json(&url("/api/health"));
     assert_eq!((status, health["status"].as_str()), (200, Some("ok")));

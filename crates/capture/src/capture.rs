@@ -89,155 +89,31 @@ pub fn capture(store: &Store, request: &CaptureRequest<'_>) -> Result<CaptureRep
     let started = Clock::now();
     let replica = request.replica;
     let now = Instant::now();
-    let root_meta =
-        std::fs::metadata(&replica.root).map_err(|error| CaptureError::RootUnreadable {
-            replica: replica.name.clone(),
-            root: replica.root.clone(),
-            reason: error.to_string(),
-        })?;
-    if !root_meta.is_dir() {
-        return Err(CaptureError::RootNotDirectory {
-            replica: replica.name.clone(),
-            root: replica.root.clone(),
-        });
-    }
-    let excludes = build_excludes(replica)?;
-    let selectors = replica
-        .processes
-        .iter()
-        .map(|pattern| Selector::new(pattern))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| CaptureError::Selector {
-            replica: replica.name.clone(),
-            source,
-        })?;
-
+    let root_meta = root_metadata(replica)?;
+    let selectors = selectors(replica)?;
     let head = store.head(&replica.name, request.timeline)?;
-    let mut notes: Vec<CaptureNote> = Vec::new();
-    let previous = match &head {
-        Some(frame) => match store
-            .reader()?
-            .node::<RootNode>(&frame.root, ObjectKind::Root)
-        {
-            Ok(root) => Some((frame.time, root)),
-            Err(error) => {
-                notes.push(note(
-                    b"",
-                    format!("previous frame unreadable, captured without reuse: {error}"),
-                ));
-                None
-            }
-        },
-        None => None,
-    };
-    let previous_processes = previous
-        .as_ref()
-        .and_then(|(at, root)| {
-            let reader = store.reader().ok()?;
-            let runtime = reader
-                .node::<RuntimeNode>(&Hash(root.runtime), ObjectKind::Runtime)
-                .ok()?;
-            Some(
-                runtime
-                    .processes
-                    .iter()
-                    .map(|p| {
-                        (
-                            (p.pid, p.start_time_ns),
-                            PreviousSample {
-                                cpu_time_ms: p.cpu_time_ms,
-                                at: *at,
-                            },
-                        )
-                    })
-                    .collect::<HashMap<_, _>>(),
-            )
-        })
-        .unwrap_or_default();
-
+    let previous = previous_state(store, head.as_ref())?;
     let writer = store.object_writer(&replica.name)?;
     let reader = store.reader()?;
-    let skip: Vec<PathBuf> = request
-        .skip
-        .iter()
-        .filter_map(|path| path.canonicalize().ok())
-        .collect();
-    let walker = Walker {
-        reader: &reader,
-        excludes,
-        skip,
-        limits: request.limits,
-        replica: &replica.name,
-        previous_capture_ns: previous.as_ref().map(|(at, _)| at.0).unwrap_or(i64::MIN),
-        entries: AtomicU64::new(0),
-        files_reused: AtomicU64::new(0),
-        directories: AtomicU64::new(0),
-        notes: Mutex::new(notes),
-    };
-    let root_canonical = replica
-        .root
-        .canonicalize()
-        .unwrap_or_else(|_| replica.root.clone());
-    let previous_files = previous.as_ref().map(|(_, root)| Hash(root.files));
-    let mut pending = walker
-        .walk_dir(&root_canonical, b"", previous_files)
-        .map_err(|error| match error {
-            WalkError::Io(reason) => CaptureError::RootUnreadable {
-                replica: replica.name.clone(),
-                root: replica.root.clone(),
-                reason,
-            },
-            WalkError::Capture(error) => error,
-        })?;
-    let files_reused = walker.files_reused.load(Ordering::Relaxed);
+    let mut walked = walk_root(&reader, request, &previous)?;
+    let (files_read, torn, read_notes) =
+        read_changed_files(&writer, &mut walked.pending, &request.limits)?;
+    let mut notes = walked.notes;
+    notes.extend(read_notes);
+    let built = build_dir(&writer, walked.pending)?;
     let mut metrics = Metrics {
-        directories: walker.directories.load(Ordering::Relaxed),
+        directories: walked.directories,
+        files: built.files,
+        disk_apparent_bytes: built.bytes,
+        disk_allocated_bytes: built.allocated,
         ..Metrics::default()
     };
-    let limits = walker.limits;
-    let mut notes = walker.notes.into_inner().unwrap_or_else(|p| p.into_inner());
-
-    // Read every new or changed file, in parallel, into its slot of the pending tree.
-    let mut slots = Vec::new();
-    collect_reads(&mut pending, &mut slots);
-    let files_read = slots.len() as u64;
-    let read_notes = Mutex::new(Vec::new());
-    let torn = AtomicU64::new(0);
-    slots
-        .into_par_iter()
-        .try_for_each(|slot| -> Result<(), StoreError> {
-            let PendingBody::Read(job) = &*slot else {
-                return Ok(());
-            };
-            let outcome = read_file(&writer, job, &limits)?;
-            if let Some(outcome) = &outcome {
-                if let Some(message) = &outcome.note {
-                    read_notes
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(note(&job.rel, message.clone()));
-                }
-                if matches!(outcome.body, Body::File { torn: true, .. }) {
-                    torn.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            *slot = PendingBody::Done(outcome);
-            Ok(())
-        })?;
-    let mut read_notes = read_notes.into_inner().unwrap_or_else(|p| p.into_inner());
-    read_notes.sort_by(|a, b| a.path.cmp(&b.path));
-    notes.extend(read_notes);
-    let torn = torn.into_inner();
-    let built = build_dir(&writer, pending)?;
-    metrics.files = built.files;
-    let processes = process::sample(&selectors, &previous_processes, now);
-    metrics.processes = processes.len() as u64;
+    let processes = process::sample(&selectors, &previous.processes, now);
+    let process_count = processes.len() as u64;
+    metrics.processes = process_count;
     metrics.memory_rss_bytes = processes.iter().map(|p| p.rss_bytes).sum();
     metrics.cpu_percent =
         (processes.iter().map(|p| p.cpu_percent).sum::<f64>() * 100.0).round() / 100.0;
-    metrics.disk_apparent_bytes = built.bytes;
-    metrics.disk_allocated_bytes = built.allocated;
-    let process_count = processes.len() as u64;
     let runtime = writer.put(
         ObjectKind::Runtime,
         &node::to_bytes(&RuntimeNode { processes, metrics }),
@@ -281,7 +157,7 @@ pub fn capture(store: &Store, request: &CaptureRequest<'_>) -> Result<CaptureRep
         frame,
         stats,
         files_read,
-        files_reused,
+        files_reused: walked.files_reused,
         processes: process_count,
         notes: notes
             .into_iter()
@@ -289,6 +165,189 @@ pub fn capture(store: &Store, request: &CaptureRequest<'_>) -> Result<CaptureRep
             .collect(),
         dictionary_trained,
     })
+}
+
+/// The root's metadata: it must be a readable directory.
+fn root_metadata(replica: &ReplicaDefinition) -> Result<Metadata, CaptureError> {
+    let root_meta =
+        std::fs::metadata(&replica.root).map_err(|error| CaptureError::RootUnreadable {
+            replica: replica.name.clone(),
+            root: replica.root.clone(),
+            reason: error.to_string(),
+        })?;
+    if !root_meta.is_dir() {
+        return Err(CaptureError::RootNotDirectory {
+            replica: replica.name.clone(),
+            root: replica.root.clone(),
+        });
+    }
+    Ok(root_meta)
+}
+
+fn selectors(replica: &ReplicaDefinition) -> Result<Vec<Selector>, CaptureError> {
+    replica
+        .processes
+        .iter()
+        .map(|pattern| Selector::new(pattern))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| CaptureError::Selector {
+            replica: replica.name.clone(),
+            source,
+        })
+}
+
+/// What the previous frame of the timeline offers a new capture.
+struct Previous {
+    /// Its time and root, for reusing unchanged files.
+    root: Option<(Instant, RootNode)>,
+    /// Its processes' CPU time, to turn into rates.
+    processes: HashMap<(u32, i64), PreviousSample>,
+    notes: Vec<CaptureNote>,
+}
+
+fn previous_state(store: &Store, head: Option<&FrameRecord>) -> Result<Previous, CaptureError> {
+    let mut notes = Vec::new();
+    let root = match head {
+        Some(frame) => match store
+            .reader()?
+            .node::<RootNode>(&frame.root, ObjectKind::Root)
+        {
+            Ok(root) => Some((frame.time, root)),
+            Err(error) => {
+                notes.push(note(
+                    b"",
+                    format!("previous frame unreadable, captured without reuse: {error}"),
+                ));
+                None
+            }
+        },
+        None => None,
+    };
+    let processes = root
+        .as_ref()
+        .and_then(|(at, root)| {
+            let reader = store.reader().ok()?;
+            let runtime = reader
+                .node::<RuntimeNode>(&Hash(root.runtime), ObjectKind::Runtime)
+                .ok()?;
+            Some(
+                runtime
+                    .processes
+                    .iter()
+                    .map(|p| {
+                        (
+                            (p.pid, p.start_time_ns),
+                            PreviousSample {
+                                cpu_time_ms: p.cpu_time_ms,
+                                at: *at,
+                            },
+                        )
+                    })
+                    .collect::<HashMap<_, _>>(),
+            )
+        })
+        .unwrap_or_default();
+    Ok(Previous {
+        root,
+        processes,
+        notes,
+    })
+}
+
+/// The walk's result: the tree to build, with slots for the files to read.
+struct Walked {
+    pending: Vec<Pending>,
+    files_reused: u64,
+    directories: u64,
+    notes: Vec<CaptureNote>,
+}
+
+fn walk_root(
+    reader: &kairos_store::Reader<'_>,
+    request: &CaptureRequest<'_>,
+    previous: &Previous,
+) -> Result<Walked, CaptureError> {
+    let replica = request.replica;
+    let skip: Vec<PathBuf> = request
+        .skip
+        .iter()
+        .filter_map(|path| path.canonicalize().ok())
+        .collect();
+    let walker = Walker {
+        reader,
+        excludes: build_excludes(replica)?,
+        skip,
+        limits: request.limits,
+        replica: &replica.name,
+        previous_capture_ns: previous
+            .root
+            .as_ref()
+            .map(|(at, _)| at.0)
+            .unwrap_or(i64::MIN),
+        entries: AtomicU64::new(0),
+        files_reused: AtomicU64::new(0),
+        directories: AtomicU64::new(0),
+        notes: Mutex::new(previous.notes.clone()),
+    };
+    let root_canonical = replica
+        .root
+        .canonicalize()
+        .unwrap_or_else(|_| replica.root.clone());
+    let previous_files = previous.root.as_ref().map(|(_, root)| Hash(root.files));
+    let pending = walker
+        .walk_dir(&root_canonical, b"", previous_files)
+        .map_err(|error| match error {
+            WalkError::Io(reason) => CaptureError::RootUnreadable {
+                replica: replica.name.clone(),
+                root: replica.root.clone(),
+                reason,
+            },
+            WalkError::Capture(error) => error,
+        })?;
+    Ok(Walked {
+        pending,
+        files_reused: walker.files_reused.load(Ordering::Relaxed),
+        directories: walker.directories.load(Ordering::Relaxed),
+        notes: walker.notes.into_inner().unwrap_or_else(|p| p.into_inner()),
+    })
+}
+
+/// Reads every new or changed file, in parallel, into its slot of the pending tree.
+/// Returns how many were read, how many were torn, and notes about them.
+fn read_changed_files(
+    writer: &ObjectWriter,
+    pending: &mut [Pending],
+    limits: &Limits,
+) -> Result<(u64, u64, Vec<CaptureNote>), CaptureError> {
+    let mut slots = Vec::new();
+    collect_reads(pending, &mut slots);
+    let files_read = slots.len() as u64;
+    let read_notes = Mutex::new(Vec::new());
+    let torn = AtomicU64::new(0);
+    slots
+        .into_par_iter()
+        .try_for_each(|slot| -> Result<(), StoreError> {
+            let PendingBody::Read(job) = &*slot else {
+                return Ok(());
+            };
+            let outcome = read_file(writer, job, limits)?;
+            if let Some(outcome) = &outcome {
+                if let Some(message) = &outcome.note {
+                    read_notes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(note(&job.rel, message.clone()));
+                }
+                if matches!(outcome.body, Body::File { torn: true, .. }) {
+                    torn.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            *slot = PendingBody::Done(outcome);
+            Ok(())
+        })?;
+    let mut read_notes = read_notes.into_inner().unwrap_or_else(|p| p.into_inner());
+    read_notes.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((files_read, torn.into_inner(), read_notes))
 }
 
 fn note(path: &[u8], message: String) -> CaptureNote {
