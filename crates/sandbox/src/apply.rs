@@ -308,18 +308,7 @@ pub fn apply_ops(
         let index = *index;
         let fail = |problem: String| op_error(index, op, problem);
         if let Op::Action { name } = op {
-            if !replica.actions.contains_key(name) {
-                let declared: Vec<&str> = replica.actions.keys().map(String::as_str).collect();
-                return Err(fail(format!(
-                    "unknown action {name:?} (replica {:?} declares: {})",
-                    replica.name,
-                    if declared.is_empty() {
-                        "none".to_string()
-                    } else {
-                        declared.join(", ")
-                    }
-                )));
-            }
+            check_action(replica, name).map_err(&fail)?;
             actions.push(name.clone());
             continue;
         }
@@ -335,77 +324,13 @@ pub fn apply_ops(
         let existing = editor.get(&tree, &path).map_err(&fail)?;
         let name = path.last().cloned().unwrap_or_default();
         // The new content of the path (with the mode for a new file), or None to delete it.
-        let new_content: Option<(Vec<u8>, Option<u32>)> = match op {
-            Op::PutFile { mode, .. } => {
-                let bytes = op.put_content().map_err(&fail)?;
-                content_bytes_total += bytes.len() as u64;
-                if bytes.len() as u64 > limits.file_bytes_max
-                    || content_bytes_total > limits.proposal_bytes_max
-                {
-                    return Err(fail(format!(
-                        "content of {} bytes is over the limit ({} bytes per file, {} per proposal)",
-                        bytes.len(),
-                        limits.file_bytes_max,
-                        limits.proposal_bytes_max
-                    )));
-                }
-                if existing
-                    .as_ref()
-                    .is_some_and(|e| !matches!(e.body, Body::File { .. } | Body::Symlink { .. }))
-                {
-                    return Err(fail(format!(
-                        "{relative:?} exists and is not a regular file"
-                    )));
-                }
-                Some((bytes, *mode))
-            }
-            Op::PatchFile { unified_diff, .. } => {
-                let text = editor
-                    .read_text(existing.as_ref(), &relative)
-                    .map_err(&fail)?;
-                let patch = diffy::Patch::from_str(unified_diff).map_err(|error| {
-                    fail(format!("unified_diff is not a unified diff: {error}"))
-                })?;
-                let after = diffy::apply(&text, &patch).map_err(|error| {
-                    fail(format!("the diff does not apply to the base: {error}"))
-                })?;
-                Some((after.into_bytes(), None))
-            }
-            Op::Delete { .. } => {
-                if existing.is_none() {
-                    return Err(fail(format!("{relative:?} does not exist in the base")));
-                }
-                None
-            }
-            Op::SetConfig { .. } | Op::UnsetConfig { .. } => {
-                let (key, value) = match op {
-                    Op::SetConfig { key, value, .. } => (key, Some(value)),
-                    Op::UnsetConfig { key, .. } => (key, None),
-                    _ => unreachable!("matched above"),
-                };
-                let text = editor
-                    .read_text(existing.as_ref(), &relative)
-                    .map_err(&fail)?;
-                let format = format_for_name(&name).ok_or_else(|| {
-                    fail(format!(
-                        "{relative:?} is not a config file of a format Kairos edits by key (toml, yaml, json, ini, .env, key-value .conf)"
-                    ))
-                })?;
-                // Sections in a .conf make it INI, as capture decides.
-                let (format, _) =
-                    kairos_capture::config::parse(format, text.as_bytes(), limits.config_keys_max)
-                        .map_err(|error| fail(format!("{relative:?} {error}")))?;
-                let after = edit_key(format, &text, key, value).map_err(&fail)?;
-                kairos_capture::config::parse(format, after.as_bytes(), limits.config_keys_max)
-                    .map_err(|error| {
-                        fail(format!(
-                            "the edit would leave {relative:?} unparseable: {error}"
-                        ))
-                    })?;
-                Some((after.into_bytes(), None))
-            }
-            Op::Action { .. } => unreachable!("handled above"),
-        };
+        let new_content = new_content(
+            &editor,
+            (index, op),
+            existing.as_ref(),
+            (&relative, &name),
+            &mut content_bytes_total,
+        )?;
         let change = match new_content {
             Some((bytes, mode)) => {
                 let entry = editor
@@ -446,4 +371,103 @@ pub fn apply_ops(
         actions,
         writer,
     })
+}
+
+/// Checks that a proposal's action is one the replica declares.
+fn check_action(replica: &ReplicaDefinition, name: &str) -> Result<(), String> {
+    if replica.actions.contains_key(name) {
+        return Ok(());
+    }
+    let declared: Vec<&str> = replica.actions.keys().map(String::as_str).collect();
+    Err(format!(
+        "unknown action {name:?} (replica {:?} declares: {})",
+        replica.name,
+        if declared.is_empty() {
+            "none".to_string()
+        } else {
+            declared.join(", ")
+        }
+    ))
+}
+
+/// A file's new bytes, and the mode a new file gets (`None`: the default, or kept).
+type NewContent = (Vec<u8>, Option<u32>);
+
+/// The new content an op gives its path (with the mode for a new file), or `None` when
+/// it deletes it; checked against what is there and the limits.
+fn new_content(
+    editor: &Editor<'_, '_>,
+    (index, op): (usize, &Op),
+    existing: Option<&DirEntry>,
+    (relative, name): (&str, &[u8]),
+    content_bytes_total: &mut u64,
+) -> Result<Option<NewContent>, SandboxError> {
+    let fail = |problem: String| op_error(index, op, problem);
+    let limits = editor.limits;
+    let content = match op {
+        Op::PutFile { mode, .. } => {
+            let bytes = op.put_content().map_err(&fail)?;
+            *content_bytes_total += bytes.len() as u64;
+            if bytes.len() as u64 > limits.file_bytes_max
+                || *content_bytes_total > limits.proposal_bytes_max
+            {
+                return Err(fail(format!(
+                    "content of {} bytes is over the limit ({} bytes per file, {} per proposal)",
+                    bytes.len(),
+                    limits.file_bytes_max,
+                    limits.proposal_bytes_max
+                )));
+            }
+            if existing
+                .as_ref()
+                .is_some_and(|e| !matches!(e.body, Body::File { .. } | Body::Symlink { .. }))
+            {
+                return Err(fail(format!(
+                    "{relative:?} exists and is not a regular file"
+                )));
+            }
+            Some((bytes, *mode))
+        }
+        Op::PatchFile { unified_diff, .. } => {
+            let text = editor.read_text(existing, relative).map_err(&fail)?;
+            let patch = diffy::Patch::from_str(unified_diff)
+                .map_err(|error| fail(format!("unified_diff is not a unified diff: {error}")))?;
+            let after = diffy::apply(&text, &patch)
+                .map_err(|error| fail(format!("the diff does not apply to the base: {error}")))?;
+            Some((after.into_bytes(), None))
+        }
+        Op::Delete { .. } => {
+            if existing.is_none() {
+                return Err(fail(format!("{relative:?} does not exist in the base")));
+            }
+            None
+        }
+        Op::SetConfig { .. } | Op::UnsetConfig { .. } => {
+            let (key, value) = match op {
+                Op::SetConfig { key, value, .. } => (key, Some(value)),
+                Op::UnsetConfig { key, .. } => (key, None),
+                _ => unreachable!("matched above"),
+            };
+            let text = editor.read_text(existing, relative).map_err(&fail)?;
+            let format = format_for_name(name).ok_or_else(|| {
+                fail(format!(
+                    "{relative:?} is not a config file of a format Kairos edits by key (toml, yaml, json, ini, .env, key-value .conf)"
+                ))
+            })?;
+            // Sections in a .conf make it INI, as capture decides.
+            let (format, _) =
+                kairos_capture::config::parse(format, text.as_bytes(), limits.config_keys_max)
+                    .map_err(|error| fail(format!("{relative:?} {error}")))?;
+            let after = edit_key(format, &text, key, value).map_err(&fail)?;
+            kairos_capture::config::parse(format, after.as_bytes(), limits.config_keys_max)
+                .map_err(|error| {
+                    fail(format!(
+                        "the edit would leave {relative:?} unparseable: {error}"
+                    ))
+                })?;
+            Some((after.into_bytes(), None))
+        }
+        Op::Action { .. } => unreachable!("handled above"),
+    };
+    Ok(content)
 }
