@@ -437,3 +437,120 @@ fn a_party_over_its_request_rate_is_told_to_wait_and_others_are_not() {
     std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(get(&noisy).0, 200, "the noisy party is served again later");
 }
+
+#[test]
+fn a_node_with_a_certificate_serves_tls_and_the_cli_checks_it() {
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path();
+    let openssl = |args: &[&str]| {
+        let made = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+    };
+    // A private authority and a node certificate it signs, as an operator would make.
+    let curve = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &curve,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=kairos-test-ca",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &curve,
+            &[
+                "-keyout",
+                "node.key",
+                "-out",
+                "node.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "node.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "node.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    let (cert, key, authority) = (
+        dir.join("node.crt"),
+        dir.join("node.key"),
+        dir.join("ca.crt"),
+    );
+    let root = replica_root(base.path(), "web");
+    let kairos = Kairos::at(&base.path().join("data"));
+    kairos.ok(["replica", "add", "web", "--root", &root]);
+    kairos.ok(["capture", "web"]);
+    let config = format!(
+        "[node]\ncapture_debounce = \"100ms\"\ntls_cert = {:?}\ntls_key = {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    let node = Node::start(&config, kairos.data_dir());
+    assert!(node.url.starts_with("https://127.0.0.1:"), "{}", node.url);
+    let history = kairos.json([
+        "--node",
+        &node.url,
+        "--ca-cert",
+        authority.to_str().unwrap(),
+        "history",
+        "web",
+        "--json",
+    ]);
+    assert!(!history.as_array().unwrap().is_empty());
+    // Without the certificate's authority the CLI refuses the node.
+    let error = kairos.fails(["--node", &node.url, "history", "web"]);
+    assert!(error.to_lowercase().contains("certificate"), "{error}");
+    // Plain HTTP gets no answer from a TLS port.
+    let port = node.url.rsplit(':').next().unwrap();
+    let plain =
+        format!("GET /api/health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    assert_ne!(
+        http_status(&format!("http://127.0.0.1:{port}"), &plain),
+        200
+    );
+}

@@ -87,14 +87,39 @@ impl Backend {
         }
     }
 
-    pub fn node(url: &str, token: Option<&str>, party_given: bool) -> Result<Backend> {
+    /// A node's API at `url`; `ca_cert` (PEM) is the authority an https:// node's
+    /// certificate must chain to (else the WebPKI roots).
+    pub fn node(
+        url: &str,
+        token: Option<&str>,
+        party_given: bool,
+        ca_cert: Option<&Path>,
+    ) -> Result<Backend> {
         let base = url.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") {
-            bail!("--node {url:?} is not an http:// URL");
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            bail!("--node {url:?} is not an http:// or https:// URL");
+        }
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(path) = ca_cert {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("--ca-cert {}: reading it", path.display()))?;
+            let certs = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(cert)) => Some(Ok(cert)),
+                    Ok(_) => None,
+                    Err(error) => Some(Err(error)),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|error| anyhow!("--ca-cert {}: {error}", path.display()))?;
+            if certs.is_empty() {
+                bail!("--ca-cert {} holds no PEM certificate", path.display());
+            }
+            tls = tls.root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(certs)));
         }
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(900)))
+            .tls_config(tls.build())
             .build()
             .into();
         Ok(Backend::Node {

@@ -38,6 +38,10 @@ struct Cli {
     /// and whenever the node listens beyond loopback) [default: $KAIROS_TOKEN]
     #[arg(long, global = true, env = "KAIROS_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// PEM certificate of the authority that signed an https:// node's certificate
+    /// [default: $KAIROS_CA_CERT, else the WebPKI roots]
+    #[arg(long, global = true, env = "KAIROS_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
     /// The party acting (recorded in the audit log) [default: $KAIROS_PARTY, else $USER]
     #[arg(long, global = true, env = "KAIROS_PARTY", hide_env_values = true)]
     party: Option<String>,
@@ -48,7 +52,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node: capture every configured replica continuously and serve the HTTP API
-    /// (prints "listening on http://ADDR" once ready; Ctrl-C or SIGTERM stops it cleanly)
+    /// (prints "listening on http://ADDR", or https:// with TLS, once ready; Ctrl-C or
+    /// SIGTERM stops it cleanly)
     Up {
         /// Address for the API, e.g. 127.0.0.1:7700 (overrides node.listen)
         #[arg(long, value_name = "ADDR")]
@@ -407,7 +412,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .clone()
         .or_else(|| kairos_node::running_node(&data_dir))
     {
-        Some(url) => Backend::node(&url, cli.token.as_deref(), cli.party.is_some())?,
+        Some(url) => Backend::node(
+            &url,
+            cli.token.as_deref(),
+            cli.party.is_some(),
+            cli.ca_cert.as_deref(),
+        )?,
         None => {
             // Only commands that register something make a store; a mistyped --data-dir
             // is reported, not created.
@@ -932,7 +942,7 @@ fn up(
         kairos_node::run(
             config,
             |address| {
-                println!("listening on http://{address}");
+                println!("listening on {address}");
                 let _ = std::io::stdout().flush();
             },
             shutdown,

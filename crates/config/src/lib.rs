@@ -76,6 +76,14 @@ pub struct NodeConfig {
     pub connections_max: usize,
     /// Requests a party may make per second (with bursts of as many); 0: no limit.
     pub party_requests_per_second: u32,
+    /// PEM certificate chain and private key: the API is served over TLS.
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -118,6 +126,8 @@ struct RawNode {
     header_read_timeout: String,
     connections_max: usize,
     party_requests_per_second: u32,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 impl Default for RawNode {
@@ -138,6 +148,8 @@ impl Default for RawNode {
             header_read_timeout: "10s".into(),
             connections_max: 16384,
             party_requests_per_second: 200,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -386,11 +398,38 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
         "node.header_read_timeout",
         &raw.node.header_read_timeout,
     )?;
-    if !listen.ip().is_loopback() && !raw.node.insecure_listen {
+    let tls = match (&raw.node.tls_cert, &raw.node.tls_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: if cert.is_absolute() {
+                cert.clone()
+            } else {
+                base_dir.join(cert)
+            },
+            key: if key.is_absolute() {
+                key.clone()
+            } else {
+                base_dir.join(key)
+            },
+        }),
+        (Some(_), None) => {
+            return Err(key_error(
+                "node.tls_key",
+                "is needed with node.tls_cert".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(key_error(
+                "node.tls_cert",
+                "is needed with node.tls_key".into(),
+            ));
+        }
+    };
+    if !listen.ip().is_loopback() && !raw.node.insecure_listen && tls.is_none() {
         return Err(key_error(
             "node.listen",
             format!(
-                "{listen} is reachable beyond this host, and the API has no TLS: set node.insecure_listen = true to accept that (behind a TLS proxy), or listen on 127.0.0.1"
+                "{listen} is reachable beyond this host without TLS: set node.tls_cert and node.tls_key, or node.insecure_listen = true (behind a TLS proxy), or listen on 127.0.0.1"
             ),
         ));
     }
@@ -495,6 +534,7 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             header_read_timeout,
             connections_max: raw.node.connections_max,
             party_requests_per_second: raw.node.party_requests_per_second,
+            tls,
         },
         telemetry: TelemetryConfig {
             otlp_endpoint,

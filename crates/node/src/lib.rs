@@ -45,7 +45,11 @@ pub fn running_node(data_dir: &std::path::Path) -> Option<String> {
         return None;
     }
     let url = announced["url"].as_str()?.to_string();
-    let address: SocketAddr = url.strip_prefix("http://")?.parse().ok()?;
+    let address: SocketAddr = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))?
+        .parse()
+        .ok()?;
     std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(1)).ok()?;
     Some(url)
 }
@@ -58,6 +62,8 @@ pub enum NodeError {
     Replica { name: String, reason: String },
     #[error("listening on {address}: {reason}")]
     Listen { address: SocketAddr, reason: String },
+    #[error("{0}")]
+    Tls(String),
     #[error("starting the actors: {0}")]
     Actors(String),
     #[error("serving the API: {0}")]
@@ -223,7 +229,7 @@ impl Shared {
 /// once the API accepts connections.
 pub async fn run(
     config: Config,
-    ready: impl FnOnce(SocketAddr),
+    ready: impl FnOnce(&str),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     let data_dir = config.node.data_dir.clone();
@@ -246,6 +252,13 @@ pub async fn run(
                 reason: error.to_string(),
             })?;
     }
+    let tls = match &config.node.tls {
+        Some(files) => {
+            Some(serve::tls_config(files).map_err(|error| NodeError::Tls(error.to_string()))?)
+        }
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let listener = tokio::net::TcpListener::bind(config.node.listen)
         .await
         .map_err(|error| NodeError::Listen {
@@ -296,14 +309,15 @@ pub async fn run(
         listen
     };
     let announced =
-        serde_json::json!({ "url": format!("http://{reachable}"), "pid": std::process::id() });
+        serde_json::json!({ "url": format!("{scheme}://{reachable}"), "pid": std::process::id() });
     if let Err(error) = std::fs::write(&marker, announced.to_string()) {
         tracing::warn!(path = %marker.display(), %error, "cannot announce the node in its data directory");
     }
-    ready(listen);
+    ready(&format!("{scheme}://{listen}"));
     let limits = serve::ServeLimits {
         connections_max: serve::connections_that_fit(shared.config.node.connections_max),
         header_read_timeout: shared.config.node.header_read_timeout,
+        tls,
     };
     let served = serve::serve(listener, app, limits, shutdown).await;
     // Commits in their watch window finish (committed or rolled back) before the

@@ -60,6 +60,49 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 pub struct ServeLimits {
     pub connections_max: usize,
     pub header_read_timeout: Duration,
+    /// Serve over TLS with this configuration.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("node.tls_cert {path}: {reason}")]
+    Cert { path: String, reason: String },
+    #[error("node.tls_key {path}: {reason}")]
+    Key { path: String, reason: String },
+    #[error("TLS with node.tls_cert and node.tls_key: {0}")]
+    Config(String),
+}
+
+/// The TLS configuration from PEM files of a certificate chain and its private key.
+pub fn tls_config(
+    files: &kairos_config::TlsFiles,
+) -> Result<Arc<tokio_rustls::rustls::ServerConfig>, TlsError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let cert_error = |reason: String| TlsError::Cert {
+        path: files.cert.display().to_string(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(|error| cert_error(error.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| cert_error(error.to_string()))?;
+    if certs.is_empty() {
+        return Err(cert_error("holds no PEM certificate".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|error| TlsError::Key {
+        path: files.key.display().to_string(),
+        reason: error.to_string(),
+    })?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| TlsError::Config(error.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|error| TlsError::Config(error.to_string()))?;
+    Ok(Arc::new(config))
 }
 
 /// Serves `app` on `listener` until `shutdown` completes.
@@ -97,14 +140,38 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
-        let connection = http.serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection ended with an error");
+        match &limits.tls {
+            None => {
+                let connection =
+                    graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%error, "connection ended with an error");
+                    }
+                    drop(permit);
+                });
             }
-            drop(permit);
-        });
+            Some(tls) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+                let watcher = graceful.watcher();
+                let http = http.clone();
+                let handshake_timeout = limits.header_read_timeout;
+                tokio::spawn(async move {
+                    // The handshake is bounded like the headers: a silent client is dropped.
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let connection = http.serve_connection(TokioIo::new(stream), service);
+                            if let Err(error) = watcher.watch(connection).await {
+                                tracing::debug!(%error, "connection ended with an error");
+                            }
+                        }
+                        Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                    drop(permit);
+                });
+            }
+        }
     }
     drop(listener);
     if tokio::time::timeout(STOP_WAIT, graceful.shutdown())
