@@ -50,6 +50,12 @@ enum Command {
         /// Proposals in the history (60% train, 15% calibration, 25% held out)
         #[arg(long, default_value_t = 8_000)]
         proposals: usize,
+        /// Training epochs (default: the predictor's)
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Training batch size (default: the predictor's)
+        #[arg(long)]
+        batch_size: Option<usize>,
         #[arg(long)]
         json: bool,
     },
@@ -218,12 +224,8 @@ fn mutate(dir: &Path, percent: f64, seed: u64) -> Result<()> {
     Ok(())
 }
 
-fn eval(seed: u64, proposals: usize, json: bool) -> Result<()> {
-    let settings = kairos_simulations::eval::EvalSettings {
-        proposals,
-        ..kairos_simulations::eval::EvalSettings::new(seed)
-    };
-    let report = kairos_simulations::eval::run(&settings)?;
+fn eval(settings: &kairos_simulations::eval::EvalSettings, json: bool) -> Result<()> {
+    let report = kairos_simulations::eval::run(settings)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -236,6 +238,7 @@ fn eval(seed: u64, proposals: usize, json: bool) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    kairos_predict::train::keep_freed_memory();
     match Cli::parse().command {
         Command::Tree {
             dir,
@@ -247,7 +250,21 @@ fn main() -> Result<()> {
         Command::Eval {
             seed,
             proposals,
+            epochs,
+            batch_size,
             json,
-        } => eval(seed, proposals, json),
+        } => {
+            let mut settings = kairos_simulations::eval::EvalSettings {
+                proposals,
+                ..kairos_simulations::eval::EvalSettings::new(seed)
+            };
+            if let Some(epochs) = epochs {
+                settings.training.epochs = epochs;
+            }
+            if let Some(batch_size) = batch_size {
+                settings.training.batch_size = batch_size;
+            }
+            eval(&settings, json)
+        }
     }
 }

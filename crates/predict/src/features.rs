@@ -8,7 +8,7 @@ use crate::history::History;
 use crate::view::{OpKind, OpView, ProposalView};
 
 /// The length of every feature vector.
-pub const FEATURE_DIM: usize = 512;
+pub const FEATURE_DIM: usize = 640;
 /// Ops looked at (the counts still count all of them).
 pub const OPS_MAX: usize = 256;
 /// Changed lines looked at per op.
@@ -69,7 +69,9 @@ const HISTORY_NONE: usize = 51;
 pub const DENSE_END: usize = 64;
 const CONTEXT_START: usize = 64;
 const CONTEXT_BUCKETS: usize = 96;
-const TOKEN_START: usize = CONTEXT_START + CONTEXT_BUCKETS;
+const RELATION_START: usize = CONTEXT_START + CONTEXT_BUCKETS;
+const RELATION_BUCKETS: usize = 128;
+const TOKEN_START: usize = RELATION_START + RELATION_BUCKETS;
 const TOKEN_BUCKETS: usize = FEATURE_DIM - TOKEN_START;
 
 // Hash namespaces.
@@ -84,6 +86,7 @@ const NS_PAIR: u8 = 8;
 const NS_VALUE: u8 = 9;
 const NS_TOKEN_HISTORY: u8 = 10;
 const NS_NEW_VALUE: u8 = 11;
+const NS_RELATION: u8 = 12;
 
 /// What a group of features came from, for explanations.
 #[derive(Debug, Clone, PartialEq)]
@@ -719,6 +722,10 @@ fn value_shapes(change: &KeyChange<'_>, sink: &mut Sink<'_>) {
 /// The numeric keys of every touched config file after the change, each hashed by name
 /// into a bucket holding the sign-kept log of its value: the model sees the values that a
 /// changed key works with (workers beside memory per worker and the memory limit).
+///
+/// For every changed key with a numeric value, the log-ratio of its new value to each
+/// other numeric key of the same file goes into a bucket of the pair: relations between
+/// keys of one file (a cache's maxmemory against its memory limit).
 fn context(proposal: &ProposalView, sink: &mut Sink<'_>) {
     let mut changes: Vec<KeyChange<'_>> = Vec::new();
     for_each_key_change(proposal, |change| changes.push(*change));
@@ -728,6 +735,8 @@ fn context(proposal: &ProposalView, sink: &mut Sink<'_>) {
             .rev()
             .find(|change| change.file == file && change.key == key)
     };
+    // The effective numeric values of each touched file, after the change.
+    let mut numeric: Vec<(&str, &str, f64)> = Vec::new();
     for base in proposal.base_files.iter().take(OPS_MAX) {
         for (key, value) in base.keys.iter().take(CONTEXT_KEYS_PER_FILE_MAX) {
             let value = match last_change(&base.path, key) {
@@ -736,6 +745,9 @@ fn context(proposal: &ProposalView, sink: &mut Sink<'_>) {
             };
             if let Some(value) = value {
                 context_value(&base.path, key, value, sink);
+                if let ValueShape::Number(number) = value_shape(value) {
+                    numeric.push((&base.path, key, number));
+                }
             }
         }
     }
@@ -747,6 +759,30 @@ fn context(proposal: &ProposalView, sink: &mut Sink<'_>) {
         let in_base = base_value(proposal, change.file, change.key).is_some();
         if let (true, false, Some(new)) = (is_last, in_base, change.new) {
             context_value(change.file, change.key, new, sink);
+            if let ValueShape::Number(number) = value_shape(new) {
+                numeric.push((change.file, change.key, number));
+            }
+        }
+    }
+    for change in &changes {
+        let Some(ValueShape::Number(new)) = change.new.map(value_shape) else {
+            continue;
+        };
+        sink.label(|| Label::KeyChange {
+            file: change.file.to_string(),
+            key: change.key.to_string(),
+            old: change.old.map(str::to_string),
+            new: change.new.map(str::to_string),
+        });
+        let (class, extension) = file_class(change.file);
+        for &(file, key, other) in numeric.iter().take(CONTEXT_KEYS_PER_FILE_MAX) {
+            if file != change.file || key == change.key {
+                continue;
+            }
+            let bucket = hash_parts(NS_RELATION, &[class, extension, change.key, key]) as usize
+                % RELATION_BUCKETS;
+            let ratio = (new.abs().ln_1p() - other.abs().ln_1p()) as f32 / 4.0;
+            sink.add(RELATION_START + bucket, ratio);
         }
     }
 }

@@ -21,8 +21,16 @@ pub const MEMBERS_MAX: usize = 16;
 pub const SEEN_TOKENS_MAX: usize = 1 << 18;
 /// A model file larger than this is refused before it is parsed.
 pub const MODEL_BYTES_MAX: usize = 64 << 20;
+/// The one safetensors metadata entry (one entry, so the file's bytes do not depend on
+/// the order of a map): the header and the checksum of the tensors, as JSON.
 const METADATA_KEY: &str = "kairos.model";
-const CHECKSUM_KEY: &str = "kairos.checksum";
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMetadata {
+    header: ModelHeader,
+    checksum: String,
+}
 
 /// Errors of model files and of training.
 #[derive(Debug, thiserror::Error)]
@@ -322,12 +330,12 @@ impl Model {
             safetensors::Dtype::U64,
         ));
         let checksum = checksum(owned.iter().map(|(_, _, bytes, _)| bytes.as_slice()));
-        let header = serde_json::to_string(&self.header)
-            .map_err(|error| ModelError::Header(error.to_string()))?;
-        let metadata = std::collections::HashMap::from([
-            (METADATA_KEY.to_string(), header),
-            (CHECKSUM_KEY.to_string(), format!("{checksum:016x}")),
-        ]);
+        let metadata = serde_json::to_string(&FileMetadata {
+            header: self.header.clone(),
+            checksum: format!("{checksum:016x}"),
+        })
+        .map_err(|error| ModelError::Header(error.to_string()))?;
+        let metadata = std::collections::HashMap::from([(METADATA_KEY.to_string(), metadata)]);
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
             .iter()
             .map(|(name, shape, bytes, dtype)| {
@@ -372,7 +380,10 @@ impl Model {
             .as_ref()
             .ok_or(ModelError::MissingHeader)?;
         let header_json = info.get(METADATA_KEY).ok_or(ModelError::MissingHeader)?;
-        let header: ModelHeader = serde_json::from_str(header_json)
+        let FileMetadata {
+            header,
+            checksum: stored_checksum,
+        } = serde_json::from_str(header_json)
             .map_err(|error| ModelError::Header(error.to_string()))?;
         check_header(&header)?;
         let members = header.members;
@@ -450,7 +461,7 @@ impl Model {
             .collect();
         all.push(seen.data().to_vec());
         let computed = format!("{:016x}", checksum(all.iter().map(Vec::as_slice)));
-        if info.get(CHECKSUM_KEY) != Some(&computed) {
+        if stored_checksum != computed {
             return Err(ModelError::Checksum);
         }
         model.id = computed;

@@ -87,6 +87,19 @@ impl TrainingSettings {
     }
 }
 
+/// Keeps freed buffers in the process heap (glibc): candle allocates a fresh tensor for
+/// every operation of every training step, and returning them to the kernel each time
+/// costs more than the arithmetic. Binaries that train call this once at start.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; it is called with valid
+    // parameters and has no memory-safety preconditions.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 /// Examples from outcome records, in proposal-time order: each proposal's features see
 /// exactly the outcomes that arrived strictly before it (no leakage).
 pub fn examples_from_records(records: &[OutcomeRecord]) -> Vec<Example> {
@@ -307,18 +320,27 @@ fn fit(
     let count = train.len();
     let members = settings.members;
     let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
+    // Only the features active in some training example are trained (the others would
+    // get no gradient); their rows of the first layer stay zero in the model.
+    let columns: Vec<usize> = (0..FEATURE_DIM)
+        .filter(|&index| {
+            train
+                .iter()
+                .any(|example| example.features.values[index] != 0.0)
+        })
+        .collect();
+    let width = columns.len().max(1);
     let inputs: Vec<f32> = train
         .iter()
         .flat_map(|example| {
-            example
-                .features
-                .values
-                .iter()
-                .zip(scale)
-                .map(|(value, scale)| value / scale)
+            let mut row = vec![0f32; width];
+            for (slot, &index) in columns.iter().enumerate() {
+                row[slot] = example.features.values[index] / scale[index];
+            }
+            row
         })
         .collect();
-    let inputs = Tensor::from_vec(inputs, (count, FEATURE_DIM), &device)?;
+    let inputs = Tensor::from_vec(inputs, (count, width), &device)?;
     let labels: Vec<f32> = train
         .iter()
         .map(|example| f32::from(u8::from(example.failed)))
@@ -375,7 +397,7 @@ fn fit(
     let bootstrap = Tensor::from_vec(bootstrap, (members, count), &device)?;
 
     // The first layer of every member side by side: [FEATURE_DIM, members × HIDDEN_1].
-    let w1 = init(&mut rng, (1, FEATURE_DIM, members * HIDDEN_1), &device)?;
+    let w1 = init(&mut rng, (1, width, members * HIDDEN_1), &device)?;
     let b1 = Var::zeros((1, members * HIDDEN_1), DType::F32, &device)?;
     let w2 = init(&mut rng, (members, HIDDEN_1, HIDDEN_2), &device)?;
     let b2 = Var::zeros((members, 1, HIDDEN_2), DType::F32, &device)?;
@@ -454,9 +476,9 @@ fn fit(
     // Back to one [FEATURE_DIM][HIDDEN_1] block per member.
     let side_by_side = w1.as_tensor().flatten_all()?.to_vec1::<f32>()?;
     let mut first = vec![0f32; members * FEATURE_DIM * HIDDEN_1];
-    for index in 0..FEATURE_DIM {
+    for (slot, &index) in columns.iter().enumerate() {
         for member in 0..members {
-            let from = index * members * HIDDEN_1 + member * HIDDEN_1;
+            let from = slot * members * HIDDEN_1 + member * HIDDEN_1;
             let to = (member * FEATURE_DIM + index) * HIDDEN_1;
             first[to..to + HIDDEN_1].copy_from_slice(&side_by_side[from..from + HIDDEN_1]);
         }
