@@ -238,7 +238,8 @@ fn eval(settings: &kairos_simulations::eval::EvalSettings, json: bool) -> Result
 }
 
 fn main() -> Result<()> {
-    kairos_predict::train::keep_freed_memory();
+    // SAFETY: first thing in main, before any other thread starts.
+    unsafe { kairos_predict::train::prepare_process() };
     match Cli::parse().command {
         Command::Tree {
             dir,

@@ -42,9 +42,15 @@ pub struct TrainingSettings {
     pub seed: u64,
     pub members: usize,
     pub epochs: usize,
+    /// Bound on epochs × examples: a large history trains for fewer epochs (its epochs
+    /// hold more steps), which bounds the training time.
+    pub example_passes_max: usize,
     pub batch_size: usize,
     pub learning_rate: f64,
     pub weight_decay: f64,
+    /// Threads the training runs on (its own thread pool). One by default: the steps are
+    /// small, so a second thread mostly waits, and the node keeps a core for serving.
+    pub threads: usize,
 }
 
 impl Default for TrainingSettings {
@@ -53,9 +59,11 @@ impl Default for TrainingSettings {
             seed: 0,
             members: 5,
             epochs: 60,
+            example_passes_max: 300_000,
             batch_size: 256,
             learning_rate: 3e-3,
             weight_decay: 1e-4,
+            threads: 1,
         }
     }
 }
@@ -74,6 +82,12 @@ impl TrainingSettings {
         if self.epochs == 0 || self.epochs > 1_000 {
             return setting("epochs", "must be 1 to 1000");
         }
+        if self.threads == 0 || self.threads > 64 {
+            return setting("threads", "must be 1 to 64");
+        }
+        if self.example_passes_max == 0 {
+            return setting("example_passes_max", "must be positive");
+        }
         if self.batch_size == 0 || self.batch_size > 8_192 {
             return setting("batch_size", "must be 1 to 8192");
         }
@@ -87,16 +101,29 @@ impl TrainingSettings {
     }
 }
 
-/// Keeps freed buffers in the process heap (glibc): candle allocates a fresh tensor for
-/// every operation of every training step, and returning them to the kernel each time
-/// costs more than the arithmetic. Binaries that train call this once at start.
-pub fn keep_freed_memory() {
+/// Prepares the process for training, once, at the start of `main`:
+/// - keeps freed buffers in the heap (glibc `mallopt`): candle allocates a fresh tensor
+///   for every operation of every step, and giving them back to the kernel each time
+///   costs more than the arithmetic;
+/// - unless `RAYON_NUM_THREADS` is set, sets it to 1: candle's matrix products read it on
+///   every call, and with more than one thread they take about five times longer for
+///   these small matrices on a busy machine (measured: 3.7 s against 20 s for 4 800
+///   examples), whatever thread pool they run in.
+///
+/// # Safety
+///
+/// Changes the process environment: call it before any other thread is started.
+pub unsafe fn prepare_process() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator thresholds; it is called with valid
-    // parameters and has no memory-safety preconditions.
+    // SAFETY: mallopt only changes allocator thresholds; it has no memory-safety
+    // preconditions.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // SAFETY: the caller guarantees no other thread runs yet.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
     }
 }
 
@@ -158,7 +185,12 @@ pub fn train(
             .map(|example| example.cpu_percent_delta.map(f64::from)),
     );
     let rss_scale = target_scale(train.iter().map(|example| example.rss_bytes_delta));
-    let weights = fit(train, &scale, cpu_scale, rss_scale, settings)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(settings.threads)
+        .thread_name(|index| format!("kairos-train-{index}"))
+        .build()
+        .map_err(|error| ModelError::Training(format!("no training thread pool: {error}")))?;
+    let weights = pool.install(|| fit(train, &scale, cpu_scale, rss_scale, settings))?;
     let (dense_mean, dense_std) = dense_statistics(train);
     let mut seen_structural = HashSet::new();
     for example in train {
@@ -419,9 +451,13 @@ fn fit(
         },
     )?;
     let mut order: Vec<u32> = (0..count as u32).collect();
-    let total_steps = settings.epochs * count.div_ceil(settings.batch_size);
+    let epochs = settings
+        .epochs
+        .min(settings.example_passes_max.div_ceil(count))
+        .max(1);
+    let total_steps = epochs * count.div_ceil(settings.batch_size);
     let mut step = 0usize;
-    for _ in 0..settings.epochs {
+    for _ in 0..epochs {
         order.shuffle(&mut rng);
         for batch in order.chunks(settings.batch_size) {
             // Cosine decay of the learning rate.
