@@ -8,6 +8,7 @@ pub mod history;
 pub mod metrics;
 pub mod model;
 pub mod predictor;
+pub mod retrain;
 pub mod train;
 pub mod view;
 
@@ -15,5 +16,6 @@ pub use features::{FEATURE_DIM, Features, Label, Trace, features, features_with}
 pub use history::{History, HistoryError};
 pub use model::{Model, ModelError, ModelHeader, Scores};
 pub use predictor::{Prediction, Predictor, ResourceDeltas, SharedPredictor};
+pub use retrain::{RetrainDecision, RetrainPolicy};
 pub use train::{Example, TrainingSettings, examples_from_records, train};
 pub use view::{DiffSummary, FileView, OpKind, OpView, Outcome, OutcomeRecord, ProposalView};

@@ -8,6 +8,7 @@
 //! - [`tree`]: building and reading directories and chunk lists;
 //! - [`catalog`]: replicas, frames, timeline heads and the time index;
 //! - [`changes`]: forks, proposals, sandboxes, commits and the hash-chained audit log;
+//! - [`models`]: the predictor's model files of each replica, versioned;
 //! - [`verify`]: a full check of everything stored.
 
 pub mod catalog;
@@ -15,6 +16,7 @@ pub mod changes;
 pub mod conformance;
 pub mod keys;
 pub mod kv;
+pub mod models;
 pub mod node;
 pub mod object;
 pub mod pack;
