@@ -18,6 +18,7 @@ pub const TRAIN_SHARE: f64 = 0.6;
 pub const CALIBRATION_SHARE: f64 = 0.15;
 /// The confidence level the targets are stated at.
 pub const CONFIDENCE_LEVEL: f64 = 0.8;
+const MIB: f64 = 1024.0 * 1024.0;
 
 #[derive(Debug, Clone, Copy)]
 pub struct EvalSettings {
@@ -67,7 +68,31 @@ pub struct EvalReport {
     pub out_of_distribution: usize,
     pub out_of_distribution_abstention: f64,
     pub reliability: Vec<metrics::ReliabilityBin>,
+    /// Mean absolute error of the resource-delta heads on the held-out proposals that
+    /// passed (the ones with a measured delta), next to always predicting the training mean.
+    pub cpu_percent_mae: ResourceError,
+    pub rss_mib_mae: ResourceError,
     pub command: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ResourceError {
+    pub model: Option<f64>,
+    pub training_mean: Option<f64>,
+    pub examples: usize,
+}
+
+/// Mean absolute errors of `predicted` and of the constant `mean` against `actual`.
+fn resource_error(predicted: &[f64], actual: &[f64], mean: Option<f64>) -> ResourceError {
+    let count = predicted.len().min(actual.len());
+    let mae = |values: &mut dyn Iterator<Item = f64>| {
+        (count > 0).then(|| values.map(f64::abs).sum::<f64>() / count as f64)
+    };
+    ResourceError {
+        model: mae(&mut predicted.iter().zip(actual).map(|(p, a)| p - a)),
+        training_mean: mean.and_then(|mean| mae(&mut actual.iter().map(|a| a - mean))),
+        examples: count,
+    }
 }
 
 fn figures(name: &str, p: &[f32], confidence: &[f32], failed: &[bool]) -> Figures {
@@ -103,6 +128,22 @@ pub fn run(settings: &EvalSettings) -> anyhow::Result<EvalReport> {
         .filter(|example| example.failed)
         .count() as f32
         / train_end as f32;
+    let mean = |values: Vec<f64>| {
+        (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+    };
+    let training = &examples[..train_end];
+    let cpu_mean = mean(
+        training
+            .iter()
+            .filter_map(|example| example.cpu_percent_delta.map(f64::from))
+            .collect(),
+    );
+    let rss_mean_mib = mean(
+        training
+            .iter()
+            .filter_map(|example| example.rss_bytes_delta.map(|bytes| bytes / MIB))
+            .collect(),
+    );
     let predictor = Predictor::new(model);
 
     // The held-out test, replayed in time order: each proposal sees the outcomes that
@@ -114,6 +155,8 @@ pub fn run(settings: &EvalSettings) -> anyhow::Result<EvalReport> {
     let (mut p, mut confidences, mut failed, mut abstained) =
         (Vec::new(), Vec::new(), Vec::new(), 0usize);
     let (mut baseline_p, mut baseline_confidence) = (Vec::new(), Vec::new());
+    let (mut cpu_predicted, mut cpu_actual, mut rss_predicted, mut rss_actual) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for record in &records[calibration_end..] {
         while next < by_outcome.len() && by_outcome[next].outcome.time_ns < record.proposal.time_ns
         {
@@ -124,6 +167,17 @@ pub fn run(settings: &EvalSettings) -> anyhow::Result<EvalReport> {
             .scores(&record.proposal, &history)
             .ok_or_else(|| anyhow::anyhow!("the predictor has no model"))?;
         let (confidence, abstain) = confidence(&scores);
+        if let (Some(predicted), Some(actual)) =
+            (scores.cpu_percent, record.outcome.cpu_percent_delta)
+        {
+            cpu_predicted.push(f64::from(predicted));
+            cpu_actual.push(f64::from(actual));
+        }
+        if let (Some(predicted), Some(actual)) = (scores.rss_bytes, record.outcome.rss_bytes_delta)
+        {
+            rss_predicted.push(predicted / MIB);
+            rss_actual.push(actual / MIB);
+        }
         p.push(scores.p_error);
         confidences.push(confidence);
         abstained += usize::from(abstain);
@@ -172,6 +226,8 @@ pub fn run(settings: &EvalSettings) -> anyhow::Result<EvalReport> {
         out_of_distribution: unusual.len(),
         out_of_distribution_abstention: unusual_abstained as f64 / unusual.len().max(1) as f64,
         reliability: metrics::reliability(&p, &failed),
+        cpu_percent_mae: resource_error(&cpu_predicted, &cpu_actual, cpu_mean),
+        rss_mib_mae: resource_error(&rss_predicted, &rss_actual, rss_mean_mib),
         command: format!(
             "cargo run --release -p kairos-simulations -- eval --seed {} --proposals {}",
             settings.seed, settings.proposals
@@ -251,6 +307,17 @@ pub fn render(report: &EvalReport) -> String {
         report.out_of_distribution_abstention * 100.0,
         report.out_of_distribution
     ));
+    for (name, error) in [
+        ("CPU delta (percent)", report.cpu_percent_mae),
+        ("RSS delta (MiB)", report.rss_mib_mae),
+    ] {
+        out.push_str(&format!(
+            "{name}: mean absolute error {} (always the training mean: {}) over {} passed proposals\n",
+            show(error.model),
+            show(error.training_mean),
+            error.examples
+        ));
+    }
     out.push_str(&format!(
         "targets: {}\nreplay: {}\n",
         match check_targets(report) {

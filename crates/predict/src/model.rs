@@ -80,12 +80,26 @@ pub struct Calibration {
     pub b: f32,
 }
 
-/// Mean and standard deviation of a regression target (the heads predict standardised values).
+/// How a regression target is encoded for its head: z = (asinh(y / unit) − mean) / std.
+/// asinh keeps the sign and compresses the heavy tails of resource deltas (one change of
+/// gigabytes would otherwise dominate the squared error of a hundred of megabytes).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct TargetScale {
+    /// Mean absolute value of the raw target in training.
+    pub unit: f64,
     pub mean: f64,
     pub std: f64,
     pub examples: usize,
+}
+
+impl TargetScale {
+    pub fn encode(&self, raw: f64) -> f32 {
+        (((raw / self.unit).asinh() - self.mean) / self.std) as f32
+    }
+
+    pub fn decode(&self, encoded: f32) -> f64 {
+        self.unit * (f64::from(encoded) * self.std + self.mean).sinh()
+    }
 }
 
 /// Figures of the model on the held-out calibration outcomes.
@@ -274,11 +288,11 @@ impl Model {
             cpu_percent: self
                 .header
                 .cpu_percent
-                .map(|scale| (f64::from(cpu_sum / count) * scale.std + scale.mean) as f32),
+                .map(|scale| scale.decode(cpu_sum / count) as f32),
             rss_bytes: self
                 .header
                 .rss_bytes
-                .map(|scale| f64::from(rss_sum / count) * scale.std + scale.mean),
+                .map(|scale| scale.decode(rss_sum / count)),
         }
     }
 
@@ -502,7 +516,12 @@ fn check_header(header: &ModelHeader) -> Result<(), ModelError> {
         return Err(ModelError::Header("calibration is not finite".into()));
     }
     for scale in [header.cpu_percent, header.rss_bytes].into_iter().flatten() {
-        if !scale.mean.is_finite() || !scale.std.is_finite() || scale.std <= 0.0 {
+        if !scale.mean.is_finite()
+            || !scale.std.is_finite()
+            || scale.std <= 0.0
+            || !scale.unit.is_finite()
+            || scale.unit <= 0.0
+        {
             return Err(ModelError::Header("a target scale is not valid".into()));
         }
     }

@@ -287,13 +287,17 @@ fn target_scale(values: impl Iterator<Item = Option<f64>>) -> Option<TargetScale
     if values.len() < TRAINING_EXAMPLES_MIN {
         return None;
     }
-    let mean = values.iter().sum::<f64>() / values.len() as f64;
-    let variance = values
+    let unit =
+        (values.iter().map(|value| value.abs()).sum::<f64>() / values.len() as f64).max(1e-9);
+    let encoded: Vec<f64> = values.iter().map(|value| (value / unit).asinh()).collect();
+    let mean = encoded.iter().sum::<f64>() / encoded.len() as f64;
+    let variance = encoded
         .iter()
         .map(|value| (value - mean).powi(2))
         .sum::<f64>()
-        / values.len() as f64;
+        / encoded.len() as f64;
     Some(TargetScale {
+        unit,
         mean,
         std: variance.sqrt().max(1e-6),
         examples: values.len(),
@@ -379,9 +383,7 @@ fn fit(
         .collect();
     let labels = Tensor::from_vec(labels, count, &device)?;
     let standardised = |value: Option<f64>, scale: Option<TargetScale>| match (value, scale) {
-        (Some(value), Some(scale)) if value.is_finite() => {
-            ((value - scale.mean) / scale.std) as f32
-        }
+        (Some(value), Some(scale)) if value.is_finite() => scale.encode(value),
         _ => 0.0,
     };
     let present = |value: Option<f64>, scale: Option<TargetScale>| {
