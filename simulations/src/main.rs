@@ -1,7 +1,8 @@
 //! `kairos-sim`: synthetic service trees and changes, reproducible from a seed. `tree`
 //! writes a service-like directory (text configs and logs, binary data files, a few large
 //! files); `mutate` changes a given share of its files the way services do (rewrites,
-//! appends, in-place edits of large files).
+//! appends, in-place edits of large files); `eval` trains the predictor on a seeded history
+//! of proposals and outcomes and reports on a held-out part next to baselines.
 
 use std::path::{Path, PathBuf};
 
@@ -40,6 +41,23 @@ enum Command {
         percent: f64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+    /// Train the predictor on a seeded history of proposals and outcomes; report on a
+    /// held-out part next to the baselines (exits non-zero when a target is missed)
+    Eval {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Proposals in the history (60% train, 15% calibration, 25% held out)
+        #[arg(long, default_value_t = 8_000)]
+        proposals: usize,
+        /// Training epochs (default: the predictor's)
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Training batch size (default: the predictor's)
+        #[arg(long)]
+        batch_size: Option<usize>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -206,7 +224,22 @@ fn mutate(dir: &Path, percent: f64, seed: u64) -> Result<()> {
     Ok(())
 }
 
+fn eval(settings: &kairos_simulations::eval::EvalSettings, json: bool) -> Result<()> {
+    let report = kairos_simulations::eval::run(settings)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", kairos_simulations::eval::render(&report));
+    }
+    if let Err(missed) = kairos_simulations::eval::check_targets(&report) {
+        bail!("target missed: {missed} (replay: {})", report.command);
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    // SAFETY: first thing in main, before any other thread starts.
+    unsafe { kairos_predict::train::prepare_process() };
     match Cli::parse().command {
         Command::Tree {
             dir,
@@ -215,5 +248,24 @@ fn main() -> Result<()> {
             seed,
         } => tree(&dir, files, mib, seed),
         Command::Mutate { dir, percent, seed } => mutate(&dir, percent, seed),
+        Command::Eval {
+            seed,
+            proposals,
+            epochs,
+            batch_size,
+            json,
+        } => {
+            let mut settings = kairos_simulations::eval::EvalSettings {
+                proposals,
+                ..kairos_simulations::eval::EvalSettings::new(seed)
+            };
+            if let Some(epochs) = epochs {
+                settings.training.epochs = epochs;
+            }
+            if let Some(batch_size) = batch_size {
+                settings.training.batch_size = batch_size;
+            }
+            eval(&settings, json)
+        }
     }
 }

@@ -102,6 +102,24 @@ pub fn replica_record(prefix: &[u8], replica: &str, name: &[u8]) -> Vec<u8> {
     [replica_prefix(prefix, replica).as_slice(), name].concat()
 }
 
+/// Predictor models (`models.rs`): `m/<replica>\0<version u32 BE>` holds a model's record,
+/// `M/<replica>\0<version u32 BE><part u32 BE>` the parts of its file.
+pub const MODEL: &[u8] = b"m/";
+pub const MODEL_PART: &[u8] = b"M/";
+
+pub fn model(replica: &str, version: u32) -> Vec<u8> {
+    replica_record(MODEL, replica, &version.to_be_bytes())
+}
+
+pub fn model_part(replica: &str, version: u32, part: u32) -> Vec<u8> {
+    [
+        replica_prefix(MODEL_PART, replica).as_slice(),
+        &version.to_be_bytes(),
+        &part.to_be_bytes(),
+    ]
+    .concat()
+}
+
 pub fn audit(replica: &str, seq: u64) -> Vec<u8> {
     replica_record(AUDIT, replica, &seq.to_be_bytes())
 }

@@ -10,6 +10,7 @@
 //! - [`command`]: the one write path of the catalog: typed commands, applied as guarded batches;
 //! - [`audit`]: typed audit events, hash-chained;
 //! - [`changes`]: forks, proposal, sandbox and commit records, last good and pending commits;
+//! - [`models`]: the predictor's model files of each replica, versioned;
 //! - [`verify`]: a full check of everything stored.
 
 pub mod audit;
@@ -19,6 +20,7 @@ pub mod command;
 pub mod conformance;
 pub mod keys;
 pub mod kv;
+pub mod models;
 pub mod node;
 pub mod object;
 pub mod pack;
