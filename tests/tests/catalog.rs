@@ -564,3 +564,39 @@ fn a_node_marker_naming_a_live_process_that_does_not_listen_is_ignored() {
     let history = kairos.json(["history", "web", "--json"]);
     assert_eq!(history.as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn direct_commands_use_the_replicas_the_configuration_defines() {
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path().join("svc");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("app.conf"), "port = 1\n").unwrap();
+    let config = base.path().join("kairos.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[replica]]\nname = \"svc\"\nroot = {:?}\nwatch_window = \"1s\"\nprobe_interval = \"100ms\"\n[[replica.probe]]\nkind = \"command\"\ncommand = \"test ! -f {{root}}/BREAK\"\n",
+            root.display().to_string()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let kairos = Kairos::at(&base.path().join("data"));
+    // Never registered by hand nor by a node: the configuration defines it.
+    kairos.ok(["--config", config, "capture", "svc"]);
+    let id = propose(
+        &kairos,
+        base.path(),
+        "svc",
+        "break",
+        json!({"title": "b", "author": "a", "ops": [{"op": "put_file", "path": "BREAK", "content": "x"}]}),
+    );
+    let output = kairos.run(["--config", config, "commit", "svc", &id, "--json"]);
+    let record: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        record["status"],
+        json!("rolled_back"),
+        "the configuration's probe watched the commit: {record}"
+    );
+    assert!(!root.join("BREAK").exists());
+}

@@ -55,6 +55,19 @@ impl Backend {
         })
     }
 
+    /// Registers (or replaces) the replicas a configuration defines, as a node does when
+    /// it starts.
+    pub fn adopt(&self, replicas: &[ReplicaDefinition]) -> Result<()> {
+        if let Backend::Direct { store, .. } = self {
+            for replica in replicas {
+                store.put_replica(replica).with_context(|| {
+                    format!("replica {:?} from the configuration", replica.name)
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// The operations on the data directory's store (direct mode only).
     fn service(&self) -> Option<Service<'_>> {
         match self {

@@ -419,26 +419,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
             cli.ca_cert.as_deref(),
         )?,
         None => {
-            // Only commands that register something make a store; a mistyped --data-dir
-            // is reported, not created.
-            let creates = matches!(
-                cli.command,
-                Command::Replica(ReplicaCommand::Add { .. })
-                    | Command::Party(PartyCommand::Add { .. })
-            );
-            if !creates && !data_dir.exists() {
-                bail!(
-                    "no store in {}: the directory does not exist (`kairos replica add` makes one; check --data-dir or KAIROS_DATA_DIR)",
-                    data_dir.display()
-                );
-            }
             // The same limits a node on this configuration applies.
             let flags = kairos_config::Flags {
                 listen: None,
                 data_dir: Some(data_dir.clone()),
             };
             let config = kairos_config::load(cli.config.as_deref(), std::env::vars(), &flags)?;
-            Backend::direct(&data_dir, config.limits)?
+            // Changes use the replicas as the configuration defines them (checks,
+            // actions, probes), as a node on this configuration would: configuration wins.
+            let changes = matches!(
+                cli.command,
+                Command::Capture(_)
+                    | Command::Propose(_)
+                    | Command::Sandbox(_)
+                    | Command::Commit(_)
+                    | Command::Revert(_)
+                    | Command::Recover(_)
+            );
+            let adopts = changes && !config.replicas.is_empty();
+            // Only commands that register something make a store; a mistyped --data-dir
+            // is reported, not created.
+            let creates = adopts
+                || matches!(
+                    cli.command,
+                    Command::Replica(ReplicaCommand::Add { .. })
+                        | Command::Party(PartyCommand::Add { .. })
+                );
+            if !creates && !data_dir.exists() {
+                bail!(
+                    "no store in {}: the directory does not exist (`kairos replica add` makes one; check --data-dir or KAIROS_DATA_DIR)",
+                    data_dir.display()
+                );
+            }
+            let backend = Backend::direct(&data_dir, config.limits)?;
+            if adopts {
+                backend.adopt(&config.replicas)?;
+            }
+            backend
         }
     };
     match cli.command {
