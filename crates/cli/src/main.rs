@@ -13,6 +13,7 @@ use kairos_core::spec::MAIN_TIMELINE;
 mod backend;
 mod fromdir;
 mod output;
+mod repair;
 
 use backend::Backend;
 use output::{bytes, print_json};
@@ -113,8 +114,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check every stored object and frame (hashes, compression, tree structure)
+    /// Check the store file's own structure (redb's page checksums, both commit slots),
+    /// every key, every stored object and frame (hashes, compression, tree structure) and
+    /// the catalog copy; exits non-zero naming what is damaged (then see `kairos repair`)
     Verify {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recover a damaged store: keeps what still verifies (objects, frames, the catalog
+    /// copy kept beside the file), says exactly which frames were lost, and keeps the
+    /// damaged file beside the new one. Captures and commits are refused until it has run
+    Repair {
         #[arg(long)]
         json: bool,
     },
@@ -313,6 +323,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .data_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(kairos_config::DATA_DIR_DEFAULT));
+    if let Command::Repair { json } = cli.command {
+        let node_in_use = cli.node.is_some() || kairos_node::running_node(&data_dir).is_some();
+        return repair::run(&data_dir, node_in_use, json);
+    }
     // A node that owns the data directory holds the store: go through it.
     let backend = match cli
         .node
@@ -323,7 +337,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         None => Backend::direct(&data_dir)?,
     };
     match cli.command {
-        Command::Up { .. } => unreachable!("handled above"),
+        Command::Up { .. } | Command::Repair { .. } => unreachable!("handled above"),
         Command::Replica(ReplicaCommand::Add {
             name,
             root,
@@ -450,8 +464,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Cat { name, path, at } => {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            backend.cat(&name, &path, &at.at, &mut out)?;
+            let torn = backend.cat(&name, &path, &at.at, &mut out)?;
             out.flush().context("writing to standard output")?;
+            if torn {
+                eprintln!(
+                    "{}",
+                    kairos_replay::torn_warning(&path.display().to_string())
+                );
+            }
         }
         Command::Diff {
             name,
@@ -491,6 +511,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let total = |bytes: u64| bar.set_length(bytes);
             let report = backend.restore(&name, &at, &into, force, &progress, &total)?;
             bar.finish_and_clear();
+            for torn in &report.torn {
+                eprintln!("{}", kairos_replay::torn_warning(torn));
+            }
             if json {
                 print_json(&report)?;
             } else {

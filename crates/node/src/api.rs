@@ -515,22 +515,28 @@ async fn file(
     let query = query_input(query)?;
     let at = spec(query.at.as_deref().unwrap_or("latest"))?;
     let worker = shared.clone();
-    let bytes = shared
+    let (bytes, torn) = shared
         .replay
         .run(move || {
             let view = kairos_replay::open(&worker.store, &name, &at, Instant::now())?;
             let reader = worker.store.reader()?;
             let mut out = Vec::new();
-            view.cat(
+            let outcome = view.cat(
                 &reader,
                 query.path.as_bytes(),
                 &worker.config.limits,
                 &mut out,
             )?;
-            Ok(out)
+            Ok((out, outcome.torn))
         })
         .await?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+    // `x-kairos-torn: true`: the file kept changing while captured (the CLI warns).
+    let torn = if torn { "true" } else { "false" };
+    let headers = [
+        (header::CONTENT_TYPE, "application/octet-stream"),
+        (header::HeaderName::from_static("x-kairos-torn"), torn),
+    ];
+    Ok((headers, bytes).into_response())
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -66,6 +66,7 @@ impl StoreError {
                 | StoreError::BadNode { .. }
                 | StoreError::BadRecord { .. }
                 | StoreError::Kv(KvError::Corrupt { .. })
+                | StoreError::Kv(KvError::Damaged { .. })
         )
     }
 }
@@ -253,6 +254,11 @@ impl Store {
         )?;
         self.kv.commit(batch)?;
         Ok(Some(version))
+    }
+
+    /// A writer of objects compressed without any dictionary (used by `repair`).
+    pub fn object_writer_without_dictionary(&self) -> Result<ObjectWriter> {
+        ObjectWriter::start(self.kv.clone(), None)
     }
 
     /// A writer of objects for one capture of `replica`.
