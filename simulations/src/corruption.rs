@@ -15,7 +15,9 @@
 //! free space or slack), so `verify` may call it ok. A frame is intact when its record,
 //! its time index entry and every object and segment its tree needs read back identical.
 //!
-//! Every case prints the command that replays it alone.
+//! A failing case prints the command that replays it alone, and keeps its undamaged and
+//! damaged store files (a store's layout is not the same from run to run: segment ids and
+//! frame times come from the clock).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash as _, Hasher};
@@ -463,6 +465,22 @@ impl Fixture {
         Ok(description)
     }
 
+    /// Keeps the undamaged and the damaged store of the case `seed` in `dir` (store layouts
+    /// differ from run to run: segment ids and frame times are not seeded).
+    pub fn keep_case(&self, dir: &Path, seed: u64) -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        self.damaged_copy(&dir.join("damaged"), &mut rng)?;
+        let undamaged = dir.join("undamaged");
+        std::fs::create_dir_all(&undamaged)?;
+        let store_path = undamaged.join(STORE_FILE);
+        std::fs::write(&store_path, &self.store_bytes)?;
+        std::fs::write(
+            kairos_store::catalog_copy::copy_path(&store_path),
+            &self.copy_bytes,
+        )?;
+        Ok(())
+    }
+
     /// Reads the damaged file key by key and compares with the undamaged store: whether
     /// anything differs, and which frames have every key they need intact.
     fn judge(&self, store_path: &Path) -> (bool, Vec<bool>) {
@@ -598,10 +616,20 @@ pub fn run(
         let fixture = &fixtures[size.name];
         let case_seed = seed + case;
         let outcome = fixture.run_case(work.path(), case_seed)?;
-        let replay = format!(
+        let mut replay = format!(
             "cargo run -p kairos-simulations --bin kairos-corruption -- --size {} --seed {case_seed} --cases 1",
             size.name
         );
+        if !outcome.failures().is_empty() {
+            let kept = std::env::temp_dir()
+                .join("kairos-corruption-failures")
+                .join(format!("{}-seed-{case_seed}", size.name));
+            fixture.keep_case(&kept, case_seed)?;
+            replay.push_str(&format!(
+                " (the stores of this run are kept in {})",
+                kept.display()
+            ));
+        }
         summary.add(&outcome, &replay);
         on_case(&outcome, &replay);
     }

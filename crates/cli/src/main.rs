@@ -114,7 +114,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check the store file's own structure (redb's page checksums, both commit slots),
+    /// Check the store file's own structure (redb's integrity check: every page's checksum,
+    /// the commit slot in use, the allocator state),
     /// every key, every stored object and frame (hashes, compression, tree structure) and
     /// the catalog copy; exits non-zero naming what is damaged (then see `kairos repair`)
     Verify {

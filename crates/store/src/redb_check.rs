@@ -1,5 +1,5 @@
 //! Looking at a store file without writing to it: redb's own integrity check (checksums of
-//! every page of both trees, both commit slots, the allocator state) and its repair run on
+//! every page of both trees, the commit slot in use, the allocator state) and its repair run on
 //! an [`OverlayFile`], which reads the file and keeps every write in memory. `verify` uses it
 //! to judge the file; `repair` uses it to read what redb can still recover.
 
