@@ -18,6 +18,10 @@ use crate::guard::catch_panic;
 const BLOCK_BYTES: u64 = 4096;
 /// Page cache of databases opened on an overlay.
 const OVERLAY_CACHE_BYTES: usize = 16 << 20;
+/// An overlay keeps at most this many bytes written, or its file's length if larger, and
+/// grows to at most this much beyond the file: a damaged header can make redb's repair
+/// size and write far more than the file holds, which must fail, not fill memory.
+const OVERLAY_SLACK_BYTES: u64 = 64 << 20;
 
 /// A file read through, written to memory: redb may run its repair on it (which commits)
 /// while the file on disk is left exactly as it was.
@@ -29,6 +33,8 @@ pub struct OverlayFile {
 
 #[derive(Debug)]
 struct OverlayState {
+    /// The file's length when opened.
+    file_len: u64,
     /// The length redb sees.
     len: u64,
     /// Bytes of the file at or beyond this offset read as zeros (the storage was shrunk).
@@ -43,6 +49,7 @@ impl OverlayFile {
         Ok(OverlayFile {
             file,
             state: Mutex::new(OverlayState {
+                file_len: len,
                 len,
                 file_visible: len,
                 blocks: HashMap::new(),
@@ -92,6 +99,9 @@ impl StorageBackend for OverlayFile {
 
     fn set_len(&self, len: u64) -> std::io::Result<()> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if len > state.file_len.saturating_add(OVERLAY_SLACK_BYTES) {
+            return Err(overlay_limit(len));
+        }
         if len < state.len {
             state.file_visible = state.file_visible.min(len);
             let first_gone = len.div_ceil(BLOCK_BYTES);
@@ -113,6 +123,12 @@ impl StorageBackend for OverlayFile {
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let end = offset + data.len() as u64;
+        let kept = state.blocks.len() as u64 * BLOCK_BYTES + data.len() as u64;
+        if end > state.file_len.saturating_add(OVERLAY_SLACK_BYTES)
+            || kept > state.file_len.max(OVERLAY_SLACK_BYTES)
+        {
+            return Err(overlay_limit(end));
+        }
         if end > state.len {
             state.len = end;
         }
@@ -134,6 +150,12 @@ impl StorageBackend for OverlayFile {
         }
         Ok(())
     }
+}
+
+fn overlay_limit(bytes: u64) -> std::io::Error {
+    std::io::Error::other(format!(
+        "redb asked for {bytes} bytes, far beyond the file: its header or allocator pages are damaged"
+    ))
 }
 
 /// What redb's own check of a store file found.

@@ -38,8 +38,11 @@ use crate::store::{Reader, Result, STORE_FILE, Store, StoreError};
 /// Pairs read per scan while salvaging.
 const SALVAGE_PAGE: usize = 1024;
 /// A key range redb cannot read is split by the next key byte this many times before it
-/// is given up.
-const SALVAGE_SPLIT_DEPTH: usize = 2;
+/// is given up (the page scan that follows finds what the split does not).
+const SALVAGE_SPLIT_DEPTH: usize = 1;
+/// Scans of key ranges tried through redb at most (a damaged pointer can make every scan
+/// near it fail slowly).
+const SALVAGE_SCANS_MAX: usize = 2048;
 /// Catalog pairs written per batch into the rebuilt store.
 const CATALOG_BATCH_BYTES: usize = 4 << 20;
 /// The directory the rebuilt store is made in, inside the data directory.
@@ -181,14 +184,25 @@ fn salvage_objects(
 ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
     let mut candidates = Candidates::default();
     let mut catalog = BTreeMap::new();
-    if let Some(source) = source {
-        let reader = source.reader()?;
+    let reader = match source.map(Store::reader) {
+        Some(Ok(reader)) => Some(reader),
+        Some(Err(error)) => {
+            report
+                .ranges_unreadable
+                .push(format!("every key through redb: {error}"));
+            None
+        }
+        None => None,
+    };
+    if let Some(reader) = reader {
         let mut salvaged = BTreeMap::new();
+        let mut scans_left = SALVAGE_SCANS_MAX;
         for first in 0..=255u8 {
             salvage_range(
                 reader.snapshot(),
                 vec![first],
                 0,
+                &mut scans_left,
                 &mut salvaged,
                 &mut report.ranges_unreadable,
             );
@@ -346,20 +360,28 @@ fn salvage_range(
     snapshot: &dyn KvSnapshot,
     prefix: Vec<u8>,
     depth: usize,
+    scans_left: &mut usize,
     out: &mut BTreeMap<Vec<u8>, Vec<u8>>,
     unreadable: &mut Vec<String>,
 ) {
+    if *scans_left == 0 {
+        unreadable.push(format!(
+            "keys starting {}: not tried (too many unreadable ranges)",
+            crate::kv::printable(&prefix)
+        ));
+        return;
+    }
+    *scans_left -= 1;
     match scan_all(snapshot, &prefix, out) {
         Ok(()) => {}
-        Err(error) if depth < SALVAGE_SPLIT_DEPTH => {
-            let _ = error;
+        Err(_) if depth < SALVAGE_SPLIT_DEPTH => {
             if let Ok(Some(value)) = snapshot.get(&prefix) {
                 out.insert(prefix.clone(), value);
             }
             for next in 0..=255u8 {
                 let mut narrower = prefix.clone();
                 narrower.push(next);
-                salvage_range(snapshot, narrower, depth + 1, out, unreadable);
+                salvage_range(snapshot, narrower, depth + 1, scans_left, out, unreadable);
             }
         }
         Err(error) => unreadable.push(format!(
