@@ -9,6 +9,9 @@ use kairos_store::repair::RepairReport;
 
 use crate::output::print_json;
 
+/// Unreadable key ranges listed in the text report (all are in `--json`).
+const UNREADABLE_SHOWN_MAX: usize = 5;
+
 pub fn run(data_dir: &Path, node_in_use: bool, json: bool) -> Result<ExitCode> {
     if node_in_use {
         bail!(
@@ -44,8 +47,14 @@ fn print_report(report: &RepairReport) {
         "objects: {} recovered, {} damaged",
         report.objects_recovered, report.objects_damaged
     );
-    for range in &report.ranges_unreadable {
-        println!("unreadable: {range}");
+    for range in report.ranges_unreadable.iter().take(UNREADABLE_SHOWN_MAX) {
+        println!("unreadable through redb: {range}");
+    }
+    if report.ranges_unreadable.len() > UNREADABLE_SHOWN_MAX {
+        println!(
+            "unreadable through redb: {} more key ranges (see --json); the page scan read what it could",
+            report.ranges_unreadable.len() - UNREADABLE_SHOWN_MAX
+        );
     }
     println!(
         "frames: {} kept, {} lost",

@@ -359,35 +359,46 @@ fn leaf_span(start: &[u8], remaining: u64) -> Option<usize> {
         .then_some(last_value_end)
 }
 
-/// The pairs of a leaf, if every offset is in order and inside it.
+/// The pairs of a leaf whose own offsets are in order and inside it: a damaged offset
+/// loses the pairs next to it, not the page (what is found is checked by hash later).
 fn leaf_pairs(page: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
     let pairs = u16::from_le_bytes([page[2], page[3]]) as usize;
     let header = 4 + 8 * pairs;
     let offset_at = |index: usize| -> Option<usize> {
         Some(u32::from_le_bytes(page.get(4 + 4 * index..8 + 4 * index)?.try_into().ok()?) as usize)
     };
-    let mut out = Vec::with_capacity(pairs);
-    let mut key_start = header;
     let first_value = offset_at(pairs - 1)?;
     if first_value < header || first_value > page.len() {
         return None;
     }
-    let mut value_start = first_value;
+    let mut out = Vec::with_capacity(pairs);
     for index in 0..pairs {
-        let key_end = offset_at(index)?;
-        let value_end = offset_at(pairs + index)?;
-        if key_end < key_start
-            || key_end > first_value
-            || value_end < value_start
-            || value_end > page.len()
-        {
-            return None;
+        let key_start = if index == 0 {
+            Some(header)
+        } else {
+            offset_at(index - 1)
+        };
+        let value_start = if index == 0 {
+            Some(first_value)
+        } else {
+            offset_at(pairs + index - 1)
+        };
+        let (Some(key_start), Some(key_end), Some(value_start), Some(value_end)) = (
+            key_start,
+            offset_at(index),
+            value_start,
+            offset_at(pairs + index),
+        ) else {
+            continue;
+        };
+        let key_fits = header <= key_start && key_start <= key_end && key_end <= first_value;
+        let value_fits =
+            first_value <= value_start && value_start <= value_end && value_end <= page.len();
+        if key_fits && value_fits {
+            out.push((&page[key_start..key_end], &page[value_start..value_end]));
         }
-        out.push((&page[key_start..key_end], &page[value_start..value_end]));
-        key_start = key_end;
-        value_start = value_end;
     }
-    Some(out)
+    (!out.is_empty()).then_some(out)
 }
 
 #[cfg(test)]
@@ -412,6 +423,28 @@ mod tests {
         assert_eq!(tail, [0; 8]);
         assert!(overlay.read(8995, &mut tail).is_err());
         assert_eq!(std::fs::read(&path).unwrap(), vec![7u8; 10_000]);
+    }
+
+    #[test]
+    fn a_damaged_offset_loses_the_pairs_next_to_it_not_the_leaf() {
+        // A leaf of three pairs: keys "a", "bb", "ccc", values "1", "22", "333".
+        let mut page = vec![1u8, 0, 3, 0];
+        let header = 4 + 8 * 3;
+        for end in [header + 1, header + 3, header + 6] {
+            page.extend_from_slice(&(end as u32).to_le_bytes());
+        }
+        for end in [header + 7, header + 9, header + 12] {
+            page.extend_from_slice(&(end as u32).to_le_bytes());
+        }
+        page.extend_from_slice(b"abbccc122333");
+        let whole = leaf_pairs(&page).unwrap();
+        assert_eq!(
+            whole,
+            vec![(&b"a"[..], &b"1"[..]), (b"bb", b"22"), (b"ccc", b"333")]
+        );
+        page[4 + 4] = 0xee; // the end of key 1
+        let damaged = leaf_pairs(&page).unwrap();
+        assert_eq!(damaged, vec![(&b"a"[..], &b"1"[..])]);
     }
 
     #[test]
