@@ -311,13 +311,13 @@ impl Backend {
         }
     }
 
-    pub fn cat(&self, name: &str, path: &Path, at: &str, out: &mut dyn Write) -> Result<()> {
+    /// Writes the file's bytes to `out`; returns whether it was torn when captured.
+    pub fn cat(&self, name: &str, path: &Path, at: &str, out: &mut dyn Write) -> Result<bool> {
         use std::os::unix::ffi::OsStrExt;
         match self {
             Backend::Direct { .. } => {
                 let service = self.service().context("direct")?;
-                service.cat(name, path.as_os_str().as_bytes(), &spec(at)?, out)?;
-                Ok(())
+                Ok(service.cat(name, path.as_os_str().as_bytes(), &spec(at)?, out)?)
             }
             Backend::Node { base, agent, .. } => {
                 spec(at)?;
@@ -332,9 +332,13 @@ impl Backend {
                     .query("path", path)
                     .query("at", at);
                 let mut response = Self::answer(base, request.call())?;
+                let torn = response
+                    .headers()
+                    .get("x-kairos-torn")
+                    .is_some_and(|value| value == "true");
                 let mut reader = response.body_mut().with_config().limit(u64::MAX).reader();
                 std::io::copy(&mut reader, out).context("writing to standard output")?;
-                Ok(())
+                Ok(torn)
             }
         }
     }

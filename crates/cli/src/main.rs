@@ -13,6 +13,7 @@ use kairos_core::spec::MAIN_TIMELINE;
 mod backend;
 mod fromdir;
 mod output;
+mod repair;
 
 use backend::Backend;
 use output::{bytes, print_json};
@@ -78,8 +79,18 @@ enum Command {
     Diff(DiffArgs),
     /// Materialise the state at an instant into a directory
     Restore(RestoreArgs),
-    /// Check every stored object and frame (hashes, compression, tree structure)
+    /// Check the store file's own structure (redb's integrity check: every page's checksum,
+    /// the commit slot in use, the allocator state), every key, every stored object and
+    /// frame (hashes, compression, tree structure) and the catalog copy; exits non-zero
+    /// naming what is damaged (then see `kairos repair`)
     Verify(VerifyArgs),
+    /// Recover a damaged store: keeps what still verifies (objects, frames, the catalog
+    /// copy kept beside the file), says exactly which frames were lost, and keeps the
+    /// damaged file beside the new one. Captures and commits are refused until it has run
+    Repair {
+        #[arg(long)]
+        json: bool,
+    },
     /// Fork, list and delete timelines (main follows the live replica)
     #[command(subcommand)]
     Timeline(TimelineCommand),
@@ -406,6 +417,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .data_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(kairos_config::DATA_DIR_DEFAULT));
+    if let Command::Repair { json } = cli.command {
+        let node_in_use = cli.node.is_some() || kairos_node::running_node(&data_dir).is_some();
+        return repair::run(&data_dir, node_in_use, json);
+    }
     // A node that owns the data directory holds the store: go through it.
     let backend = match cli
         .node
@@ -460,7 +475,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     };
     match cli.command {
         // Handled before a backend is chosen.
-        Command::Up { .. } => Ok(ExitCode::SUCCESS),
+        Command::Up { .. } | Command::Repair { .. } => Ok(ExitCode::SUCCESS),
         Command::Replica(command) => replica(&backend, command),
         Command::Party(command) => party_command(&backend, command, &party),
         Command::Capture(args) => capture_command(&backend, args),
@@ -621,8 +636,14 @@ fn show_command(backend: &Backend, ShowArgs { name, at, json }: ShowArgs) -> Res
 fn cat_command(backend: &Backend, CatArgs { name, path, at }: CatArgs) -> Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    backend.cat(&name, &path, &at.at, &mut out)?;
+    let torn = backend.cat(&name, &path, &at.at, &mut out)?;
     out.flush().context("writing to standard output")?;
+    if torn {
+        eprintln!(
+            "{}",
+            kairos_replay::torn_warning(&path.display().to_string())
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -672,6 +693,9 @@ fn restore_command(
     let total = |bytes: u64| bar.set_length(bytes);
     let report = backend.restore(&name, &at, &into, force, &progress, &total)?;
     bar.finish_and_clear();
+    for torn in &report.torn {
+        eprintln!("{}", kairos_replay::torn_warning(torn));
+    }
     if json {
         print_json(&report)?;
     } else {

@@ -603,17 +603,23 @@ async fn file(
     let query = query_input(query)?;
     let at = spec(query.at.as_deref().unwrap_or("latest"))?;
     let worker = shared.clone();
-    let bytes = shared
+    let (bytes, torn) = shared
         .replay
         .run(move || {
             let mut out = Vec::new();
-            worker
+            let torn = worker
                 .service()
                 .cat(&name, query.path.as_bytes(), &at, &mut out)?;
-            Ok(out)
+            Ok((out, torn))
         })
         .await?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+    // `x-kairos-torn: true`: the file kept changing while captured (the CLI warns).
+    let torn = if torn { "true" } else { "false" };
+    let headers = [
+        (header::CONTENT_TYPE, "application/octet-stream"),
+        (header::HeaderName::from_static("x-kairos-torn"), torn),
+    ];
+    Ok((headers, bytes).into_response())
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -197,17 +197,18 @@ impl Service<'_> {
         Ok(kairos_replay::listing(self.store, &view)?)
     }
 
+    /// Writes a file's bytes at an instant to `out`; returns whether it was torn (kept
+    /// changing while captured).
     pub fn cat(
         &self,
         name: &str,
         path: &[u8],
         at: &TimelineSpec,
         out: &mut dyn Write,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let view = kairos_replay::open(self.store, name, at, Instant::now())?;
         let reader = self.store.reader()?;
-        view.cat(&reader, path, &self.limits, out)?;
-        Ok(())
+        Ok(view.cat(&reader, path, &self.limits, out)?.torn)
     }
 
     pub fn diff(&self, name: &str, from: &TimelineSpec, to: &TimelineSpec) -> Result<StateDiff> {

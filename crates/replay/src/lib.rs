@@ -4,10 +4,12 @@
 
 pub mod diff;
 pub mod restore;
+pub mod sparse;
 pub mod state;
 
 pub use diff::{ConfigChange, FileChange, StateDiff, diff, diff_files};
 pub use restore::{RestoreOptions, RestoreReport, restore};
 pub use state::{
-    ContentError, ReplayError, StateListing, StateView, listing, open, open_frame, write_content,
+    CatOutcome, ContentError, ReplayError, StateListing, StateView, listing, open, open_frame,
+    torn_warning, write_content,
 };

@@ -20,6 +20,7 @@ use kairos_store::node::{Body, DirEntry, Meta, SpecialKind};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::sparse::SparseWriter;
 use crate::state::{ContentError, ReplayError, StateView, display_path, write_content};
 
 pub struct RestoreOptions<'a> {
@@ -45,6 +46,10 @@ pub struct RestoreReport {
     pub removed: u64,
     /// Entries not restored, with the reason.
     pub skipped: Vec<String>,
+    /// Files restored that were torn when captured (they kept changing while read; the
+    /// last read is what was restored).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub torn: Vec<String>,
     pub duration_ms: u64,
 }
 
@@ -129,7 +134,7 @@ pub fn restore(
         .iter()
         .filter(|(p, e)| matches!(e.body, Body::File { .. }) && kept(p))
         .collect();
-    let results: Vec<Result<Option<String>, ReplayError>> = files
+    let results: Vec<Result<RestoredFile, ReplayError>> = files
         .par_iter()
         .map(|(path, entry)| {
             let target = into.join(OsStr::from_bytes(path));
@@ -140,15 +145,24 @@ pub fn restore(
                     progress(total);
                 }
             }
-            Ok(outcome
-                .skipped
-                .map(|reason| format!("{}: {reason}", display_path(path))))
+            let torn =
+                matches!(entry.body, Body::File { torn: true, .. }).then(|| display_path(path));
+            Ok(RestoredFile {
+                skipped: outcome
+                    .skipped
+                    .map(|reason| format!("{}: {reason}", display_path(path))),
+                torn,
+            })
         })
         .collect();
     for result in results {
-        match result? {
+        let RestoredFile { skipped, torn } = result?;
+        match skipped {
             Some(skipped) => report.skipped.push(skipped),
-            None => report.files += 1,
+            None => {
+                report.files += 1;
+                report.torn.extend(torn);
+            }
         }
     }
     report.bytes = written.load(Ordering::Relaxed);
@@ -316,6 +330,12 @@ fn remove_if_present(path: &Path) -> Result<(), ReplayError> {
     }
 }
 
+/// One file of a restore: why it was skipped, or whether it was torn when captured.
+struct RestoredFile {
+    skipped: Option<String>,
+    torn: Option<String>,
+}
+
 struct FileOutcome {
     written: Option<u64>,
     skipped: Option<String>,
@@ -378,7 +398,9 @@ fn restore_file(
         .mode(0o600)
         .open(&temporary)
         .map_err(|e| write_error(&temporary, e))?;
-    let mut out = BufWriter::with_capacity(256 << 10, file);
+    // A file captured sparse (fewer bytes allocated than its length) is restored sparse.
+    let sparse = entry.meta.allocated_bytes < entry.meta.size;
+    let mut out = BufWriter::with_capacity(256 << 10, SparseWriter::new(file, sparse));
     let written = match write_content(reader, content, &mut out) {
         Ok(written) => written,
         Err(error) => {
@@ -396,7 +418,9 @@ fn restore_file(
     };
     let file = out
         .into_inner()
-        .map_err(|e| write_error(target, e.error()))?;
+        .map_err(|e| write_error(target, e.error()))?
+        .finish()
+        .map_err(|e| write_error(target, e))?;
     file.set_permissions(Permissions::from_mode(entry.meta.mode & 0o7777))
         .map_err(|e| write_error(target, e))?;
     if is_root {

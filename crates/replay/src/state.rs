@@ -180,30 +180,34 @@ impl StateView {
         }
     }
 
-    /// Writes the content of the file at `path` to `out`, chunk by chunk.
+    /// Writes the content of the file at `path` to `out`, chunk by chunk; says how many
+    /// bytes and whether the file was torn when captured.
     pub fn cat(
         &self,
         reader: &Reader<'_>,
         path: &[u8],
         limits: &Limits,
         out: &mut dyn Write,
-    ) -> Result<u64, ReplayError> {
+    ) -> Result<CatOutcome, ReplayError> {
         let entry = self.lookup(reader, path, limits)?;
         let shown = display_path(path);
         match &entry.body {
-            Body::File { content, .. } => {
-                write_content(reader, content, out).map_err(|error| match error {
-                    ContentError::Replay(error) => error,
-                    ContentError::Omitted(reason) => ReplayError::NoContent {
-                        frame: self.frame_name(),
-                        path: shown.clone(),
-                        reason,
-                    },
-                    ContentError::Io(reason) => ReplayError::Write {
-                        path: "standard output".into(),
-                        reason,
-                    },
-                })
+            Body::File { content, torn, .. } => {
+                let torn = *torn;
+                write_content(reader, content, out)
+                    .map(|bytes| CatOutcome { bytes, torn })
+                    .map_err(|error| match error {
+                        ContentError::Replay(error) => error,
+                        ContentError::Omitted(reason) => ReplayError::NoContent {
+                            frame: self.frame_name(),
+                            path: shown.clone(),
+                            reason,
+                        },
+                        ContentError::Io(reason) => ReplayError::Write {
+                            path: "standard output".into(),
+                            reason,
+                        },
+                    })
             }
             Body::Unreadable { error } => Err(ReplayError::NoContent {
                 frame: self.frame_name(),
@@ -238,6 +242,22 @@ impl From<StoreError> for ContentError {
     fn from(error: StoreError) -> ContentError {
         ContentError::Replay(error.into())
     }
+}
+
+/// What `cat` wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CatOutcome {
+    pub bytes: u64,
+    /// The file kept changing while it was captured: these bytes are its last read, which
+    /// may mix two versions.
+    pub torn: bool,
+}
+
+/// The warning printed (to standard error) when a torn file is read or restored.
+pub fn torn_warning(path: &str) -> String {
+    format!(
+        "warning: {path} was torn when captured (it kept changing while read); its content is the last read and may mix two versions"
+    )
 }
 
 pub fn write_content(

@@ -24,8 +24,14 @@ pub enum KvError {
     Conflict { key: Vec<u8> },
     #[error("the store {0} is in use by another process (a running node? use --node URL)")]
     Busy(String),
-    #[error("the store at {path} is corrupt or unreadable: {reason}")]
+    #[error("the store at {path} is corrupt or unreadable: {reason} (see `kairos repair`)")]
     Corrupt { path: String, reason: String },
+    /// A check or a read found damage earlier (recorded beside the file): nothing is
+    /// written until `kairos repair` has run.
+    #[error(
+        "the store at {path} was found damaged ({reason}); captures, commits and other writes are refused until `kairos repair` has run"
+    )]
+    Damaged { path: String, reason: String },
     #[error("store i/o failed: {0}")]
     Io(String),
 }
@@ -163,6 +169,16 @@ pub trait KvSnapshot: Send + Sync {
     ) -> Result<Pairs, KvError>;
 }
 
+/// The catalog as the store holds it beside its copy (see [`KvBackend::catalog_with_copy`]).
+#[derive(Debug, Clone)]
+pub struct CatalogComparison {
+    pub catalog: Pairs,
+    /// How many committed batches changed the catalog.
+    pub sequence: u64,
+    /// The copy as read from its file (`None`: the file is missing).
+    pub copy: Option<crate::catalog_copy::CatalogCopyRead>,
+}
+
 /// An ordered key-value store with atomic batches.
 pub trait KvBackend: Send + Sync {
     fn snapshot(&self) -> Result<Box<dyn KvSnapshot>, KvError>;
@@ -170,6 +186,36 @@ pub trait KvBackend: Send + Sync {
     fn commit(&self, batch: WriteBatch) -> Result<(), KvError>;
     /// Bytes the backend occupies on disk.
     fn size_bytes(&self) -> Result<u64, KvError>;
+
+    /// Damage the backend's own structure check finds (pages, commit slots, tables), each
+    /// naming what is damaged; empty when intact or when the backend has no such check.
+    fn check_structure(&self) -> Result<Vec<String>, KvError> {
+        Ok(Vec::new())
+    }
+
+    /// The catalog, its sequence and the catalog copy kept outside the backend's main
+    /// file, read while no catalog change commits; `None` if the backend keeps no copy.
+    fn catalog_with_copy(&self) -> Result<Option<CatalogComparison>, KvError> {
+        Ok(None)
+    }
+
+    /// Rewrites the catalog copy from the backend's catalog.
+    fn rewrite_catalog_copy(&self) -> Result<(), KvError> {
+        Ok(())
+    }
+
+    /// Damage recorded by an earlier check or read, if any (writes are refused meanwhile).
+    fn damage(&self) -> Option<String> {
+        None
+    }
+
+    /// Records damage found (by `verify`): writes are refused until it is cleared.
+    fn record_damage(&self, _reason: &str) {}
+
+    /// Clears recorded damage (after a check found the store intact, or a repair).
+    fn clear_damage(&self) -> Result<(), KvError> {
+        Ok(())
+    }
 }
 
 /// The smallest key greater than every key starting with `prefix`, if any.

@@ -11,13 +11,18 @@
 //! - [`audit`]: typed audit events, hash-chained;
 //! - [`changes`]: forks, proposal, sandbox and commit records, last good and pending commits;
 //! - [`models`]: the predictor's model files of each replica, versioned;
-//! - [`verify`]: a full check of everything stored.
+//! - [`verify`]: a full check of everything stored, the file's own structure included;
+//! - [`catalog_copy`]: the checksummed copy of the catalog kept beside the store file;
+//! - [`repair`]: rebuilding a damaged store from what still verifies and the catalog copy;
+//! - [`guard`]: redb's panics on damaged pages caught and turned into `corrupt` errors.
 
 pub mod audit;
 pub mod catalog;
+pub mod catalog_copy;
 pub mod changes;
 pub mod command;
 pub mod conformance;
+pub mod guard;
 pub mod keys;
 pub mod kv;
 pub mod models;
@@ -25,6 +30,8 @@ pub mod node;
 pub mod object;
 pub mod pack;
 pub mod redb_backend;
+pub mod redb_check;
+pub mod repair;
 pub mod store;
 pub mod tree;
 pub mod verify;

@@ -1,30 +1,158 @@
 //! The embedded backend: one redb file, fsync on every durable commit. One process holds
 //! the file at a time; another waits for it (up to ten seconds) before reporting it busy.
+//!
+//! Damage is never trusted and never written over:
+//! - a new store is created only when the file does not exist; an empty or unopenable file,
+//!   or one whose table is gone while its catalog copy has records, is reported corrupt;
+//! - a file that was not closed cleanly is checked (redb's integrity check, on an overlay
+//!   that never writes to the file) before redb's crash recovery is allowed to write to it;
+//! - every call into redb is guarded ([`crate::guard`]): a panic on a damaged page becomes a
+//!   `corrupt` error and poisons the handle, which is never used again and is closed
+//!   without a write;
+//! - corruption found by any read leaves a damage marker beside the file
+//!   (`kairos.damaged`); while it exists every write is refused until `kairos repair` runs;
+//! - every committed change to catalog keys is also appended to the catalog copy
+//!   ([`crate::catalog_copy`]) so a damaged file never makes every frame unreachable.
 
+use std::mem::ManuallyDrop;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redb::{
     Builder, ConcurrencyMode, Database, DatabaseError, Durability, ReadOnlyTable, ReadableDatabase,
-    ReadableTable, StorageError, TableDefinition, TransactionError,
+    ReadableTable, StorageError, TableDefinition, TableError, TransactionError,
 };
 
-use crate::kv::{KvBackend, KvError, KvSnapshot, Mutation, WriteBatch};
+use crate::catalog_copy::{self, CatalogCopyWriter, is_catalog_key};
+use crate::guard::catch_panic;
+use crate::kv::{
+    CatalogComparison, KvBackend, KvError, KvSnapshot, Mutation, Pairs, WriteBatch, printable,
+};
+use crate::redb_check::{self, Recovery};
 
-const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kairos");
+/// The one table of a store file.
+pub const TABLE_NAME: &str = "kairos";
+const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new(TABLE_NAME);
+/// Facts about the store kept outside its key space: the catalog sequence, the number of
+/// committed batches that changed catalog keys (the catalog copy records it too, so the
+/// two can be compared exactly).
+const META: TableDefinition<&str, u64> = TableDefinition::new("kairos-meta");
+const CATALOG_SEQUENCE: &str = "catalog-sequence";
 /// The page cache used unless another size is asked for.
 pub const CACHE_BYTES_DEFAULT: usize = 64 << 20;
 /// How long opening waits for another process that holds the file.
 const OPEN_WAIT: Duration = Duration::from_secs(10);
+/// Page cache of the read-only open that looks at a file before it is opened for writing.
+const PRECHECK_CACHE_BYTES: usize = 1 << 20;
+/// Pairs read per scan while rewriting the catalog copy.
+const CATALOG_SCAN_PAGE: usize = 4096;
+
+/// The damage marker of the store file at `store_path`: present while damage found by a
+/// check or a read has not been repaired.
+pub fn damage_marker_path(store_path: &Path) -> PathBuf {
+    store_path.with_extension("damaged")
+}
+
+/// What the last check found wrong with the store file at `store_path`, if anything.
+pub fn recorded_damage(store_path: &Path) -> Option<String> {
+    std::fs::read_to_string(damage_marker_path(store_path))
+        .ok()
+        .map(|text| text.trim().to_string())
+}
+
+/// Health of one opened file, shared with its snapshots.
+#[derive(Debug)]
+struct Health {
+    path: PathBuf,
+    /// A redb call panicked: the handle is never used again.
+    poisoned: AtomicBool,
+    /// Whether damage found is recorded in the marker file and a panic poisons the handle
+    /// (not for read-only recovery views, which never write, keep reading after a panic and
+    /// trust nothing they read that fails its hash check).
+    records_damage: bool,
+}
+
+impl Health {
+    fn corrupt(&self, reason: String) -> KvError {
+        if self.records_damage {
+            record_damage(&self.path, &reason);
+        }
+        KvError::Corrupt {
+            path: self.path.display().to_string(),
+            reason,
+        }
+    }
+
+    /// Runs one redb operation: a panic poisons the handle and becomes a `corrupt` error;
+    /// a `corrupt` error is recorded as damage.
+    fn guard<T>(
+        &self,
+        what: impl FnOnce() -> String,
+        operation: impl FnOnce() -> Result<T, KvError>,
+    ) -> Result<T, KvError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(KvError::Corrupt {
+                path: self.path.display().to_string(),
+                reason:
+                    "an earlier read hit a damaged page; run `kairos verify`, then `kairos repair`"
+                        .into(),
+            });
+        }
+        match catch_panic(operation) {
+            Ok(Err(KvError::Corrupt { path, reason })) => {
+                if self.records_damage {
+                    record_damage(&self.path, &reason);
+                }
+                Err(KvError::Corrupt { path, reason })
+            }
+            Ok(result) => result,
+            Err(panic) => {
+                if self.records_damage {
+                    self.poisoned.store(true, Ordering::Release);
+                }
+                Err(self.corrupt(format!(
+                    "{}: redb stopped on a damaged page: {panic}",
+                    what()
+                )))
+            }
+        }
+    }
+
+    fn storage(&self, error: StorageError) -> KvError {
+        storage_error(&self.path, error)
+    }
+}
+
+/// Writes the damage marker (best effort: the marker is a courtesy to the next command,
+/// the error that reports the damage is returned either way).
+fn record_damage(store_path: &Path, reason: &str) {
+    let marker = damage_marker_path(store_path);
+    if !marker.exists() {
+        let _ = std::fs::write(marker, format!("{reason}\n"));
+    }
+}
 
 pub struct RedbBackend {
-    database: Database,
-    path: PathBuf,
+    /// Closed by hand (see `Drop`): a poisoned handle must be closed without writing.
+    database: ManuallyDrop<Database>,
+    health: Arc<Health>,
+    /// The catalog copy, behind the lock that orders catalog commits (`None`: read-only).
+    catalog_copy: Option<Mutex<CatalogCopyWriter>>,
+}
+
+enum Existing {
+    /// The file does not exist: a new store.
+    New,
+    /// The file exists; whether its table must be created (a store created by a process that
+    /// stopped before its first commit).
+    Store { create_table: bool },
 }
 
 impl RedbBackend {
-    /// Opens the store file at `path`, creating it if absent.
+    /// Opens the store file at `path`, creating it only if it does not exist.
     pub fn open(path: &Path) -> Result<RedbBackend, KvError> {
         RedbBackend::open_with_cache(path, CACHE_BYTES_DEFAULT)
     }
@@ -32,46 +160,388 @@ impl RedbBackend {
     /// Opens with a page cache of at most `cache_bytes` (memory stays bounded however
     /// large the store grows).
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<RedbBackend, KvError> {
-        let started = Instant::now();
-        let database = loop {
-            let mut builder = Builder::new();
-            builder.set_concurrency_mode(ConcurrencyMode::ExclusiveWriter);
-            builder.set_cache_size(cache_bytes);
-            match builder.create(path) {
-                Ok(database) => break database,
-                Err(DatabaseError::DatabaseAlreadyOpen) if started.elapsed() < OPEN_WAIT => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(error) => return Err(database_error(path, error)),
-            }
-        };
-        let backend = RedbBackend {
-            database,
+        let health = Arc::new(Health {
             path: path.to_path_buf(),
+            poisoned: AtomicBool::new(false),
+            records_damage: true,
+        });
+        let existing = precheck(&health)?;
+        let database = health.guard(
+            || "opening".into(),
+            || {
+                let started = Instant::now();
+                loop {
+                    let mut builder = Builder::new();
+                    builder.set_concurrency_mode(ConcurrencyMode::ExclusiveWriter);
+                    builder.set_cache_size(cache_bytes);
+                    match builder.create(path) {
+                        Ok(database) => return Ok(database),
+                        Err(DatabaseError::DatabaseAlreadyOpen)
+                            if started.elapsed() < OPEN_WAIT =>
+                        {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(error) => return Err(database_error(path, error)),
+                    }
+                }
+            },
+        )?;
+        let backend = RedbBackend {
+            database: ManuallyDrop::new(database),
+            health,
+            catalog_copy: None,
         };
-        let txn = backend
-            .database
-            .begin_write()
-            .map_err(|error| backend.txn_error(error))?;
-        txn.open_table(TABLE)
-            .map_err(|error| backend.corrupt(error.to_string()))?;
-        txn.commit()
-            .map_err(|error| backend.corrupt(error.to_string()))?;
+        let copy_path = catalog_copy::copy_path(path);
+        if matches!(
+            existing,
+            Existing::New | Existing::Store { create_table: true }
+        ) {
+            backend.health.guard(
+                || "creating the table".into(),
+                || {
+                    let txn = backend.database.begin_write().map_err(|e| backend.txn(e))?;
+                    txn.open_table(TABLE)
+                        .map_err(|error| table_error(&backend.health, error))?;
+                    txn.commit().map_err(|e| backend.commit_error(e))
+                },
+            )?;
+        }
+        let writer = match existing {
+            Existing::New => CatalogCopyWriter::missing(&copy_path),
+            Existing::Store { .. } => CatalogCopyWriter::open(&copy_path)
+                .unwrap_or_else(|| CatalogCopyWriter::missing(&copy_path)),
+        };
+        let mut backend = backend;
+        backend.catalog_copy = Some(Mutex::new(writer));
+        if recorded_damage(path).is_none() {
+            backend.write_copy_if_missing()?;
+        }
         Ok(backend)
     }
 
-    fn corrupt(&self, reason: String) -> KvError {
-        KvError::Corrupt {
-            path: self.path.display().to_string(),
-            reason,
+    /// A read-only view of what can be read of the (possibly damaged) file at `path`,
+    /// without ever writing to it (see [`redb_check::open_for_recovery`]).
+    pub fn open_for_recovery(path: &Path) -> Result<(RedbBackend, Recovery), KvError> {
+        let (database, recovery) =
+            redb_check::open_for_recovery(path).map_err(|reason| KvError::Corrupt {
+                path: path.display().to_string(),
+                reason,
+            })?;
+        Ok((
+            RedbBackend {
+                database: ManuallyDrop::new(database),
+                health: Arc::new(Health {
+                    path: path.to_path_buf(),
+                    poisoned: AtomicBool::new(false),
+                    records_damage: false,
+                }),
+                catalog_copy: None,
+            },
+            recovery,
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.health.path
+    }
+
+    fn txn(&self, error: TransactionError) -> KvError {
+        match error {
+            TransactionError::Storage(storage) => self.health.storage(storage),
+            other => KvError::Io(other.to_string()),
         }
     }
 
-    fn txn_error(&self, error: TransactionError) -> KvError {
+    fn commit_error(&self, error: redb::CommitError) -> KvError {
         match error {
-            TransactionError::Storage(storage) => storage_error(&self.path, storage),
+            redb::CommitError::Storage(storage) => self.health.storage(storage),
             other => KvError::Io(other.to_string()),
         }
+    }
+
+    /// Every catalog pair of the store, read from one snapshot.
+    pub fn catalog_pairs(&self) -> Result<Pairs, KvError> {
+        let snapshot = self.snapshot()?;
+        let mut out = Vec::new();
+        let object_end = crate::kv::prefix_end(crate::keys::OBJECT).unwrap_or_default();
+        let segment_end = crate::kv::prefix_end(crate::keys::SEGMENT).unwrap_or_default();
+        let ranges: [(&[u8], Option<&[u8]>); 3] = [
+            (b"", Some(crate::keys::OBJECT)),
+            (&object_end, Some(crate::keys::SEGMENT)),
+            (&segment_end, None),
+        ];
+        for (start, end) in ranges {
+            let mut lower = start.to_vec();
+            let mut inclusive = true;
+            loop {
+                let lower_bound = if inclusive {
+                    Bound::Included(lower.as_slice())
+                } else {
+                    Bound::Excluded(lower.as_slice())
+                };
+                let upper = end.map_or(Bound::Unbounded, Bound::Excluded);
+                let page = snapshot.scan(lower_bound, upper, CATALOG_SCAN_PAGE, false)?;
+                let full = page.len() == CATALOG_SCAN_PAGE;
+                if let Some((last, _)) = page.last() {
+                    lower = last.clone();
+                    inclusive = false;
+                }
+                out.extend(page);
+                if !full {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the catalog copy from the store when there is none (a new store, or one made
+    /// before the copy existed). A copy due for compaction is left to the next catalog
+    /// commit: opening never replaces a good copy with what an unchecked file holds.
+    fn write_copy_if_missing(&self) -> Result<(), KvError> {
+        let Some(copy) = &self.catalog_copy else {
+            return Ok(());
+        };
+        let mut copy = copy.lock().unwrap_or_else(|p| p.into_inner());
+        if copy.is_missing() {
+            self.rewrite_copy(&mut copy)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the catalog copy from the store (the caller holds the copy's lock).
+    fn rewrite_copy(&self, copy: &mut CatalogCopyWriter) -> Result<(), KvError> {
+        let sequence = self.catalog_sequence()?;
+        let pairs = self.catalog_pairs()?;
+        copy.rewrite(
+            pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
+            sequence,
+        )
+    }
+
+    /// How many committed batches changed the catalog (0 for a store older than the count).
+    pub fn catalog_sequence(&self) -> Result<u64, KvError> {
+        self.health.guard(
+            || "reading the catalog sequence".into(),
+            || {
+                let txn = self.database.begin_read().map_err(|e| self.txn(e))?;
+                let meta = match txn.open_table(META) {
+                    Ok(meta) => meta,
+                    Err(TableError::TableDoesNotExist(_)) => return Ok(0),
+                    Err(error) => return Err(table_error(&self.health, error)),
+                };
+                Ok(meta
+                    .get(CATALOG_SEQUENCE)
+                    .map_err(|error| self.health.storage(error))?
+                    .map(|value| value.value())
+                    .unwrap_or(0))
+            },
+        )
+    }
+
+    fn refuse_writes_if_damaged(&self) -> Result<(), KvError> {
+        if self.catalog_copy.is_none() {
+            return Err(KvError::Io(format!(
+                "{}: opened read-only for recovery",
+                self.health.path.display()
+            )));
+        }
+        if let Some(reason) = recorded_damage(&self.health.path) {
+            return Err(KvError::Damaged {
+                path: self.health.path.display().to_string(),
+                reason,
+            });
+        }
+        Ok(())
+    }
+
+    /// Commits `batch`; with `sequence`, also advances the catalog sequence in the same
+    /// transaction and returns its new value.
+    fn commit_guarded(&self, batch: &WriteBatch, sequence: bool) -> Result<Option<u64>, KvError> {
+        self.health.guard(
+            || "committing a batch".into(),
+            || {
+                let mut txn = self.database.begin_write().map_err(|e| self.txn(e))?;
+                if !batch.durable {
+                    txn.set_durability(Durability::None)
+                        .map_err(|error| KvError::Io(error.to_string()))?;
+                }
+                let mut next = None;
+                {
+                    let mut table = txn
+                        .open_table(TABLE)
+                        .map_err(|error| table_error(&self.health, error))?;
+                    for (key, expected) in &batch.checks {
+                        let current = table
+                            .get(key.as_slice())
+                            .map_err(|error| self.health.storage(error))?
+                            .map(|value| value.value().to_vec());
+                        if current.as_deref() != expected.as_deref() {
+                            return Err(KvError::Conflict { key: key.clone() });
+                        }
+                    }
+                    for mutation in &batch.mutations {
+                        match mutation {
+                            Mutation::Put { key, value } => {
+                                table
+                                    .insert(key.as_slice(), value.as_slice())
+                                    .map_err(|error| self.health.storage(error))?;
+                            }
+                            Mutation::Delete { key } => {
+                                table
+                                    .remove(key.as_slice())
+                                    .map_err(|error| self.health.storage(error))?;
+                            }
+                        }
+                    }
+                }
+                if sequence {
+                    let mut meta = txn
+                        .open_table(META)
+                        .map_err(|error| table_error(&self.health, error))?;
+                    let current = meta
+                        .get(CATALOG_SEQUENCE)
+                        .map_err(|error| self.health.storage(error))?
+                        .map(|value| value.value())
+                        .unwrap_or(0);
+                    meta.insert(CATALOG_SEQUENCE, current + 1)
+                        .map_err(|error| self.health.storage(error))?;
+                    next = Some(current + 1);
+                }
+                txn.commit().map_err(|error| self.commit_error(error))?;
+                Ok(next)
+            },
+        )
+    }
+}
+
+/// Looks at an existing file before redb opens it for writing (which writes to it at once,
+/// and runs its crash recovery on a file that was not closed cleanly).
+fn precheck(health: &Health) -> Result<Existing, KvError> {
+    let path = health.path.as_path();
+    let metadata = match std::fs::metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Existing::New),
+        Err(error) => return Err(KvError::Io(format!("{}: {error}", path.display()))),
+    };
+    if metadata.len() == 0 {
+        return Err(health.corrupt(
+            "the file is empty (0 bytes): it was truncated, a store file is never empty \
+             (the catalog copy beside it keeps the frame list)"
+                .into(),
+        ));
+    }
+    let started = Instant::now();
+    loop {
+        let opened = health.guard(
+            || "opening read-only".into(),
+            || {
+                let mut builder = Builder::new();
+                builder.set_cache_size(PRECHECK_CACHE_BYTES);
+                match builder.open_read_only(path) {
+                    Ok(database) => Ok(Ok(database)),
+                    Err(error) => Ok(Err(error)),
+                }
+            },
+        )?;
+        let database = match opened {
+            Ok(database) => database,
+            Err(DatabaseError::DatabaseAlreadyOpen) if started.elapsed() < OPEN_WAIT => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            Err(DatabaseError::RepairAborted) => return after_unclean_shutdown(health),
+            Err(error) => return Err(database_error_recorded(health, error)),
+        };
+        let table = health.guard(
+            || "opening the table".into(),
+            || {
+                let txn = database.begin_read().map_err(|e| match e {
+                    TransactionError::Storage(storage) => health.storage(storage),
+                    other => KvError::Io(other.to_string()),
+                })?;
+                match txn.open_table(TABLE) {
+                    Ok(table) => {
+                        // Reading the first and last keys walks both edges of the tree.
+                        let first = table.first().map_err(|e| health.storage(e))?.is_some();
+                        let last = table.last().map_err(|e| health.storage(e))?.is_some();
+                        Ok(first || last)
+                    }
+                    Err(TableError::TableDoesNotExist(_)) => Ok(false),
+                    Err(error) => Err(table_error(health, error)),
+                }
+            },
+        );
+        // A read-only handle never writes; dropping it is guarded like any other call.
+        let _ = catch_panic(move || drop(database));
+        let has_pairs = table?;
+        if !has_pairs {
+            let table_exists = table_exists(health)?;
+            if !table_exists {
+                return match catalog_copy::read(&catalog_copy::copy_path(path))? {
+                    Some(copy) if !copy.pairs.is_empty() => Err(health.corrupt(format!(
+                        "table {TABLE_NAME:?} is missing while the catalog copy holds {} keys",
+                        copy.pairs.len()
+                    ))),
+                    _ => Ok(Existing::Store { create_table: true }),
+                };
+            }
+        }
+        return Ok(Existing::Store {
+            create_table: false,
+        });
+    }
+}
+
+fn table_exists(health: &Health) -> Result<bool, KvError> {
+    health.guard(
+        || "listing tables".into(),
+        || {
+            let mut builder = Builder::new();
+            builder.set_cache_size(PRECHECK_CACHE_BYTES);
+            let database = builder
+                .open_read_only(&health.path)
+                .map_err(|error| database_error(&health.path, error))?;
+            let txn = database
+                .begin_read()
+                .map_err(|error| KvError::Io(error.to_string()))?;
+            let mut tables = txn.list_tables().map_err(|e| health.storage(e))?;
+            Ok(tables.any(|table| redb::TableHandle::name(&table) == TABLE_NAME))
+        },
+    )
+}
+
+/// The file was not closed cleanly (a crash, a kill): redb's recovery is allowed to write
+/// to it only if its integrity check, run on an overlay first, finds the trees intact.
+/// Falling back to the previous commit slot is what recovery from a crash in the middle
+/// of a commit does, so it is accepted here.
+fn after_unclean_shutdown(health: &Health) -> Result<Existing, KvError> {
+    let check = redb_check::check_structure(&health.path, TABLE_NAME);
+    let problems: Vec<&String> = if check.slot_fallback {
+        check.problems.iter().skip(1).collect()
+    } else {
+        check.problems.iter().collect()
+    };
+    if problems.is_empty() {
+        Ok(Existing::Store {
+            create_table: false,
+        })
+    } else {
+        let joined: Vec<&str> = problems.iter().map(|p| p.as_str()).collect();
+        Err(health.corrupt(format!(
+            "not closed cleanly, and redb's check before recovery found damage: {}",
+            joined.join("; ")
+        )))
+    }
+}
+
+fn table_error(health: &Health, error: TableError) -> KvError {
+    match error {
+        TableError::Storage(storage) => health.storage(storage),
+        other => KvError::Corrupt {
+            path: health.path.display().to_string(),
+            reason: format!("table {TABLE_NAME:?}: {other}"),
+        },
     }
 }
 
@@ -98,15 +568,16 @@ fn database_error(path: &Path, error: DatabaseError) -> KvError {
     }
 }
 
-struct RedbSnapshot {
-    table: Option<ReadOnlyTable<&'static [u8], &'static [u8]>>,
-    path: PathBuf,
+fn database_error_recorded(health: &Health, error: DatabaseError) -> KvError {
+    match database_error(&health.path, error) {
+        KvError::Corrupt { reason, .. } => health.corrupt(reason),
+        other => other,
+    }
 }
 
-impl RedbSnapshot {
-    fn error(&self, error: StorageError) -> KvError {
-        storage_error(&self.path, error)
-    }
+struct RedbSnapshot {
+    table: Option<ReadOnlyTable<&'static [u8], &'static [u8]>>,
+    health: Arc<Health>,
 }
 
 impl KvSnapshot for RedbSnapshot {
@@ -114,31 +585,49 @@ impl KvSnapshot for RedbSnapshot {
         let Some(table) = &self.table else {
             return Ok(None);
         };
-        let Some(value) = table.get(key).map_err(|error| self.error(error))? else {
-            return Ok(None);
-        };
-        let value = value.value();
-        Ok(offset
-            .checked_add(len)
-            .and_then(|end| value.get(offset..end))
-            .map(<[u8]>::to_vec))
+        self.health.guard(
+            || format!("reading key {}", printable(key)),
+            || {
+                let Some(value) = table.get(key).map_err(|e| self.health.storage(e))? else {
+                    return Ok(None);
+                };
+                let value = value.value();
+                Ok(offset
+                    .checked_add(len)
+                    .and_then(|end| value.get(offset..end))
+                    .map(<[u8]>::to_vec))
+            },
+        )
     }
 
     fn contains(&self, key: &[u8]) -> Result<bool, KvError> {
         let Some(table) = &self.table else {
             return Ok(false);
         };
-        Ok(table.get(key).map_err(|error| self.error(error))?.is_some())
+        self.health.guard(
+            || format!("reading key {}", printable(key)),
+            || {
+                Ok(table
+                    .get(key)
+                    .map_err(|e| self.health.storage(e))?
+                    .is_some())
+            },
+        )
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         let Some(table) = &self.table else {
             return Ok(None);
         };
-        Ok(table
-            .get(key)
-            .map_err(|error| self.error(error))?
-            .map(|value| value.value().to_vec()))
+        self.health.guard(
+            || format!("reading key {}", printable(key)),
+            || {
+                Ok(table
+                    .get(key)
+                    .map_err(|e| self.health.storage(e))?
+                    .map(|value| value.value().to_vec()))
+            },
+        )
     }
 
     fn scan(
@@ -147,101 +636,172 @@ impl KvSnapshot for RedbSnapshot {
         end: Bound<&[u8]>,
         limit: usize,
         reverse: bool,
-    ) -> Result<crate::kv::Pairs, KvError> {
+    ) -> Result<Pairs, KvError> {
         let Some(table) = &self.table else {
             return Ok(Vec::new());
         };
-        let range = table
-            .range::<&[u8]>((start, end))
-            .map_err(|error| self.error(error))?;
-        let mut out = Vec::new();
-        let mut push = |item: Result<_, StorageError>| -> Result<bool, KvError> {
-            let (key, value): (redb::AccessGuard<&[u8]>, redb::AccessGuard<&[u8]>) =
-                item.map_err(|error| self.error(error))?;
-            out.push((key.value().to_vec(), value.value().to_vec()));
-            Ok(out.len() < limit)
-        };
-        if reverse {
-            for item in range.rev() {
-                if !push(item)? {
-                    break;
+        self.health.guard(
+            || {
+                let from = match start {
+                    Bound::Included(key) | Bound::Excluded(key) => printable(key),
+                    Bound::Unbounded => "the start".into(),
+                };
+                format!("scanning from {from}")
+            },
+            || {
+                let range = table
+                    .range::<&[u8]>((start, end))
+                    .map_err(|e| self.health.storage(e))?;
+                let mut out = Vec::new();
+                let mut push = |item: Result<_, StorageError>| -> Result<bool, KvError> {
+                    let (key, value): (redb::AccessGuard<&[u8]>, redb::AccessGuard<&[u8]>) =
+                        item.map_err(|e| self.health.storage(e))?;
+                    out.push((key.value().to_vec(), value.value().to_vec()));
+                    Ok(out.len() < limit)
+                };
+                if reverse {
+                    for item in range.rev() {
+                        if !push(item)? {
+                            break;
+                        }
+                    }
+                } else {
+                    for item in range {
+                        if !push(item)? {
+                            break;
+                        }
+                    }
                 }
-            }
-        } else {
-            for item in range {
-                if !push(item)? {
-                    break;
-                }
-            }
-        }
-        Ok(out)
+                Ok(out)
+            },
+        )
     }
 }
 
 impl KvBackend for RedbBackend {
     fn snapshot(&self) -> Result<Box<dyn KvSnapshot>, KvError> {
-        let txn = self
-            .database
-            .begin_read()
-            .map_err(|error| self.txn_error(error))?;
-        let table = match txn.open_table(TABLE) {
-            Ok(table) => Some(table),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(error) => return Err(self.corrupt(error.to_string())),
-        };
+        let table = self.health.guard(
+            || "opening a read transaction".into(),
+            || {
+                let txn = self.database.begin_read().map_err(|e| self.txn(e))?;
+                match txn.open_table(TABLE) {
+                    Ok(table) => Ok(Some(table)),
+                    // A store without its table (a recovery view of a damaged file) reads as
+                    // empty; a writable store always has it (see `precheck`).
+                    Err(TableError::TableDoesNotExist(_)) => Ok(None),
+                    Err(error) => Err(table_error(&self.health, error)),
+                }
+            },
+        )?;
         Ok(Box::new(RedbSnapshot {
             table,
-            path: self.path.clone(),
+            health: self.health.clone(),
         }))
     }
 
     fn commit(&self, batch: WriteBatch) -> Result<(), KvError> {
-        let mut txn = self
-            .database
-            .begin_write()
-            .map_err(|error| self.txn_error(error))?;
-        if !batch.durable {
-            txn.set_durability(Durability::None)
-                .map_err(|error| KvError::Io(error.to_string()))?;
+        self.refuse_writes_if_damaged()?;
+        let catalog_mutations: Vec<&Mutation> = batch
+            .mutations
+            .iter()
+            .filter(|mutation| match mutation {
+                Mutation::Put { key, .. } | Mutation::Delete { key } => is_catalog_key(key),
+            })
+            .collect();
+        let Some(copy) = self
+            .catalog_copy
+            .as_ref()
+            .filter(|_| !catalog_mutations.is_empty())
+        else {
+            return self.commit_guarded(&batch, false).map(drop);
+        };
+        // Catalog commits hold the copy's lock, so the copy records them in commit order.
+        let mut copy = copy.lock().unwrap_or_else(|p| p.into_inner());
+        let sequence = self.commit_guarded(&batch, true)?.unwrap_or(0);
+        // The batch is committed: a failure to append leaves the copy stale (rewritten from
+        // the store just below, or by the next catalog change), never fails the commit.
+        let _ = copy.append(&catalog_mutations, sequence, batch.durable);
+        if copy.needs_rewrite() {
+            let _ = self.rewrite_copy(&mut copy);
         }
-        {
-            let mut table = txn
-                .open_table(TABLE)
-                .map_err(|error| self.corrupt(error.to_string()))?;
-            for (key, expected) in &batch.checks {
-                let current = table
-                    .get(key.as_slice())
-                    .map_err(|error| storage_error(&self.path, error))?
-                    .map(|value| value.value().to_vec());
-                if current.as_deref() != expected.as_deref() {
-                    return Err(KvError::Conflict { key: key.clone() });
-                }
-            }
-            for mutation in &batch.mutations {
-                match mutation {
-                    Mutation::Put { key, value } => {
-                        table
-                            .insert(key.as_slice(), value.as_slice())
-                            .map_err(|error| storage_error(&self.path, error))?;
-                    }
-                    Mutation::Delete { key } => {
-                        table
-                            .remove(key.as_slice())
-                            .map_err(|error| storage_error(&self.path, error))?;
-                    }
-                }
-            }
-        }
-        txn.commit().map_err(|error| match error {
-            redb::CommitError::Storage(storage) => storage_error(&self.path, storage),
-            other => KvError::Io(other.to_string()),
-        })
+        Ok(())
     }
 
     fn size_bytes(&self) -> Result<u64, KvError> {
-        std::fs::metadata(&self.path)
+        std::fs::metadata(&self.health.path)
             .map(|metadata| metadata.len())
-            .map_err(|error| KvError::Io(format!("{}: {error}", self.path.display())))
+            .map_err(|error| KvError::Io(format!("{}: {error}", self.health.path.display())))
+    }
+
+    fn check_structure(&self) -> Result<Vec<String>, KvError> {
+        // Holding the catalog lock keeps catalog commits out while the file is read; object
+        // batches only write pages no committed tree uses until a catalog commit.
+        let _commits = self
+            .catalog_copy
+            .as_ref()
+            .map(|copy| copy.lock().unwrap_or_else(|p| p.into_inner()));
+        Ok(redb_check::check_structure(&self.health.path, TABLE_NAME).problems)
+    }
+
+    fn catalog_with_copy(&self) -> Result<Option<CatalogComparison>, KvError> {
+        let Some(copy) = &self.catalog_copy else {
+            return Ok(None);
+        };
+        let copy = copy.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(Some(CatalogComparison {
+            catalog: self.catalog_pairs()?,
+            sequence: self.catalog_sequence()?,
+            copy: catalog_copy::read(copy.path())?,
+        }))
+    }
+
+    fn rewrite_catalog_copy(&self) -> Result<(), KvError> {
+        let Some(copy) = &self.catalog_copy else {
+            return Ok(());
+        };
+        let mut copy = copy.lock().unwrap_or_else(|p| p.into_inner());
+        self.rewrite_copy(&mut copy)
+    }
+
+    fn damage(&self) -> Option<String> {
+        recorded_damage(&self.health.path)
+    }
+
+    fn record_damage(&self, reason: &str) {
+        if self.health.records_damage {
+            record_damage(&self.health.path, reason);
+        }
+    }
+
+    fn clear_damage(&self) -> Result<(), KvError> {
+        match std::fs::remove_file(damage_marker_path(&self.health.path)) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(KvError::Io(format!(
+                "{}: {error}",
+                damage_marker_path(&self.health.path).display()
+            ))),
+        }
+    }
+}
+
+impl Drop for RedbBackend {
+    fn drop(&mut self) {
+        // SAFETY: `database` is taken exactly once, here, and never used afterwards.
+        let database = unsafe { ManuallyDrop::take(&mut self.database) };
+        if self.health.poisoned.load(Ordering::Acquire) {
+            // A handle that panicked must not write: a normal close records the allocator
+            // state and a clean-shutdown header from state the panic left untrusted. redb
+            // writes neither when a handle is dropped while its thread unwinds a panic, so
+            // the handle is dropped during a deliberate (caught, silent) unwind: the file
+            // lock is released and nothing is committed to the damaged file.
+            let _ = catch_panic(move || {
+                let _dropped_while_unwinding = database;
+                panic!("closing a store handle that hit a damaged page, without writing");
+            });
+            return;
+        }
+        let _ = catch_panic(move || drop(database));
     }
 }
 
@@ -266,20 +826,52 @@ mod tests {
         std::fs::write(&path, vec![0x5a; 64 * 1024]).unwrap();
         let error = RedbBackend::open(&path).err().unwrap().to_string();
         assert!(error.contains("corrupt"), "{error}");
+        assert!(recorded_damage(&path).is_some());
     }
 
     #[test]
-    fn data_survives_reopen() {
+    fn an_empty_file_is_damage_not_a_new_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        std::fs::write(&path, b"").unwrap();
+        let error = RedbBackend::open(&path).err().unwrap().to_string();
+        assert!(error.contains("empty (0 bytes)"), "{error}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "left untouched");
+    }
+
+    #[test]
+    fn data_survives_reopen_and_the_catalog_copy_follows_commits() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
         {
             let backend = RedbBackend::open(&path).unwrap();
             let mut batch = WriteBatch::new();
             batch.put(b"k".to_vec(), b"v".to_vec()).unwrap();
+            batch.put(b"o/x".to_vec(), b"object".to_vec()).unwrap();
             backend.commit(batch).unwrap();
         }
         let backend = RedbBackend::open(&path).unwrap();
         let snapshot = backend.snapshot().unwrap();
         assert_eq!(snapshot.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+        let comparison = backend.catalog_with_copy().unwrap().unwrap();
+        let copy = comparison.copy.unwrap();
+        assert_eq!((copy.sequence, comparison.sequence), (1, 1));
+        let keys: Vec<&[u8]> = copy.pairs.keys().map(Vec::as_slice).collect();
+        assert_eq!(keys, vec![&b"k"[..]], "objects are not part of the catalog");
+    }
+
+    #[test]
+    fn writes_are_refused_while_damage_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let backend = RedbBackend::open(&path).unwrap();
+        backend.record_damage("page 3 is damaged");
+        let mut batch = WriteBatch::new();
+        batch.put(b"k".to_vec(), b"v".to_vec()).unwrap();
+        let error = backend.commit(batch.clone()).unwrap_err().to_string();
+        assert!(error.contains("kairos repair"), "{error}");
+        assert!(error.contains("page 3 is damaged"), "{error}");
+        backend.clear_damage().unwrap();
+        backend.commit(batch).unwrap();
     }
 }

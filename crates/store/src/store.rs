@@ -67,11 +67,9 @@ impl StoreError {
     pub fn is_corruption(&self) -> bool {
         matches!(
             self,
-            StoreError::Codec(_)
-                | StoreError::MissingObject { .. }
-                | StoreError::BadNode { .. }
-                | StoreError::BadRecord { .. }
-                | StoreError::Kv(KvError::Corrupt { .. })
+            StoreError::Codec(_) | StoreError::MissingObject { .. } |
+StoreError::BadNode { .. } | StoreError::BadRecord { .. } |
+StoreError::Kv(KvError::Corrupt { .. } | KvError::Damaged { .. })
         )
     }
 }
@@ -259,6 +257,11 @@ impl Store {
         )?;
         self.kv.commit(batch)?;
         Ok(Some(version))
+    }
+
+    /// A writer of objects compressed without any dictionary (used by `repair`).
+    pub fn object_writer_without_dictionary(&self) -> Result<ObjectWriter> {
+        ObjectWriter::start(self.kv.clone(), None)
     }
 
     /// A writer of objects for one capture of `replica`.

@@ -1,12 +1,17 @@
-//! `verify`: reads every stored object (hash and codec checks), then walks every frame's
-//! tree (rkyv validation of every node) and reports what is missing, damaged or orphaned.
+//! `verify`: checks the store file's own structure (redb's integrity check: every page's
+//! checksum, both commit slots, the table), scans every key, reads every stored object
+//! (hash and codec checks), checks every catalog record, walks every frame's tree (rkyv
+//! validation of every node), compares the catalog with its copy, and reports what is
+//! missing, damaged or orphaned. Damage found is recorded beside the store so writes are
+//! refused until `kairos repair`; a store found intact clears the record.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::ops::Bound;
 
 use kairos_core::Hash;
 use serde::{Deserialize, Serialize};
 
+use crate::catalog_copy::is_catalog_key;
 use crate::keys;
 use crate::node::{Body, ChunkList, ConfigNode, Content, DirNode, RootNode, RuntimeNode};
 use crate::object::ObjectKind;
@@ -29,6 +34,28 @@ pub struct VerifyReport {
     pub bytes_stored: u64,
     pub problems_count: u64,
     pub problems: Vec<String>,
+    /// Keys read by the full scan of the store.
+    #[serde(default)]
+    pub keys_scanned: u64,
+    /// The state of the catalog copy kept beside the store file.
+    #[serde(default)]
+    pub catalog_copy: CatalogCopyState,
+}
+
+/// What `verify` found of the catalog copy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CatalogCopyState {
+    /// The backend keeps no copy.
+    #[default]
+    None,
+    /// The copy holds exactly the store's catalog.
+    Matches,
+    /// The copy was one catalog change behind (a crash between the store's commit and the
+    /// copy's append) or unwritten, and was rewritten from the intact store.
+    Refreshed,
+    /// The copy is damaged or disagrees with the store (listed as a problem).
+    Differs,
 }
 
 impl VerifyReport {
@@ -43,6 +70,165 @@ impl VerifyReport {
 impl Store {
     pub fn verify(&self) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
+        for problem in self.kv().check_structure()? {
+            report.problem(problem);
+        }
+        let catalog = match self.scan_everything(&mut report) {
+            Ok(catalog) => catalog,
+            Err(error) => {
+                report.problem(format!("scanning every key: {error}"));
+                self.finish_verify(&mut report);
+                return Ok(report);
+            }
+        };
+        if let Err(error) = self.verify_contents(&mut report) {
+            report.problem(error.to_string());
+        }
+        if let Err(error) = self.check_catalog_records(&catalog, &mut report) {
+            report.problem(error.to_string());
+        }
+        self.compare_catalog_copy(&mut report)?;
+        self.finish_verify(&mut report);
+        Ok(report)
+    }
+
+    /// Sets `ok` and records the outcome beside the store (damage, or none).
+    fn finish_verify(&self, report: &mut VerifyReport) {
+        report.ok = report.problems_count == 0;
+        if report.ok {
+            let _ = self.kv().clear_damage();
+        } else if let Some(first) = report.problems.first() {
+            self.kv().record_damage(&format!(
+                "`kairos verify` found {} problems, the first: {first}",
+                report.problems_count
+            ));
+        }
+    }
+
+    /// Reads every key and value of the store in order (redb reads every page of the tree
+    /// on the way) and returns the catalog part (everything but objects and segments).
+    fn scan_everything(&self, report: &mut VerifyReport) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
+        let reader = self.reader()?;
+        let mut catalog = BTreeMap::new();
+        let mut start: Vec<u8> = Vec::new();
+        let mut inclusive = true;
+        loop {
+            let lower = if inclusive {
+                Bound::Included(start.as_slice())
+            } else {
+                Bound::Excluded(start.as_slice())
+            };
+            let page = reader
+                .snapshot()
+                .scan(lower, Bound::Unbounded, VERIFY_PAGE, false)?;
+            report.keys_scanned += page.len() as u64;
+            let full = page.len() == VERIFY_PAGE;
+            if let Some((last, _)) = page.last() {
+                start = last.clone();
+                inclusive = false;
+            }
+            for (key, value) in page {
+                if is_catalog_key(&key) {
+                    catalog.insert(key, value);
+                }
+            }
+            if !full {
+                return Ok(catalog);
+            }
+        }
+    }
+
+    /// Every catalog record parses, and every head and time index entry names a stored frame.
+    fn check_catalog_records(
+        &self,
+        catalog: &BTreeMap<Vec<u8>, Vec<u8>>,
+        report: &mut VerifyReport,
+    ) -> Result<()> {
+        let frames: HashSet<Vec<u8>> = catalog
+            .keys()
+            .filter(|key| key.starts_with(keys::FRAME))
+            .cloned()
+            .collect();
+        for (key, value) in catalog {
+            let named = if key.starts_with(keys::HEAD) {
+                Some(("timeline head", Hash::from_slice(value)))
+            } else if key.starts_with(keys::TIME) {
+                Some(("time index entry", keys::id_of_time_key(key)))
+            } else {
+                None
+            };
+            if let Some((what, id)) = named {
+                match id {
+                    Some(id) if frames.contains(&keys::frame(&id)) => {}
+                    Some(id) => report.problem(format!(
+                        "{what} {} names frame {} which is not stored",
+                        crate::kv::printable(key),
+                        id.short()
+                    )),
+                    None => {
+                        report.problem(format!("{what} {} is malformed", crate::kv::printable(key)));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Compares the store's catalog with the copy kept beside it (both read while no
+    /// catalog change can commit).
+    fn compare_catalog_copy(&self, report: &mut VerifyReport) -> Result<()> {
+        let comparison = match self.kv().catalog_with_copy() {
+            Ok(Some(comparison)) => comparison,
+            Ok(None) => {
+                report.catalog_copy = CatalogCopyState::None;
+                return Ok(());
+            }
+            Err(error) => {
+                report.catalog_copy = CatalogCopyState::Differs;
+                report.problem(format!("reading the catalog and its copy: {error}"));
+                return Ok(());
+            }
+        };
+        let catalog: BTreeMap<Vec<u8>, Vec<u8>> = comparison.catalog.into_iter().collect();
+        let sequence = comparison.sequence;
+        let Some(copy) = comparison.copy else {
+            report.catalog_copy = CatalogCopyState::Differs;
+            report.problem("catalog copy: the file is missing".into());
+            return Ok(());
+        };
+        if let Some(problem) = &copy.problem {
+            report.catalog_copy = CatalogCopyState::Differs;
+            report.problem(format!("catalog copy: {problem}"));
+            return Ok(());
+        }
+        let differing = differing_keys(&catalog, &copy.pairs);
+        if copy.sequence == sequence && differing.is_empty() {
+            report.catalog_copy = CatalogCopyState::Matches;
+            return Ok(());
+        }
+        // One change behind is the crash window between the store's commit and the copy's
+        // append; an intact store is then the authority and the copy is rewritten from it.
+        let lagging = copy.sequence + 1 == sequence || copy.records == 0;
+        if lagging && report.problems_count == 0 {
+            self.kv().rewrite_catalog_copy()?;
+            report.catalog_copy = CatalogCopyState::Refreshed;
+            return Ok(());
+        }
+        report.catalog_copy = CatalogCopyState::Differs;
+        report.problem(format!(
+            "catalog copy (sequence {}) and store (sequence {sequence}) differ at {} keys{}",
+            copy.sequence,
+            differing.len(),
+            differing
+                .first()
+                .map(|key| format!(", the first {}", crate::kv::printable(key)))
+                .unwrap_or_default()
+        ));
+        Ok(())
+    }
+
+    /// Objects and frames, as `verify` always checked them.
+    fn verify_contents(&self, report: &mut VerifyReport) -> Result<()> {
         let reader = self.reader()?;
         let mut valid: HashSet<Hash> = HashSet::new();
         let end = crate::kv::prefix_end(keys::OBJECT).unwrap_or_default();
@@ -54,12 +240,18 @@ impl Store {
             } else {
                 Bound::Excluded(start.as_slice())
             };
-            let page = reader.snapshot().scan(
+            let page = match reader.snapshot().scan(
                 lower,
                 Bound::Excluded(end.as_slice()),
                 VERIFY_PAGE,
                 false,
-            )?;
+            ) {
+                Ok(page) => page,
+                Err(error) => {
+                    report.problem(format!("reading the objects: {error}"));
+                    break;
+                }
+            };
             for (key, index) in &page {
                 report.objects += 1;
                 let Some(hash) = Hash::from_slice(&key[keys::OBJECT.len()..]) else {
@@ -97,7 +289,10 @@ impl Store {
                 _ => break,
             }
         }
-        report.replicas = self.replicas()?.len() as u64;
+        match self.replicas() {
+            Ok(replicas) => report.replicas = replicas.len() as u64,
+            Err(error) => report.problem(error.to_string()),
+        }
         let mut reachable: HashSet<Hash> = HashSet::new();
         let frames = match self.all_frames() {
             Ok(frames) => frames,
@@ -112,7 +307,7 @@ impl Store {
                 reader: &reader,
                 valid: &valid,
                 reachable: &mut reachable,
-                report: &mut report,
+                report: &mut *report,
                 frame: frame.id.short(),
             };
             walk.root(&frame.root);
@@ -122,9 +317,23 @@ impl Store {
             .iter()
             .filter(|hash| !reachable.contains(hash))
             .count() as u64;
-        report.ok = report.problems_count == 0;
-        Ok(report)
+        Ok(())
     }
+}
+
+/// Keys whose values differ between two catalogs (present in one only, or different).
+fn differing_keys(
+    store: &BTreeMap<Vec<u8>, Vec<u8>>,
+    copy: &BTreeMap<Vec<u8>, Vec<u8>>,
+) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = store
+        .iter()
+        .filter(|(key, value)| copy.get(*key) != Some(*value))
+        .map(|(key, _)| key.clone())
+        .collect();
+    out.extend(copy.keys().filter(|key| !store.contains_key(*key)).cloned());
+    out.sort();
+    out
 }
 
 struct Walk<'a, 'r> {
