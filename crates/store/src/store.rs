@@ -67,9 +67,11 @@ impl StoreError {
     pub fn is_corruption(&self) -> bool {
         matches!(
             self,
-            StoreError::Codec(_) | StoreError::MissingObject { .. } |
-StoreError::BadNode { .. } | StoreError::BadRecord { .. } |
-StoreError::Kv(KvError::Corrupt { .. } | KvError::Damaged { .. })
+            StoreError::Codec(_)
+                | StoreError::MissingObject { .. }
+                | StoreError::BadNode { .. }
+                | StoreError::BadRecord { .. }
+                | StoreError::Kv(KvError::Corrupt { .. } | KvError::Damaged { .. })
         )
     }
 }

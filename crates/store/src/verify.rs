@@ -166,7 +166,8 @@ impl Store {
                         id.short()
                     )),
                     None => {
-                        report.problem(format!("{what} {} is malformed", crate::kv::printable(key)));
+                        report
+                            .problem(format!("{what} {} is malformed", crate::kv::printable(key)));
                     }
                 }
             }
