@@ -8,6 +8,7 @@
 //! the replica's snapshotter actor, the only writer of its frames); commits therefore take
 //! a [`Capturer`].
 
+pub mod fuzz;
 pub mod wire;
 
 use std::io::Write;

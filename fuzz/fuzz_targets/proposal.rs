@@ -1,0 +1,4 @@
+//! Fuzz target: `kairos_ops::fuzz::proposal_document` must never panic, whatever the bytes.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kairos_ops::fuzz::proposal_document(data));
