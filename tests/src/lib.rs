@@ -116,6 +116,14 @@ impl Kairos {
         serde_json::from_slice(&stdout).expect("kairos printed JSON")
     }
 
+    /// Waits (up to 30 s) until `replica` has a frame on `main` (a node's first capture).
+    pub fn wait_for_first_frame(&self, replica: &str) {
+        wait_for("a first frame", std::time::Duration::from_secs(30), || {
+            let history = self.json(["history", replica, "--json"]);
+            (!history.as_array().unwrap().is_empty()).then_some(())
+        });
+    }
+
     /// Runs and expects failure; returns the one-line error.
     pub fn fails<I, S>(&self, args: I) -> String
     where

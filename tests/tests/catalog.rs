@@ -50,10 +50,7 @@ fn concurrent_commits_through_the_node_run_one_at_a_time_and_the_rest_are_refuse
     let data = base.path().join("data");
     let _node = Node::start(&config, &data);
     let kairos = Kairos::at(&data);
-    wait_for("a first frame", Duration::from_secs(30), || {
-        let history = kairos.json(["history", "svc", "--json"]);
-        (!history.as_array().unwrap().is_empty()).then_some(())
-    });
+    kairos.wait_for_first_frame("svc");
     const PARTIES: usize = 6;
     let ids: Vec<String> = (0..PARTIES)
         .map(|index| {
@@ -392,10 +389,7 @@ fn concurrent_commits_on_a_fork_rebase_onto_each_other() {
     let data = base.path().join("data");
     let _node = Node::start(&config, &data);
     let kairos = Kairos::at(&data);
-    wait_for("a first frame", Duration::from_secs(30), || {
-        let history = kairos.json(["history", "svc", "--json"]);
-        (!history.as_array().unwrap().is_empty()).then_some(())
-    });
+    kairos.wait_for_first_frame("svc");
     kairos.ok([
         "timeline",
         "fork",
@@ -470,10 +464,7 @@ fn a_stopping_node_lets_a_commit_in_its_watch_window_finish() {
     let data = base.path().join("data");
     let mut node = Node::start(&config, &data);
     let kairos = Kairos::at(&data);
-    wait_for("a first frame", Duration::from_secs(30), || {
-        let history = kairos.json(["history", "svc", "--json"]);
-        (!history.as_array().unwrap().is_empty()).then_some(())
-    });
+    kairos.wait_for_first_frame("svc");
     let id = propose(
         &kairos,
         base.path(),

@@ -76,13 +76,6 @@ fn assert_live_equals_frame(
 }
 
 /// Waits until a node's first capture of `replica` is in its history.
-fn wait_for_first_frame(kairos: &Kairos, replica: &str) {
-    wait_for("a first frame", Duration::from_secs(30), || {
-        let history = kairos.json(["history", replica, "--json"]);
-        (!history.as_array().unwrap().is_empty()).then_some(())
-    });
-}
-
 /// The entries of an audit log with `event`, oldest first.
 fn entries<'a>(log: &'a Value, event: &str) -> Vec<&'a Value> {
     log["entries"]
@@ -118,7 +111,7 @@ fn nginx_through_the_node_bad_config_fails_the_check_good_change_stays_broken_pr
     let node = Node::start(&config, &data);
     // The CLI finds the node through the data directory.
     let kairos = Kairos::at(&data);
-    wait_for_first_frame(&kairos, "web");
+    kairos.wait_for_first_frame("web");
 
     // A broken config: the real `nginx -t` fails in the sandbox; nothing live changes.
     let bad = propose(
@@ -828,7 +821,7 @@ fn a_node_killed_during_the_watch_window_leaves_the_replica_at_its_last_good_fra
     let data = base.path().join("data");
     let mut node = Node::start(&config, &data);
     let kairos = Kairos::at(&data);
-    wait_for_first_frame(&kairos, "site");
+    kairos.wait_for_first_frame("site");
     // Bad input through the API: JSON errors with stable codes naming the problem.
     let post = |path: &str, body: &str| {
         let mut response = Node::agent()
@@ -980,7 +973,7 @@ fn a_node_killed_while_a_commit_is_applying_is_recovered_to_the_last_good_frame(
     let data = base.path().join("data");
     let mut node = Node::start(&config, &data);
     let kairos = Kairos::at(&data);
-    wait_for_first_frame(&kairos, "site");
+    kairos.wait_for_first_frame("site");
     let id = propose(
         &kairos,
         base.path(),
@@ -1053,7 +1046,7 @@ fn a_node_killed_during_a_rollback_finishes_it_on_restart() {
     let data = base.path().join("data");
     let mut node = Node::start(&config, &data);
     let kairos = Kairos::at(&data);
-    wait_for_first_frame(&kairos, "svc");
+    kairos.wait_for_first_frame("svc");
     let id = propose(
         &kairos,
         base.path(),

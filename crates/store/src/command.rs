@@ -332,6 +332,17 @@ pub fn apply(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, Catalo
     Ok(Planned { batch, applied })
 }
 
+/// `main` follows the live replica: it is never forked onto or deleted.
+fn refuse_main(replica: &str, timeline: &str) -> Result<(), CatalogError> {
+    if timeline == MAIN_TIMELINE {
+        return Err(CatalogError::MainTimeline {
+            replica: replica.into(),
+            timeline: timeline.into(),
+        });
+    }
+    Ok(())
+}
+
 /// A fork: its head, its time index entry at the base, its fork record.
 fn fork_timeline(
     view: &dyn KvSnapshot,
@@ -340,12 +351,7 @@ fn fork_timeline(
     base: &Hash,
 ) -> Result<(), CatalogError> {
     let (replica, timeline) = (command.replica.as_str(), command.timeline.as_str());
-    if timeline == MAIN_TIMELINE {
-        return Err(CatalogError::MainTimeline {
-            replica: replica.into(),
-            timeline: timeline.into(),
-        });
-    }
+    refuse_main(replica, timeline)?;
     let head_key = keys::head(replica, timeline);
     if view.get(&head_key)?.is_some() {
         return Err(CatalogError::TimelineExists {
@@ -387,12 +393,7 @@ fn delete_timeline(
     command: &Command,
 ) -> Result<(), CatalogError> {
     let (replica, timeline) = (command.replica.as_str(), command.timeline.as_str());
-    if timeline == MAIN_TIMELINE {
-        return Err(CatalogError::MainTimeline {
-            replica: replica.into(),
-            timeline: timeline.into(),
-        });
-    }
+    refuse_main(replica, timeline)?;
     let head_key = keys::head(replica, timeline);
     let Some(head) = view.get(&head_key)? else {
         return Err(CatalogError::UnknownTimeline {
