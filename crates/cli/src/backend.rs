@@ -9,13 +9,14 @@ use anyhow::{Context, Result, anyhow, bail};
 use kairos_commit::{CommitRecord, DirectCapturer};
 use kairos_core::{Limits, ReplicaDefinition, TimelineSpec};
 use kairos_node::wire::{
-    AddReplicaRequest, CaptureJson, CommitRequest, ErrorBody, ForkRequest, FrameJson, NewPartyJson,
-    PartyJson, PartyRequest, ProposalJson, ProposeRequest, RestoreRequest, RevertRequest,
-    SandboxRequest,
+    AddReplicaRequest, CaptureJson, CommitJson, CommitRequest, ErrorBody, ForkRequest, FrameJson,
+    NewPartyJson, PartyJson, PartyRequest, PredictRequest, ProposalJson, ProposeRequest,
+    RestoreRequest, RevertRequest, SandboxJson, SandboxRequest, SuggestRequest,
 };
 use kairos_ops::Service;
+use kairos_ops::learn::{ModelReportJson, ModelStatusJson, PredictionJson, SuggestionJson};
 use kairos_replay::{RestoreReport, StateDiff, StateListing};
-use kairos_sandbox::{ProposalDocument, SandboxReport};
+use kairos_sandbox::ProposalDocument;
 use kairos_store::{AuditLog, Store, TimelineInfo, VerifyReport};
 use serde::de::DeserializeOwned;
 
@@ -27,6 +28,7 @@ pub enum Backend {
         store: Store,
         data_dir: PathBuf,
         limits: Limits,
+        learner: Box<kairos_ops::learn::Learner>,
     },
     Node {
         base: String,
@@ -52,6 +54,7 @@ impl Backend {
             store,
             data_dir: data_dir.to_path_buf(),
             limits,
+            learner: Box::default(),
         })
     }
 
@@ -75,10 +78,12 @@ impl Backend {
                 store,
                 data_dir,
                 limits,
+                learner,
             } => Some(Service {
                 store,
                 limits: *limits,
                 skip: vec![data_dir.clone()],
+                learner,
             }),
             Backend::Node { .. } => None,
         }
@@ -91,6 +96,7 @@ impl Backend {
                 store,
                 data_dir,
                 limits,
+                ..
             } => Ok(DirectCapturer {
                 store,
                 limits: *limits,
@@ -526,7 +532,7 @@ impl Backend {
         ops: Option<Vec<usize>>,
         run_check: bool,
         party: &str,
-    ) -> Result<SandboxReport> {
+    ) -> Result<SandboxJson> {
         match self {
             Backend::Direct { .. } => Ok(self.service().context("direct")?.sandbox(
                 name,
@@ -561,7 +567,7 @@ impl Backend {
         ops: Option<Vec<usize>>,
         wait: bool,
         party: &str,
-    ) -> Result<CommitRecord> {
+    ) -> Result<CommitJson> {
         match self {
             Backend::Direct { .. } => {
                 if !wait {
@@ -572,9 +578,17 @@ impl Backend {
                 self.recover_first(name)?;
                 let service = self.service().context("direct")?;
                 let capturer = self.capturer()?;
+                // Predicted before anything is applied, so that the outcome scores it.
+                let prediction =
+                    service.prediction_before_commit(name, proposal, ops.as_deref(), party);
                 let record =
                     service.begin_commit(name, proposal, ops.as_deref(), party, &capturer)?;
-                Ok(service.watch(record, &capturer)?)
+                let record = if record.status.is_final() {
+                    record
+                } else {
+                    service.watch(record, &capturer)?
+                };
+                Ok(CommitJson { record, prediction })
             }
             Backend::Node { .. } => {
                 kairos_core::hash::parse_hex_prefix(proposal)
@@ -592,6 +606,85 @@ impl Backend {
                     }),
                 )
             }
+        }
+    }
+
+    pub fn predict(
+        &self,
+        name: &str,
+        proposal: &str,
+        ops: Option<Vec<usize>>,
+        party: &str,
+    ) -> Result<PredictionJson> {
+        match self {
+            Backend::Direct { .. } => Ok(self.service().context("direct")?.predict(
+                name,
+                proposal,
+                ops.as_deref(),
+                party,
+            )?),
+            Backend::Node { .. } => {
+                kairos_core::hash::parse_hex_prefix(proposal)
+                    .map_err(|error| anyhow!("proposal id {proposal:?}: {error}"))?;
+                self.post(
+                    &format!(
+                        "/api/replicas/{}/proposals/{}/predict",
+                        segment(name),
+                        segment(proposal)
+                    ),
+                    Some(&PredictRequest {
+                        ops,
+                        party: self.node_party(party),
+                    }),
+                )
+            }
+        }
+    }
+
+    pub fn model_train(&self, name: &str, party: &str) -> Result<ModelStatusJson> {
+        match self {
+            Backend::Direct { .. } => {
+                Ok(self.service().context("direct")?.train_model(name, party)?)
+            }
+            Backend::Node { .. } => self.post(
+                &format!("/api/replicas/{}/model/train", segment(name)),
+                None::<&()>,
+            ),
+        }
+    }
+
+    pub fn model_status(&self, name: &str) -> Result<ModelStatusJson> {
+        match self {
+            Backend::Direct { .. } => Ok(self.service().context("direct")?.model_status(name)?),
+            Backend::Node { .. } => {
+                self.get(&format!("/api/replicas/{}/model", segment(name)), &[])
+            }
+        }
+    }
+
+    pub fn model_report(&self, name: &str) -> Result<ModelReportJson> {
+        match self {
+            Backend::Direct { .. } => Ok(self.service().context("direct")?.model_report(name)?),
+            Backend::Node { .. } => self.get(
+                &format!("/api/replicas/{}/model/report", segment(name)),
+                &[],
+            ),
+        }
+    }
+
+    pub fn suggest(&self, name: &str, request: SuggestRequest) -> Result<Vec<SuggestionJson>> {
+        match self {
+            Backend::Direct { .. } => Ok(self.service().context("direct")?.suggest(
+                name,
+                &request.file,
+                &request.key,
+                &request.values,
+                request.objective.as_deref(),
+            )?),
+            Backend::Node { .. } => self.post(
+                &format!("/api/replicas/{}/suggest", segment(name)),
+                Some(&request),
+            ),
         }
     }
 

@@ -114,10 +114,76 @@ enum Command {
     /// The replica's audit log: proposals, sandboxes, commits, probes, rollbacks, reverts
     /// (hash-chained; exit 1 if the chain is broken)
     Log(LogArgs),
+    /// Predict a proposal's outcome before anything runs: P(error), a confidence, whether
+    /// the model abstains (a proposal unlike anything seen), predicted resource change,
+    /// affected entries and what moved the prediction most. Stored, to be scored against
+    /// the outcome that follows
+    Predict(PredictArgs),
+    /// The predictor's model of a replica: train it, show it, report its record
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Rank candidate values of one config key by predicted risk (then by predicted CPU
+    /// or RSS change), with the confidence of each
+    Suggest(SuggestArgs),
     /// Roll back commits a crash left in progress (of one replica, or of all) to their
     /// last good frame, and log it. A node does this when it starts; commit and revert
     /// on a data directory do it first by themselves
     Recover(RecoverArgs),
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    name: String,
+    /// Proposal id (4+ hex digits)
+    proposal: String,
+    /// Only these ops, by 1-based index, e.g. `1,3`
+    #[arg(long, value_name = "LIST")]
+    ops: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Train a model on the replica's outcomes (sandbox checks and commits; the most
+    /// recent fifth is held out to calibrate it) and make it the serving one. A node
+    /// retrains by itself as outcomes arrive
+    Train {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The serving model: version, training range, held-out figures, outcomes known and
+    /// when it retrains next
+    Status {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The honest record: every stored prediction scored against the outcome that
+    /// followed it (Brier, AUC, calibration error, reliability bins, accuracy and
+    /// coverage by confidence), beside the majority-class and per-key baselines
+    Report {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct SuggestArgs {
+    name: String,
+    /// The key to vary, as FILE:KEY (e.g. `nginx.conf:worker_processes`)
+    #[arg(long, value_name = "FILE:KEY")]
+    key: String,
+    /// Candidate values, comma-separated
+    #[arg(long, value_name = "V1,V2,...", value_delimiter = ',', required = true)]
+    values: Vec<String>,
+    /// Among equally safe values, prefer the smaller predicted change of this resource
+    #[arg(long, value_parser = ["cpu", "rss"])]
+    objective: Option<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -388,6 +454,8 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // SAFETY: called at the start of main, before any thread exists.
+    unsafe { kairos_ops::learn::prepare_process() };
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -492,6 +560,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Revert(args) => revert_command(&backend, args, &party),
         Command::Log(args) => log_command(&backend, args),
         Command::Recover(args) => recover_command(&backend, args),
+        Command::Predict(args) => predict_command(&backend, args, &party),
+        Command::Model(command) => model_command(&backend, command, &party),
+        Command::Suggest(args) => suggest_command(&backend, args),
     }
 }
 
@@ -793,6 +864,111 @@ fn propose_command(
         for (index, op) in proposal.ops.iter().enumerate() {
             println!("  {}. {op}", index + 1);
         }
+        if let Some(prediction) = &proposal.prediction {
+            output::print_prediction(prediction)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn predict_command(
+    backend: &Backend,
+    PredictArgs {
+        name,
+        proposal,
+        ops,
+        json,
+    }: PredictArgs,
+    party: &str,
+) -> Result<ExitCode> {
+    let ops = ops.as_deref().map(parse_ops).transpose()?;
+    let prediction = backend.predict(&name, &proposal, ops, party)?;
+    if json {
+        print_json(&prediction)?;
+    } else {
+        output::print_prediction(&prediction)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn model_command(backend: &Backend, command: ModelCommand, party: &str) -> Result<ExitCode> {
+    match command {
+        ModelCommand::Train { name, json } => {
+            let status = backend.model_train(&name, party)?;
+            if json {
+                print_json(&status)?;
+            } else {
+                output::print_model_status(&status)?;
+            }
+        }
+        ModelCommand::Status { name, json } => {
+            let status = backend.model_status(&name)?;
+            if json {
+                print_json(&status)?;
+            } else {
+                output::print_model_status(&status)?;
+            }
+        }
+        ModelCommand::Report { name, json } => {
+            let report = backend.model_report(&name)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                output::print_model_report(&report)?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn suggest_command(
+    backend: &Backend,
+    SuggestArgs {
+        name,
+        key,
+        values,
+        objective,
+        json,
+    }: SuggestArgs,
+) -> Result<ExitCode> {
+    let Some((file, key)) = key.rsplit_once(':') else {
+        bail!("--key {key:?} must be FILE:KEY (e.g. nginx.conf:worker_processes)");
+    };
+    if file.is_empty() || key.is_empty() {
+        bail!("--key needs both a file and a key, as FILE:KEY");
+    }
+    let ranked = backend.suggest(
+        &name,
+        kairos_node::wire::SuggestRequest {
+            file: file.to_string(),
+            key: key.to_string(),
+            values,
+            objective,
+        },
+    )?;
+    if json {
+        print_json(&ranked)?;
+    } else {
+        for (rank, suggestion) in ranked.iter().enumerate() {
+            println!(
+                "{}. {} = {}: {}{}",
+                rank + 1,
+                key,
+                suggestion.value,
+                if suggestion.abstain {
+                    format!("no call (confidence {:.2})", suggestion.confidence)
+                } else {
+                    format!(
+                        "P(error) {:.2}, confidence {:.2}",
+                        suggestion.p_error, suggestion.confidence
+                    )
+                },
+                suggestion
+                    .cpu_percent
+                    .map(|cpu| format!(", CPU {cpu:+.1}%"))
+                    .unwrap_or_default()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -809,13 +985,21 @@ fn sandbox_command(
     party: &str,
 ) -> Result<ExitCode> {
     let ops = ops.as_deref().map(parse_ops).transpose()?;
-    let report = backend.sandbox(&name, &proposal, ops, run_check, party)?;
+    let sandbox = backend.sandbox(&name, &proposal, ops, run_check, party)?;
     if json {
-        print_json(&report)?;
+        print_json(&sandbox)?;
     } else {
-        output::print_sandbox(&report)?;
+        output::print_sandbox(&sandbox.report)?;
+        if let Some(prediction) = &sandbox.prediction {
+            output::print_prediction(prediction)?;
+        }
     }
-    if report.check.as_ref().is_some_and(|check| !check.passed) {
+    if sandbox
+        .report
+        .check
+        .as_ref()
+        .is_some_and(|check| !check.passed)
+    {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
@@ -833,12 +1017,16 @@ fn commit_command(
     party: &str,
 ) -> Result<ExitCode> {
     let ops = ops.as_deref().map(parse_ops).transpose()?;
-    let record = backend.commit(&name, &proposal, ops, !no_wait, party)?;
+    let commit = backend.commit(&name, &proposal, ops, !no_wait, party)?;
     if json {
-        print_json(&record)?;
+        print_json(&commit)?;
     } else {
-        output::print_commit(&record)?;
+        if let Some(prediction) = &commit.prediction {
+            output::print_prediction(prediction)?;
+        }
+        output::print_commit(&commit.record)?;
     }
+    let record = commit.record;
     if !matches!(
         record.status,
         kairos_commit::CommitStatus::Committed | kairos_commit::CommitStatus::Watching

@@ -308,3 +308,153 @@ pub fn print_log(log: &kairos_store::AuditLog) -> Result<()> {
     }
     Ok(())
 }
+
+/// One line for a prediction (and its explanation below), as propose, sandbox, commit
+/// and predict print it.
+pub fn print_prediction(prediction: &kairos_ops::learn::PredictionJson) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if prediction.abstain {
+        writeln!(
+            out,
+            "prediction: no call (abstains, confidence {:.2}){}",
+            prediction.confidence,
+            prediction
+                .model
+                .as_deref()
+                .map(|model| format!(", model {model}"))
+                .unwrap_or_default()
+        )?;
+    } else {
+        writeln!(
+            out,
+            "prediction: P(error) {:.2}, confidence {:.2}{}, model {}",
+            prediction.p_error,
+            prediction.confidence,
+            prediction
+                .resource_deltas
+                .cpu_percent
+                .map(|cpu| format!(", CPU {cpu:+.1}%"))
+                .unwrap_or_default(),
+            prediction.model.as_deref().unwrap_or("none")
+        )?;
+    }
+    if let Some(error) = &prediction.model_error {
+        writeln!(out, "  model not loaded: {error}")?;
+    }
+    for line in &prediction.explanation {
+        writeln!(out, "  - {line}")?;
+    }
+    if !prediction.affected.is_empty() {
+        writeln!(out, "  affects: {}", prediction.affected.join(", "))?;
+    }
+    Ok(())
+}
+
+pub fn print_model_status(status: &kairos_ops::learn::ModelStatusJson) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match (status.version, &status.model) {
+        (Some(version), Some(model)) => writeln!(
+            out,
+            "replica {}: model {model} (version {version}), trained on {} outcomes from {} to {}{}",
+            status.replica,
+            status.trained_examples.unwrap_or(0),
+            status.training_first.as_deref().unwrap_or("?"),
+            status.training_last.as_deref().unwrap_or("?"),
+            status
+                .training_ms
+                .map(|ms| format!(" in {ms} ms"))
+                .unwrap_or_default()
+        )?,
+        (Some(version), None) => writeln!(
+            out,
+            "replica {}: model version {version} could not be loaded; predictions abstain",
+            status.replica
+        )?,
+        _ => writeln!(
+            out,
+            "replica {}: no model yet; predictions abstain",
+            status.replica
+        )?,
+    }
+    if let Some(held_out) = &status.held_out {
+        let figure = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:.3}"));
+        writeln!(
+            out,
+            "  held out: {} outcomes, AUC {}, Brier {}, ECE {}",
+            held_out.examples,
+            figure(held_out.auc),
+            figure(held_out.brier),
+            figure(held_out.ece)
+        )?;
+    }
+    if let Some(error) = &status.model_error {
+        writeln!(out, "  model error: {error}")?;
+    }
+    writeln!(
+        out,
+        "  outcomes: {} ({} failed); retraining: {} ({})",
+        status.outcomes, status.failures, status.retrain, status.retrain_detail
+    )?;
+    Ok(())
+}
+
+pub fn print_model_report(report: &kairos_ops::learn::ModelReportJson) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    writeln!(
+        out,
+        "replica {}: {} outcomes, {} predictions, {} outcomes scored ({} abstained)",
+        report.replica, report.outcomes, report.predictions, report.scored, report.abstained
+    )?;
+    let figure = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:.3}"));
+    writeln!(
+        out,
+        "{:<22} {:>7} {:>7} {:>7}  accuracy (coverage) at confidence ≥ 0.5 / 0.7 / 0.9",
+        "", "AUC", "Brier", "ECE"
+    )?;
+    for scored in std::iter::once(&report.model).chain(&report.baselines) {
+        let at = |level: f64| {
+            scored
+                .report
+                .coverage
+                .iter()
+                .find(|c| (c.confidence_min - level).abs() < 1e-9)
+                .map_or("-".to_string(), |c| {
+                    format!(
+                        "{} ({:.0}%)",
+                        c.accuracy
+                            .map_or("-".into(), |a| format!("{:.0}%", a * 100.0)),
+                        c.coverage * 100.0
+                    )
+                })
+        };
+        writeln!(
+            out,
+            "{:<22} {:>7} {:>7} {:>7}  {} / {} / {}",
+            scored.name,
+            figure(scored.report.auc),
+            figure(scored.report.brier),
+            figure(scored.report.ece),
+            at(0.5),
+            at(0.7),
+            at(0.9)
+        )?;
+    }
+    writeln!(out, "reliability (predicted → observed failure rate):")?;
+    for bin in report
+        .model
+        .report
+        .reliability
+        .iter()
+        .filter(|b| b.count > 0)
+    {
+        writeln!(
+            out,
+            "  {:.1}–{:.1}: {} predictions, mean {:.2}, observed {:.2}",
+            bin.p_low, bin.p_high, bin.count, bin.p_mean, bin.failed_fraction
+        )?;
+    }
+    Ok(())
+}

@@ -40,6 +40,7 @@ pub enum ConfigError {
 pub struct Config {
     pub node: NodeConfig,
     pub telemetry: TelemetryConfig,
+    pub predictor: PredictorConfig,
     pub limits: Limits,
     pub replicas: Vec<ReplicaDefinition>,
 }
@@ -86,6 +87,38 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// When the node's predictor actor retrains a replica's model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PredictorConfig {
+    /// Outcomes (with failures and successes among them) before a first model.
+    pub retrain_outcomes_min: usize,
+    /// New outcomes since the last training that trigger the next one...
+    pub retrain_new_outcomes_min: usize,
+    /// ...or this share of the outcomes the serving model saw, whichever is larger.
+    pub retrain_new_outcomes_share: f64,
+}
+
+/// Fewest outcomes a model can be trained on.
+pub const PREDICTOR_OUTCOMES_MIN: usize = 20;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPredictor {
+    retrain_outcomes_min: usize,
+    retrain_new_outcomes_min: usize,
+    retrain_new_outcomes_share: f64,
+}
+
+impl Default for RawPredictor {
+    fn default() -> RawPredictor {
+        RawPredictor {
+            retrain_outcomes_min: 200,
+            retrain_new_outcomes_min: 50,
+            retrain_new_outcomes_share: 0.1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct TelemetryConfig {
     /// OTLP/HTTP endpoint (e.g. http://127.0.0.1:4318); `None`: no export.
@@ -102,6 +135,8 @@ struct RawConfig {
     node: RawNode,
     #[serde(default)]
     telemetry: RawTelemetry,
+    #[serde(default)]
+    predictor: RawPredictor,
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
@@ -517,7 +552,34 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             format!("{endpoint:?} is not an http:// or https:// URL"),
         ));
     }
+    if raw.predictor.retrain_outcomes_min < PREDICTOR_OUTCOMES_MIN {
+        return Err(key_error(
+            "predictor.retrain_outcomes_min",
+            format!(
+                "{} is below {PREDICTOR_OUTCOMES_MIN}, the fewest outcomes a model trains on",
+                raw.predictor.retrain_outcomes_min
+            ),
+        ));
+    }
+    if raw.predictor.retrain_new_outcomes_min == 0 {
+        return Err(key_error(
+            "predictor.retrain_new_outcomes_min",
+            "must be at least 1".to_string(),
+        ));
+    }
+    let share = raw.predictor.retrain_new_outcomes_share;
+    if !(0.0..=10.0).contains(&share) {
+        return Err(key_error(
+            "predictor.retrain_new_outcomes_share",
+            format!("{share} is not between 0 and 10"),
+        ));
+    }
     Ok(Config {
+        predictor: PredictorConfig {
+            retrain_outcomes_min: raw.predictor.retrain_outcomes_min,
+            retrain_new_outcomes_min: raw.predictor.retrain_new_outcomes_min,
+            retrain_new_outcomes_share: share,
+        },
         node: NodeConfig {
             listen,
             data_dir: raw.node.data_dir,

@@ -202,6 +202,18 @@ impl From<kairos_ops::OpsError> for ApiError {
             OpsError::Sandbox(error) => error.into(),
             OpsError::Commit(error) => error.into(),
             OpsError::Store(error) => error.into(),
+            OpsError::Learn(error) => {
+                let message = error.to_string();
+                match error {
+                    kairos_ops::learn::LearnError::Training { .. } => {
+                        ApiError::new(StatusCode::CONFLICT, "not_enough_outcomes", message)
+                    }
+                    kairos_ops::learn::LearnError::Suggest(_) => {
+                        ApiError::bad_request("bad_suggestion", message)
+                    }
+                    kairos_ops::learn::LearnError::Store(_) => ApiError::internal(message),
+                }
+            }
         }
     }
 }
@@ -288,6 +300,11 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
         crate::changes::get_commit,
         crate::changes::revert,
         crate::changes::audit_log,
+        crate::predictor::predict,
+        crate::predictor::model_status,
+        crate::predictor::train_model,
+        crate::predictor::model_report,
+        crate::predictor::suggest,
         list_parties,
         add_party,
         revoke_party
@@ -305,7 +322,13 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
         crate::wire::SandboxRequest,
         crate::wire::CommitRequest,
         crate::wire::RevertRequest,
-        crate::wire::PartyRequest
+        crate::wire::PartyRequest,
+        crate::wire::PredictRequest,
+        crate::wire::SuggestRequest,
+        kairos_ops::learn::PredictionJson,
+        kairos_ops::learn::ModelStatusJson,
+        kairos_ops::learn::ModelReportJson,
+        kairos_ops::learn::SuggestionJson
     ))
 )]
 pub struct ApiDoc;
@@ -367,6 +390,26 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/api/replicas/{name}/revert", post(crate::changes::revert))
         .route("/api/replicas/{name}/log", get(crate::changes::audit_log))
+        .route(
+            "/api/replicas/{name}/proposals/{id}/predict",
+            post(crate::predictor::predict),
+        )
+        .route(
+            "/api/replicas/{name}/model",
+            get(crate::predictor::model_status),
+        )
+        .route(
+            "/api/replicas/{name}/model/train",
+            post(crate::predictor::train_model),
+        )
+        .route(
+            "/api/replicas/{name}/model/report",
+            get(crate::predictor::model_report),
+        )
+        .route(
+            "/api/replicas/{name}/suggest",
+            post(crate::predictor::suggest),
+        )
         .route("/api/parties", get(list_parties).post(add_party))
         .route("/api/parties/{party}", axum::routing::delete(revoke_party))
         .method_not_allowed_fallback(|| async {

@@ -70,9 +70,13 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
         (&Method::POST, ["", "api", "replicas"]) => Some(Role::Admin),
         (&Method::POST, ["", "api", "replicas", _, "restore"]) => Some(Role::Admin),
         (&Method::POST, ["", "api", "replicas", _, "revert"]) => Some(Role::Committer),
-        (&Method::POST, ["", "api", "replicas", _, "proposals", _, "commit"]) => {
-            Some(Role::Committer)
-        }
+        (
+            &Method::POST,
+            ["", "api", "replicas", _, "proposals", _, "commit"]
+            | ["", "api", "replicas", _, "model", "train"],
+        ) => Some(Role::Committer),
+        // Ranks values without storing anything.
+        (&Method::POST, ["", "api", "replicas", _, "suggest"]) => Some(Role::Viewer),
         (
             &Method::POST,
             [
@@ -82,7 +86,15 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
                 _,
                 "capture" | "proposals" | "timelines",
             ]
-            | ["", "api", "replicas", _, "proposals", _, "sandbox"],
+            | [
+                "",
+                "api",
+                "replicas",
+                _,
+                "proposals",
+                _,
+                "sandbox" | "predict",
+            ],
         )
         | (&Method::DELETE, ["", "api", "replicas", _, "timelines", _]) => Some(Role::Proposer),
         (&Method::GET, ["", "api", "replicas", ..]) => Some(Role::Viewer),
@@ -247,6 +259,30 @@ mod tests {
                 "/api/replicas/web/revert",
                 Some(Role::Committer),
             ),
+            // Predictions are stored records: proposers; training swaps the serving
+            // model: committers; suggest and the model's status and report only read.
+            (
+                Method::POST,
+                "/api/replicas/web/proposals/abcd/predict",
+                Some(Role::Proposer),
+            ),
+            (
+                Method::POST,
+                "/api/replicas/web/model/train",
+                Some(Role::Committer),
+            ),
+            (Method::GET, "/api/replicas/web/model", Some(Role::Viewer)),
+            (
+                Method::GET,
+                "/api/replicas/web/model/report",
+                Some(Role::Viewer),
+            ),
+            (
+                Method::POST,
+                "/api/replicas/web/suggest",
+                Some(Role::Viewer),
+            ),
+            (Method::POST, "/api/replicas/web/model", Some(Role::Admin)),
             // Registering a replica defines the commands it runs: admins only.
             (Method::POST, "/api/replicas", Some(Role::Admin)),
             (Method::POST, "/api/replicas/web/restore", Some(Role::Admin)),

@@ -20,7 +20,7 @@ use crate::api::{ApiError, json_input};
 use crate::auth::Acting;
 use crate::snapshotter::SnapshotterMsg;
 use crate::wire::{
-    CommitRequest, ErrorBody, ForkRequest, PARTY_DEFAULT, ProposalJson, ProposeRequest,
+    CommitJson, CommitRequest, ErrorBody, ForkRequest, PARTY_DEFAULT, ProposalJson, ProposeRequest,
     RevertRequest, SandboxRequest,
 };
 
@@ -261,13 +261,17 @@ pub async fn sandbox_proposal(
     let request = json_input(payload)?;
     let party = party(&acting, request.party)?;
     let report = blocking(&shared, name.clone(), move |shared, _| {
-        Ok(shared.service().sandbox(
+        let report = shared.service().sandbox(
             &name,
             &id,
             request.ops.as_deref(),
             request.run_check,
             &party,
-        )?)
+        )?;
+        if report.report.check.is_some() {
+            crate::predictor::outcome_arrived(&shared, &name);
+        }
+        Ok(report)
     })
     .await?;
     Ok(Json(report).into_response())
@@ -292,12 +296,18 @@ pub async fn commit_proposal(
             runtime: runtime.clone(),
         };
         let service = shared.service();
+        // Predicted before anything is applied, so that the outcome scores it.
+        let prediction =
+            service.prediction_before_commit(&name, &id, request.ops.as_deref(), &party);
         let record = service.begin_commit(&name, &id, request.ops.as_deref(), &party, &capturer)?;
         if record.status != kairos_commit::CommitStatus::Watching {
-            return Ok(record);
+            crate::predictor::outcome_arrived(&shared, &name);
+            return Ok(CommitJson { record, prediction });
         }
         if request.wait {
-            return Ok(service.watch(record, &capturer)?);
+            let record = service.watch(record, &capturer)?;
+            crate::predictor::outcome_arrived(&shared, &name);
+            return Ok(CommitJson { record, prediction });
         }
         let watching = record.clone();
         let background = shared.clone();
@@ -308,7 +318,7 @@ pub async fn commit_proposal(
         let mut watches = shared.watches.lock().unwrap_or_else(|p| p.into_inner());
         watches.retain(|watch| !watch.is_finished());
         watches.push(watch);
-        Ok(record)
+        Ok(CommitJson { record, prediction })
     })
     .await?;
     Ok(Json(record).into_response())
@@ -322,6 +332,7 @@ fn watch_in_background(shared: Arc<Shared>, runtime: tokio::runtime::Handle, rec
     };
     match shared.service().watch(record, &capturer) {
         Ok(record) => {
+            crate::predictor::outcome_arrived(&shared, &replica);
             tracing::info!(replica = %replica, commit = %record.commit.short(), status = record.status.name(), "commit finished");
         }
         Err(error) => {

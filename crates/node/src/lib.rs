@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod changes;
+pub mod predictor;
 pub mod schedule;
 pub mod serve;
 pub mod snapshotter;
@@ -130,9 +131,12 @@ pub struct Shared {
     pub watches: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Requests per party per second (`node.party_requests_per_second`), if limited.
     pub party_limiter: Option<governor::DefaultKeyedRateLimiter<String>>,
+    /// The predictor's serving models and histories, per replica.
+    pub learner: kairos_ops::learn::Learner,
     snapshotters: RwLock<HashMap<String, ActorRef<SnapshotterMsg>>>,
     statuses: Mutex<HashMap<String, ReplicaStatusJson>>,
     supervisor: OnceLock<ActorRef<SupervisorMsg>>,
+    predictor: RwLock<Option<ActorRef<predictor::PredictorMsg>>>,
 }
 
 impl Shared {
@@ -142,6 +146,7 @@ impl Shared {
             store: &self.store,
             limits: self.config.limits,
             skip: vec![self.config.node.data_dir.clone()],
+            learner: &self.learner,
         }
     }
 
@@ -165,6 +170,17 @@ impl Shared {
         if let Some(snapshotter) = self.snapshotter(replica) {
             let _ = snapshotter.cast(SnapshotterMsg::Capture(None, tracing::Span::none()));
         }
+    }
+
+    pub fn predictor(&self) -> Option<ActorRef<predictor::PredictorMsg>> {
+        self.predictor
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn register_predictor(&self, actor: ActorRef<predictor::PredictorMsg>) {
+        *self.predictor.write().unwrap_or_else(|p| p.into_inner()) = Some(actor);
     }
 
     pub fn supervisor(&self) -> Option<ActorRef<SupervisorMsg>> {
@@ -273,6 +289,11 @@ pub async fn run(
     let kv = store.kv().clone();
     metrics.observe_store_size(move || kv.size_bytes().ok());
     let config_party_rate = config.node.party_requests_per_second;
+    let retrain = kairos_predict::RetrainPolicy {
+        outcomes_min: config.predictor.retrain_outcomes_min,
+        new_outcomes_min: config.predictor.retrain_new_outcomes_min,
+        new_outcomes_share_min: config.predictor.retrain_new_outcomes_share,
+    };
     let shared = Arc::new(Shared {
         store,
         replay: ReplayPool::new(
@@ -288,9 +309,11 @@ pub async fn run(
         watches: Mutex::new(Vec::new()),
         party_limiter: std::num::NonZeroU32::new(config_party_rate)
             .map(|rate| governor::RateLimiter::keyed(governor::Quota::per_second(rate))),
+        learner: kairos_ops::learn::Learner::with_policy(retrain),
         snapshotters: RwLock::new(HashMap::new()),
         statuses: Mutex::new(HashMap::new()),
         supervisor: OnceLock::new(),
+        predictor: RwLock::new(None),
     });
     {
         let shared = shared.clone();

@@ -1,5 +1,5 @@
-//! The node's supervisor: starts a snapshotter and a watcher for every replica, linked to
-//! itself, and restarts any that fails (logged and counted).
+//! The node's supervisor: starts the predictor actor, and a snapshotter and a watcher for
+//! every replica, linked to itself, and restarts any that fails (logged and counted).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -8,6 +8,7 @@ use kairos_core::ReplicaDefinition;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::Shared;
+use crate::predictor::{self, PredictorActor};
 use crate::snapshotter::{self, SnapshotterActor};
 use crate::watcher::{self, WatcherActor};
 
@@ -32,6 +33,7 @@ impl Actor for SupervisorActor {
         myself: ActorRef<SupervisorMsg>,
         shared: Arc<Shared>,
     ) -> Result<SupervisorState, ActorProcessingErr> {
+        start_predictor(&myself, &shared).await?;
         for replica in shared.store.replicas()? {
             start_snapshotter(&myself, &shared, &replica.name).await?;
             start_watcher(&myself, &shared, replica).await?;
@@ -70,7 +72,9 @@ impl Actor for SupervisorActor {
             state.shared.actor_restarts.fetch_add(1, Ordering::Relaxed);
             state.shared.metrics.actor_restarts.add(1, &[]);
             tracing::error!(actor = %name, %error, "actor failed; restarting it");
-            if let Some(replica) = name.strip_prefix("snapshotter:") {
+            if name == predictor::ACTOR_NAME {
+                start_predictor(&myself, &state.shared).await?;
+            } else if let Some(replica) = name.strip_prefix("snapshotter:") {
                 start_snapshotter(&myself, &state.shared, replica).await?;
             } else if let Some(replica) = name.strip_prefix("watcher:") {
                 let definition = state.shared.store.replica(replica)?;
@@ -79,6 +83,21 @@ impl Actor for SupervisorActor {
         }
         Ok(())
     }
+}
+
+async fn start_predictor(
+    myself: &ActorRef<SupervisorMsg>,
+    shared: &Arc<Shared>,
+) -> Result<(), ActorProcessingErr> {
+    let (actor, _) = Actor::spawn_linked(
+        Some(predictor::ACTOR_NAME.to_string()),
+        PredictorActor,
+        shared.clone(),
+        myself.get_cell(),
+    )
+    .await?;
+    shared.register_predictor(actor);
+    Ok(())
 }
 
 async fn start_snapshotter(

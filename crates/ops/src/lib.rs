@@ -9,6 +9,7 @@
 //! a [`Capturer`].
 
 pub mod fuzz;
+pub mod learn;
 pub mod wire;
 
 use std::io::Write;
@@ -19,16 +20,14 @@ use kairos_commit::{Capturer, CommitError, CommitRecord, Committer};
 use kairos_core::spec::MAIN_TIMELINE;
 use kairos_core::{Instant, Limits, ReplicaDefinition, SpecError, TimelineSpec};
 use kairos_replay::{ReplayError, RestoreOptions, RestoreReport, StateDiff, StateListing};
-use kairos_sandbox::{
-    Proposal, ProposalDocument, SandboxError, SandboxOptions, SandboxReport, load_proposal,
-};
+use kairos_sandbox::{Proposal, ProposalDocument, SandboxError, SandboxOptions, load_proposal};
 use kairos_store::audit::TimelineEvent;
 use kairos_store::{
     AuditEvent, AuditLog, CatalogError, Change, Command, Store, StoreError, TimelineInfo,
     VerifyReport,
 };
 
-use wire::{FrameJson, NewPartyJson, PartyJson, ProposalJson};
+use wire::{FrameJson, NewPartyJson, PartyJson, ProposalJson, SandboxJson};
 
 /// Input that is wrong before anything is looked up: the caller can fix it.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +84,8 @@ pub enum OpsError {
     Commit(#[from] CommitError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Learn(learn::LearnError),
 }
 
 pub type Result<T, E = OpsError> = std::result::Result<T, E>;
@@ -127,6 +128,8 @@ pub struct Service<'s> {
     pub limits: Limits,
     /// Paths never captured (the store's own directory).
     pub skip: Vec<PathBuf>,
+    /// The predictor's serving state (the node keeps one for its life).
+    pub learner: &'s learn::Learner,
 }
 
 impl Service<'_> {
@@ -329,7 +332,9 @@ impl Service<'_> {
             &self.limits,
             Instant::now(),
         )?;
-        Ok(ProposalJson::from(&proposal))
+        let mut json = ProposalJson::from(&proposal);
+        json.prediction = self.prediction_for(&replica, &proposal, None, party);
+        Ok(json)
     }
 
     /// A proposal may not name a path inside Kairos's own data directory.
@@ -377,10 +382,13 @@ impl Service<'_> {
         ops: Option<&[usize]>,
         run_check: bool,
         party: &str,
-    ) -> Result<SandboxReport> {
+    ) -> Result<SandboxJson> {
         let replica = self.store.replica(name)?;
         let proposal = self.proposal(name, id)?;
-        Ok(kairos_sandbox::sandbox(
+        // Predicted before anything runs, so that the outcome scores it.
+        let prediction = self.prediction_for(&replica, &proposal, ops, party);
+        let now = Instant::now();
+        let report = kairos_sandbox::sandbox(
             self.store,
             &replica,
             &proposal,
@@ -390,8 +398,11 @@ impl Service<'_> {
                 party,
             },
             &self.limits,
-            Instant::now(),
-        )?)
+            now,
+        )?;
+        let record_id = kairos_sandbox::sandbox_record_id(&proposal.id, &report.state);
+        self.record_sandbox_outcome(&replica, &proposal, &report, record_id, now, party)?;
+        Ok(SandboxJson { report, prediction })
     }
 
     fn committer<'a>(
@@ -421,15 +432,21 @@ impl Service<'_> {
     ) -> Result<CommitRecord> {
         let replica = self.store.replica(name)?;
         let proposal = self.proposal(name, id)?;
-        Ok(self
+        let record = self
             .committer(&replica, capturer)
-            .begin(&proposal, ops, party)?)
+            .begin(&proposal, ops, party)?;
+        if record.status.is_final() {
+            self.record_commit_outcome(&record)?;
+        }
+        Ok(record)
     }
 
     /// Watches a `watching` commit to its end.
     pub fn watch(&self, record: CommitRecord, capturer: &dyn Capturer) -> Result<CommitRecord> {
         let replica = self.store.replica(&record.replica)?;
-        Ok(self.committer(&replica, capturer).watch(record)?)
+        let record = self.committer(&replica, capturer).watch(record)?;
+        self.record_commit_outcome(&record)?;
+        Ok(record)
     }
 
     pub fn commit_record(&self, name: &str, id: &str) -> Result<CommitRecord> {

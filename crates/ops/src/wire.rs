@@ -6,6 +6,8 @@ use kairos_core::{Hash, Instant};
 use kairos_store::FrameRecord;
 use serde::{Deserialize, Serialize};
 
+use crate::learn::PredictionJson;
+
 /// A frame as listed by `history`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FrameJson {
@@ -213,6 +215,30 @@ pub struct SandboxRequest {
     pub party: Option<String>,
 }
 
+/// `POST /api/replicas/{name}/proposals/{id}/predict`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PredictRequest {
+    /// 1-based op indexes (all when absent).
+    #[serde(default)]
+    pub ops: Option<Vec<usize>>,
+    #[serde(default)]
+    pub party: Option<String>,
+}
+
+/// `POST /api/replicas/{name}/suggest`: candidate values of one config key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SuggestRequest {
+    /// The config file, relative to the replica root.
+    pub file: String,
+    pub key: String,
+    pub values: Vec<String>,
+    /// `cpu` or `rss`: among equally safe values, prefer the smaller predicted effect.
+    #[serde(default)]
+    pub objective: Option<String>,
+}
+
 /// `POST /api/replicas/{name}/proposals/{id}/commit`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -253,6 +279,27 @@ pub struct ProposalJson {
     pub created: Instant,
     /// The ops, described (`set_config "app.toml" key "port"`).
     pub ops: Vec<String>,
+    /// The predicted outcome of all its ops, made as it was stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<PredictionJson>,
+}
+
+/// A sandbox with the prediction made before it ran.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SandboxJson {
+    #[serde(flatten)]
+    pub report: kairos_sandbox::SandboxReport,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<PredictionJson>,
+}
+
+/// A commit with the prediction made before it was applied.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CommitJson {
+    #[serde(flatten)]
+    pub record: kairos_commit::CommitRecord,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<PredictionJson>,
 }
 
 impl From<&kairos_sandbox::Proposal> for ProposalJson {
@@ -267,6 +314,7 @@ impl From<&kairos_sandbox::Proposal> for ProposalJson {
             base_spec: proposal.base_spec.clone(),
             created: proposal.created,
             ops: proposal.ops.iter().map(|op| op.describe()).collect(),
+            prediction: None,
         }
     }
 }

@@ -87,6 +87,17 @@ pub struct SandboxReport {
     pub apply_us: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<CommandOutcome>,
+    /// When the sandbox was made (absent in records of earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<Instant>,
+}
+
+/// The id of a sandbox's record: one per proposal and sandbox state.
+pub fn sandbox_record_id(proposal: &Hash, state: &Hash) -> Hash {
+    Hash::of(
+        0x58,
+        &[proposal.as_bytes().as_slice(), state.as_bytes()].concat(),
+    )
 }
 
 /// Picks ops by 1-based index (all when `chosen` is `None`).
@@ -430,11 +441,9 @@ pub fn sandbox(
         actions: applied.actions,
         apply_us,
         check,
+        created: Some(now),
     };
-    let record_id = Hash::of(
-        0x58,
-        &[proposal.id.as_bytes().as_slice(), applied.root.as_bytes()].concat(),
-    );
+    let record_id = sandbox_record_id(&proposal.id, &applied.root);
     let event = AuditEvent::Sandbox(SandboxEvent {
         proposal: proposal.id,
         base: base.id,

@@ -34,6 +34,12 @@ pub enum AuditEvent {
     Recovery(RecoveryEvent),
     /// A timeline was forked or deleted.
     Timeline(TimelineEvent),
+    /// The predictor estimated a proposal's outcome.
+    Prediction(PredictionEvent),
+    /// A real outcome of a proposal was recorded as a labelled example.
+    Outcome(OutcomeEvent),
+    /// A predictor model was trained and became the serving one.
+    Model(ModelEvent),
 }
 
 impl AuditEvent {
@@ -48,6 +54,9 @@ impl AuditEvent {
             AuditEvent::Rollback(_) => "rollback",
             AuditEvent::Recovery(_) => "recovery",
             AuditEvent::Timeline(_) => "timeline",
+            AuditEvent::Prediction(_) => "prediction",
+            AuditEvent::Outcome(_) => "outcome",
+            AuditEvent::Model(_) => "model",
         }
     }
 }
@@ -154,6 +163,36 @@ pub struct RecoveryEvent {
     pub status: CommitStatus,
     /// The frame it is rolled back to.
     pub to: Hash,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictionEvent {
+    pub proposal: Hash,
+    pub ops: Vec<usize>,
+    /// An entry's hash is over its stored JSON, so fractions must read back exactly
+    /// (serde_json's `float_roundtrip`).
+    pub p_error: f64,
+    pub confidence: f64,
+    pub abstain: bool,
+    /// The model's id; absent when there was none (the prediction abstains).
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutcomeEvent {
+    pub proposal: Hash,
+    pub ops: Vec<usize>,
+    /// `sandbox` (a check ran) or `commit` (a commit ended).
+    pub source: String,
+    pub failed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelEvent {
+    pub version: u32,
+    pub model: String,
+    pub examples: usize,
+    pub held_out_auc: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -81,6 +81,28 @@ impl Store {
         }
     }
 
+    /// Every record of a family of `replica`, in id order. A record that does not parse
+    /// as `T` is an error naming its key.
+    pub fn records<T: serde::de::DeserializeOwned>(
+        &self,
+        family: RecordFamily,
+        replica: &str,
+    ) -> Result<Vec<(Hash, T)>> {
+        let scan = keys::replica_prefix(family.prefix(), replica);
+        self.reader()?
+            .scan_prefix(&scan)?
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let id = Hash::from_slice(&key[scan.len()..])?;
+                Some(
+                    serde_json::from_slice(&value)
+                        .map(|record| (id, record))
+                        .map_err(|e| bad_record("record", &key, e)),
+                )
+            })
+            .collect()
+    }
+
     /// Ids of a family's records of `replica` that start with the hex `prefix`.
     pub fn record_ids(
         &self,
@@ -270,5 +292,51 @@ mod tests {
         store.kv().commit(batch).unwrap();
         let log = store.audit_log("web").unwrap();
         assert!(log.problem.unwrap().contains("out of sequence"));
+    }
+
+    #[test]
+    fn predictor_events_with_fractions_keep_the_chain_intact() {
+        use crate::audit::{ModelEvent, OutcomeEvent, PredictionEvent};
+        let (_dir, store, frame) = store_with_frame();
+        // Fractions as predictions give them (f32 widened): their shortest forms parse
+        // back exactly only with serde_json's `float_roundtrip`, and the hash is over
+        // the stored JSON.
+        let mut events: Vec<AuditEvent> = (1..200u16)
+            .map(|k| {
+                AuditEvent::Prediction(PredictionEvent {
+                    proposal: frame.id,
+                    ops: vec![1, 2],
+                    p_error: f64::from(f32::from(k) / 997.0),
+                    confidence: f64::from(k) / 7919.0,
+                    abstain: false,
+                    model: Some("5e0c".into()),
+                })
+            })
+            .collect();
+        events.extend([
+            AuditEvent::Outcome(OutcomeEvent {
+                proposal: frame.id,
+                ops: vec![1],
+                source: "sandbox".into(),
+                failed: true,
+            }),
+            AuditEvent::Model(ModelEvent {
+                version: 1,
+                model: "5e0c".into(),
+                examples: 200,
+                held_out_auc: Some(0.9731),
+            }),
+        ]);
+        for event in events {
+            store
+                .submit(
+                    &Command::new(Instant(500), "web", "main", "ops", Change::Event)
+                        .with_audit(event),
+                )
+                .unwrap();
+        }
+        let log = store.audit_log("web").unwrap();
+        assert!(log.intact, "{:?}", log.problem);
+        assert_eq!(log.entries.len(), 201);
     }
 }

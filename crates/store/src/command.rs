@@ -53,6 +53,10 @@ pub enum RecordFamily {
     Proposal,
     Sandbox,
     Commit,
+    /// A prediction made for a proposal (kept to be scored when its outcome arrives).
+    Prediction,
+    /// A real outcome of a proposal (a sandbox check, a commit's end): a labelled example.
+    Outcome,
 }
 
 impl RecordFamily {
@@ -61,6 +65,8 @@ impl RecordFamily {
             RecordFamily::Proposal => keys::PROPOSAL,
             RecordFamily::Sandbox => keys::SANDBOX,
             RecordFamily::Commit => keys::COMMIT,
+            RecordFamily::Prediction => keys::PREDICTION,
+            RecordFamily::Outcome => keys::OUTCOME,
         }
     }
 }

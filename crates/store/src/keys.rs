@@ -91,6 +91,9 @@ pub const AUDIT: &[u8] = b"a/";
 pub const AUDIT_HEAD: &[u8] = b"A/";
 pub const GOOD: &[u8] = b"g/";
 pub const PENDING: &[u8] = b"P/";
+/// Predictions and outcomes of proposals (the predictor's scored record and examples).
+pub const PREDICTION: &[u8] = b"q/";
+pub const OUTCOME: &[u8] = b"u/";
 
 /// `prefix` + replica + NUL: the keys of one replica in a record family.
 pub fn replica_prefix(prefix: &[u8], replica: &str) -> Vec<u8> {

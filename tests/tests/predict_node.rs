@@ -1,0 +1,262 @@
+//! The predictor through the node and the CLI: predictions beside propose, sandbox and
+//! commit; the predictor actor retraining by itself as outcomes arrive; `predict`,
+//! `model status|train|report` and `suggest`; and what bad input gets (too few outcomes,
+//! a damaged model file, unknown proposals, bad flags).
+
+use std::path::Path;
+use std::time::Duration;
+
+use kairos_ops::Service;
+use kairos_ops::learn::Learner;
+use kairos_store::Store;
+use kairos_tests::{Kairos, Node, wait_for};
+use serde_json::{Value, json};
+
+fn propose(kairos: &Kairos, dir: &Path, document: &Value) -> Value {
+    let path = dir.join("proposal.json");
+    std::fs::write(&path, document.to_string()).unwrap();
+    kairos.json(["propose", "app", "--file", path.to_str().unwrap(), "--json"])
+}
+
+/// A proposal setting `mode` (the check refuses `broken` and `crash`) and `workers`.
+fn document(mode: &str, workers: u32) -> Value {
+    json!({
+        "title": format!("mode {mode}"),
+        "ops": [
+            {"op": "set_config", "file": "app.toml", "key": "mode", "value": mode},
+            {"op": "set_config", "file": "app.toml", "key": "workers", "value": workers}
+        ]
+    })
+}
+
+#[test]
+fn the_node_predicts_learns_from_outcomes_and_retrains_by_itself() {
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path().join("app");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("app.toml"), "mode = \"safe\"\nworkers = 4\n").unwrap();
+    let config = format!(
+        "[node]\ncapture_debounce = \"100ms\"\n[predictor]\nretrain_outcomes_min = 24\nretrain_new_outcomes_min = 1000\n[[replica]]\nname = \"app\"\nroot = {root:?}\ncapture_interval = \"60s\"\ncheck = \"! grep -Eq 'broken|crash' {{root}}/app.toml\"\n",
+        root = root.display().to_string(),
+    );
+    let data = base.path().join("data");
+    let mut node = Node::start(&config, &data);
+    let kairos = Kairos::at(&data);
+    kairos.wait_for_first_frame("app");
+
+    // No history: the prediction beside the proposal abstains with confidence 0.
+    let first = propose(&kairos, base.path(), &document("fast", 8));
+    assert_eq!(first["prediction"]["abstain"], json!(true), "{first}");
+    assert_eq!(first["prediction"]["confidence"], json!(0.0));
+    let status = kairos.json(["model", "status", "app", "--json"]);
+    assert_eq!(status["version"], Value::Null);
+    assert_eq!(status["retrain"], json!("wait"));
+
+    // Training by hand with too few outcomes is refused, naming why.
+    let refused = kairos.fails(["model", "train", "app"]);
+    assert!(
+        refused.contains("cannot train a model from 0 outcome(s)"),
+        "{refused}"
+    );
+
+    // Outcomes: sandbox checks, each shown with the prediction made before it ran.
+    let modes = ["safe", "fast", "broken", "eco", "crash", "safe"];
+    for index in 0..30 {
+        let mode = modes[index % modes.len()];
+        let proposal = propose(&kairos, base.path(), &document(mode, 1 + index as u32 % 8));
+        let id = proposal["proposal"].as_str().unwrap();
+        let output = kairos.run(["sandbox", "app", id, "--run-check", "--json"]);
+        let sandbox: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert!(sandbox["prediction"]["p_error"].is_number(), "{sandbox}");
+        assert_eq!(
+            sandbox["check"]["passed"],
+            json!(!matches!(mode, "broken" | "crash"))
+        );
+    }
+
+    // The predictor actor trained a model by itself once 24 outcomes were in.
+    let status = wait_for(
+        "the predictor actor to train",
+        Duration::from_secs(60),
+        || {
+            let status = kairos.json(["model", "status", "app", "--json"]);
+            (status["version"] == json!(1)).then_some(status)
+        },
+    );
+    assert!(
+        status["trained_examples"].as_u64().unwrap() >= 19,
+        "{status}"
+    );
+    assert!(status["model"].is_string());
+
+    // Now a risky proposal is called risky, a safe one safe.
+    let risky = propose(&kairos, base.path(), &document("broken", 3));
+    let prediction = kairos.json([
+        "predict",
+        "app",
+        risky["proposal"].as_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(prediction["model"], status["model"]);
+    assert!(
+        prediction["p_error"].as_f64().unwrap() > 0.5,
+        "{prediction}"
+    );
+    assert!(!prediction["explanation"].as_array().unwrap().is_empty());
+    let safe = propose(&kairos, base.path(), &document("safe", 2));
+    assert!(
+        safe["prediction"]["p_error"].as_f64().unwrap() < 0.5,
+        "{safe}"
+    );
+
+    // The text forms name the call.
+    let text =
+        String::from_utf8(kairos.ok(["predict", "app", risky["proposal"].as_str().unwrap()]))
+            .unwrap();
+    assert!(
+        text.contains("P(error)") || text.contains("no call"),
+        "{text}"
+    );
+
+    // suggest ranks the safe values first.
+    let ranked = kairos.json([
+        "suggest",
+        "app",
+        "--key",
+        "app.toml:mode",
+        "--values",
+        "broken,safe",
+        "--json",
+    ]);
+    assert_eq!(ranked[0]["value"], json!("safe"), "{ranked}");
+    let bad_key = kairos.fails(["suggest", "app", "--key", "app.toml", "--values", "a"]);
+    assert!(bad_key.contains("FILE:KEY"), "{bad_key}");
+    let not_config = kairos.fails([
+        "suggest",
+        "app",
+        "--key",
+        "missing.toml:mode",
+        "--values",
+        "a",
+    ]);
+    assert!(not_config.contains("missing.toml"), "{not_config}");
+
+    // A commit shows the prediction made before it was applied, and its outcome counts.
+    let commit = kairos.json([
+        "commit",
+        "app",
+        safe["proposal"].as_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(commit["status"], json!("committed"), "{commit}");
+    assert!(commit["prediction"]["p_error"].is_number(), "{commit}");
+
+    // The record: stored predictions scored against their outcomes, beside baselines.
+    let report = kairos.json(["model", "report", "app", "--json"]);
+    assert_eq!(report["outcomes"], json!(31), "{report}");
+    assert!(report["scored"].as_u64().unwrap() >= 31);
+    assert_eq!(report["baselines"].as_array().unwrap().len(), 2);
+    let text = String::from_utf8(kairos.ok(["model", "report", "app"])).unwrap();
+    assert!(text.contains("per-key failure rate"), "{text}");
+
+    // Bad input through the node: an unknown proposal, ops that do not exist.
+    let unknown = kairos.fails(["predict", "app", "abcdef12"]);
+    assert!(unknown.contains("no proposal id starts with"), "{unknown}");
+    let bad_ops = kairos.fails([
+        "predict",
+        "app",
+        risky["proposal"].as_str().unwrap(),
+        "--ops",
+        "9",
+    ]);
+    assert!(bad_ops.contains("op 9 does not exist"), "{bad_ops}");
+
+    // The log records predictions, outcomes and the model trained.
+    let output = kairos.run(["log", "app", "--json"]);
+    let log: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(output.status.success(), "{}", log["problem"]);
+    let events: Vec<&str> = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["event"].as_str().unwrap())
+        .collect();
+    for event in ["prediction", "outcome", "model"] {
+        assert!(events.contains(&event), "no {event} in {events:?}");
+    }
+    assert!(node.stop());
+}
+
+#[test]
+fn a_damaged_model_falls_back_to_abstaining_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("app");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("app.toml"), "mode = \"safe\"\n").unwrap();
+    let store = Store::open(&dir.path().join("data")).unwrap();
+    let learner = Learner::new();
+    let service = Service {
+        store: &store,
+        limits: kairos_core::Limits::default(),
+        skip: Vec::new(),
+        learner: &learner,
+    };
+    service
+        .add_replica(kairos_ops::ReplicaRequest {
+            name: "app",
+            root: &root,
+            processes: Vec::new(),
+            exclude: Vec::new(),
+            capture_interval: "60s",
+            settings: &kairos_replica::ReplicaSettings::default(),
+        })
+        .unwrap();
+    service.capture_directly("app").unwrap();
+    // A model file that is not one (truncated, flipped, from elsewhere): stored intact,
+    // so only the predictor's own checks can refuse it.
+    store
+        .put_model(
+            "app",
+            kairos_core::Instant::now(),
+            b"not a safetensors file",
+            "{}",
+        )
+        .unwrap();
+    let document =
+        kairos_sandbox::ProposalDocument::parse(document("fast", 2).to_string().as_bytes())
+            .unwrap();
+    let proposal = service.propose("app", document, None, "ops").unwrap();
+    let prediction = service
+        .predict("app", &proposal.proposal.to_hex(), None, "ops")
+        .unwrap();
+    assert!(prediction.abstain);
+    assert_eq!(prediction.confidence, 0.0);
+    assert!(
+        prediction
+            .model_error
+            .as_deref()
+            .is_some_and(|error| error.contains("model version 1")),
+        "{prediction:?}"
+    );
+    let status = service.model_status("app").unwrap();
+    assert_eq!(status.version, Some(1));
+    assert!(status.model.is_none());
+    assert!(status.model_error.is_some());
+
+    // An empty proposal cannot exist; an enormous one is predicted in bounded time.
+    let ops: Vec<Value> = (0..500)
+        .map(|index| json!({"op": "set_config", "file": "app.toml", "key": format!("k{index}"), "value": index}))
+        .collect();
+    let big = kairos_sandbox::ProposalDocument::parse(
+        json!({"title": "many keys", "ops": ops})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    let big = service.propose("app", big, None, "ops").unwrap();
+    let prediction = big.prediction.expect("a prediction");
+    assert!(prediction.abstain);
+    assert!(prediction.affected.len() <= kairos_predict::predictor::AFFECTED_ITEMS_MAX);
+    let empty = kairos_sandbox::ProposalDocument::parse(br#"{"title": "nothing", "ops": []}"#);
+    assert!(empty.is_err());
+}
