@@ -8,6 +8,8 @@
 //! the replica's snapshotter actor, the only writer of its frames); commits therefore take
 //! a [`Capturer`].
 
+pub mod bisect;
+pub mod culprit;
 pub mod fuzz;
 pub mod wire;
 
@@ -85,6 +87,10 @@ pub enum OpsError {
     Commit(#[from] CommitError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Bisect(#[from] bisect::BisectError),
+    #[error(transparent)]
+    Revert(#[from] culprit::RevertError),
 }
 
 pub type Result<T, E = OpsError> = std::result::Result<T, E>;
