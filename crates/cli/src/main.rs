@@ -121,7 +121,8 @@ enum Command {
     /// (files, config keys) and every check run. When the check is not monotonic over the
     /// range (it fails, then passes again) it says so and lists the transitions instead.
     /// With --propose-revert, proposes the minimal revert of the culprit (see `kairos
-    /// revert --culprit`). Exit 0 when a culprit is found, 1 otherwise
+    /// revert --culprit`). Exit 0 when a culprit is found, 1 otherwise. Runs on the data
+    /// directory (it holds the store meanwhile), not through a node
     Bisect(BisectArgs),
     /// The replica's audit log: proposals, sandboxes, commits, probes, rollbacks, reverts
     /// (hash-chained; exit 1 if the chain is broken)
@@ -272,6 +273,7 @@ struct RevertArgs {
 
 #[derive(Args)]
 struct BisectArgs {
+    /// The replica
     name: String,
     /// A frame where the check passes (a SPEC, see `kairos show --help`)
     #[arg(long, allow_hyphen_values = true, value_name = "SPEC")]

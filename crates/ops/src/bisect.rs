@@ -419,6 +419,9 @@ pub fn same_entry(
     }
 }
 
+/// How much of a failing --good check's output its error quotes (the end of it).
+const GOOD_OUTPUT_CHARS_MAX: usize = 400;
+
 /// Paths of the culprit followed through the range (the rest are not looked at).
 const VERIFY_PATHS_MAX: usize = 256;
 
@@ -487,7 +490,12 @@ impl Service<'_> {
                     .first()
                     .and_then(|check| check.exit_code)
                     .map_or_else(|| "by a signal".to_string(), |code| code.to_string()),
-                output: good_output.trim().replace('\n', " | "),
+                output: {
+                    // The end of the output says why; the message stays one line.
+                    let text = good_output.trim().replace('\n', " | ");
+                    let skip = text.chars().count().saturating_sub(GOOD_OUTPUT_CHARS_MAX);
+                    text.chars().skip(skip).collect()
+                },
             }
             .into());
         }
