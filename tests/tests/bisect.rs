@@ -440,25 +440,43 @@ fn bad_bisect_and_revert_input_is_refused_with_an_error_naming_the_problem() {
         "bisect", "app", "--good", &first, "--bad", &third, "--check", " ",
     ]);
     assert!(error.contains("--check is empty"), "{error}");
-    // A check that hangs is killed at the timeout and stops the bisect.
+    // A check that hangs is killed at the timeout and stops the bisect, leaving no
+    // scratch copy and no process behind.
+    let scratch = base.path().join("tmp");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let marker = base.path().join("hung.pid");
+    let hanging = format!("echo $$ > {}; exec sleep 300", marker.display());
     let started = std::time::Instant::now();
-    let error = kairos.fails([
-        "bisect",
-        "app",
-        "--good",
-        &first,
-        "--bad",
-        &third,
-        "--check",
-        "sleep 300",
-        "--timeout",
-        "300ms",
-    ]);
+    let output = kairos
+        .command([
+            "bisect",
+            "app",
+            "--good",
+            &first,
+            "--bad",
+            &third,
+            "--check",
+            &hanging,
+            "--timeout",
+            "300ms",
+        ])
+        .env("TMPDIR", &scratch)
+        .output()
+        .unwrap();
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{error}");
     assert!(
         error.contains("timed out after 300 ms") && error.contains("bisect stopped"),
         "{error}"
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
+    let pid = std::fs::read_to_string(&marker).unwrap();
+    let state = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+    assert!(
+        state.is_empty() || state.contains(") Z"),
+        "the check still runs: {state}"
+    );
     let error = kairos.fails([
         "bisect",
         "app",
