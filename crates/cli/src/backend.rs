@@ -767,3 +767,39 @@ fn segment(text: &str) -> String {
     }
     encoded
 }
+
+/// Bisect and the minimal revert of a culprit frame.
+impl Backend {
+    pub fn bisect(
+        &self,
+        name: &str,
+        request: &kairos_ops::bisect::BisectRequest<'_>,
+    ) -> Result<kairos_ops::bisect::BisectReport> {
+        match self {
+            Backend::Direct { .. } => {
+                Ok(self.service().context("direct")?.bisect(name, request)?)
+            }
+            Backend::Node { .. } => bail!(
+                "bisect runs on a data directory, not through a node: stop the node or run it where the store is not held"
+            ),
+        }
+    }
+
+    pub fn revert_culprit(
+        &self,
+        name: &str,
+        culprit: &str,
+        party: &str,
+    ) -> Result<kairos_ops::culprit::CulpritRevertJson> {
+        let culprit = spec(culprit)?;
+        match self {
+            Backend::Direct { .. } => Ok(self
+                .service()
+                .context("direct")?
+                .revert_culprit(name, &culprit, party)?),
+            Backend::Node { .. } => bail!(
+                "revert --culprit runs on a data directory, not through a node: stop the node or run it where the store is not held"
+            ),
+        }
+    }
+}

@@ -109,8 +109,21 @@ enum Command {
     /// Commit a proposal (all ops or --ops) to its timeline; on main the live replica is
     /// written, then probes watch it and a failure rolls it back. Exit 1 unless committed
     Commit(CommitArgs),
-    /// Restore a frame to the live replica by hand, recorded as a commit
+    /// Restore a frame to the live replica by hand, recorded as a commit; or, with
+    /// --culprit, propose the minimal revert of one frame
     Revert(RevertArgs),
+    /// Find the first frame between a good and a bad instant at which the check fails
+    ///
+    /// A binary search over the frames from --good to --bad along --bad's history: each
+    /// step materialises a frame in a scratch directory and runs the replica's check there
+    /// (or --check). Frames whose files equal a checked frame's are not checked again.
+    /// Answers the first bad and last good frames, the steps, what the culprit changed
+    /// (files, config keys) and every check run. When the check is not monotonic over the
+    /// range (it fails, then passes again) it says so and lists the transitions instead.
+    /// With --propose-revert, proposes the minimal revert of the culprit (see `kairos
+    /// revert --culprit`). Exit 0 when a culprit is found, 1 otherwise. Runs on the data
+    /// directory (it holds the store meanwhile), not through a node
+    Bisect(BisectArgs),
     /// The replica's audit log: proposals, sandboxes, commits, probes, rollbacks, reverts
     /// (hash-chained; exit 1 if the chain is broken)
     Log(LogArgs),
@@ -308,11 +321,47 @@ struct CommitArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["to", "culprit"])))]
 struct RevertArgs {
     name: String,
     /// The frame to restore (a SPEC)
     #[arg(long, allow_hyphen_values = true)]
-    to: String,
+    to: Option<String>,
+    /// Propose (not commit) the minimal revert of this frame (a SPEC, `TIMELINE@SPEC` for
+    /// a fork) on its timeline's head: each file and config key it changed goes back to
+    /// its value in the frame before it; an entry changed again since is a conflict named
+    /// in the answer, never overwritten. Commit the proposal as any other
+    #[arg(long, allow_hyphen_values = true, value_name = "FRAME")]
+    culprit: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BisectArgs {
+    /// The replica
+    name: String,
+    /// A frame where the check passes (a SPEC, see `kairos show --help`)
+    #[arg(long, allow_hyphen_values = true, value_name = "SPEC")]
+    good: String,
+    /// A later frame where it fails, on a timeline descending from --good
+    #[arg(long, allow_hyphen_values = true, value_name = "SPEC")]
+    bad: String,
+    /// A command to run instead of the replica's check; `{root}` is replaced by the
+    /// scratch copy's path (it is also the working directory)
+    #[arg(long, value_name = "COMMAND")]
+    check: Option<String>,
+    /// How long one check may run [default: the replica's check timeout]; a check that
+    /// times out stops the bisect
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<String>,
+    /// Check every distinct state of the range, not only those a binary search needs
+    /// (proves the check monotonic, or lists every transition)
+    #[arg(long)]
+    exhaustive: bool,
+    /// Also propose the minimal revert of the culprit (prints the proposal's id)
+    #[arg(long)]
+    propose_revert: bool,
     #[arg(long)]
     json: bool,
 }
@@ -518,6 +567,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     | Command::Commit(_)
                     | Command::Revert(_)
                     | Command::Recover(_)
+                    | Command::Bisect(_)
             );
             let adopts = changes && !config.replicas.is_empty();
             // Only commands that register something make a store; a mistyped --data-dir
@@ -563,6 +613,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Predict(args) => predict_command(&backend, args, &party),
         Command::Model(command) => model_command(&backend, command, &party),
         Command::Suggest(args) => suggest_command(&backend, args),
+        Command::Bisect(args) => bisect_command(&backend, args, &party),
     }
 }
 
@@ -1038,9 +1089,27 @@ fn commit_command(
 
 fn revert_command(
     backend: &Backend,
-    RevertArgs { name, to, json }: RevertArgs,
+    RevertArgs {
+        name,
+        to,
+        culprit,
+        json,
+    }: RevertArgs,
     party: &str,
 ) -> Result<ExitCode> {
+    let to = match (to, culprit) {
+        (_, Some(culprit)) => {
+            let answer = backend.revert_culprit(&name, &culprit, party)?;
+            if json {
+                print_json(&answer)?;
+            } else {
+                output::print_culprit_revert(&answer)?;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        (Some(to), None) => to,
+        (None, None) => bail!("give --to SPEC or --culprit FRAME"),
+    };
     let record = backend.revert(&name, &to, party)?;
     if json {
         print_json(&record)?;
@@ -1075,6 +1144,57 @@ fn recover_command(backend: &Backend, RecoverArgs { name, json }: RecoverArgs) -
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn bisect_command(backend: &Backend, args: BisectArgs, party: &str) -> Result<ExitCode> {
+    let good = kairos_core::TimelineSpec::parse(&args.good)
+        .with_context(|| format!("--good {:?}", args.good))?;
+    let bad = kairos_core::TimelineSpec::parse(&args.bad)
+        .with_context(|| format!("--bad {:?}", args.bad))?;
+    let timeout = args
+        .timeout
+        .as_deref()
+        .map(|text| {
+            humantime::parse_duration(text)
+                .map_err(|error| anyhow::anyhow!("--timeout {text:?}: {error} (e.g. 30s, 500ms)"))
+        })
+        .transpose()?;
+    let report = backend.bisect(
+        &args.name,
+        &kairos_ops::bisect::BisectRequest {
+            good: &good,
+            bad: &bad,
+            check: args.check.as_deref(),
+            timeout,
+            exhaustive: args.exhaustive,
+        },
+    )?;
+    let revert = match (&report.culprit, args.propose_revert) {
+        (Some(culprit), true) => {
+            let spec = format!("{}@{}", report.timeline, culprit.frame.to_hex());
+            Some(backend.revert_culprit(&args.name, &spec, party)?)
+        }
+        _ => None,
+    };
+    if args.json {
+        let mut value = serde_json::to_value(&report)?;
+        if let Some(revert) = &revert {
+            value["revert"] = serde_json::to_value(revert)?;
+        }
+        print_json(&value)?;
+    } else {
+        output::print_bisect(&report)?;
+        if let Some(revert) = &revert {
+            output::print_culprit_revert(revert)?;
+        } else if args.propose_revert {
+            println!("no revert proposed: the bisect found no single culprit");
+        }
+    }
+    Ok(if report.monotonic {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// `1,3` → [1, 3].

@@ -458,3 +458,99 @@ pub fn print_model_report(report: &kairos_ops::learn::ModelReportJson) -> Result
     }
     Ok(())
 }
+
+pub fn print_bisect(report: &kairos_ops::bisect::BisectReport) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "bisect of {} from {} (good) to {} (bad): {} frames, {} distinct states, {} checks",
+        report.replica,
+        report.good.short(),
+        report.bad.short(),
+        report.frames,
+        report.distinct_states,
+        report.steps
+    )?;
+    for check in &report.checks {
+        writeln!(
+            out,
+            "  {} {}  check {} ms, materialise {} ms",
+            check.frame.short(),
+            if check.passed { "pass" } else { "FAIL" },
+            check.duration_ms,
+            check.materialise_ms
+        )?;
+    }
+    match &report.culprit {
+        Some(culprit) => {
+            writeln!(
+                out,
+                "first bad frame {} ({}); last good frame {}; it changed:",
+                culprit.frame.short(),
+                culprit.time,
+                culprit.parent.short()
+            )?;
+            print_changes(&mut out, &culprit.files, &culprit.config)?;
+        }
+        None => {
+            writeln!(
+                out,
+                "the check is not monotonic over the range: it changes {} times",
+                report.transitions.len()
+            )?;
+            for transition in &report.transitions {
+                let word = |passed: bool| if passed { "passes" } else { "fails" };
+                writeln!(
+                    out,
+                    "  {} {} -> {} {}{}",
+                    transition.before.short(),
+                    word(transition.passed_before),
+                    transition.after.short(),
+                    word(transition.passed_after),
+                    if transition.adjacent {
+                        ""
+                    } else {
+                        " (frames between not checked)"
+                    }
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn print_culprit_revert(answer: &kairos_ops::culprit::CulpritRevertJson) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "proposal {}: revert of frame {} on {} (head {}), {} ops; commit it with `kairos commit {} {}`",
+        answer.proposal.proposal.short(),
+        answer.culprit.short(),
+        answer.timeline,
+        answer.head.short(),
+        answer.proposal.ops.len(),
+        answer.replica,
+        answer.proposal.proposal.short()
+    )?;
+    for entry in &answer.reverted {
+        writeln!(out, "  revert {}", entry.op)?;
+    }
+    for conflict in &answer.conflicts {
+        writeln!(
+            out,
+            "  CONFLICT {}{}: {}{}",
+            conflict.path,
+            conflict
+                .key
+                .as_ref()
+                .map(|key| format!(" key {key}"))
+                .unwrap_or_default(),
+            conflict.reason,
+            conflict
+                .changed_again_at
+                .map(|frame| format!(" (at frame {})", frame.short()))
+                .unwrap_or_default()
+        )?;
+    }
+    Ok(())
+}

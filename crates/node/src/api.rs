@@ -214,6 +214,26 @@ impl From<kairos_ops::OpsError> for ApiError {
                     kairos_ops::learn::LearnError::Store(_) => ApiError::internal(message),
                 }
             }
+            OpsError::Bisect(error) => {
+                let message = error.to_string();
+                match error {
+                    kairos_ops::bisect::BisectError::CheckTimedOut { .. } => {
+                        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "check_timed_out", message)
+                    }
+                    kairos_ops::bisect::BisectError::Run { .. } => ApiError::internal(message),
+                    _ => ApiError::bad_request("bad_bisect", message),
+                }
+            }
+            OpsError::Revert(error) => {
+                let message = error.to_string();
+                match error {
+                    kairos_ops::culprit::RevertError::AllConflict { .. } => {
+                        ApiError::new(StatusCode::CONFLICT, "conflict", message)
+                    }
+                    kairos_ops::culprit::RevertError::Read { .. } => ApiError::internal(message),
+                    _ => ApiError::bad_request("bad_revert", message),
+                }
+            }
         }
     }
 }

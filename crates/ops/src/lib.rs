@@ -8,6 +8,8 @@
 //! the replica's snapshotter actor, the only writer of its frames); commits therefore take
 //! a [`Capturer`].
 
+pub mod bisect;
+pub mod culprit;
 pub mod fuzz;
 pub mod learn;
 pub mod wire;
@@ -86,6 +88,10 @@ pub enum OpsError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Learn(learn::LearnError),
+    #[error(transparent)]
+    Bisect(#[from] bisect::BisectError),
+    #[error(transparent)]
+    Revert(#[from] culprit::RevertError),
 }
 
 pub type Result<T, E = OpsError> = std::result::Result<T, E>;

@@ -75,24 +75,30 @@ pub fn restore(
 ) -> Result<RestoreReport, ReplayError> {
     let started = Clock::now();
     let excludes = build_globs(&options.exclude).map_err(|reason| target_error(into, reason))?;
-    match std::fs::symlink_metadata(into) {
+    // Into an empty target (and not --force, which keeps the per-file replacement a live
+    // root needs), files are created in place: nobody reads a directory that did not hold
+    // them, so the temporary name, the rename and the look at what is there are saved.
+    let fresh = match std::fs::symlink_metadata(into) {
         Ok(metadata) if !metadata.is_dir() => {
             return Err(target_error(into, "exists and is not a directory"));
         }
         Ok(_) => {
             let mut listing = std::fs::read_dir(into).map_err(|e| target_error(into, e))?;
-            if listing.next().is_some() && !options.force {
+            let empty = listing.next().is_none();
+            if !empty && !options.force {
                 return Err(target_error(
                     into,
                     "exists and is not empty (use --force to replace its content)",
                 ));
             }
+            empty && !options.force
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(into).map_err(|e| target_error(into, e))?;
+            !options.force
         }
         Err(error) => return Err(target_error(into, error)),
-    }
+    };
     let reader = store.reader()?;
     let entries = view.entries(&reader)?;
     for (path, _) in &entries {
@@ -138,7 +144,16 @@ pub fn restore(
         .par_iter()
         .map(|(path, entry)| {
             let target = into.join(OsStr::from_bytes(path));
-            let outcome = restore_file(&reader, &target, entry, is_root, options.durable)?;
+            let outcome = restore_file(
+                &reader,
+                &target,
+                entry,
+                FileWrite {
+                    is_root,
+                    durable: options.durable,
+                    fresh,
+                },
+            )?;
             if let Some(bytes) = outcome.written {
                 let total = written.fetch_add(bytes, Ordering::Relaxed) + bytes;
                 if let Some(progress) = options.progress {
@@ -341,19 +356,36 @@ struct FileOutcome {
     skipped: Option<String>,
 }
 
+/// How one file is written.
+#[derive(Clone, Copy)]
+struct FileWrite {
+    is_root: bool,
+    /// fsync the file and its directory.
+    durable: bool,
+    /// The target directory was empty: create the file in place (no temporary name).
+    fresh: bool,
+}
+
 fn restore_file(
     reader: &kairos_store::Reader<'_>,
     target: &Path,
     entry: &DirEntry,
-    is_root: bool,
-    durable: bool,
+    how: FileWrite,
 ) -> Result<FileOutcome, ReplayError> {
+    let FileWrite {
+        is_root,
+        durable,
+        fresh,
+    } = how;
     let Body::File { content, .. } = &entry.body else {
         return Ok(FileOutcome {
             written: None,
             skipped: Some("not a file".into()),
         });
     };
+    if fresh {
+        return create_file(reader, target, entry, content, how);
+    }
     // The quick check rsync makes: a regular file with the captured size and modification
     // time is that version; only its mode and owner are put right. A rollback of a config
     // change rewrites that file, not every file of the replica.
@@ -445,6 +477,72 @@ fn restore_file(
         written: Some(written),
         skipped: None,
     })
+}
+
+/// Writes a file of a restore into an empty target: created in place, never over
+/// anything (`O_EXCL`, `O_NOFOLLOW`), removed again if writing it fails.
+fn create_file(
+    reader: &kairos_store::Reader<'_>,
+    target: &Path,
+    entry: &DirEntry,
+    content: &kairos_store::node::Content,
+    how: FileWrite,
+) -> Result<FileOutcome, ReplayError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(target)
+        .map_err(|e| write_error(target, e))?;
+    let sparse = entry.meta.allocated_bytes < entry.meta.size;
+    let finish = |file: std::fs::File| -> Result<u64, ContentError> {
+        let mut out = BufWriter::with_capacity(256 << 10, SparseWriter::new(file, sparse));
+        let written = write_content(reader, content, &mut out)?;
+        let io = |e: std::io::Error| ContentError::Io(e.to_string());
+        let file = out
+            .into_inner()
+            .map_err(|e| io(e.into_error()))?
+            .finish()
+            .map_err(io)?;
+        file.set_permissions(Permissions::from_mode(entry.meta.mode & 0o7777))
+            .map_err(io)?;
+        if how.is_root {
+            let _ = std::os::unix::fs::fchown(&file, Some(entry.meta.uid), Some(entry.meta.gid));
+        }
+        file.set_times(
+            FileTimes::new().set_modified(Instant(entry.meta.mtime_ns).to_system_time()),
+        )
+        .map_err(io)?;
+        if how.durable {
+            file.sync_all().map_err(io)?;
+        }
+        Ok(written)
+    };
+    match finish(file) {
+        Ok(written) => {
+            if let Some(parent) = target.parent().filter(|_| how.durable) {
+                std::fs::File::open(parent)
+                    .and_then(|dir| dir.sync_all())
+                    .map_err(|e| write_error(parent, e))?;
+            }
+            Ok(FileOutcome {
+                written: Some(written),
+                skipped: None,
+            })
+        }
+        Err(error) => {
+            let _ = std::fs::remove_file(target);
+            match error {
+                ContentError::Omitted(reason) => Ok(FileOutcome {
+                    written: None,
+                    skipped: Some(format!("content was not captured: {reason}")),
+                }),
+                ContentError::Replay(error) => Err(error),
+                ContentError::Io(reason) => Err(write_error(target, reason)),
+            }
+        }
+    }
 }
 
 fn apply_meta(path: &Path, meta: &Meta, is_root: bool) -> Result<(), ReplayError> {
