@@ -595,6 +595,7 @@ pub fn history(seed: u64, count: usize) -> Vec<OutcomeRecord> {
                 }
                 .to_string(),
             ],
+            trend: None,
         };
         let failed = change.failed;
         records.push(OutcomeRecord {
@@ -674,6 +675,7 @@ pub fn out_of_distribution(seed: u64, count: usize, after_ns: u64) -> Vec<Propos
                     }
                     .to_string(),
                 ],
+                trend: None,
             }
         })
         .collect()

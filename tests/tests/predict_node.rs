@@ -211,7 +211,9 @@ fn a_damaged_model_falls_back_to_abstaining_and_says_why() {
             settings: &kairos_replica::ReplicaSettings::default(),
         })
         .unwrap();
-    service.capture_directly("app").unwrap();
+    for _ in 0..4 {
+        service.capture_directly("app").unwrap();
+    }
     // A model file that is not one (truncated, flipped, from elsewhere): stored intact,
     // so only the predictor's own checks can refuse it.
     store
@@ -229,6 +231,22 @@ fn a_damaged_model_falls_back_to_abstaining_and_says_why() {
     let prediction = service
         .predict("app", &proposal.proposal.to_hex(), None, "ops")
         .unwrap();
+    // The view carries the replica's resource trend over the frames before the base.
+    let stored = service
+        .proposal("app", &proposal.proposal.to_hex())
+        .unwrap();
+    let replica = store.replica("app").unwrap();
+    let view = learner
+        .proposal_view(
+            &store,
+            &replica,
+            &stored,
+            &[1, 2],
+            kairos_core::Instant::now(),
+        )
+        .unwrap();
+    assert!(view.trend.is_some(), "{view:?}");
+    assert_eq!(view.ops.len(), 2);
     assert!(prediction.abstain);
     assert_eq!(prediction.confidence, 0.0);
     assert!(

@@ -17,8 +17,8 @@ use kairos_core::{CommitStatus, Hash, Instant, ReplicaDefinition};
 use kairos_predict::metrics::{self, Report};
 use kairos_predict::{
     DiffSummary, FileView, History, Model, ModelHeader, OpKind, OpView, Outcome, OutcomeRecord,
-    Prediction, Predictor, ProposalView, RetrainDecision, RetrainPolicy, SharedPredictor,
-    TrainingSettings, examples_from_records,
+    Prediction, Predictor, ProposalView, ResourceTrend, RetrainDecision, RetrainPolicy,
+    SharedPredictor, TrainingSettings, examples_from_records,
 };
 use kairos_replay::StateView;
 use kairos_sandbox::{Op, Proposal, SandboxReport};
@@ -200,6 +200,43 @@ struct BaseIndex {
     processes: Vec<(String, Vec<String>)>,
     /// (including file, included pattern as written).
     includes: Vec<(String, String)>,
+    trend: Option<ResourceTrend>,
+}
+
+/// Frames before a base whose metrics make its resource trend.
+const TREND_FRAMES: usize = 8;
+
+/// CPU and RSS at the base against their mean over up to `TREND_FRAMES` frames before it.
+fn resource_trend(store: &Store, reader: &Reader<'_>, view: &StateView) -> Option<ResourceTrend> {
+    let base = &view.frame;
+    let frames = store
+        .frames_before(&base.replica, &base.timeline, base.time, TREND_FRAMES + 1)
+        .ok()?;
+    let metrics = |frame: &kairos_store::FrameRecord| {
+        let view = kairos_replay::open_frame(store, frame.clone()).ok()?;
+        let runtime = view.runtime(reader).ok()?;
+        Some((
+            runtime.metrics.cpu_percent,
+            runtime.metrics.memory_rss_bytes as f64,
+        ))
+    };
+    let now = view.runtime(reader).ok()?.metrics;
+    let before: Vec<(f64, f64)> = frames
+        .iter()
+        .filter(|frame| frame.id != base.id)
+        .take(TREND_FRAMES)
+        .filter_map(metrics)
+        .collect();
+    if before.len() < 2 {
+        return None;
+    }
+    let count = before.len() as f64;
+    let cpu = before.iter().map(|(cpu, _)| cpu).sum::<f64>() / count;
+    let rss = before.iter().map(|(_, rss)| rss).sum::<f64>() / count;
+    Some(ResourceTrend {
+        cpu_percent_change: (now.cpu_percent - cpu) as f32,
+        rss_log_ratio: ((now.memory_rss_bytes as f64 + 1.0) / (rss + 1.0)).ln() as f32,
+    })
 }
 
 fn is_include_key(key: &str) -> bool {
@@ -214,9 +251,10 @@ fn is_include_key(key: &str) -> bool {
 }
 
 impl BaseIndex {
-    fn build(reader: &Reader<'_>, view: &StateView, root: &str) -> BaseIndex {
+    fn build(store: &Store, reader: &Reader<'_>, view: &StateView, root: &str) -> BaseIndex {
         let mut index = BaseIndex {
             root: root.trim_end_matches('/').to_string(),
+            trend: resource_trend(store, reader, view),
             ..BaseIndex::default()
         };
         if let Ok(runtime) = view.runtime(reader) {
@@ -392,7 +430,13 @@ impl Learner {
             .remove(name);
     }
 
-    fn base_index(&self, reader: &Reader<'_>, view: &StateView, root: &str) -> Arc<BaseIndex> {
+    fn base_index(
+        &self,
+        store: &Store,
+        reader: &Reader<'_>,
+        view: &StateView,
+        root: &str,
+    ) -> Arc<BaseIndex> {
         let id = view.frame.id;
         if let Some((_, index)) = self
             .bases
@@ -403,7 +447,7 @@ impl Learner {
         {
             return index.clone();
         }
-        let index = Arc::new(BaseIndex::build(reader, view, root));
+        let index = Arc::new(BaseIndex::build(store, reader, view, root));
         let mut bases = self.bases.lock().unwrap_or_else(|p| p.into_inner());
         if bases.len() >= BASE_INDEXES_MAX {
             bases.remove(0);
@@ -425,7 +469,7 @@ impl Learner {
         let base = store.frame(&proposal.base)?;
         let view = kairos_replay::open_frame(store, base)?;
         let reader = store.reader()?;
-        let index = self.base_index(&reader, &view, &replica.root.to_string_lossy());
+        let index = self.base_index(store, &reader, &view, &replica.root.to_string_lossy());
         let limits = kairos_core::Limits::default();
         let lookup = |path: &str| -> Option<DirEntry> {
             view.lookup(&reader, path.as_bytes(), &limits).ok()
@@ -558,6 +602,7 @@ impl Learner {
         }
         diff.files_changed = files.len() as u64;
         out.diff = diff;
+        out.trend = index.trend;
         for path in &files {
             if let Some(keys) = lookup(path).as_ref().and_then(base_keys) {
                 out.base_files.push(FileView {
@@ -1281,6 +1326,7 @@ impl crate::Service<'_> {
         drop(reader);
         let now = nanos(Instant::now());
         let index = self.learner.base_index(
+            self.store,
             &self.store.reader()?,
             &view,
             &replica.root.to_string_lossy(),
@@ -1300,6 +1346,7 @@ impl crate::Service<'_> {
                     ..DiffSummary::default()
                 },
                 dependents: index.dependents(file),
+                trend: index.trend,
             })
             .collect();
         let predictions = self.learner.predict_views(self.store, name, &views)?;
@@ -1450,6 +1497,7 @@ mod tests {
                 ),
             ],
             includes: vec![("nginx.conf".into(), "conf.d/*.conf".into())],
+            trend: None,
         };
         assert_eq!(
             index.dependents("conf.d/site.conf"),

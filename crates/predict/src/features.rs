@@ -53,6 +53,9 @@ const VALUE_LOG_RATIO_ABS: usize = 29;
 const VALUE_BOOL_FLIP: usize = 30;
 const VALUE_TYPE_CHANGE: usize = 31;
 const VALUE_TEXT_WAS_WORD: usize = 32;
+const TREND_CPU: usize = 33;
+const TREND_RSS: usize = 34;
+const TREND_KNOWN: usize = 35;
 const HISTORY_OVERALL_RATE: usize = 40;
 const HISTORY_ENTRY_RATE_MAX: usize = 41;
 const HISTORY_ENTRY_SEEN_MIN: usize = 42;
@@ -114,6 +117,7 @@ pub enum Label {
         value: String,
     },
     History,
+    Trend,
 }
 
 impl Label {
@@ -139,6 +143,7 @@ impl Label {
             Label::PathToken { file, token } => format!("{file}: path token {token:?}"),
             Label::Context { file, key, value } => format!("{file}: key {key} = {value}"),
             Label::History => "past outcomes of the touched entries".into(),
+            Label::Trend => "the replica's resource trend before the base".into(),
         }
     }
 }
@@ -507,10 +512,23 @@ pub fn features_with(
     key_changes(proposal, history, &mut sink, &mut structural);
     context(proposal, &mut sink);
     line_token_history(proposal, history, &mut sink);
+    trend(proposal, &mut sink);
     Features {
         values: sink.values,
         structural,
     }
+}
+
+fn trend(proposal: &ProposalView, sink: &mut Sink<'_>) {
+    let Some(trend) = proposal.trend else { return };
+    sink.label(|| Label::Trend);
+    let finite = |value: f32| if value.is_finite() { value } else { 0.0 };
+    sink.add(
+        TREND_CPU,
+        (finite(trend.cpu_percent_change) / 10.0).clamp(-5.0, 5.0),
+    );
+    sink.add(TREND_RSS, finite(trend.rss_log_ratio).clamp(-5.0, 5.0));
+    sink.add(TREND_KNOWN, 1.0);
 }
 
 fn log1p(value: f64) -> f32 {
@@ -975,6 +993,37 @@ mod tests {
         assert!(vector.values.iter().all(|value| value.is_finite()));
         assert!(vector.structural.len() <= STRUCTURAL_TOKENS_MAX);
         assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_resource_trend_is_bounded_and_labelled() {
+        let plain = nginx(5, vec![OpView::set_config("nginx.conf", "gzip", "off")]);
+        let mut rising = plain.clone();
+        rising.trend = Some(crate::view::ResourceTrend {
+            cpu_percent_change: 35.0,
+            rss_log_ratio: f32::INFINITY,
+        });
+        let base = features(&plain, &[]);
+        let mut trace = Trace::default();
+        let trended = features_with(&rising, &History::new(), Some(&mut trace));
+        assert_eq!(base.values[TREND_KNOWN], 0.0);
+        assert_eq!(trended.values[TREND_KNOWN], 1.0);
+        assert!((trended.values[TREND_CPU] - 3.5).abs() < 1e-6);
+        // A value that is not finite counts as no change, never as infinity.
+        assert_eq!(trended.values[TREND_RSS], 0.0);
+        assert!(trended.values.iter().all(|value| value.is_finite()));
+        assert!(
+            trace
+                .labels
+                .iter()
+                .any(|label| matches!(label, Label::Trend))
+        );
+        // Everything else is as without a trend.
+        for (index, (left, right)) in base.values.iter().zip(&trended.values).enumerate() {
+            if ![TREND_CPU, TREND_RSS, TREND_KNOWN].contains(&index) {
+                assert_eq!(left, right, "feature {index}");
+            }
+        }
     }
 
     #[test]

@@ -18,4 +18,6 @@ pub use model::{Model, ModelError, ModelHeader, Scores};
 pub use predictor::{Prediction, Predictor, ResourceDeltas, SharedPredictor};
 pub use retrain::{RetrainDecision, RetrainPolicy};
 pub use train::{Example, TrainingSettings, examples_from_records, train};
-pub use view::{DiffSummary, FileView, OpKind, OpView, Outcome, OutcomeRecord, ProposalView};
+pub use view::{
+    DiffSummary, FileView, OpKind, OpView, Outcome, OutcomeRecord, ProposalView, ResourceTrend,
+};

@@ -114,6 +114,15 @@ pub struct DiffSummary {
     pub bytes_removed: u64,
 }
 
+/// How the replica's resources moved over the frames before the proposal's base.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResourceTrend {
+    /// CPU use at the base minus its mean over the frames before (percent of one core).
+    pub cpu_percent_change: f32,
+    /// ln(RSS at the base / mean RSS over the frames before).
+    pub rss_log_ratio: f32,
+}
+
 /// A proposal as the predictor sees it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProposalView {
@@ -129,6 +138,9 @@ pub struct ProposalView {
     /// by them), by name.
     #[serde(default)]
     pub dependents: Vec<String>,
+    /// The replica's resource trend before the base (absent when too few frames).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trend: Option<ResourceTrend>,
 }
 
 /// What really happened to a proposal: the label.

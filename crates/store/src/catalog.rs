@@ -265,6 +265,35 @@ impl Store {
     }
 
     /// Timelines of a replica that have a head.
+    /// Up to `limit` frames of a timeline at or before `at`, newest first (one bounded
+    /// scan of the time index).
+    pub fn frames_before(
+        &self,
+        replica: &str,
+        timeline: &str,
+        at: Instant,
+        limit: usize,
+    ) -> Result<Vec<FrameRecord>> {
+        let reader = self.reader()?;
+        let prefix = keys::time_prefix(replica, timeline);
+        let upper = keys::time_upper(replica, timeline, at);
+        reader
+            .snapshot()
+            .scan(
+                Bound::Included(prefix.as_slice()),
+                Bound::Included(upper.as_slice()),
+                limit,
+                true,
+            )?
+            .iter()
+            .map(|(key, _)| {
+                let id = keys::id_of_time_key(key)
+                    .ok_or_else(|| bad_record("time index entry", key, "has no frame id"))?;
+                reader_frame(&reader, &id)
+            })
+            .collect()
+    }
+
     pub fn timelines(&self, replica: &str) -> Result<Vec<String>> {
         let reader = self.reader()?;
         let prefix = keys::head_prefix(replica);
