@@ -278,3 +278,67 @@ fn a_damaged_model_falls_back_to_abstaining_and_says_why() {
     let empty = kairos_sandbox::ProposalDocument::parse(br#"{"title": "nothing", "ops": []}"#);
     assert!(empty.is_err());
 }
+
+#[test]
+fn an_outcome_lost_between_its_record_and_itself_is_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("app");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("app.toml"), "mode = \"safe\"\nworkers = 1\n").unwrap();
+    let store = Store::open(&dir.path().join("data")).unwrap();
+    let learner = Learner::new();
+    let service = Service {
+        store: &store,
+        limits: kairos_core::Limits::default(),
+        skip: Vec::new(),
+        learner: &learner,
+    };
+    service
+        .add_replica(kairos_ops::ReplicaRequest {
+            name: "app",
+            root: &root,
+            processes: Vec::new(),
+            exclude: Vec::new(),
+            capture_interval: "60s",
+            settings: &kairos_replica::ReplicaSettings {
+                check: Some("! grep -q broken {root}/app.toml".into()),
+                ..Default::default()
+            },
+        })
+        .unwrap();
+    service.capture_directly("app").unwrap();
+    let document =
+        kairos_sandbox::ProposalDocument::parse(document("broken", 2).to_string().as_bytes())
+            .unwrap();
+    let proposal = service.propose("app", document, None, "ops").unwrap();
+    let sandbox = service
+        .sandbox("app", &proposal.proposal.to_hex(), None, true, "ops")
+        .unwrap();
+    assert!(!sandbox.report.check.as_ref().unwrap().passed);
+    let outcomes = kairos_ops::learn::outcomes(&store, "app").unwrap();
+    assert_eq!(outcomes.len(), 1);
+    assert!(outcomes[0].1.failed);
+    assert_eq!(outcomes[0].1.example.proposal.ops.len(), 2);
+
+    // A crash between the sandbox record and its outcome: the outcome is missing.
+    let mut batch = kairos_store::kv::WriteBatch::new();
+    batch
+        .delete(kairos_store::keys::replica_record(
+            kairos_store::keys::OUTCOME,
+            "app",
+            outcomes[0].0.as_bytes(),
+        ))
+        .unwrap();
+    store.kv().commit(batch).unwrap();
+    assert!(
+        kairos_ops::learn::outcomes(&store, "app")
+            .unwrap()
+            .is_empty()
+    );
+    // Recovered from the sandbox record, once.
+    assert_eq!(service.backfill_outcomes("app").unwrap(), 1);
+    assert_eq!(service.backfill_outcomes("app").unwrap(), 0);
+    let recovered = kairos_ops::learn::outcomes(&store, "app").unwrap();
+    assert_eq!(recovered[0].1.source_id, outcomes[0].1.source_id);
+    assert!(recovered[0].1.failed);
+}

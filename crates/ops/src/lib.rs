@@ -407,7 +407,9 @@ impl Service<'_> {
             now,
         )?;
         let record_id = kairos_sandbox::sandbox_record_id(&proposal.id, &report.state);
-        self.record_sandbox_outcome(&replica, &proposal, &report, record_id, now, party)?;
+        // The sandbox is stored whatever happens to its outcome record: one that could
+        // not be written is recovered from the sandbox record before the next training.
+        let _ = self.record_sandbox_outcome(&replica, &proposal, &report, record_id, now, party);
         Ok(SandboxJson { report, prediction })
     }
 
@@ -442,7 +444,8 @@ impl Service<'_> {
             .committer(&replica, capturer)
             .begin(&proposal, ops, party)?;
         if record.status.is_final() {
-            self.record_commit_outcome(&record)?;
+            // Recovered from the commit record before the next training if it fails.
+            let _ = self.record_commit_outcome(&record);
         }
         Ok(record)
     }
@@ -451,7 +454,8 @@ impl Service<'_> {
     pub fn watch(&self, record: CommitRecord, capturer: &dyn Capturer) -> Result<CommitRecord> {
         let replica = self.store.replica(&record.replica)?;
         let record = self.committer(&replica, capturer).watch(record)?;
-        self.record_commit_outcome(&record)?;
+        // Recovered from the commit record before the next training if it fails.
+        let _ = self.record_commit_outcome(&record);
         Ok(record)
     }
 
