@@ -341,4 +341,48 @@ fn an_outcome_lost_between_its_record_and_itself_is_recovered() {
     let recovered = kairos_ops::learn::outcomes(&store, "app").unwrap();
     assert_eq!(recovered[0].1.source_id, outcomes[0].1.source_id);
     assert!(recovered[0].1.failed);
+
+    // A config file with thousands of keys: the sandbox answers, and its outcome is cut
+    // to fit a record rather than refused.
+    let many: String = (0..5000)
+        .map(|k| format!("key{k:05} = \"{}\"\n", "v".repeat(20)))
+        .collect();
+    std::fs::write(root.join("many.toml"), many).unwrap();
+    service.capture_directly("app").unwrap();
+    let document = kairos_sandbox::ProposalDocument::parse(
+        json!({"title": "one of many", "ops": [{"op": "set_config", "file": "many.toml", "key": "key00001", "value": "w"}]})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    let proposal = service.propose("app", document, None, "ops").unwrap();
+    let sandbox = service
+        .sandbox("app", &proposal.proposal.to_hex(), None, true, "ops")
+        .unwrap();
+    assert!(sandbox.report.check.as_ref().unwrap().passed);
+    let outcomes = kairos_ops::learn::outcomes(&store, "app").unwrap();
+    assert_eq!(outcomes.len(), 2);
+    assert!(!outcomes[1].1.failed);
+    assert!(!outcomes[1].1.example.proposal.base_files.is_empty());
+
+    // suggest refuses what it cannot rank.
+    let values: Vec<String> = (0..300).map(|v| v.to_string()).collect();
+    let error = service
+        .suggest("app", "app.toml", "workers", &values, None)
+        .unwrap_err();
+    assert!(error.to_string().contains("at most 256"), "{error}");
+    let error = service
+        .suggest(
+            "app",
+            "app.toml",
+            "workers",
+            &["2".into(), " ".into()],
+            None,
+        )
+        .unwrap_err();
+    assert!(error.to_string().contains("value 2 is empty"), "{error}");
+    let error = service
+        .suggest("app", "app.toml", "", &["2".into()], None)
+        .unwrap_err();
+    assert!(error.to_string().contains("file and a key"), "{error}");
 }

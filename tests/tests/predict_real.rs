@@ -154,6 +154,11 @@ fn nginx_proposals_are_predicted_before_their_real_check() {
     assert_eq!(status.version, Some(1));
     assert_eq!(status.outcomes, HISTORY);
     assert!(status.held_out.unwrap().auc.unwrap() > 0.8, "{status:?}");
+    // Nothing new: the serving model is kept, not stored again.
+    let again = service.train_model("web", "ops").unwrap();
+    assert_eq!(again.version, Some(1));
+    assert_eq!(again.model, status.model);
+    assert_eq!(again.retrain, "keep", "{again:?}");
 
     // Unseen proposals: predicted as they are proposed, before their sandbox runs.
     let (mut called, mut agreed, mut abstained) = (0usize, 0usize, 0usize);

@@ -338,6 +338,7 @@ impl CommitEngine {
                     evidence: self.evidence.clone(),
                     restored_ms: now_ms.saturating_sub(self.failure_at_ms),
                     after_commit: None,
+                    recovered: matches!(self.plan, Plan::Recover),
                 });
                 if self.watch.has_after_commit {
                     self.phase = Phase::RollbackAfterCommit;
@@ -360,6 +361,7 @@ impl CommitEngine {
                     evidence: self.evidence.clone(),
                     restored_ms: 0,
                     after_commit: None,
+                    recovered: matches!(self.plan, Plan::Recover),
                 });
                 rollback.frame = Some(frame.id);
                 rollback.after_commit = self.rollback_after_commit.take();
@@ -956,6 +958,8 @@ mod tests {
                 .contains("the node stopped while the commit was watching")
         );
         assert!(rollback.after_commit.is_some());
+        // A recovery judged nothing about the change: it is marked so.
+        assert!(rollback.recovered);
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub struct Rollback {
     pub restored_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after_commit: Option<CommandOutcome>,
+    /// The rollback was a crash recovery: the change itself was never judged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recovered: bool,
 }
 
 /// One commit (or revert) and everything that happened to it.

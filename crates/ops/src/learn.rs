@@ -35,8 +35,20 @@ pub use kairos_predict::train::prepare_process;
 
 /// Largest file whose lines a view diffs (larger files count by size only).
 pub const VIEW_FILE_BYTES_MAX: u64 = 1 << 20;
-/// Changed lines kept per op in a view.
-pub const VIEW_LINES_MAX: usize = 2048;
+/// Changed lines kept per op in a view (the features look at no more).
+pub const VIEW_LINES_MAX: usize = kairos_predict::features::LINES_PER_OP_MAX;
+/// Bytes kept of one changed line.
+pub const VIEW_LINE_BYTES_MAX: usize = 256;
+/// Ops kept in a view (the features look at no more).
+pub const VIEW_OPS_MAX: usize = kairos_predict::features::OPS_MAX;
+/// Base keys kept per touched config file (the features look at no more).
+pub const VIEW_BASE_KEYS_MAX: usize = kairos_predict::features::CONTEXT_KEYS_PER_FILE_MAX;
+/// Touched config files whose base keys a view keeps, and dependents it lists.
+pub const VIEW_FILES_MAX: usize = 16;
+/// Largest outcome or prediction record: under the store's 100 000-byte value limit.
+pub const RECORD_BYTES_MAX: usize = 90_000;
+/// Candidate values `suggest` ranks at once.
+pub const SUGGEST_VALUES_MAX: usize = 256;
 /// Entries of a base frame looked at for `include` directives between config files.
 pub const INCLUDE_SCAN_ENTRIES_MAX: usize = 20_000;
 /// Base frames whose dependency index a learner keeps.
@@ -593,8 +605,14 @@ impl Learner {
                     ..OpView::default()
                 },
             };
-            view_op.lines_added.truncate(VIEW_LINES_MAX);
-            view_op.lines_removed.truncate(VIEW_LINES_MAX);
+            bound_lines(&mut view_op.lines_added);
+            bound_lines(&mut view_op.lines_removed);
+            if let Some(value) = view_op.value.as_mut() {
+                truncate_text(value, VIEW_LINE_BYTES_MAX);
+            }
+            if out.ops.len() >= VIEW_OPS_MAX {
+                continue;
+            }
             if let Some(path) = op.path() {
                 files.insert(path.to_string());
             }
@@ -603,15 +621,20 @@ impl Learner {
         diff.files_changed = files.len() as u64;
         out.diff = diff;
         out.trend = index.trend;
-        for path in &files {
-            if let Some(keys) = lookup(path).as_ref().and_then(base_keys) {
+        for path in files.iter().take(VIEW_FILES_MAX) {
+            if let Some(mut keys) = lookup(path).as_ref().and_then(base_keys) {
+                keys.truncate(VIEW_BASE_KEYS_MAX);
+                for (key, value) in &mut keys {
+                    truncate_text(key, VIEW_LINE_BYTES_MAX);
+                    truncate_text(value, VIEW_LINE_BYTES_MAX);
+                }
                 out.base_files.push(FileView {
                     path: path.clone(),
                     keys,
                 });
             }
             for dependent in index.dependents(path) {
-                if !out.dependents.contains(&dependent) {
+                if !out.dependents.contains(&dependent) && out.dependents.len() < VIEW_FILES_MAX {
                     out.dependents.push(dependent);
                 }
             }
@@ -683,6 +706,13 @@ impl Learner {
         }
     }
 
+    /// The header of the replica's serving model, if one is loaded.
+    pub fn serving_model(&self, store: &Store, name: &str) -> Result<Option<ModelHeader>> {
+        let learning = self.replica(store, name)?;
+        let predictor = learning.predictor.current();
+        Ok(predictor.model().map(|model| model.header.clone()))
+    }
+
     /// Whether the replica's model should be (re)trained now.
     pub fn decision(&self, store: &Store, name: &str) -> Result<RetrainDecision> {
         let learning = self.replica(store, name)?;
@@ -695,7 +725,7 @@ impl Learner {
     /// Makes a newly trained model the serving one.
     fn swap(&self, store: &Store, name: &str, model: Model, version: u32) -> Result<()> {
         let learning = self.replica(store, name)?;
-        let trained = model.header.trained_examples;
+        let trained = outcomes_seen(&model.header);
         learning.predictor.replace(Predictor::new(model));
         let mut state = learning.state.lock().unwrap_or_else(|p| p.into_inner());
         state.version = Some(version);
@@ -721,6 +751,12 @@ impl Learner {
             .and_then(|record| serde_json::from_str(&record.summary).ok());
         let model = learning.predictor.current().model().map(|m| m.id.clone());
         let (retrain, retrain_detail) = match self.policy.decide(outcomes, failures, trained_on) {
+            RetrainDecision::Wait { outcomes_needed } if model.is_some() => (
+                "keep",
+                format!(
+                    "{outcomes_needed} more outcome(s) before the node retrains by itself (this model was trained by hand)"
+                ),
+            ),
             RetrainDecision::Wait { outcomes_needed } => (
                 "wait",
                 format!(
@@ -777,6 +813,51 @@ fn prediction_json(
     }
 }
 
+fn truncate_text(text: &mut String, bytes: usize) {
+    if text.len() > bytes {
+        let mut end = bytes;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+}
+
+fn bound_lines(lines: &mut Vec<String>) {
+    lines.truncate(VIEW_LINES_MAX);
+    for line in lines {
+        truncate_text(line, VIEW_LINE_BYTES_MAX);
+    }
+}
+
+/// Makes a view's JSON fit in a record: keeps fewer changed lines per op, then fewer
+/// base keys per file, halving each bound in turn, until it does (the label and the ops'
+/// kinds, paths and keys stay longest). A bounded number of passes.
+pub fn fit_view(view: &mut ProposalView, bytes_max: usize) {
+    let fits = |view: &ProposalView| serde_json::to_vec(view).is_ok_and(|v| v.len() <= bytes_max);
+    let mut lines = VIEW_LINES_MAX;
+    while !fits(view) && lines > 0 {
+        lines /= 2;
+        for op in &mut view.ops {
+            op.lines_added.truncate(lines);
+            op.lines_removed.truncate(lines);
+        }
+    }
+    let mut keys = VIEW_BASE_KEYS_MAX;
+    while !fits(view) && keys > 0 {
+        keys /= 2;
+        for file in &mut view.base_files {
+            file.keys.truncate(keys);
+        }
+    }
+    if !fits(view) {
+        view.dependents.clear();
+    }
+    while !fits(view) && !view.ops.is_empty() {
+        view.ops.truncate(view.ops.len() / 2);
+    }
+}
+
 /// Lines a unified diff adds and removes.
 pub fn patch_lines(unified_diff: &str) -> (Vec<String>, Vec<String>) {
     let (mut added, mut removed) = (Vec::new(), Vec::new());
@@ -821,6 +902,12 @@ pub fn outcomes(store: &Store, name: &str) -> Result<Vec<(Hash, OutcomeEntry)>> 
     Ok(entries)
 }
 
+/// Outcomes a model saw: those it trained on and those held out to calibrate it (what
+/// the retraining policy compares new outcomes against).
+fn outcomes_seen(header: &ModelHeader) -> usize {
+    header.trained_examples + header.held_out.examples
+}
+
 fn load_replica(store: &Store, name: &str) -> Result<ReplicaLearning> {
     store.replica(name)?;
     let mut state = LearnState::default();
@@ -834,7 +921,7 @@ fn load_replica(store: &Store, name: &str) -> Result<ReplicaLearning> {
         }
         Err(error) => (Predictor::untrained(), Some(error.to_string())),
     };
-    state.trained_on = predictor.model().map(|m| m.header.trained_examples);
+    state.trained_on = predictor.model().map(|m| outcomes_seen(&m.header));
     state.model_error = model_error;
     for (id, entry) in outcomes(store, name)? {
         state.known.insert(id);
@@ -989,6 +1076,14 @@ impl crate::Service<'_> {
         let Some(proposal_id) = record.proposal else {
             return Ok(());
         };
+        // A crash recovery judged nothing about the change.
+        if record
+            .rollback
+            .as_ref()
+            .is_some_and(|rollback| rollback.recovered)
+        {
+            return Ok(());
+        }
         let failed = match record.status {
             CommitStatus::Committed => false,
             CommitStatus::RolledBack | CommitStatus::Failed => true,
@@ -1045,13 +1140,14 @@ impl crate::Service<'_> {
         }
         // The view is as of the proposal's creation: what a prediction before anything
         // ran could see.
-        let view = self.learner.proposal_view(
+        let mut view = self.learner.proposal_view(
             self.store,
             replica,
             proposal,
             &draft.ops,
             proposal.created,
         )?;
+        fit_view(&mut view, RECORD_BYTES_MAX);
         let entry = OutcomeEntry {
             proposal: proposal.id,
             ops: draft.ops.clone(),
@@ -1118,14 +1214,15 @@ impl crate::Service<'_> {
                 continue;
             };
             let time = report.created.unwrap_or(proposal.created);
-            self.record_sandbox_outcome(
+            // One record that cannot become an example never stops the others.
+            let _ = self.record_sandbox_outcome(
                 &replica,
                 &proposal,
                 &report,
                 id,
                 time,
                 kairos_store::SYSTEM_PARTY,
-            )?;
+            );
         }
         let commits: Vec<(Hash, serde_json::Value)> =
             self.store.records(RecordFamily::Commit, name)?;
@@ -1134,7 +1231,7 @@ impl crate::Service<'_> {
             let Ok(record) = serde_json::from_value::<CommitRecord>(value) else {
                 continue;
             };
-            self.record_commit_outcome(&record)?;
+            let _ = self.record_commit_outcome(&record);
         }
         self.learner.forget(name);
         Ok(outcomes(self.store, name)?.len() - before)
@@ -1152,6 +1249,32 @@ impl crate::Service<'_> {
             .map(|(_, entry)| entry.example.clone())
             .collect();
         let failures = records.iter().filter(|r| r.outcome.failed).count();
+        let refuse = |reason: String| LearnError::Training {
+            replica: name.to_string(),
+            outcomes: records.len(),
+            failures,
+            reason,
+        };
+        if failures == 0 || failures == records.len() {
+            return Err(refuse(format!(
+                "a model needs failures and successes among them, and all {} {}",
+                records.len(),
+                if failures == 0 { "passed" } else { "failed" }
+            ))
+            .into());
+        }
+        // Nothing new since the serving model (outcomes are never removed, so the same
+        // count is the same outcomes): keep it rather than store a copy.
+        if let Some(header) = self.learner.serving_model(self.store, name)?
+            && outcomes_seen(&header) == records.len()
+        {
+            let mut status = self.learner.status(self.store, name)?;
+            status.retrain_detail = format!(
+                "no new outcomes since the serving model was trained; it is kept ({})",
+                status.retrain_detail
+            );
+            return Ok(status);
+        }
         let examples = examples_from_records(&records);
         let train_end = examples.len() - (examples.len() as f64 * CALIBRATION_SHARE) as usize;
         let started = std::time::Instant::now();
@@ -1288,6 +1411,23 @@ impl crate::Service<'_> {
     ) -> Result<Vec<SuggestionJson>> {
         if values.is_empty() {
             return Err(LearnError::Suggest("give at least one value".into()).into());
+        }
+        if values.len() > SUGGEST_VALUES_MAX {
+            return Err(LearnError::Suggest(format!(
+                "{} values given; at most {SUGGEST_VALUES_MAX} are ranked at once",
+                values.len()
+            ))
+            .into());
+        }
+        if file.trim().is_empty() || key.trim().is_empty() {
+            return Err(LearnError::Suggest("give both a file and a key".into()).into());
+        }
+        if let Some(position) = values.iter().position(|value| value.trim().is_empty()) {
+            return Err(LearnError::Suggest(format!(
+                "value {} is empty (values are separated by commas)",
+                position + 1
+            ))
+            .into());
         }
         if !matches!(objective, None | Some("cpu" | "rss")) {
             return Err(LearnError::Suggest(format!(
@@ -1474,6 +1614,34 @@ mod tests {
         assert_eq!(removed, vec!["b"]);
         let (added, removed) = line_changes("", "x = 1\n");
         assert_eq!((added, removed), (vec!["x = 1".to_string()], Vec::new()));
+    }
+
+    #[test]
+    fn an_enormous_view_is_cut_to_fit_a_record() {
+        let line = "x".repeat(200);
+        let mut view = ProposalView {
+            ops: (0..300)
+                .map(|index| OpView {
+                    kind: Some(OpKind::PutFile),
+                    path: format!("conf/{index}.conf"),
+                    lines_added: vec![line.clone(); 200],
+                    ..OpView::default()
+                })
+                .collect(),
+            base_files: vec![FileView {
+                path: "many.toml".into(),
+                keys: (0..5000)
+                    .map(|k| (format!("key{k}"), line.clone()))
+                    .collect(),
+            }],
+            ..ProposalView::default()
+        };
+        fit_view(&mut view, RECORD_BYTES_MAX);
+        assert!(serde_json::to_vec(&view).unwrap().len() <= RECORD_BYTES_MAX);
+        assert!(!view.ops.is_empty());
+        let mut text = "ééé".to_string();
+        truncate_text(&mut text, 4);
+        assert_eq!(text, "éé");
     }
 
     #[test]
