@@ -260,6 +260,20 @@ fn a_damaged_model_falls_back_to_abstaining_and_says_why() {
     assert_eq!(status.version, Some(1));
     assert!(status.model.is_none());
     assert!(status.model_error.is_some());
+    // A damaged model record: the status says so instead of failing.
+    let mut batch = kairos_store::kv::WriteBatch::new();
+    batch
+        .put(kairos_store::keys::model("app", 2), b"{not json".to_vec())
+        .unwrap();
+    store.kv().commit(batch).unwrap();
+    let status = service.model_status("app").unwrap();
+    assert!(
+        status
+            .model_error
+            .as_deref()
+            .is_some_and(|error| error.contains("model")),
+        "{status:?}"
+    );
 
     // An empty proposal cannot exist; an enormous one is predicted in bounded time.
     let ops: Vec<Value> = (0..500)

@@ -745,7 +745,11 @@ impl Learner {
                 state.model_error.clone(),
             )
         };
-        let record = store.model_records(name)?.pop();
+        // A damaged model record is reported, not an error of the status itself.
+        let (record, model_error) = match store.model_records(name) {
+            Ok(mut records) => (records.pop(), model_error),
+            Err(error) => (None, Some(error.to_string())),
+        };
         let header: Option<ModelHeader> = record
             .as_ref()
             .and_then(|record| serde_json::from_str(&record.summary).ok());
