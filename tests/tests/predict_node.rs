@@ -187,30 +187,59 @@ fn the_node_predicts_learns_from_outcomes_and_retrains_by_itself() {
     assert!(node.stop());
 }
 
+/// A store in a temporary directory with one replica `app` (its `app.toml` and check),
+/// for the tests that call the service in-process.
+struct Local {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    store: Store,
+    learner: Learner,
+}
+
+impl Local {
+    fn new(app_toml: &str, check: Option<&str>) -> Local {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("app");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("app.toml"), app_toml).unwrap();
+        let local = Local {
+            store: Store::open(&dir.path().join("data")).unwrap(),
+            learner: Learner::new(),
+            root,
+            _dir: dir,
+        };
+        local
+            .service()
+            .add_replica(kairos_ops::ReplicaRequest {
+                name: "app",
+                root: &local.root,
+                processes: Vec::new(),
+                exclude: Vec::new(),
+                capture_interval: "60s",
+                settings: &kairos_replica::ReplicaSettings {
+                    check: check.map(str::to_string),
+                    ..Default::default()
+                },
+            })
+            .unwrap();
+        local
+    }
+
+    fn service(&self) -> Service<'_> {
+        Service {
+            store: &self.store,
+            limits: kairos_core::Limits::default(),
+            skip: Vec::new(),
+            learner: &self.learner,
+        }
+    }
+}
+
 #[test]
 fn a_damaged_model_falls_back_to_abstaining_and_says_why() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("app");
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::write(root.join("app.toml"), "mode = \"safe\"\n").unwrap();
-    let store = Store::open(&dir.path().join("data")).unwrap();
-    let learner = Learner::new();
-    let service = Service {
-        store: &store,
-        limits: kairos_core::Limits::default(),
-        skip: Vec::new(),
-        learner: &learner,
-    };
-    service
-        .add_replica(kairos_ops::ReplicaRequest {
-            name: "app",
-            root: &root,
-            processes: Vec::new(),
-            exclude: Vec::new(),
-            capture_interval: "60s",
-            settings: &kairos_replica::ReplicaSettings::default(),
-        })
-        .unwrap();
+    let local = Local::new("mode = \"safe\"\n", None);
+    let (store, learner) = (&local.store, &local.learner);
+    let service = local.service();
     for _ in 0..4 {
         service.capture_directly("app").unwrap();
     }
@@ -238,7 +267,7 @@ fn a_damaged_model_falls_back_to_abstaining_and_says_why() {
     let replica = store.replica("app").unwrap();
     let view = learner
         .proposal_view(
-            &store,
+            store,
             &replica,
             &stored,
             &[1, 2],
@@ -295,31 +324,12 @@ fn a_damaged_model_falls_back_to_abstaining_and_says_why() {
 
 #[test]
 fn an_outcome_lost_between_its_record_and_itself_is_recovered() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("app");
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::write(root.join("app.toml"), "mode = \"safe\"\nworkers = 1\n").unwrap();
-    let store = Store::open(&dir.path().join("data")).unwrap();
-    let learner = Learner::new();
-    let service = Service {
-        store: &store,
-        limits: kairos_core::Limits::default(),
-        skip: Vec::new(),
-        learner: &learner,
-    };
-    service
-        .add_replica(kairos_ops::ReplicaRequest {
-            name: "app",
-            root: &root,
-            processes: Vec::new(),
-            exclude: Vec::new(),
-            capture_interval: "60s",
-            settings: &kairos_replica::ReplicaSettings {
-                check: Some("! grep -q broken {root}/app.toml".into()),
-                ..Default::default()
-            },
-        })
-        .unwrap();
+    let local = Local::new(
+        "mode = \"safe\"\nworkers = 1\n",
+        Some("! grep -q broken {root}/app.toml"),
+    );
+    let (store, root) = (&local.store, &local.root);
+    let service = local.service();
     service.capture_directly("app").unwrap();
     let document =
         kairos_sandbox::ProposalDocument::parse(document("broken", 2).to_string().as_bytes())
@@ -329,7 +339,7 @@ fn an_outcome_lost_between_its_record_and_itself_is_recovered() {
         .sandbox("app", &proposal.proposal.to_hex(), None, true, "ops")
         .unwrap();
     assert!(!sandbox.report.check.as_ref().unwrap().passed);
-    let outcomes = kairos_ops::learn::outcomes(&store, "app").unwrap();
+    let outcomes = kairos_ops::learn::outcomes(store, "app").unwrap();
     assert_eq!(outcomes.len(), 1);
     assert!(outcomes[0].1.failed);
     assert_eq!(outcomes[0].1.example.proposal.ops.len(), 2);
@@ -345,14 +355,14 @@ fn an_outcome_lost_between_its_record_and_itself_is_recovered() {
         .unwrap();
     store.kv().commit(batch).unwrap();
     assert!(
-        kairos_ops::learn::outcomes(&store, "app")
+        kairos_ops::learn::outcomes(store, "app")
             .unwrap()
             .is_empty()
     );
     // Recovered from the sandbox record, once.
     assert_eq!(service.backfill_outcomes("app").unwrap(), 1);
     assert_eq!(service.backfill_outcomes("app").unwrap(), 0);
-    let recovered = kairos_ops::learn::outcomes(&store, "app").unwrap();
+    let recovered = kairos_ops::learn::outcomes(store, "app").unwrap();
     assert_eq!(recovered[0].1.source_id, outcomes[0].1.source_id);
     assert!(recovered[0].1.failed);
 
@@ -374,7 +384,7 @@ fn an_outcome_lost_between_its_record_and_itself_is_recovered() {
         .sandbox("app", &proposal.proposal.to_hex(), None, true, "ops")
         .unwrap();
     assert!(sandbox.report.check.as_ref().unwrap().passed);
-    let outcomes = kairos_ops::learn::outcomes(&store, "app").unwrap();
+    let outcomes = kairos_ops::learn::outcomes(store, "app").unwrap();
     assert_eq!(outcomes.len(), 2);
     assert!(!outcomes[1].1.failed);
     assert!(!outcomes[1].1.example.proposal.base_files.is_empty());

@@ -541,22 +541,14 @@ impl Backend {
                 run_check,
                 party,
             )?),
-            Backend::Node { .. } => {
-                kairos_core::hash::parse_hex_prefix(proposal)
-                    .map_err(|error| anyhow!("proposal id {proposal:?}: {error}"))?;
-                self.post(
-                    &format!(
-                        "/api/replicas/{}/proposals/{}/sandbox",
-                        segment(name),
-                        segment(proposal)
-                    ),
-                    Some(&SandboxRequest {
-                        ops,
-                        run_check,
-                        party: self.node_party(party),
-                    }),
-                )
-            }
+            Backend::Node { .. } => self.post(
+                &proposal_path(name, proposal, "sandbox")?,
+                Some(&SandboxRequest {
+                    ops,
+                    run_check,
+                    party: self.node_party(party),
+                }),
+            ),
         }
     }
 
@@ -590,22 +582,14 @@ impl Backend {
                 };
                 Ok(CommitJson { record, prediction })
             }
-            Backend::Node { .. } => {
-                kairos_core::hash::parse_hex_prefix(proposal)
-                    .map_err(|error| anyhow!("proposal id {proposal:?}: {error}"))?;
-                self.post(
-                    &format!(
-                        "/api/replicas/{}/proposals/{}/commit",
-                        segment(name),
-                        segment(proposal)
-                    ),
-                    Some(&CommitRequest {
-                        ops,
-                        wait,
-                        party: self.node_party(party),
-                    }),
-                )
-            }
+            Backend::Node { .. } => self.post(
+                &proposal_path(name, proposal, "commit")?,
+                Some(&CommitRequest {
+                    ops,
+                    wait,
+                    party: self.node_party(party),
+                }),
+            ),
         }
     }
 
@@ -623,21 +607,13 @@ impl Backend {
                 ops.as_deref(),
                 party,
             )?),
-            Backend::Node { .. } => {
-                kairos_core::hash::parse_hex_prefix(proposal)
-                    .map_err(|error| anyhow!("proposal id {proposal:?}: {error}"))?;
-                self.post(
-                    &format!(
-                        "/api/replicas/{}/proposals/{}/predict",
-                        segment(name),
-                        segment(proposal)
-                    ),
-                    Some(&PredictRequest {
-                        ops,
-                        party: self.node_party(party),
-                    }),
-                )
-            }
+            Backend::Node { .. } => self.post(
+                &proposal_path(name, proposal, "predict")?,
+                Some(&PredictRequest {
+                    ops,
+                    party: self.node_party(party),
+                }),
+            ),
         }
     }
 
@@ -802,4 +778,16 @@ impl Backend {
             ),
         }
     }
+}
+
+/// The API path of an action on a proposal (`…/proposals/ID/sandbox`), its id checked
+/// first so that a bad one is named before any request.
+fn proposal_path(name: &str, proposal: &str, action: &str) -> Result<String> {
+    kairos_core::hash::parse_hex_prefix(proposal)
+        .map_err(|error| anyhow!("proposal id {proposal:?}: {error}"))?;
+    Ok(format!(
+        "/api/replicas/{}/proposals/{}/{action}",
+        segment(name),
+        segment(proposal)
+    ))
 }
