@@ -1,6 +1,6 @@
 //! Entry points for fuzzing: each takes arbitrary bytes and must return — an error is
 //! fine — without panicking. The cargo-fuzz targets in `fuzz/` call them for long runs,
-//! and `tests/tests/fuzz_corpus.rs` replays the corpus in `fuzz/corpus` through them on
+//! and `tests/tests/e2e/fuzz_corpus.rs` replays the corpus in `fuzz/corpus` through them on
 //! every test run.
 
 use kairos_replica::config::{ConfigFormat, parse};

@@ -1,0 +1,17 @@
+//! Kairos's end-to-end tests, linked as one test binary: each module is one area
+//! (`cargo nextest run -p kairos-tests --test e2e node::` runs one of them). One binary
+//! instead of one per area keeps the workspace's test build to a single link of the
+//! whole dependency graph; nextest still runs every test in its own process.
+
+mod bisect;
+mod catalog;
+mod changes;
+mod corruption;
+mod foundation;
+mod fuzz_corpus;
+mod node;
+mod predict_node;
+mod predict_real;
+mod store_trust;
+mod telemetry;
+mod trust;
