@@ -167,6 +167,21 @@ pub trait KvSnapshot: Send + Sync {
         limit: usize,
         reverse: bool,
     ) -> Result<Pairs, KvError>;
+
+    /// Up to `limit` keys in `[start, end)` ascending, each with its value's length in bytes,
+    /// without copying the values (garbage collection and store figures list segments).
+    fn scan_key_lengths(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, usize)>, KvError> {
+        Ok(self
+            .scan(start, end, limit, false)?
+            .into_iter()
+            .map(|(key, value)| (key, value.len()))
+            .collect())
+    }
 }
 
 /// The catalog as the store holds it beside its copy (see [`KvBackend::catalog_with_copy`]).
@@ -215,6 +230,18 @@ pub trait KvBackend: Send + Sync {
     /// Clears recorded damage (after a check found the store intact, or a repair).
     fn clear_damage(&self) -> Result<(), KvError> {
         Ok(())
+    }
+
+    /// Whether one process holds the backend while it is open (the embedded store): then
+    /// every writer of the store is in this process and garbage collection may run here.
+    fn held_by_one_process(&self) -> bool {
+        false
+    }
+
+    /// A number that changes with every committed batch that changes the catalog (`None`:
+    /// the backend keeps none).
+    fn catalog_changes(&self) -> Result<Option<u64>, KvError> {
+        Ok(None)
     }
 }
 

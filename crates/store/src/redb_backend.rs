@@ -39,6 +39,8 @@ const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new(TABLE_NAME);
 /// Facts about the store kept outside its key space: the catalog sequence, the number of
 /// committed batches that changed catalog keys (the catalog copy records it too, so the
 /// two can be compared exactly).
+/// Calls of redb's `compact` at most, per compaction.
+const COMPACT_ROUNDS_MAX: usize = 64;
 const META: TableDefinition<&str, u64> = TableDefinition::new("kairos-meta");
 const CATALOG_SEQUENCE: &str = "catalog-sequence";
 /// The page cache used unless another size is asked for.
@@ -337,6 +339,40 @@ impl RedbBackend {
                     .unwrap_or(0))
             },
         )
+    }
+
+    /// Compacts the file (redb's `compact`: live pages move to the front, the free tail is
+    /// cut off), so that space freed by garbage collection returns to the file system. It
+    /// needs the only handle, with no transaction open: the caller owns the backend.
+    /// Returns the file size after. A crash meanwhile leaves a file redb recovers on open
+    /// (its two-phase commit), never a partial state.
+    pub fn compact(mut self) -> Result<u64, KvError> {
+        self.refuse_writes_if_damaged()?;
+        let health = self.health.clone();
+        let database = &mut *self.database;
+        health.guard(
+            || "compacting".into(),
+            || {
+                // Each call moves what it can; a few calls reach the end.
+                for _ in 0..COMPACT_ROUNDS_MAX {
+                    match database.compact() {
+                        Ok(true) => {}
+                        Ok(false) => return Ok(()),
+                        Err(redb::CompactionError::Storage(storage)) => {
+                            return Err(health.storage(storage));
+                        }
+                        Err(error) => {
+                            return Err(KvError::Io(format!(
+                                "{}: compacting: {error}",
+                                health.path.display()
+                            )));
+                        }
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        self.size_bytes()
     }
 
     fn refuse_writes_if_damaged(&self) -> Result<(), KvError> {
@@ -676,6 +712,35 @@ impl KvSnapshot for RedbSnapshot {
             },
         )
     }
+
+    fn scan_key_lengths(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, usize)>, KvError> {
+        let Some(table) = &self.table else {
+            return Ok(Vec::new());
+        };
+        self.health.guard(
+            || "scanning keys".into(),
+            || {
+                let range = table
+                    .range::<&[u8]>((start, end))
+                    .map_err(|e| self.health.storage(e))?;
+                let mut out = Vec::new();
+                for item in range {
+                    let (key, value): (redb::AccessGuard<&[u8]>, redb::AccessGuard<&[u8]>) =
+                        item.map_err(|e| self.health.storage(e))?;
+                    out.push((key.value().to_vec(), value.value().len()));
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+                Ok(out)
+            },
+        )
+    }
 }
 
 impl KvBackend for RedbBackend {
@@ -725,6 +790,14 @@ impl KvBackend for RedbBackend {
             let _ = self.rewrite_copy(&mut copy);
         }
         Ok(())
+    }
+
+    fn held_by_one_process(&self) -> bool {
+        true
+    }
+
+    fn catalog_changes(&self) -> Result<Option<u64>, KvError> {
+        self.catalog_sequence().map(Some)
     }
 
     fn size_bytes(&self) -> Result<u64, KvError> {

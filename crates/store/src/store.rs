@@ -2,7 +2,6 @@
 //! replicas and frames, and the batching writer used by captures.
 
 use std::collections::HashMap;
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
@@ -83,6 +82,8 @@ pub struct Store {
     kv: Arc<dyn KvBackend>,
     dictionaries: RwLock<HashMap<u64, Arc<Dictionary>>>,
     nodes: Mutex<NodeCache>,
+    /// What garbage collection must know of this process's writers (see `gc.rs`).
+    pub(crate) gate: Arc<crate::gc::Gate>,
 }
 
 /// Tree nodes kept decoded and verified after a read (content-addressed, so never stale):
@@ -153,6 +154,7 @@ impl Store {
             kv,
             dictionaries: RwLock::new(HashMap::new()),
             nodes: Mutex::new(NodeCache::default()),
+            gate: Arc::default(),
         }
     }
 
@@ -263,13 +265,13 @@ impl Store {
 
     /// A writer of objects compressed without any dictionary (used by `repair`).
     pub fn object_writer_without_dictionary(&self) -> Result<ObjectWriter> {
-        ObjectWriter::start(self.kv.clone(), None)
+        ObjectWriter::start(self.kv.clone(), None, self.gate.register())
     }
 
     /// A writer of objects for one capture of `replica`.
     pub fn object_writer(&self, replica: &str) -> Result<ObjectWriter> {
         let dictionary = self.current_dictionary(replica)?.map(|(_, d)| d);
-        ObjectWriter::start(self.kv.clone(), dictionary)
+        ObjectWriter::start(self.kv.clone(), dictionary, self.gate.register())
     }
 }
 
@@ -438,7 +440,9 @@ pub struct WriteStats {
 pub struct ObjectWriter {
     kv: Arc<dyn KvBackend>,
     dictionary: Option<Arc<Dictionary>>,
-    seen: Mutex<HashSet<Hash>>,
+    /// This writer's objects and segments, seen by garbage collection until the writer is
+    /// dropped: keep a writer until the catalog record naming its objects is committed.
+    in_flight: crate::gc::Registration,
     pending: Mutex<Pending>,
     sender: Mutex<Option<SyncSender<WriteBatch>>>,
     receiver: Mutex<Option<std::sync::mpsc::Receiver<WriteBatch>>>,
@@ -466,7 +470,11 @@ struct Samples {
 }
 
 impl ObjectWriter {
-    fn start(kv: Arc<dyn KvBackend>, dictionary: Option<Arc<Dictionary>>) -> Result<ObjectWriter> {
+    fn start(
+        kv: Arc<dyn KvBackend>,
+        dictionary: Option<Arc<Dictionary>>,
+        in_flight: crate::gc::Registration,
+    ) -> Result<ObjectWriter> {
         // The committing thread starts with the first full batch: a writer that stores
         // nothing new (or only at `finish`) costs no thread.
         let (sender, receiver) = sync_channel::<WriteBatch>(WRITE_QUEUE_BATCHES);
@@ -474,7 +482,7 @@ impl ObjectWriter {
         Ok(ObjectWriter {
             kv,
             dictionary,
-            seen: Mutex::new(HashSet::new()),
+            in_flight,
             pending: Mutex::new(Pending {
                 packer: Packer::new(),
                 batch: WriteBatch::deferred(),
@@ -569,21 +577,22 @@ impl ObjectWriter {
         {
             return Err(KvError::Io(failure).into());
         }
-        if !self
-            .seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(hash)
         {
-            self.objects_reused.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
-        let key = keys::object(&hash);
-        // A fresh snapshot each time: holding one for a whole capture would keep the
-        // backend from reusing pages freed meanwhile.
-        if self.kv.snapshot()?.contains(&key)? {
-            self.objects_reused.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            // Garbage collection sweeps while holding the gate exclusively: the object is
+            // either in this writer's set before a sweep looks, or found absent (and written
+            // again) after the sweep removed it.
+            let _sweeps_wait = self.in_flight.gate_shared();
+            if !self.in_flight.note_object(hash) {
+                self.objects_reused.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            let key = keys::object(&hash);
+            // A fresh snapshot each time: holding one for a whole capture would keep the
+            // backend from reusing pages freed meanwhile.
+            if self.kv.snapshot()?.contains(&key)? {
+                self.objects_reused.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
         }
         let small = raw.len() <= DICTIONARY_OBJECT_BYTES_MAX && kind != ObjectKind::Chunk;
         let dictionary = if small {
@@ -614,6 +623,9 @@ impl ObjectWriter {
     /// (or when `last`). Segments precede the index entries that point into them.
     fn stage(&self, pending: &mut Pending, flushed: Flushed, last: bool) -> Result<()> {
         for (key, value) in flushed.puts {
+            if let Some(id) = key.strip_prefix(keys::SEGMENT) {
+                self.in_flight.note_segment(id);
+            }
             if pending.batch.bytes() + key.len() + value.len() > crate::kv::BATCH_BYTES_MAX {
                 let full = std::mem::replace(&mut pending.batch, WriteBatch::deferred());
                 self.send(full)?;
