@@ -408,6 +408,40 @@ impl Backend {
         }
     }
 
+    /// `kairos gc`: on a data directory the file is compacted afterwards (redb needs the
+    /// only handle for that, so the backend is given up); through a node it is not.
+    pub fn gc(self, options: &kairos_store::GcOptions) -> Result<kairos_store::GcReport> {
+        let mut report = match &self {
+            Backend::Direct { .. } => self.service().context("direct")?.gc(options)?,
+            Backend::Node { .. } => return self.post("/api/gc", Some(options)),
+        };
+        if let Backend::Direct {
+            store, data_dir, ..
+        } = self
+            && !options.dry_run
+        {
+            let started = std::time::Instant::now();
+            drop(store);
+            let path = data_dir.join(kairos_store::store::STORE_FILE);
+            let backend = kairos_store::redb_backend::RedbBackend::open(&path)
+                .with_context(|| format!("reopening {} to compact it", path.display()))?;
+            report.bytes_on_disk_after = backend
+                .compact()
+                .with_context(|| format!("compacting {}", path.display()))?;
+            report.compacted = true;
+            report.duration_ms += started.elapsed().as_millis() as u64;
+        }
+        Ok(report)
+    }
+
+    /// `kairos stats`.
+    pub fn stats(&self) -> Result<kairos_store::StoreFigures> {
+        match self {
+            Backend::Direct { .. } => Ok(self.service().context("direct")?.stats()?),
+            Backend::Node { .. } => self.get("/api/stats", &[]),
+        }
+    }
+
     /// Before a change on the data directory: a commit a killed process left in progress
     /// is rolled back first (no other process can hold the store meanwhile).
     fn recover_first(&self, name: &str) -> Result<()> {

@@ -142,6 +142,20 @@ enum Command {
     /// last good frame, and log it. A node does this when it starts; commit and revert
     /// on a data directory do it first by themselves
     Recover(RecoverArgs),
+    /// Reclaim space: remove the objects no kept frame or record needs and repack segments
+    /// that are mostly dead, while captures and commits go on
+    ///
+    /// Roots are every frame record (all timelines) and every object a proposal, sandbox,
+    /// commit, fork or other catalog record names; the audit log keeps nothing alive. A
+    /// crash at any point loses nothing a kept frame needs (`kairos verify` stays clean).
+    /// On a data directory the file is compacted afterwards, so it shrinks; through a node
+    /// the freed space is reused by later writes. Frames leave the store only when they
+    /// are forgotten (retention); `gc` never removes a frame
+    Gc(GcArgs),
+    /// The store's figures: replicas, frames, objects (reachable and reclaimable), bytes raw
+    /// (files over every frame), stored (objects as compressed), in segments and on disk,
+    /// the dedup ratio (raw / stored), dictionaries, and the bytes `kairos gc` would reclaim
+    Stats(StatsArgs),
 }
 
 #[derive(Args)]
@@ -262,6 +276,25 @@ struct RestoreArgs {
     /// modification time match the frame are kept, as rsync's quick check does)
     #[arg(long)]
     force: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GcArgs {
+    /// Report what would be removed and repacked; write nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Live bytes copied out of mostly dead segments at most (0: repack nothing; segments
+    /// left whole are still removed)
+    #[arg(long, value_name = "BYTES", default_value_t = kairos_store::gc::REPACK_BYTES_DEFAULT)]
+    max_repack_bytes: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct StatsArgs {
     #[arg(long)]
     json: bool,
 }
@@ -610,6 +643,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Revert(args) => revert_command(&backend, args, &party),
         Command::Log(args) => log_command(&backend, args),
         Command::Recover(args) => recover_command(&backend, args),
+        Command::Gc(args) => gc_command(backend, args),
+        Command::Stats(args) => stats_command(&backend, args),
         Command::Predict(args) => predict_command(&backend, args, &party),
         Command::Model(command) => model_command(&backend, command, &party),
         Command::Suggest(args) => suggest_command(&backend, args),
@@ -839,6 +874,114 @@ fn restore_command(
         for skipped in &report.skipped {
             println!("  skipped {skipped}");
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn gc_command(
+    backend: Backend,
+    GcArgs {
+        dry_run,
+        max_repack_bytes,
+        json,
+    }: GcArgs,
+) -> Result<ExitCode> {
+    let report = backend.gc(&kairos_store::GcOptions {
+        dry_run,
+        max_repack_bytes,
+    })?;
+    if json {
+        print_json(&report)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let verb = if report.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    println!(
+        "{verb} {} objects ({}) and {} segments; {} {} segments ({} copied); {} objects live in {} frames",
+        report.objects_deleted,
+        bytes(report.bytes_deleted),
+        report.segments_deleted,
+        if report.dry_run {
+            "would repack"
+        } else {
+            "repacked"
+        },
+        report.segments_repacked,
+        bytes(report.bytes_repacked),
+        report.objects_live,
+        report.frames
+    );
+    if report.objects_kept_in_flight > 0 {
+        println!(
+            "kept {} unreferenced objects a capture or commit in progress uses",
+            report.objects_kept_in_flight
+        );
+    }
+    if report.segments_repack_deferred > 0 {
+        println!(
+            "{} mostly dead segments left for a later run (over --max-repack-bytes)",
+            report.segments_repack_deferred
+        );
+    }
+    if report.segments_kept_damaged > 0 {
+        println!(
+            "warning: {} segments hold objects that do not match their hash and were kept; run `kairos verify`",
+            report.segments_kept_damaged
+        );
+    }
+    println!(
+        "disk: {} -> {}{} in {:.1} s ({} examined)",
+        bytes(report.bytes_on_disk_before),
+        bytes(report.bytes_on_disk_after),
+        if report.compacted { " (compacted)" } else { "" },
+        report.duration_ms as f64 / 1000.0,
+        bytes(report.bytes_examined)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stats_command(backend: &Backend, StatsArgs { json }: StatsArgs) -> Result<ExitCode> {
+    let figures = backend.stats()?;
+    if json {
+        print_json(&figures)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} replicas, {} frames, {} objects ({} reachable) in {} segments",
+        figures.replicas,
+        figures.frames,
+        figures.objects,
+        figures.objects_reachable,
+        figures.segments
+    );
+    println!(
+        "bytes: raw {}, stored {}, in segments {}, on disk {}; dedup ratio {:.2}",
+        bytes(figures.bytes_raw),
+        bytes(figures.bytes_stored),
+        bytes(figures.bytes_segments),
+        bytes(figures.bytes_on_disk),
+        figures.dedup_ratio
+    );
+    println!(
+        "reclaimable: {} ({} unreachable objects){}",
+        bytes(figures.bytes_reclaimable),
+        figures.objects_reclaimable,
+        if figures.bytes_reclaimable > 0 {
+            "; `kairos gc` frees it"
+        } else {
+            ""
+        }
+    );
+    for dictionary in &figures.dictionaries {
+        println!(
+            "dictionary: {} version {} ({})",
+            dictionary.replica,
+            dictionary.version,
+            bytes(dictionary.bytes)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

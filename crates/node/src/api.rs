@@ -224,6 +224,21 @@ impl From<kairos_ops::OpsError> for ApiError {
                     _ => ApiError::bad_request("bad_bisect", message),
                 }
             }
+            OpsError::Gc(error) => {
+                let message = error.to_string();
+                match error {
+                    kairos_store::GcError::AlreadyRunning => {
+                        ApiError::new(StatusCode::CONFLICT, "gc_running", message)
+                    }
+                    kairos_store::GcError::SharedBackend => {
+                        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "gc_unsupported", message)
+                    }
+                    kairos_store::GcError::Damaged { .. } => {
+                        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store_corrupt", message)
+                    }
+                    kairos_store::GcError::Store(error) => error.into(),
+                }
+            }
             OpsError::Revert(error) => {
                 let message = error.to_string();
                 match error {
@@ -310,6 +325,8 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
         diff,
         restore,
         verify,
+        crate::gc::gc,
+        crate::gc::stats,
         crate::changes::list_timelines,
         crate::changes::fork_timeline,
         crate::changes::delete_timeline,
@@ -380,6 +397,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/replicas/{name}/diff", get(diff))
         .route("/api/replicas/{name}/restore", post(restore))
         .route("/api/verify", get(verify))
+        .route("/api/gc", post(crate::gc::gc))
+        .route("/api/stats", get(crate::gc::stats))
         .route(
             "/api/replicas/{name}/timelines",
             get(crate::changes::list_timelines).post(crate::changes::fork_timeline),

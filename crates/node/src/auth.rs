@@ -65,6 +65,9 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
         (_, ["", "api", "health" | "openapi.json"]) => None,
         (&Method::GET, ["", "api", "status"]) => Some(Role::Viewer),
         (&Method::GET, ["", "api", "verify"]) => Some(Role::Admin),
+        // Removes only what nothing kept needs, store-wide.
+        (&Method::POST, ["", "api", "gc"]) => Some(Role::Committer),
+        (&Method::GET, ["", "api", "stats"]) => Some(Role::Viewer),
         (_, ["", "api", "parties", ..]) => Some(Role::Admin),
         (&Method::GET, ["", "api", "replicas"]) => Some(Role::Viewer),
         (&Method::POST, ["", "api", "replicas"]) => Some(Role::Admin),
@@ -288,6 +291,8 @@ mod tests {
             (Method::POST, "/api/replicas/web/restore", Some(Role::Admin)),
             (Method::POST, "/api/parties", Some(Role::Admin)),
             (Method::GET, "/api/verify", Some(Role::Admin)),
+            (Method::POST, "/api/gc", Some(Role::Committer)),
+            (Method::GET, "/api/stats", Some(Role::Viewer)),
             (Method::PUT, "/api/replicas/web/history", Some(Role::Admin)),
             (Method::GET, "/api/nothing", Some(Role::Admin)),
         ];

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod changes;
+pub mod gc;
 pub mod predictor;
 pub mod schedule;
 pub mod serve;
@@ -137,6 +138,8 @@ pub struct Shared {
     statuses: Mutex<HashMap<String, ReplicaStatusJson>>,
     supervisor: OnceLock<ActorRef<SupervisorMsg>>,
     predictor: RwLock<Option<ActorRef<predictor::PredictorMsg>>>,
+    /// The store's figures as last computed (see `gc.rs`).
+    figures: Mutex<Option<crate::wire::StoreFiguresJson>>,
 }
 
 impl Shared {
@@ -236,6 +239,11 @@ impl Shared {
             store_bytes: self.store.size_bytes()?,
             actor_restarts: self.actor_restarts.load(Ordering::Relaxed),
             replicas,
+            store: self
+                .figures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         })
     }
 }
@@ -314,7 +322,14 @@ pub async fn run(
         statuses: Mutex::new(HashMap::new()),
         supervisor: OnceLock::new(),
         predictor: RwLock::new(None),
+        figures: Mutex::new(None),
     });
+    {
+        // The status endpoint shows the store's figures from the start; computing them
+        // surveys the store, off the serving path.
+        let shared = shared.clone();
+        tokio::task::spawn_blocking(move || shared.refresh_figures());
+    }
     {
         let shared = shared.clone();
         let _ = tokio::task::spawn_blocking(move || changes::recover_commits(&shared)).await;

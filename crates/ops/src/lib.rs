@@ -25,8 +25,8 @@ use kairos_replay::{ReplayError, RestoreOptions, RestoreReport, StateDiff, State
 use kairos_sandbox::{Proposal, ProposalDocument, SandboxError, SandboxOptions, load_proposal};
 use kairos_store::audit::TimelineEvent;
 use kairos_store::{
-    AuditEvent, AuditLog, CatalogError, Change, Command, Store, StoreError, TimelineInfo,
-    VerifyReport,
+    AuditEvent, AuditLog, CatalogError, Change, Command, GcError, GcOptions, GcReport, Store,
+    StoreError, StoreFigures, TimelineInfo, VerifyReport,
 };
 
 use wire::{FrameJson, NewPartyJson, PartyJson, ProposalJson, SandboxJson};
@@ -92,6 +92,8 @@ pub enum OpsError {
     Bisect(#[from] bisect::BisectError),
     #[error(transparent)]
     Revert(#[from] culprit::RevertError),
+    #[error(transparent)]
+    Gc(#[from] GcError),
 }
 
 pub type Result<T, E = OpsError> = std::result::Result<T, E>;
@@ -255,6 +257,20 @@ impl Service<'_> {
 
     pub fn verify(&self) -> Result<VerifyReport> {
         Ok(self.store.verify()?)
+    }
+
+    /// `kairos gc`: removes what no kept frame or record needs and repacks mostly dead
+    /// segments, while captures and commits go on (compaction of the file is the caller's:
+    /// it needs the store to itself).
+    pub fn gc(&self, options: &GcOptions) -> Result<GcReport> {
+        Ok(self.store.gc(options)?)
+    }
+
+    /// `kairos stats`: frames, objects, bytes raw, stored and on disk, the dedup ratio,
+    /// dictionaries and what a collection would reclaim (a survey and a mark: its cost
+    /// grows with the store, nothing is written).
+    pub fn stats(&self) -> Result<StoreFigures> {
+        Ok(self.store.figures()?)
     }
 
     pub fn timelines(&self, name: &str) -> Result<Vec<TimelineInfo>> {

@@ -122,6 +122,19 @@ pub struct StatusJson {
     pub store_bytes: u64,
     pub actor_restarts: u64,
     pub replicas: Vec<ReplicaStatusJson>,
+    /// The store's figures as last computed (at start, by `kairos stats` or after `kairos
+    /// gc`): computing them surveys the whole store, so a status request never does.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub store: Option<StoreFiguresJson>,
+}
+
+/// The store's figures and when they were computed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreFiguresJson {
+    pub computed_at: kairos_core::Instant,
+    #[serde(flatten)]
+    pub figures: kairos_store::StoreFigures,
 }
 
 /// `POST /api/replicas`.

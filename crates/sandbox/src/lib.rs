@@ -209,7 +209,10 @@ pub fn propose(
         limits,
         now,
     )?;
-    proposal.id = store_document(store, &replica.name, &bytes)?;
+    // The writer lives until the record naming the document is committed: garbage
+    // collection keeps a live writer's objects.
+    let (id, _document_writer) = store_document(store, &replica.name, &bytes)?;
+    proposal.id = id;
     let summary = ProposalSummary {
         id: proposal.id,
         title: proposal.title.clone(),
@@ -247,8 +250,13 @@ pub fn propose(
 const DOCUMENT_PIECE_BYTES: usize = 512 << 10;
 
 /// Stores a proposal document: one blob, or (over the object limit) pieces under a chunk
-/// list. Its id is that object's hash.
-fn store_document(store: &Store, replica: &str, bytes: &[u8]) -> Result<Hash, SandboxError> {
+/// list. Its id is that object's hash. The writer is returned to be kept until the record
+/// naming the document is committed.
+fn store_document(
+    store: &Store,
+    replica: &str,
+    bytes: &[u8],
+) -> Result<(Hash, kairos_store::ObjectWriter), SandboxError> {
     let writer = store.object_writer(replica)?;
     let id = if bytes.len() <= kairos_store::object::OBJECT_RAW_BYTES_MAX {
         writer.put(ObjectKind::Blob, bytes)?
@@ -263,7 +271,7 @@ fn store_document(store: &Store, replica: &str, bytes: &[u8]) -> Result<Hash, Sa
         kairos_store::tree::write_chunk_list(&writer, pieces)?
     };
     writer.finish()?;
-    Ok(id)
+    Ok((id, writer))
 }
 
 /// A stored proposal document's bytes, from its blob or its pieces.

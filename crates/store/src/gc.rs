@@ -1127,6 +1127,8 @@ mod tests {
     use crate::store::ObjectWriter;
     use kairos_core::{Instant, ReplicaDefinition};
 
+    type Files = Vec<(String, Vec<u8>)>;
+
     /// A state of small files, written by `writer` (not committed).
     fn state(writer: &ObjectWriter, files: &[(String, Vec<u8>)]) -> Hash {
         let mut entries: Vec<DirEntry> = files
@@ -1332,7 +1334,7 @@ mod tests {
     fn captures_racing_collections_lose_nothing() {
         let (_dir, store) = open();
         let store = Arc::new(store);
-        let expected: Arc<Mutex<HashMap<Hash, Vec<(String, Vec<u8>)>>>> = Arc::default();
+        let expected: Arc<Mutex<HashMap<Hash, Files>>> = Arc::default();
         let capturing = {
             let (store, expected) = (store.clone(), expected.clone());
             std::thread::spawn(move || {
