@@ -257,7 +257,7 @@ fn capture_stream(
             }
             let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
             acknowledged.push((answer["frame"].as_str().unwrap().to_string(), listing));
-            if version % 3 == 0 {
+            if version.is_multiple_of(3) {
                 // A commit on the fork: a proposal document, a sandbox state, a frame.
                 let proposal = root.with_extension(format!("p{version}.json"));
                 std::fs::write(
