@@ -429,7 +429,8 @@ impl Backend {
                 .compact()
                 .with_context(|| format!("compacting {}", path.display()))?;
             report.compacted = true;
-            report.duration_ms += started.elapsed().as_millis() as u64;
+            report.compact_ms = started.elapsed().as_millis() as u64;
+            report.duration_ms += report.compact_ms;
         }
         Ok(report)
     }

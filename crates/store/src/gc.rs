@@ -154,9 +154,12 @@ pub struct GcReport {
     pub remarks: u64,
     pub bytes_on_disk_before: u64,
     pub bytes_on_disk_after: u64,
-    /// Whether the file was compacted after the run (direct mode).
+    /// Whether the file was compacted after the run (direct mode), and how long that took
+    /// (included in `duration_ms`).
     #[serde(default)]
     pub compacted: bool,
+    #[serde(default)]
+    pub compact_ms: u64,
     pub duration_ms: u64,
 }
 

@@ -543,3 +543,72 @@ fn through_a_node_gc_needs_a_committer_and_stats_a_viewer() {
     assert_verify_clean(&kairos, "after gc through the node");
     assert_frames_restore(&kairos, &captured[4..], "after gc through the node");
 }
+
+/// The frames `history` lists after `repair` (when `verify` finds damage).
+fn frames_after_repair(kairos: &Kairos) -> Vec<String> {
+    if !kairos.run(["verify"]).status.success() {
+        let output = kairos.run(["repair", "--json"]);
+        assert_ne!(output.status.code(), Some(101), "repair panicked");
+    }
+    let output = kairos.run(["history", "web", "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&output.stdout)
+        .ok()
+        .map(|history| kairos_tests::frames(&history))
+        .unwrap_or_default()
+}
+
+#[test]
+fn flipped_bytes_before_gc_lose_no_frame_repair_would_keep() {
+    let seed: u64 = std::env::var("KAIROS_GC_SEED")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    let replay = format!("replay with KAIROS_GC_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let work = tempfile::tempdir().unwrap();
+    let template_data = work.path().join("template-data");
+    let template_root = work.path().join("template-root");
+    let (kept, _) = template(&Kairos::at(&template_data), &template_root);
+    let listings: BTreeMap<String, Listing> = kept.into_iter().collect();
+    let size = file_size(&template_data);
+    for case in 0..6 {
+        let context = format!("case {case}: {replay}");
+        let flips: Vec<(u64, u8)> = (0..8)
+            .map(|_| (rng.random_range(4096..size), rng.random_range(1..=255u8)))
+            .collect();
+        let damaged = |name: &str| {
+            let data = work.path().join(format!("{name}-{case}"));
+            copy_dir(&template_data, &data);
+            let path = data.join("kairos.redb");
+            let mut content = std::fs::read(&path).unwrap();
+            for (at, mask) in &flips {
+                content[*at as usize] ^= mask;
+            }
+            std::fs::write(&path, content).unwrap();
+            Kairos::at(&data)
+        };
+        // Without a collection: what repair keeps.
+        let plain = damaged("plain");
+        let kept_plain = frames_after_repair(&plain);
+        // With a collection first: it may refuse, never panic, and loses nothing more.
+        let collected = damaged("collected");
+        let output = collected.run(["gc", "--json"]);
+        assert_ne!(output.status.code(), Some(101), "{context}: gc panicked");
+        let kept_collected = frames_after_repair(&collected);
+        for frame in &kept_plain {
+            assert!(
+                kept_collected.contains(frame),
+                "{context}: frame {frame} survives repair alone but not gc then repair"
+            );
+        }
+        let survivors: Vec<(String, Listing)> = kept_collected
+            .iter()
+            .filter_map(|id| {
+                listings
+                    .get(id)
+                    .map(|listing| (id.clone(), listing.clone()))
+            })
+            .collect();
+        assert_frames_restore(&collected, &survivors, &context);
+    }
+}
