@@ -1288,7 +1288,11 @@ mod tests {
         // A dry run writes nothing.
         let unchanged = store.figures().unwrap();
         assert_eq!(
-            (unchanged.objects, unchanged.segments, unchanged.bytes_stored),
+            (
+                unchanged.objects,
+                unchanged.segments,
+                unchanged.bytes_stored
+            ),
             (figures.objects, figures.segments, figures.bytes_stored)
         );
         let report = store.gc(&GcOptions::default()).unwrap();
