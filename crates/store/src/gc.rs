@@ -45,7 +45,7 @@ pub const REPACK_LIVE_PERCENT_MAX: u64 = 50;
 /// Live bytes a run copies into new segments at most, unless told otherwise.
 pub const REPACK_BYTES_DEFAULT: u64 = 1 << 30;
 /// Bytes of new segments per repack batch.
-const REPACK_BATCH_BYTES: usize = 8 << 20;
+const REPACK_BATCH_BYTES: usize = 6 << 20;
 /// Bytes of keys and checks per segment deletion batch.
 const DELETE_BATCH_BYTES: usize = 4 << 20;
 /// Keys read per scan page.
