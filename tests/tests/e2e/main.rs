@@ -9,6 +9,7 @@ mod changes;
 mod corruption;
 mod foundation;
 mod fuzz_corpus;
+mod idle;
 mod node;
 mod predict_node;
 mod predict_real;
