@@ -91,6 +91,26 @@ pub fn print_listing(listing: &StateListing) -> Result<()> {
     for (name, value) in listing.metrics.pairs() {
         writeln!(out, "  {name} = {value}")?;
     }
+    if let Some(sample) = &listing.metrics_nearest {
+        writeln!(
+            out,
+            "\nmetrics nearest {} (runtime series: {} sample(s) in {} ms from {}, state of frame {}):",
+            sample.asked,
+            sample.samples,
+            sample.width_ms,
+            sample.at,
+            sample.frame.short()
+        )?;
+        writeln!(
+            out,
+            "  cpu_percent = {:.2} (max {:.2})\n  memory_rss_bytes = {} (max {})\n  processes = {}",
+            sample.cpu_percent,
+            sample.cpu_percent_max,
+            sample.memory_rss_bytes,
+            sample.memory_rss_bytes_max,
+            sample.processes
+        )?;
+    }
     if !listing.notes.is_empty() {
         writeln!(out, "\nnotes:")?;
         for note in &listing.notes {

@@ -7,6 +7,7 @@ pub mod limits;
 pub mod party;
 pub mod probe;
 pub mod replica;
+pub mod retention;
 pub mod spec;
 pub mod status;
 
@@ -16,5 +17,6 @@ pub use limits::Limits;
 pub use party::{PartyRecord, Role};
 pub use probe::Probe;
 pub use replica::{ReplicaDefinition, ReplicaError};
+pub use retention::{KeepRule, RetentionError, RetentionPolicy};
 pub use spec::{FrameSpec, SpecError, TimelineSpec};
 pub use status::CommitStatus;

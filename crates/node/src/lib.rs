@@ -212,6 +212,7 @@ impl Shared {
         self.with_status(replica, |status| match result {
             Ok(capture) => {
                 status.captures += 1;
+                status.captures_unchanged += u64::from(!capture.recorded);
                 status.last_frame = Some(capture.frame.frame.to_hex());
                 status.last_error = None;
             }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use kairos_capture::{CaptureError, CaptureReport, CaptureRequest};
 use kairos_commit::{Capturer, CommitError, CommitRecord, Committer};
 use kairos_core::spec::MAIN_TIMELINE;
-use kairos_core::{Instant, Limits, ReplicaDefinition, SpecError, TimelineSpec};
+use kairos_core::{FrameSpec, Instant, Limits, ReplicaDefinition, SpecError, TimelineSpec};
 use kairos_replay::{ReplayError, RestoreOptions, RestoreReport, StateDiff, StateListing};
 use kairos_sandbox::{Proposal, ProposalDocument, SandboxError, SandboxOptions, load_proposal};
 use kairos_store::audit::TimelineEvent;
@@ -204,9 +204,28 @@ impl Service<'_> {
             .collect())
     }
 
+    /// The state at `at`, with the runtime series' bucket nearest that instant (main
+    /// timeline: the series follows the live replica).
     pub fn state(&self, name: &str, at: &TimelineSpec) -> Result<StateListing> {
-        let view = kairos_replay::open(self.store, name, at, Instant::now())?;
-        Ok(kairos_replay::listing(self.store, &view)?)
+        let now = Instant::now();
+        let view = kairos_replay::open(self.store, name, at, now)?;
+        let mut listing = kairos_replay::listing(self.store, &view)?;
+        if at.timeline == MAIN_TIMELINE {
+            let asked = match &at.frame {
+                FrameSpec::At(instant) => *instant,
+                FrameSpec::Ago(age) => now.saturating_sub(*age),
+                FrameSpec::Latest => now,
+                FrameSpec::IdPrefix(_) => view.frame.time,
+            };
+            // The series is observations: a damaged sample leaves it out, never fails `show`.
+            listing.metrics_nearest = self
+                .store
+                .sample_nearest(name, asked)
+                .ok()
+                .flatten()
+                .map(|sample| kairos_replay::SampleView::new(asked, &sample));
+        }
+        Ok(listing)
     }
 
     /// Writes a file's bytes at an instant to `out`; returns whether it was torn (kept

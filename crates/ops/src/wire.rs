@@ -53,6 +53,10 @@ pub struct NoteJson {
 pub struct CaptureJson {
     #[serde(flatten)]
     pub frame: FrameJson,
+    /// Whether a new frame was stored; `false` when an automatic capture found the state
+    /// of the head (`frame` is then the head).
+    #[serde(default = "recorded_default")]
+    pub recorded: bool,
     pub files_read: u64,
     pub files_reused: u64,
     pub objects_reused: u64,
@@ -66,6 +70,7 @@ impl From<&CaptureReport> for CaptureJson {
     fn from(report: &CaptureReport) -> CaptureJson {
         CaptureJson {
             frame: FrameJson::from(&report.frame),
+            recorded: report.recorded,
             files_read: report.files_read,
             files_reused: report.files_reused,
             objects_reused: report.stats.objects_reused,
@@ -82,6 +87,10 @@ impl From<&CaptureReport> for CaptureJson {
                 .collect(),
         }
     }
+}
+
+fn recorded_default() -> bool {
+    true
 }
 
 /// The body of every error answer: a stable code and a message naming the problem.
@@ -108,6 +117,9 @@ pub struct ReplicaStatusJson {
     pub name: String,
     pub watching: bool,
     pub captures: u64,
+    /// Captures that found the head's state and stored no frame.
+    #[serde(default)]
+    pub captures_unchanged: u64,
     pub capture_failures: u64,
     pub last_frame: Option<String>,
     pub last_error: Option<String>,

@@ -10,6 +10,7 @@ mod corruption;
 mod foundation;
 mod fuzz_corpus;
 mod gc;
+mod idle;
 mod node;
 mod predict_node;
 mod predict_real;
