@@ -53,9 +53,10 @@ const SCAN_PAGE: usize = 2048;
 /// Times a batch is rebuilt after a concurrent change of one of its checked keys.
 const BATCH_ATTEMPTS_MAX: usize = 4;
 /// Catalog prefixes whose records name no object a reader needs: the audit log (it names
-/// what existed), parties and tokens, model files (not objects), dictionaries, and the time
-/// index (it names the same frames as their records).
-const NOT_ROOTS: [&[u8]; 8] = [
+/// what existed), parties and tokens, model files (not objects), dictionaries, the runtime
+/// series (metric samples), and the time index (it names the same frames as their records).
+const NOT_ROOTS: [&[u8]; 9] = [
+    keys::SERIES,
     keys::AUDIT,
     keys::AUDIT_HEAD,
     keys::PARTY,
@@ -1313,6 +1314,32 @@ mod tests {
             (0, 0),
             "{again:?}"
         );
+    }
+
+    #[test]
+    fn frames_forgotten_by_retention_rules_are_collected() {
+        let (_dir, store) = open();
+        let mut expected = HashMap::new();
+        for round in 0..8 {
+            let content = files(200 + round, 5);
+            expected.insert(capture(&store, &content, round as i64 + 1), content);
+        }
+        let rules = [crate::retention::TimelineRule {
+            timeline: "main".into(),
+            policy: kairos_core::RetentionPolicy {
+                keep_last: Some(2),
+                ..Default::default()
+            },
+        }];
+        let forgotten = store
+            .forget("web", &rules, "kairos", Instant(100), false)
+            .unwrap();
+        assert_eq!(forgotten.frames_removed, 6);
+        let report = store.gc(&GcOptions::default()).unwrap();
+        assert!(report.objects_deleted >= 6 * 5, "{report:?}");
+        assert_eq!(store.figures().unwrap().objects_reclaimable, 0);
+        verify_clean(&store);
+        frames_read_back(&store, &expected);
     }
 
     #[test]
