@@ -39,15 +39,19 @@ use crate::pack::{self, Flushed, Packer, SEGMENT_ID_BYTES, SegmentId};
 use crate::store::{Reader, Store, StoreError};
 
 /// Index entries deleted per sweep batch (the gate is held exclusively for one batch).
-pub const SWEEP_BATCH_OBJECTS: usize = 10_000;
+pub const SWEEP_BATCH_OBJECTS: usize = 2_000;
 /// A segment is repacked when its live objects fill less than this share of it, in percent.
 pub const REPACK_LIVE_PERCENT_MAX: u64 = 50;
 /// Live bytes a run copies into new segments at most, unless told otherwise.
 pub const REPACK_BYTES_DEFAULT: u64 = 1 << 30;
 /// Bytes of new segments per repack batch.
 const REPACK_BATCH_BYTES: usize = 6 << 20;
-/// Bytes of keys and checks per segment deletion batch.
-const DELETE_BATCH_BYTES: usize = 4 << 20;
+/// Bytes of keys and checks per segment deletion batch (about 1 500 segments: freeing
+/// their pages is one write transaction, which captures' commits wait for).
+const DELETE_BATCH_BYTES: usize = 256 << 10;
+/// A pause after each batch, so that writers waiting for the backend's write lock or the
+/// gate get it before the next batch does.
+const BATCH_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 /// Keys read per scan page.
 const SCAN_PAGE: usize = 2048;
 /// Times a batch is rebuilt after a concurrent change of one of its checked keys.
@@ -780,6 +784,8 @@ impl Store {
                 report.bytes_deleted += survey.stored_bytes(&hash);
                 gone.insert(hash);
             }
+            drop(_exclusive);
+            std::thread::sleep(BATCH_PAUSE);
         }
         Ok(gone)
     }
@@ -924,17 +930,15 @@ impl Store {
         report: &mut GcReport,
     ) -> Result<(), GcError> {
         let mut pending: Vec<SegmentId> = ids.to_vec();
-        for _ in 0..BATCH_ATTEMPTS_MAX {
-            if pending.is_empty() {
-                return Ok(());
-            }
+        let mut conflicts = 0;
+        while !pending.is_empty() && conflicts < BATCH_ATTEMPTS_MAX {
             let snapshot = self.kv().snapshot()?;
             let mut batch = WriteBatch::new();
             let mut in_batch: Vec<SegmentId> = Vec::new();
-            let mut retry: Vec<SegmentId> = Vec::new();
+            let mut later: Vec<SegmentId> = Vec::new();
             for id in pending {
                 if batch.bytes() >= DELETE_BATCH_BYTES {
-                    retry.push(id);
+                    later.push(id);
                     continue;
                 }
                 let Some(uses) = survey.segments.get(&id) else {
@@ -965,10 +969,14 @@ impl Store {
             }
             match self.kv().commit(batch) {
                 Ok(()) => report.segments_deleted += in_batch.len() as u64,
-                Err(KvError::Conflict { .. }) => retry.extend(in_batch),
+                Err(KvError::Conflict { .. }) => {
+                    conflicts += 1;
+                    later.extend(in_batch);
+                }
                 Err(error) => return Err(error.into()),
             }
-            pending = retry;
+            std::thread::sleep(BATCH_PAUSE);
+            pending = later;
         }
         Ok(())
     }
@@ -1085,10 +1093,12 @@ impl Repack {
         if batch.is_empty() {
             return Ok(());
         }
-        match store.kv().commit(batch) {
+        let committed = match store.kv().commit(batch) {
             Ok(()) | Err(KvError::Conflict { .. }) => Ok(()),
             Err(error) => Err(error.into()),
-        }
+        };
+        std::thread::sleep(BATCH_PAUSE);
+        committed
     }
 }
 
