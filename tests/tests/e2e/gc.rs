@@ -320,7 +320,7 @@ fn gc_in_a_node_killed(
         .spawn()
         .expect("kairos gc starts");
     // The request reaches the node a few milliseconds after the process starts.
-    std::thread::sleep(Duration::from_millis(rng.random_range(0..gc_ms + 20)));
+    std::thread::sleep(Duration::from_millis(rng.random_range(0..gc_ms + 10)));
     // SAFETY: kill(2) takes only a pid and a signal number; no memory is shared.
     unsafe { libc::kill(node.child.id() as i32, libc::SIGKILL) };
     let _ = node.child.wait();
@@ -349,7 +349,11 @@ fn gc_killed_at_random_points_during_captures_and_commits_loses_nothing() {
     let measured = work.path().join("measured");
     copy_dir(&template_data, &measured);
     let whole = Kairos::at(&measured).json(["gc", "--json"]);
+    // The whole run (with the file's compaction) and the collection alone (what a node does).
     let gc_ms = whole["duration_ms"].as_u64().unwrap_or(100).max(20);
+    let collect_ms = gc_ms
+        .saturating_sub(whole["compact_ms"].as_u64().unwrap_or(0))
+        .max(10);
     let runs = 20;
     let (mut interrupted, mut streamed) = (0, 0);
     for run in 0..runs {
@@ -376,7 +380,8 @@ fn gc_killed_at_random_points_during_captures_and_commits_loses_nothing() {
             }
             Vec::new()
         } else {
-            let (acknowledged, killed) = gc_in_a_node_killed(&data, &root, run, gc_ms, &mut rng);
+            let (acknowledged, killed) =
+                gc_in_a_node_killed(&data, &root, run, collect_ms, &mut rng);
             interrupted += usize::from(killed);
             acknowledged
         };
