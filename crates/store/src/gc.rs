@@ -1359,6 +1359,19 @@ mod tests {
     }
 
     #[test]
+    fn one_collection_at_a_time_and_figures_meanwhile() {
+        let (_dir, store) = open();
+        capture(&store, &files(1, 2), 1);
+        let running = store.gate.collecting.lock().unwrap();
+        let error = store.gc(&GcOptions::default()).unwrap_err();
+        assert!(matches!(error, GcError::AlreadyRunning), "{error}");
+        assert!(!error.is_corruption());
+        assert_eq!(store.figures().unwrap().frames, 1, "figures need no turn");
+        drop(running);
+        store.gc(&GcOptions::default()).unwrap();
+    }
+
+    #[test]
     fn an_object_a_writer_reuses_during_a_collection_is_kept() {
         let (_dir, store) = open();
         let old = files(1, 3);
