@@ -1,5 +1,6 @@
 //! Kairos core vocabulary shared by every crate: content hashes, instants, frame specs,
-//! replica definitions and limits. Plain data and pure functions only: no IO.
+//! replica definitions, limits and the store backend a
+//! configuration names. Plain data and pure functions only: no IO.
 
 pub mod hash;
 pub mod instant;
@@ -9,6 +10,7 @@ pub mod probe;
 pub mod replica;
 pub mod spec;
 pub mod status;
+pub mod store_backend;
 
 pub use hash::{Hash, HashParseError};
 pub use instant::{Instant, InstantError};
@@ -18,3 +20,4 @@ pub use probe::Probe;
 pub use replica::{ReplicaDefinition, ReplicaError};
 pub use spec::{FrameSpec, SpecError, TimelineSpec};
 pub use status::CommitStatus;
+pub use store_backend::{FdbLocation, StoreBackend};
