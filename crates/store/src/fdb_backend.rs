@@ -5,7 +5,7 @@
 //! - **Keys and values.** [`WriteBatch`] already refuses keys over 10 kB, values over
 //!   100 kB and batches over 10 MB of keys and values. Keys here carry the store's
 //!   subspace prefix, and FoundationDB counts conflict ranges in a transaction's size, so
-//!   [`transaction_bytes`](crate::fdb_layout::transaction_bytes) estimates the size as FoundationDB does and a batch over its
+//!   [`transaction_bytes`] estimates the size as FoundationDB does and a batch over its
 //!   10 MB is refused before it is sent, as `BatchTooLarge`, never split (a batch is
 //!   atomic).
 //! - **Five seconds.** A transaction may read at one read version for 5 s only. A
@@ -26,8 +26,12 @@
 //!   commit marker, and the retry first looks for it.
 //! - **Reads** are batched: [`KvSnapshot::get_many`] sends every read at once (one round
 //!   trip), and scans ask for whole ranges (`want_all`), not one key at a time.
-//! - **Time.** Every transaction is cancelled after [`TRANSACTION_TIMEOUT_MS`], so an
-//!   unreachable cluster is reported instead of waited for.
+//! - **Time.** Every transaction, its retries included, is cancelled
+//!   [`TRANSACTION_TIMEOUT_MS`] after it began, so an unreachable cluster is reported
+//!   instead of waited for. (A commit cancelled by its timeout may still have landed, as
+//!   FoundationDB documents; it is reported as failed.)
+//! - **Durability.** Every FoundationDB commit is durable when it returns: a batch made
+//!   with [`WriteBatch::deferred`] is as durable as any other.
 //!
 //! Several stores can share a cluster: each lives under its own key prefix
 //! (`[store] key_prefix`): `<prefix> 0x01 <key>` holds the store's keys, `<prefix> 0x02
