@@ -17,8 +17,9 @@ use globset::GlobSet;
 use kairos_core::{Hash, Instant, Limits, ReplicaDefinition};
 use kairos_store::node::{
     self, Body, CaptureNote, ChunkRef, ConfigKey, ConfigNode, Content, DirEntry, Meta, Metrics,
-    RootNode, RuntimeNode, SpecialKind,
+    ProcessEntry, RootNode, RuntimeNode, SpecialKind,
 };
+use kairos_store::series::{self, ProcessCounter, Sample};
 use kairos_store::tree::{
     self, BLOB_BYTES_MAX, CHUNK_BYTES_AVERAGE, CHUNK_BYTES_MAX, CHUNK_BYTES_MIN,
 };
@@ -66,7 +67,10 @@ pub enum CaptureError {
 /// What a capture did, for the caller to report.
 #[derive(Debug, Clone)]
 pub struct CaptureReport {
+    /// The new frame, or the head when the state was unchanged and none was recorded.
     pub frame: FrameRecord,
+    /// Whether a new frame was stored (false: `capture_if_changed` found the head's state).
+    pub recorded: bool,
     pub stats: WriteStats,
     pub files_read: u64,
     pub files_reused: u64,
@@ -85,14 +89,37 @@ pub struct CaptureRequest<'a> {
     pub skip: Vec<PathBuf>,
 }
 
+/// Captures the replica and stores the state as a new frame, changed or not (a capture
+/// someone asked for: the API's and the CLI's `capture`, a commit's).
 pub fn capture(store: &Store, request: &CaptureRequest<'_>) -> Result<CaptureReport, CaptureError> {
+    capture_with(store, request, false)
+}
+
+/// Captures the replica but stores a new frame only when its state differs from the
+/// timeline head's: the files (content and metadata), the root directory's metadata and
+/// the set of processes (pid, start time, command line, listening sockets). CPU, memory,
+/// thread counts and process states are metrics: they go to the runtime series either
+/// way, so an idle replica's history grows by nothing but series samples. The state at
+/// any instant stays exact: it is the last frame at or before it.
+pub fn capture_if_changed(
+    store: &Store,
+    request: &CaptureRequest<'_>,
+) -> Result<CaptureReport, CaptureError> {
+    capture_with(store, request, true)
+}
+
+fn capture_with(
+    store: &Store,
+    request: &CaptureRequest<'_>,
+    only_if_changed: bool,
+) -> Result<CaptureReport, CaptureError> {
     let started = Clock::now();
     let replica = request.replica;
     let now = Instant::now();
     let root_meta = root_metadata(replica)?;
     let selectors = selectors(replica)?;
     let head = store.head(&replica.name, request.timeline)?;
-    let previous = previous_state(store, head.as_ref())?;
+    let previous = previous_state(store, &replica.name, head.as_ref())?;
     let writer = store.object_writer(&replica.name)?;
     let reader = store.reader()?;
     let mut walked = walk_root(&reader, request, &previous)?;
@@ -114,9 +141,33 @@ pub fn capture(store: &Store, request: &CaptureRequest<'_>) -> Result<CaptureRep
     metrics.memory_rss_bytes = processes.iter().map(|p| p.rss_bytes).sum();
     metrics.cpu_percent =
         (processes.iter().map(|p| p.cpu_percent).sum::<f64>() * 100.0).round() / 100.0;
+    let files_meta = meta_of(&root_meta);
+    let sample = |frame: Hash| series_sample(now, frame, &metrics, &processes);
+    if only_if_changed
+        && let (Some(head), Some((_, previous_root))) = (head.as_ref(), previous.root.as_ref())
+        && previous_root.files == built.hash.0
+        && previous_root.files_meta == files_meta
+        && previous.identities.as_ref() == Some(&process_identities(&processes))
+    {
+        let stats = writer.finish()?;
+        record_sample(store, &replica.name, &sample(head.id), &mut notes);
+        return Ok(CaptureReport {
+            frame: head.clone(),
+            recorded: false,
+            stats,
+            files_read,
+            files_reused: walked.files_reused,
+            processes: process_count,
+            notes: report_notes(notes),
+            dictionary_trained: None,
+        });
+    }
     let runtime = writer.put(
         ObjectKind::Runtime,
-        &node::to_bytes(&RuntimeNode { processes, metrics }),
+        &node::to_bytes(&RuntimeNode {
+            processes: processes.clone(),
+            metrics: metrics.clone(),
+        }),
     )?;
     let unreadable = notes
         .iter()
@@ -127,7 +178,7 @@ pub fn capture(store: &Store, request: &CaptureRequest<'_>) -> Result<CaptureRep
         replica: replica.name.clone(),
         captured_at_ns: now.0,
         files: built.hash.0,
-        files_meta: meta_of(&root_meta),
+        files_meta,
         file_entries: built.entries,
         file_bytes: built.bytes,
         runtime: runtime.0,
@@ -153,18 +204,89 @@ pub fn capture(store: &Store, request: &CaptureRequest<'_>) -> Result<CaptureRep
     } else {
         store.train_dictionary(&replica.name, &writer.take_samples())?
     };
+    record_sample(store, &replica.name, &sample(frame.id), &mut notes);
     Ok(CaptureReport {
         frame,
+        recorded: true,
         stats,
         files_read,
         files_reused: walked.files_reused,
         processes: process_count,
-        notes: notes
-            .into_iter()
-            .map(|n| (String::from_utf8_lossy(&n.path).into_owned(), n.message))
-            .collect(),
+        notes: report_notes(notes),
         dictionary_trained,
     })
+}
+
+fn report_notes(notes: Vec<CaptureNote>) -> Vec<(String, String)> {
+    notes
+        .into_iter()
+        .map(|n| (String::from_utf8_lossy(&n.path).into_owned(), n.message))
+        .collect()
+}
+
+/// What of the processes is state (a change makes a frame), as opposed to metrics.
+type ProcessIdentity = (
+    u32,
+    i64,
+    String,
+    Vec<String>,
+    Vec<(String, String, u16)>,
+    String,
+);
+
+fn process_identities(processes: &[ProcessEntry]) -> Vec<ProcessIdentity> {
+    let mut identities: Vec<ProcessIdentity> = processes
+        .iter()
+        .map(|p| {
+            (
+                p.pid,
+                p.start_time_ns,
+                p.name.clone(),
+                p.cmdline.clone(),
+                p.listening
+                    .iter()
+                    .map(|l| (l.protocol.clone(), l.address.clone(), l.port))
+                    .collect(),
+                p.selector.clone(),
+            )
+        })
+        .collect();
+    identities.sort();
+    identities
+}
+
+fn series_sample(
+    now: Instant,
+    frame: Hash,
+    metrics: &Metrics,
+    processes: &[ProcessEntry],
+) -> Sample {
+    let mut sample = Sample::new(now, frame);
+    sample.cpu_percent = metrics.cpu_percent.max(0.0);
+    sample.cpu_percent_max = sample.cpu_percent;
+    sample.memory_rss_bytes = metrics.memory_rss_bytes;
+    sample.memory_rss_bytes_max = metrics.memory_rss_bytes;
+    sample.processes = metrics.processes;
+    sample.files = metrics.files;
+    sample.disk_allocated_bytes = metrics.disk_allocated_bytes;
+    sample.counters = processes
+        .iter()
+        .take(series::PROCESS_COUNTERS_MAX)
+        .map(|p| ProcessCounter {
+            pid: p.pid,
+            start_time_ns: p.start_time_ns,
+            cpu_time_ms: p.cpu_time_ms,
+        })
+        .collect();
+    sample
+}
+
+/// Adds the capture's sample to the runtime series. A sample that cannot be stored never
+/// fails the capture (the frame, if any, is committed): it is named in the notes.
+fn record_sample(store: &Store, replica: &str, sample: &Sample, notes: &mut Vec<CaptureNote>) {
+    if let Err(error) = store.record_sample(replica, sample) {
+        notes.push(note(b"", format!("runtime series not updated: {error}")));
+    }
 }
 
 /// The root's metadata: it must be a readable directory.
@@ -200,12 +322,19 @@ fn selectors(replica: &ReplicaDefinition) -> Result<Vec<Selector>, CaptureError>
 struct Previous {
     /// Its time and root, for reusing unchanged files.
     root: Option<(Instant, RootNode)>,
-    /// Its processes' CPU time, to turn into rates.
+    /// The processes' CPU time at the last sample (the runtime series' newest, or the
+    /// head's), to turn into rates.
     processes: HashMap<(u32, i64), PreviousSample>,
+    /// The head's processes as state, to tell a changed state from changed metrics.
+    identities: Option<Vec<ProcessIdentity>>,
     notes: Vec<CaptureNote>,
 }
 
-fn previous_state(store: &Store, head: Option<&FrameRecord>) -> Result<Previous, CaptureError> {
+fn previous_state(
+    store: &Store,
+    replica: &str,
+    head: Option<&FrameRecord>,
+) -> Result<Previous, CaptureError> {
     let mut notes = Vec::new();
     let root = match head {
         Some(frame) => match store
@@ -223,33 +352,54 @@ fn previous_state(store: &Store, head: Option<&FrameRecord>) -> Result<Previous,
         },
         None => None,
     };
-    let processes = root
+    let runtime = root.as_ref().and_then(|(at, root)| {
+        let reader = store.reader().ok()?;
+        let runtime = reader
+            .node::<RuntimeNode>(&Hash(root.runtime), ObjectKind::Runtime)
+            .ok()?;
+        Some((*at, runtime))
+    });
+    let identities = runtime
         .as_ref()
-        .and_then(|(at, root)| {
-            let reader = store.reader().ok()?;
-            let runtime = reader
-                .node::<RuntimeNode>(&Hash(root.runtime), ObjectKind::Runtime)
-                .ok()?;
-            Some(
-                runtime
-                    .processes
-                    .iter()
-                    .map(|p| {
-                        (
-                            (p.pid, p.start_time_ns),
-                            PreviousSample {
-                                cpu_time_ms: p.cpu_time_ms,
-                                at: *at,
-                            },
-                        )
-                    })
-                    .collect::<HashMap<_, _>>(),
-            )
-        })
-        .unwrap_or_default();
+        .map(|(_, runtime)| process_identities(&runtime.processes));
+    // The series' newest sample is the latest CPU reading when it is newer than the head
+    // (captures of an unchanged state store no frame); a damaged sample is not fatal.
+    let latest = store.latest_sample(replica).ok().flatten();
+    let processes = match (latest, runtime) {
+        (Some(sample), runtime) if runtime.as_ref().is_none_or(|(at, _)| sample.last_at > *at) => {
+            sample
+                .counters
+                .iter()
+                .map(|c| {
+                    (
+                        (c.pid, c.start_time_ns),
+                        PreviousSample {
+                            cpu_time_ms: c.cpu_time_ms,
+                            at: sample.last_at,
+                        },
+                    )
+                })
+                .collect()
+        }
+        (_, Some((at, runtime))) => runtime
+            .processes
+            .iter()
+            .map(|p| {
+                (
+                    (p.pid, p.start_time_ns),
+                    PreviousSample {
+                        cpu_time_ms: p.cpu_time_ms,
+                        at,
+                    },
+                )
+            })
+            .collect(),
+        _ => HashMap::new(),
+    };
     Ok(Previous {
         root,
         processes,
+        identities,
         notes,
     })
 }

@@ -4,6 +4,6 @@
 pub mod capture;
 pub mod process;
 
-pub use capture::{CaptureError, CaptureReport, CaptureRequest, capture};
+pub use capture::{CaptureError, CaptureReport, CaptureRequest, capture, capture_if_changed};
 pub use kairos_replica::settings::{ReplicaSettings, define_replica};
 pub use kairos_replica::{config, exclude};

@@ -30,6 +30,8 @@ pub enum Backend {
         data_dir: PathBuf,
         limits: Limits,
         learner: Box<kairos_ops::learn::Learner>,
+        /// The configuration's `[retention]` policy (for replicas without their own).
+        retention_default: Option<Box<kairos_core::RetentionPolicy>>,
     },
     Node {
         base: String,
@@ -64,6 +66,7 @@ impl Backend {
             data_dir: data_dir.to_path_buf(),
             limits,
             learner: Box::default(),
+            retention_default: None,
         })
     }
 
@@ -88,6 +91,7 @@ impl Backend {
                 data_dir,
                 limits,
                 learner,
+                ..
             } => Some(Service {
                 store,
                 limits: *limits,
@@ -688,6 +692,49 @@ impl Backend {
                     party: self.node_party(party),
                 }),
             ),
+        }
+    }
+
+    /// Sets the policy of replicas without their own (the configuration's `[retention]`).
+    pub fn set_retention_default(&mut self, policy: Option<kairos_core::RetentionPolicy>) {
+        if let Backend::Direct {
+            retention_default, ..
+        } = self
+        {
+            *retention_default = policy.map(Box::new);
+        }
+    }
+
+    pub fn forget(
+        &self,
+        name: &str,
+        request: &kairos_ops::wire::ForgetRequestJson,
+        party: &str,
+    ) -> Result<kairos_ops::ForgetReport> {
+        match self {
+            Backend::Direct {
+                retention_default, ..
+            } => {
+                let flags = request.policy().map_err(|message| anyhow!("{message}"))?;
+                Ok(self.service().context("direct")?.forget(
+                    name,
+                    &kairos_ops::ForgetRequest {
+                        timeline: request.timeline.as_deref(),
+                        flags,
+                        default: retention_default.as_deref().copied(),
+                        party,
+                        dry_run: request.dry_run,
+                    },
+                )?)
+            }
+            Backend::Node { .. } => {
+                let mut request = request.clone();
+                request.party = self.node_party(party);
+                self.post(
+                    &format!("/api/replicas/{}/forget", segment(name)),
+                    Some(&request),
+                )
+            }
         }
     }
 

@@ -91,6 +91,26 @@ pub fn print_listing(listing: &StateListing) -> Result<()> {
     for (name, value) in listing.metrics.pairs() {
         writeln!(out, "  {name} = {value}")?;
     }
+    if let Some(sample) = &listing.metrics_nearest {
+        writeln!(
+            out,
+            "\nmetrics nearest {} (runtime series: {} sample(s) in {} ms from {}, state of frame {}):",
+            sample.asked,
+            sample.samples,
+            sample.width_ms,
+            sample.at,
+            sample.frame.short()
+        )?;
+        writeln!(
+            out,
+            "  cpu_percent = {:.2} (max {:.2})\n  memory_rss_bytes = {} (max {})\n  processes = {}",
+            sample.cpu_percent,
+            sample.cpu_percent_max,
+            sample.memory_rss_bytes,
+            sample.memory_rss_bytes_max,
+            sample.processes
+        )?;
+    }
     if !listing.notes.is_empty() {
         writeln!(out, "\nnotes:")?;
         for note in &listing.notes {
@@ -550,6 +570,69 @@ pub fn print_culprit_revert(answer: &kairos_ops::culprit::CulpritRevertJson) -> 
                 .changed_again_at
                 .map(|frame| format!(" (at frame {})", frame.short()))
                 .unwrap_or_default()
+        )?;
+    }
+    Ok(())
+}
+
+/// Frames `forget` lists per timeline and kind in text (JSON lists all).
+const FORGET_LISTED_MAX: usize = 50;
+
+/// What `forget` did: per timeline, the policy, what goes and what stays and why.
+pub fn print_forget(report: &kairos_ops::ForgetReport) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    for timeline in &report.timelines {
+        writeln!(
+            out,
+            "timeline {} ({}): keep {}, forget {}",
+            timeline.timeline,
+            timeline.policy,
+            timeline.kept.len(),
+            timeline.forgotten.len()
+        )?;
+        for frame in timeline.kept.iter().take(FORGET_LISTED_MAX) {
+            writeln!(
+                out,
+                "  keep    {}  {}  {}",
+                frame.id.short(),
+                frame.time,
+                frame.kept_by.join(", ")
+            )?;
+        }
+        if timeline.kept.len() > FORGET_LISTED_MAX {
+            writeln!(
+                out,
+                "  ... {} more kept (--json lists them all)",
+                timeline.kept.len() - FORGET_LISTED_MAX
+            )?;
+        }
+        for frame in timeline.forgotten.iter().take(FORGET_LISTED_MAX) {
+            writeln!(
+                out,
+                "  forget  {}  {}  no rule keeps it",
+                frame.id.short(),
+                frame.time
+            )?;
+        }
+        if timeline.forgotten.len() > FORGET_LISTED_MAX {
+            writeln!(
+                out,
+                "  ... {} more forgotten (--json lists them all)",
+                timeline.forgotten.len() - FORGET_LISTED_MAX
+            )?;
+        }
+    }
+    if report.dry_run {
+        writeln!(
+            out,
+            "dry run: {} time index entries and {} frames would be removed; nothing was changed",
+            report.entries_removed, report.frames_removed
+        )?;
+    } else {
+        writeln!(
+            out,
+            "removed {} time index entries and {} frames; their objects are reclaimed by `kairos gc`",
+            report.entries_removed, report.frames_removed
         )?;
     }
     Ok(())

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use kairos_capture::{CaptureRequest, capture};
+use kairos_capture::{CaptureRequest, capture, capture_if_changed};
 use kairos_core::spec::MAIN_TIMELINE;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
@@ -66,7 +66,9 @@ pub struct SnapshotterActor;
 
 pub enum SnapshotterMsg {
     /// Capture the replica; the reply port, if any, gets the frame. `cause` is the span
-    /// of whatever asked (an API request), so the capture's span is its child.
+    /// of whatever asked (an API request), so the capture's span is its child. A capture
+    /// without a reply port (the watcher's ticks and file changes) stores a frame only
+    /// when the state changed; one that someone waits for always stores one.
     Capture(Option<CaptureReply>, tracing::Span),
     /// The running capture finished.
     Finished(Box<CaptureResult>),
@@ -78,6 +80,8 @@ pub struct SnapshotterState {
     queue: CaptureQueue<CaptureReply>,
     /// The span of the first request waiting for the next capture.
     next_cause: Option<tracing::Span>,
+    /// Whether someone waiting for the next capture wants a frame even if nothing changed.
+    next_always: bool,
 }
 
 pub fn name(replica: &str) -> String {
@@ -100,6 +104,7 @@ impl Actor for SnapshotterActor {
             replica,
             queue: CaptureQueue::new(waiters_max),
             next_cause: None,
+            next_always: false,
         })
     }
 
@@ -123,10 +128,12 @@ fn on_capture(
     reply: Option<CaptureReply>,
     cause: tracing::Span,
 ) {
+    let always = reply.is_some();
     match state.queue.request(reply) {
-        Requested::Start => start(myself, state, cause),
+        Requested::Start => start(myself, state, cause, always),
         Requested::Queued => {
             state.next_cause.get_or_insert(cause);
+            state.next_always |= always;
         }
         Requested::Full(reply) => {
             let _ = reply.send(Err(CaptureFailure::Busy(state.replica.clone())));
@@ -146,17 +153,23 @@ fn on_finished(
     }
     if again {
         let cause = state.next_cause.take().unwrap_or_else(tracing::Span::none);
-        start(myself, state, cause);
+        let always = std::mem::take(&mut state.next_always);
+        start(myself, state, cause, always);
     }
 }
 
-fn start(myself: ActorRef<SnapshotterMsg>, state: &SnapshotterState, cause: tracing::Span) {
+fn start(
+    myself: ActorRef<SnapshotterMsg>,
+    state: &SnapshotterState,
+    cause: tracing::Span,
+    always: bool,
+) {
     let shared = state.shared.clone();
     let replica = state.replica.clone();
     let span = tracing::info_span!(parent: &cause, "capture", replica = %replica, frame = tracing::field::Empty);
     tokio::spawn(async move {
         let result = tokio::task::spawn_blocking(move || {
-            span.in_scope(|| run_capture(&shared, &replica, &span))
+            span.in_scope(|| run_capture(&shared, &replica, &span, always))
         })
         .await
         .unwrap_or_else(|error| {
@@ -170,15 +183,21 @@ fn start(myself: ActorRef<SnapshotterMsg>, state: &SnapshotterState, cause: trac
 }
 
 /// One capture, on the blocking pool.
-fn run_capture(shared: &Shared, replica: &str, span: &tracing::Span) -> CaptureResult {
+fn run_capture(
+    shared: &Shared,
+    replica: &str,
+    span: &tracing::Span,
+    always: bool,
+) -> CaptureResult {
     let started = std::time::Instant::now();
     let attributes = kairos_telemetry::Metrics::replica(replica);
-    let result = capture_once(shared, replica, span);
+    let result = capture_once(shared, replica, span, always);
     let metrics = &shared.metrics;
     metrics
         .capture_duration_ms
         .record(started.elapsed().as_secs_f64() * 1e3, &attributes);
     match &result {
+        Ok(capture) if !capture.recorded => {}
         Ok(capture) => {
             metrics.frames_stored.add(1, &attributes);
             metrics
@@ -193,18 +212,29 @@ fn run_capture(shared: &Shared, replica: &str, span: &tracing::Span) -> CaptureR
     result
 }
 
-fn capture_once(shared: &Shared, replica: &str, span: &tracing::Span) -> CaptureResult {
+fn capture_once(
+    shared: &Shared,
+    replica: &str,
+    span: &tracing::Span,
+    always: bool,
+) -> CaptureResult {
     let definition = shared.store.replica(replica)?;
-    let report = capture(
-        &shared.store,
-        &CaptureRequest {
-            replica: &definition,
-            timeline: MAIN_TIMELINE,
-            limits: shared.config.limits,
-            skip: vec![shared.config.node.data_dir.clone()],
-        },
-    )?;
+    let request = CaptureRequest {
+        replica: &definition,
+        timeline: MAIN_TIMELINE,
+        limits: shared.config.limits,
+        skip: vec![shared.config.node.data_dir.clone()],
+    };
+    let report = if always {
+        capture(&shared.store, &request)?
+    } else {
+        capture_if_changed(&shared.store, &request)?
+    };
     span.record("frame", report.frame.id.short());
+    if !report.recorded {
+        tracing::debug!(frame = %report.frame.id.short(), "unchanged: no new frame");
+        return Ok(CaptureJson::from(&report));
+    }
     tracing::info!(
         entries = report.frame.entries,
         files_read = report.files_read,

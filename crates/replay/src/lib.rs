@@ -10,6 +10,6 @@ pub mod state;
 pub use diff::{ConfigChange, FileChange, StateDiff, diff, diff_files};
 pub use restore::{RestoreOptions, RestoreReport, restore};
 pub use state::{
-    CatOutcome, ContentError, ReplayError, StateListing, StateView, listing, open, open_frame,
-    torn_warning, write_content,
+    CatOutcome, ContentError, ReplayError, SampleView, StateListing, StateView, listing, open,
+    open_frame, torn_warning, write_content,
 };

@@ -449,6 +449,48 @@ pub struct StateListing {
     pub processes: Vec<ProcessEntryView>,
     pub metrics: MetricsView,
     pub notes: Vec<NoteView>,
+    /// The runtime series' bucket nearest the instant asked for (main timeline only): the
+    /// frame's own metrics are those of its capture, which may be long before that instant
+    /// when the state did not change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_nearest: Option<SampleView>,
+}
+
+/// A bucket of the runtime series, as `show` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SampleView {
+    /// The instant asked for.
+    pub asked: Instant,
+    /// The bucket's start and width, and the instant of its latest sample.
+    pub at: Instant,
+    pub width_ms: u64,
+    pub last_at: Instant,
+    pub samples: u32,
+    pub cpu_percent: f64,
+    pub cpu_percent_max: f64,
+    pub memory_rss_bytes: u64,
+    pub memory_rss_bytes_max: u64,
+    pub processes: u64,
+    /// The frame that was the head when the latest sample was taken.
+    pub frame: Hash,
+}
+
+impl SampleView {
+    pub fn new(asked: Instant, sample: &kairos_store::series::Sample) -> SampleView {
+        SampleView {
+            asked,
+            at: sample.at,
+            width_ms: sample.width().as_millis() as u64,
+            last_at: sample.last_at,
+            samples: sample.samples,
+            cpu_percent: sample.cpu_percent,
+            cpu_percent_max: sample.cpu_percent_max,
+            memory_rss_bytes: sample.memory_rss_bytes,
+            memory_rss_bytes_max: sample.memory_rss_bytes_max,
+            processes: sample.processes,
+            frame: sample.frame,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -588,5 +630,6 @@ pub fn listing(store: &Store, view: &StateView) -> Result<StateListing, ReplayEr
                 message: n.message.clone(),
             })
             .collect(),
+        metrics_nearest: None,
     })
 }

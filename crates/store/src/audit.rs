@@ -40,6 +40,8 @@ pub enum AuditEvent {
     Outcome(OutcomeEvent),
     /// A predictor model was trained and became the serving one.
     Model(ModelEvent),
+    /// Frames were forgotten by retention rules.
+    Forget(ForgetEvent),
 }
 
 impl AuditEvent {
@@ -57,6 +59,7 @@ impl AuditEvent {
             AuditEvent::Prediction(_) => "prediction",
             AuditEvent::Outcome(_) => "outcome",
             AuditEvent::Model(_) => "model",
+            AuditEvent::Forget(_) => "forget",
         }
     }
 }
@@ -193,6 +196,20 @@ pub struct ModelEvent {
     pub model: String,
     pub examples: usize,
     pub held_out_auc: Option<f64>,
+}
+
+/// What a `forget` removed: the rules per timeline and how much went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForgetEvent {
+    pub rules: Vec<crate::retention::TimelineRule>,
+    /// Time index entries and frame records removed.
+    pub entries_removed: u64,
+    pub frames_removed: u64,
+    /// The oldest and newest instants of the entries removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest: Option<Instant>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newest: Option<Instant>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

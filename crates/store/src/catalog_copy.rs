@@ -1,6 +1,6 @@
 //! The catalog copy: every catalog key (replicas, frame records, timeline heads, the time
 //! index, dictionaries, forks, proposals, commits, last good frames, the audit log — every
-//! key that is not an object index entry or a segment) kept in a second, small file beside
+//! key that is not an object index entry, a segment or a runtime series sample) kept in a second, small file beside
 //! the store, so a damaged store file never makes every frame unreachable.
 //!
 //! The file is a log: a header, then records, each `len (u32 LE) | payload | BLAKE3(payload)`.
@@ -40,9 +40,12 @@ const OP_DELETE: u8 = 2;
 /// store has committed, kept by the store outside its key space.
 const OP_SEQUENCE: u8 = 3;
 
-/// Whether `key` belongs to the catalog (everything but object index entries and segments).
+/// Whether `key` belongs to the catalog (everything but object index entries, segments
+/// and the runtime series, which is observations rather than history).
 pub fn is_catalog_key(key: &[u8]) -> bool {
-    !key.starts_with(keys::OBJECT) && !key.starts_with(keys::SEGMENT)
+    !key.starts_with(keys::OBJECT)
+        && !key.starts_with(keys::SEGMENT)
+        && !key.starts_with(keys::SERIES)
 }
 
 /// The catalog copy of the store file at `store_path`.
@@ -406,5 +409,6 @@ mod tests {
         let damaged = read(&path).unwrap().unwrap();
         assert!(damaged.problem.unwrap().contains("checksum"));
         assert!(!is_catalog_key(b"o/abc") && !is_catalog_key(b"s/1") && is_catalog_key(b"f/1"));
+        assert!(!is_catalog_key(b"n/web\0\0abcdefgh"));
     }
 }

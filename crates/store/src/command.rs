@@ -163,6 +163,14 @@ pub enum Change {
     AddParty { party: PartyRecord },
     /// Removes a party and its token.
     RevokeParty { name: String },
+    /// Forgets frames of the replica's timelines by retention rules: the plan
+    /// ([`crate::retention::plan_forget`]) is made on apply from the view, guarded by every
+    /// key that protects a frame (heads, last good, the pending commit) and by the audit
+    /// head (a proposal or commit recorded meanwhile makes it plan again). The command
+    /// carries no audit event: apply records one with what went.
+    Forget {
+        rules: Vec<crate::retention::TimelineRule>,
+    },
 }
 
 impl Change {
@@ -177,6 +185,8 @@ impl Change {
 pub struct Applied {
     /// The frame an `AppendFrame` stored.
     pub frame: Option<FrameRecord>,
+    /// What a `Forget` removed.
+    pub forgotten: Option<crate::retention::ForgetPlan>,
     /// The audit entries appended.
     pub audit: Vec<AuditEntry>,
 }
@@ -323,6 +333,55 @@ pub fn apply(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, Catalo
         }
         Change::AddParty { .. } | Change::RevokeParty { .. } => {
             unreachable_party_change()?;
+        }
+        Change::Forget { rules } => {
+            if !command.audit.is_empty() {
+                return Err(CatalogError::Invalid(
+                    "a forget command records its own audit event".into(),
+                ));
+            }
+            let plan = crate::retention::plan_forget(
+                view,
+                replica,
+                rules,
+                crate::retention::FORGET_ENTRIES_PER_COMMAND_MAX,
+            )?;
+            if plan.entries.is_empty() {
+                applied.forgotten = Some(plan);
+                return Ok(Planned {
+                    batch: WriteBatch::new(),
+                    applied,
+                });
+            }
+            for (key, value) in &plan.guards {
+                batch.check(key.clone(), value.clone())?;
+            }
+            let mut times = Vec::with_capacity(plan.entries.len());
+            for key in &plan.entries {
+                times.push(Instant::from_sortable_bytes(
+                    key.get(key.len() - 40..key.len() - 32)
+                        .and_then(|at| at.try_into().ok())
+                        .unwrap_or_default(),
+                ));
+                batch.delete(key.clone())?;
+            }
+            for id in &plan.frames_removed {
+                batch.delete(keys::frame(id))?;
+            }
+            let event = AuditEvent::Forget(crate::audit::ForgetEvent {
+                rules: rules.clone(),
+                entries_removed: plan.entries.len() as u64,
+                frames_removed: plan.frames_removed.len() as u64,
+                oldest: times.iter().min().copied(),
+                newest: times.iter().max().copied(),
+            });
+            let recorded = Command {
+                audit: vec![event],
+                ..command.clone()
+            };
+            applied.audit = append_audit(view, &mut batch, &recorded)?;
+            applied.forgotten = Some(plan);
+            return Ok(Planned { batch, applied });
         }
         Change::Event => {
             if command.audit.is_empty() {

@@ -94,6 +94,9 @@ pub const PENDING: &[u8] = b"P/";
 /// Predictions and outcomes of proposals (the predictor's scored record and examples).
 pub const PREDICTION: &[u8] = b"q/";
 pub const OUTCOME: &[u8] = b"u/";
+/// The runtime series of each replica (`series.rs`): `n/<replica>\0<tier><bucket start>`.
+/// Not catalog keys: observations beside the frames, not history.
+pub const SERIES: &[u8] = b"n/";
 
 /// `prefix` + replica + NUL: the keys of one replica in a record family.
 pub fn replica_prefix(prefix: &[u8], replica: &str) -> Vec<u8> {

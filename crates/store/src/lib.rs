@@ -12,6 +12,8 @@
 //! - [`command`]: the one write path of the catalog: typed commands, applied as guarded batches;
 //! - [`audit`]: typed audit events, hash-chained;
 //! - [`changes`]: forks, proposal, sandbox and commit records, last good and pending commits;
+//! - [`retention`]: what a retention policy forgets, and what is never forgotten;
+//! - [`series`]: the runtime metrics sampled on every capture, downsampled with age;
 //! - [`models`]: the predictor's model files of each replica, versioned;
 //! - [`verify`]: a full check of everything stored, the file's own structure included;
 //! - [`catalog_copy`]: the checksummed copy of the catalog kept beside the store file;
@@ -37,6 +39,8 @@ pub mod pack;
 pub mod redb_backend;
 pub mod redb_check;
 pub mod repair;
+pub mod retention;
+pub mod series;
 pub mod store;
 pub mod tree;
 pub mod verify;

@@ -141,6 +141,9 @@ pub struct RedbBackend {
     health: Arc<Health>,
     /// The catalog copy, behind the lock that orders catalog commits (`None`: read-only).
     catalog_copy: Option<Mutex<CatalogCopyWriter>>,
+    /// Whether the last commit was not durable (see `Drop`: a handle closed after one
+    /// makes one durable commit, so the next open finds a clean file, not one to repair).
+    unsynced: AtomicBool,
 }
 
 enum Existing {
@@ -190,6 +193,7 @@ impl RedbBackend {
             database: ManuallyDrop::new(database),
             health,
             catalog_copy: None,
+            unsynced: AtomicBool::new(false),
         };
         let copy_path = catalog_copy::copy_path(path);
         if matches!(
@@ -236,6 +240,7 @@ impl RedbBackend {
                     records_damage: false,
                 }),
                 catalog_copy: None,
+                unsynced: AtomicBool::new(false),
             },
             recovery,
         ))
@@ -263,10 +268,14 @@ impl RedbBackend {
     pub fn catalog_pairs(&self) -> Result<Pairs, KvError> {
         let snapshot = self.snapshot()?;
         let mut out = Vec::new();
+        // Everything between the prefixes that are not catalog (in key order).
+        let series_end = crate::kv::prefix_end(crate::keys::SERIES).unwrap_or_default();
         let object_end = crate::kv::prefix_end(crate::keys::OBJECT).unwrap_or_default();
         let segment_end = crate::kv::prefix_end(crate::keys::SEGMENT).unwrap_or_default();
-        let ranges: [(&[u8], Option<&[u8]>); 3] = [
-            (b"", Some(crate::keys::OBJECT)),
+        debug_assert!(crate::keys::SERIES < crate::keys::OBJECT);
+        let ranges: [(&[u8], Option<&[u8]>); 4] = [
+            (b"", Some(crate::keys::SERIES)),
+            (&series_end, Some(crate::keys::OBJECT)),
             (&object_end, Some(crate::keys::SEGMENT)),
             (&segment_end, None),
         ];
@@ -409,6 +418,7 @@ impl RedbBackend {
                     next = Some(current + 1);
                 }
                 txn.commit().map_err(|error| self.commit_error(error))?;
+                self.unsynced.store(!batch.durable, Ordering::Release);
                 Ok(next)
             },
         )
@@ -800,6 +810,16 @@ impl Drop for RedbBackend {
                 panic!("closing a store handle that hit a damaged page, without writing");
             });
             return;
+        }
+        if self.unsynced.load(Ordering::Acquire) {
+            // Non-durable commits (object batches, runtime series samples) reach the disk
+            // with the next durable one: make one now, empty, so that closing the handle
+            // leaves a file that opens without recovery.
+            let _ = catch_panic(|| {
+                if let Ok(txn) = database.begin_write() {
+                    let _ = txn.commit();
+                }
+            });
         }
         let _ = catch_panic(move || drop(database));
     }

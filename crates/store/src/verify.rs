@@ -128,7 +128,14 @@ impl Store {
                 inclusive = false;
             }
             for (key, value) in page {
-                if is_catalog_key(&key) {
+                if key.starts_with(keys::SERIES) {
+                    if let Err(problem) = crate::series::Sample::decode(&key, &value) {
+                        report.problem(format!(
+                            "runtime series sample {}: {problem}",
+                            crate::kv::printable(&key)
+                        ));
+                    }
+                } else if is_catalog_key(&key) {
                     catalog.insert(key, value);
                 }
             }
