@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use kairos_commit::{CommitRecord, DirectCapturer};
-use kairos_core::{Limits, ReplicaDefinition, TimelineSpec};
+use kairos_core::{Limits, ReplicaDefinition, StoreBackend, TimelineSpec};
 use kairos_node::wire::{
     AddReplicaRequest, CaptureJson, CommitJson, CommitRequest, ErrorBody, ForkRequest, FrameJson,
     NewPartyJson, PartyJson, PartyRequest, PredictRequest, ProposalJson, ProposeRequest,
@@ -17,6 +17,7 @@ use kairos_ops::Service;
 use kairos_ops::learn::{ModelReportJson, ModelStatusJson, PredictionJson, SuggestionJson};
 use kairos_replay::{RestoreReport, StateDiff, StateListing};
 use kairos_sandbox::ProposalDocument;
+use kairos_store::redb_backend::CACHE_BYTES_DEFAULT;
 use kairos_store::{AuditLog, Store, TimelineInfo, VerifyReport};
 use serde::de::DeserializeOwned;
 
@@ -48,10 +49,18 @@ fn spec(text: &str) -> Result<TimelineSpec> {
 }
 
 impl Backend {
-    /// The store in `data_dir`, with the limits of the configuration.
-    pub fn direct(data_dir: &Path, limits: Limits) -> Result<Backend> {
-        let store = Store::open(data_dir)
-            .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+    /// The store of the configuration (the embedded file in `data_dir`, or FoundationDB),
+    /// with the limits of the configuration.
+    pub fn direct(data_dir: &Path, store: &StoreBackend, limits: Limits) -> Result<Backend> {
+        let store =
+            Store::open_configured(data_dir, store, CACHE_BYTES_DEFAULT).with_context(|| {
+                match store {
+                    StoreBackend::Redb => format!("opening the store in {}", data_dir.display()),
+                    StoreBackend::FoundationDb(location) => {
+                        format!("opening the FoundationDB store {:?}", location.key_prefix)
+                    }
+                }
+            })?;
         Ok(Backend::Direct {
             store,
             data_dir: data_dir.to_path_buf(),

@@ -615,13 +615,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Command::Replica(ReplicaCommand::Add { .. })
                         | Command::Party(PartyCommand::Add { .. })
                 );
-            if !creates && !data_dir.exists() {
+            if !creates && config.store.is_embedded() && !data_dir.exists() {
                 bail!(
                     "no store in {}: the directory does not exist (`kairos replica add` makes one; check --data-dir or KAIROS_DATA_DIR)",
                     data_dir.display()
                 );
             }
-            let mut backend = Backend::direct(&data_dir, config.limits)?;
+            let mut backend = Backend::direct(&data_dir, &config.store, config.limits)?;
             backend.set_retention_default(config.retention.default);
             if adopts {
                 backend.adopt(&config.replicas)?;

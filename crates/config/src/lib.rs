@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kairos_core::replica::CAPTURE_INTERVAL_MS_DEFAULT;
-use kairos_core::{Limits, ReplicaDefinition, ReplicaError, RetentionPolicy};
+use kairos_core::store_backend::{KEY_PREFIX_DEFAULT, STORE_BACKENDS, check_key_prefix};
+use kairos_core::{
+    FdbLocation, Limits, ReplicaDefinition, ReplicaError, RetentionPolicy, StoreBackend,
+};
 use serde::Deserialize;
 
 /// The configuration file used when none is given, if it exists.
@@ -39,6 +42,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub node: NodeConfig,
+    /// The key-value backend of the store (`[store]`).
+    pub store: StoreBackend,
     pub telemetry: TelemetryConfig,
     pub predictor: PredictorConfig,
     pub retention: RetentionConfig,
@@ -214,6 +219,8 @@ struct RawConfig {
     #[serde(default)]
     node: RawNode,
     #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
     telemetry: RawTelemetry,
     #[serde(default)]
     predictor: RawPredictor,
@@ -267,6 +274,24 @@ impl Default for RawNode {
             party_requests_per_second: 200,
             tls_cert: None,
             tls_key: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    backend: String,
+    cluster_file: Option<PathBuf>,
+    key_prefix: Option<String>,
+}
+
+impl Default for RawStore {
+    fn default() -> RawStore {
+        RawStore {
+            backend: STORE_BACKENDS[0].into(),
+            cluster_file: None,
+            key_prefix: None,
         }
     }
 }
@@ -566,6 +591,7 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             format!("{} is not an absolute path", root.display()),
         ));
     }
+    let store = validate_store(raw.store, base_dir, source_name)?;
     let mut replicas: Vec<ReplicaDefinition> = Vec::new();
     for (index, replica) in raw.replica.into_iter().enumerate() {
         let interval = match &replica.capture_interval {
@@ -707,6 +733,7 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
         ));
     }
     Ok(Config {
+        store,
         retention,
         predictor: PredictorConfig {
             retrain_outcomes_min: raw.predictor.retrain_outcomes_min,
@@ -739,6 +766,76 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
         limits: raw.limits,
         replicas,
     })
+}
+
+/// `[store]`: the backend by name; the FoundationDB keys only with that backend.
+fn validate_store(
+    raw: RawStore,
+    base_dir: &Path,
+    source_name: &str,
+) -> Result<StoreBackend, ConfigError> {
+    let key_error = |key: &str, reason: String| ConfigError::Key {
+        source_name: source_name.to_string(),
+        key: key.to_string(),
+        reason,
+    };
+    match raw.backend.as_str() {
+        "redb" => {
+            for (key, given) in [
+                ("store.cluster_file", raw.cluster_file.is_some()),
+                ("store.key_prefix", raw.key_prefix.is_some()),
+            ] {
+                if given {
+                    return Err(key_error(
+                        key,
+                        "is a FoundationDB setting: set store.backend = \"foundationdb\" or remove it"
+                            .into(),
+                    ));
+                }
+            }
+            Ok(StoreBackend::Redb)
+        }
+        "foundationdb" => {
+            let cluster_file = match raw.cluster_file {
+                Some(path) if path.as_os_str().is_empty() => None,
+                Some(path) => {
+                    let path = if path.is_absolute() {
+                        path
+                    } else {
+                        base_dir.join(path)
+                    };
+                    if !path.is_file() {
+                        return Err(key_error(
+                            "store.cluster_file",
+                            format!("{} is not a file", path.display()),
+                        ));
+                    }
+                    Some(path)
+                }
+                None => None,
+            };
+            let key_prefix = raw
+                .key_prefix
+                .unwrap_or_else(|| KEY_PREFIX_DEFAULT.to_string());
+            check_key_prefix(&key_prefix)
+                .map_err(|reason| key_error("store.key_prefix", reason))?;
+            Ok(StoreBackend::FoundationDb(FdbLocation {
+                cluster_file,
+                key_prefix,
+            }))
+        }
+        other => Err(key_error(
+            "store.backend",
+            format!(
+                "{other:?} is not a store backend: choose {}",
+                STORE_BACKENDS
+                    .iter()
+                    .map(|name| format!("{name:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -876,6 +973,95 @@ mod tests {
 }
 
 #[cfg(test)]
+mod store_backend {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kairos.toml");
+        std::fs::write(&path, text).unwrap();
+        std::fs::write(dir.path().join("fdb.cluster"), "test:abc@127.0.0.1:4500\n").unwrap();
+        let config = load(Some(&path), Vec::new(), &Flags::default());
+        if let Ok(config) = &config
+            && let StoreBackend::FoundationDb(location) = &config.store
+            && let Some(file) = &location.cluster_file
+        {
+            assert!(file.starts_with(dir.path()), "{}", file.display());
+        }
+        config
+    }
+
+    #[test]
+    fn redb_is_the_default() {
+        assert_eq!(load_text("").unwrap().store, StoreBackend::Redb);
+        assert_eq!(
+            load_text("[store]\nbackend = \"redb\"\n").unwrap().store,
+            StoreBackend::Redb
+        );
+    }
+
+    #[test]
+    fn foundationdb_takes_a_cluster_file_and_a_key_prefix() {
+        let config = load_text(
+            "[store]\nbackend = \"foundationdb\"\ncluster_file = \"fdb.cluster\"\nkey_prefix = \"team-a\"\n",
+        )
+        .unwrap();
+        let StoreBackend::FoundationDb(location) = config.store else {
+            panic!("not foundationdb");
+        };
+        assert!(location.cluster_file.unwrap().ends_with("fdb.cluster"));
+        assert_eq!(location.key_prefix, "team-a");
+        let config = load_text("[store]\nbackend = \"foundationdb\"\n").unwrap();
+        assert_eq!(
+            config.store,
+            StoreBackend::FoundationDb(FdbLocation {
+                cluster_file: None,
+                key_prefix: KEY_PREFIX_DEFAULT.into()
+            })
+        );
+        let config = load(
+            None,
+            vec![
+                (
+                    "KAIROS_STORE__BACKEND".to_string(),
+                    "foundationdb".to_string(),
+                ),
+                ("KAIROS_STORE__KEY_PREFIX".to_string(), "b".to_string()),
+            ],
+            &Flags::default(),
+        )
+        .unwrap();
+        assert_eq!(config.store.name(), "foundationdb");
+    }
+
+    #[test]
+    fn bad_store_settings_are_named() {
+        for (text, expected) in [
+            (
+                "[store]\nbackend = \"rocksdb\"\n",
+                "key store.backend: \"rocksdb\" is not a store backend: choose \"redb\" or \"foundationdb\"",
+            ),
+            (
+                "[store]\nbackend = \"foundationdb\"\ncluster_file = \"missing.cluster\"\n",
+                "missing.cluster is not a file",
+            ),
+            (
+                "[store]\nbackend = \"foundationdb\"\nkey_prefix = \"a/b\"\n",
+                "key store.key_prefix: key prefix \"a/b\" holds '/'",
+            ),
+            (
+                "[store]\ncluster_file = \"fdb.cluster\"\n",
+                "key store.cluster_file: is a FoundationDB setting",
+            ),
+            ("[store]\nbakend = \"redb\"\n", "bakend"),
+        ] {
+            let error = load_text(text).unwrap_err().to_string();
+            assert!(error.contains(expected), "{text}: {error}");
+        }
+    }
+}
+
+#[cfg(test)]
 mod shipped {
     use super::*;
 
@@ -926,6 +1112,7 @@ mod shipped {
         let config = load(Some(&path), Vec::new(), &Flags::default()).unwrap();
         assert_eq!(config.node.listen.to_string(), LISTEN_DEFAULT);
         assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.store, StoreBackend::Redb);
         assert_eq!(config.replicas[0].name, "sample");
         assert!(
             config.replicas[0].root.ends_with("config/sample"),

@@ -297,16 +297,19 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     let data_dir = config.node.data_dir.clone();
     let cache_bytes = config.node.store_cache_bytes;
-    let store = tokio::task::spawn_blocking(move || Store::open_with_cache(&data_dir, cache_bytes))
-        .await
-        .map_err(|error| NodeError::Store {
-            path: config.node.data_dir.display().to_string(),
-            reason: error.to_string(),
-        })?
-        .map_err(|error| NodeError::Store {
-            path: config.node.data_dir.display().to_string(),
-            reason: error.to_string(),
-        })?;
+    let backend = config.store.clone();
+    let store = tokio::task::spawn_blocking(move || {
+        Store::open_configured(&data_dir, &backend, cache_bytes)
+    })
+    .await
+    .map_err(|error| NodeError::Store {
+        path: config.node.data_dir.display().to_string(),
+        reason: error.to_string(),
+    })?
+    .map_err(|error| NodeError::Store {
+        path: config.node.data_dir.display().to_string(),
+        reason: error.to_string(),
+    })?;
     for replica in &config.replicas {
         store
             .put_replica(replica)
