@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use kairos_commit::{CommitRecord, DirectCapturer};
-use kairos_core::{Limits, ReplicaDefinition, TimelineSpec};
+use kairos_core::{Limits, ReplicaDefinition, StoreBackend, TimelineSpec};
 use kairos_node::wire::{
     AddReplicaRequest, CaptureJson, CommitJson, CommitRequest, ErrorBody, ForkRequest, FrameJson,
     NewPartyJson, PartyJson, PartyRequest, PredictRequest, ProposalJson, ProposeRequest,
@@ -17,6 +17,7 @@ use kairos_ops::Service;
 use kairos_ops::learn::{ModelReportJson, ModelStatusJson, PredictionJson, SuggestionJson};
 use kairos_replay::{RestoreReport, StateDiff, StateListing};
 use kairos_sandbox::ProposalDocument;
+use kairos_store::redb_backend::CACHE_BYTES_DEFAULT;
 use kairos_store::{AuditLog, Store, TimelineInfo, VerifyReport};
 use serde::de::DeserializeOwned;
 
@@ -29,6 +30,8 @@ pub enum Backend {
         data_dir: PathBuf,
         limits: Limits,
         learner: Box<kairos_ops::learn::Learner>,
+        /// The configuration's `[retention]` policy (for replicas without their own).
+        retention_default: Option<Box<kairos_core::RetentionPolicy>>,
     },
     Node {
         base: String,
@@ -46,15 +49,24 @@ fn spec(text: &str) -> Result<TimelineSpec> {
 }
 
 impl Backend {
-    /// The store in `data_dir`, with the limits of the configuration.
-    pub fn direct(data_dir: &Path, limits: Limits) -> Result<Backend> {
-        let store = Store::open(data_dir)
-            .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+    /// The store of the configuration (the embedded file in `data_dir`, or FoundationDB),
+    /// with the limits of the configuration.
+    pub fn direct(data_dir: &Path, store: &StoreBackend, limits: Limits) -> Result<Backend> {
+        let store =
+            Store::open_configured(data_dir, store, CACHE_BYTES_DEFAULT).with_context(|| {
+                match store {
+                    StoreBackend::Redb => format!("opening the store in {}", data_dir.display()),
+                    StoreBackend::FoundationDb(location) => {
+                        format!("opening the FoundationDB store {:?}", location.key_prefix)
+                    }
+                }
+            })?;
         Ok(Backend::Direct {
             store,
             data_dir: data_dir.to_path_buf(),
             limits,
             learner: Box::default(),
+            retention_default: None,
         })
     }
 
@@ -79,6 +91,7 @@ impl Backend {
                 data_dir,
                 limits,
                 learner,
+                ..
             } => Some(Service {
                 store,
                 limits: *limits,
@@ -714,6 +727,49 @@ impl Backend {
                     party: self.node_party(party),
                 }),
             ),
+        }
+    }
+
+    /// Sets the policy of replicas without their own (the configuration's `[retention]`).
+    pub fn set_retention_default(&mut self, policy: Option<kairos_core::RetentionPolicy>) {
+        if let Backend::Direct {
+            retention_default, ..
+        } = self
+        {
+            *retention_default = policy.map(Box::new);
+        }
+    }
+
+    pub fn forget(
+        &self,
+        name: &str,
+        request: &kairos_ops::wire::ForgetRequestJson,
+        party: &str,
+    ) -> Result<kairos_ops::ForgetReport> {
+        match self {
+            Backend::Direct {
+                retention_default, ..
+            } => {
+                let flags = request.policy().map_err(|message| anyhow!("{message}"))?;
+                Ok(self.service().context("direct")?.forget(
+                    name,
+                    &kairos_ops::ForgetRequest {
+                        timeline: request.timeline.as_deref(),
+                        flags,
+                        default: retention_default.as_deref().copied(),
+                        party,
+                        dry_run: request.dry_run,
+                    },
+                )?)
+            }
+            Backend::Node { .. } => {
+                let mut request = request.clone();
+                request.party = self.node_party(party);
+                self.post(
+                    &format!("/api/replicas/{}/forget", segment(name)),
+                    Some(&request),
+                )
+            }
         }
     }
 

@@ -138,6 +138,18 @@ enum Command {
     /// Rank candidate values of one config key by predicted risk (then by predicted CPU
     /// or RSS change), with the confidence of each
     Suggest(SuggestArgs),
+    /// Forget frames by retention rules, as restic's forget: says what goes and why the
+    /// rest stays
+    ///
+    /// Each timeline's policy comes from the configuration (`[replica.retention]`, its
+    /// `timeline.NAME` tables, or the default `[retention]`); the flags override its rules.
+    /// `--keep-last N` keeps the N newest frames; `--keep-hourly/--keep-daily/--keep-weekly
+    /// N` the newest frame of each of the last N hours, days or ISO weeks (UTC) that have
+    /// frames; `--keep-within D` every frame within D of the newest. Never forgotten: a
+    /// timeline head, the base of a proposal not yet committed, the last good frame and
+    /// the frames of a commit in progress. Objects stay until `kairos gc` reclaims them.
+    /// A running node applies the policies every `[retention] interval` by itself
+    Forget(ForgetArgs),
     /// Roll back commits a crash left in progress (of one replica, or of all) to their
     /// last good frame, and log it. A node does this when it starts; commit and revert
     /// on a data directory do it first by themselves
@@ -400,6 +412,30 @@ struct BisectArgs {
 }
 
 #[derive(Args)]
+struct ForgetArgs {
+    name: String,
+    /// Only this timeline (else every timeline that has a policy)
+    #[arg(long)]
+    timeline: Option<String>,
+    #[arg(long, value_name = "N")]
+    keep_last: Option<u32>,
+    #[arg(long, value_name = "N")]
+    keep_hourly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    keep_daily: Option<u32>,
+    #[arg(long, value_name = "N")]
+    keep_weekly: Option<u32>,
+    /// e.g. 2d, 12h
+    #[arg(long, value_name = "DURATION")]
+    keep_within: Option<String>,
+    /// Only say what would go
+    #[arg(long)]
+    dry_run: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct LogArgs {
     name: String,
     #[arg(long)]
@@ -601,6 +637,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     | Command::Revert(_)
                     | Command::Recover(_)
                     | Command::Bisect(_)
+                    | Command::Forget(_)
             );
             let adopts = changes && !config.replicas.is_empty();
             // Only commands that register something make a store; a mistyped --data-dir
@@ -611,13 +648,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Command::Replica(ReplicaCommand::Add { .. })
                         | Command::Party(PartyCommand::Add { .. })
                 );
-            if !creates && !data_dir.exists() {
+            if !creates && config.store.is_embedded() && !data_dir.exists() {
                 bail!(
                     "no store in {}: the directory does not exist (`kairos replica add` makes one; check --data-dir or KAIROS_DATA_DIR)",
                     data_dir.display()
                 );
             }
-            let backend = Backend::direct(&data_dir, config.limits)?;
+            let mut backend = Backend::direct(&data_dir, &config.store, config.limits)?;
+            backend.set_retention_default(config.retention.default);
             if adopts {
                 backend.adopt(&config.replicas)?;
             }
@@ -645,6 +683,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Recover(args) => recover_command(&backend, args),
         Command::Gc(args) => gc_command(backend, args),
         Command::Stats(args) => stats_command(&backend, args),
+        Command::Forget(args) => forget_command(&backend, args, &party),
         Command::Predict(args) => predict_command(&backend, args, &party),
         Command::Model(command) => model_command(&backend, command, &party),
         Command::Suggest(args) => suggest_command(&backend, args),
@@ -1271,6 +1310,26 @@ fn log_command(backend: &Backend, LogArgs { name, json }: LogArgs) -> Result<Exi
     }
     if !log.intact {
         return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn forget_command(backend: &Backend, args: ForgetArgs, party: &str) -> Result<ExitCode> {
+    let request = kairos_ops::wire::ForgetRequestJson {
+        timeline: args.timeline,
+        keep_last: args.keep_last,
+        keep_hourly: args.keep_hourly,
+        keep_daily: args.keep_daily,
+        keep_weekly: args.keep_weekly,
+        keep_within: args.keep_within,
+        dry_run: args.dry_run,
+        party: None,
+    };
+    let report = backend.forget(&args.name, &request, party)?;
+    if args.json {
+        print_json(&report)?;
+    } else {
+        output::print_forget(&report)?;
     }
     Ok(ExitCode::SUCCESS)
 }

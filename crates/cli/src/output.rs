@@ -574,3 +574,66 @@ pub fn print_culprit_revert(answer: &kairos_ops::culprit::CulpritRevertJson) -> 
     }
     Ok(())
 }
+
+/// Frames `forget` lists per timeline and kind in text (JSON lists all).
+const FORGET_LISTED_MAX: usize = 50;
+
+/// What `forget` did: per timeline, the policy, what goes and what stays and why.
+pub fn print_forget(report: &kairos_ops::ForgetReport) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    for timeline in &report.timelines {
+        writeln!(
+            out,
+            "timeline {} ({}): keep {}, forget {}",
+            timeline.timeline,
+            timeline.policy,
+            timeline.kept.len(),
+            timeline.forgotten.len()
+        )?;
+        for frame in timeline.kept.iter().take(FORGET_LISTED_MAX) {
+            writeln!(
+                out,
+                "  keep    {}  {}  {}",
+                frame.id.short(),
+                frame.time,
+                frame.kept_by.join(", ")
+            )?;
+        }
+        if timeline.kept.len() > FORGET_LISTED_MAX {
+            writeln!(
+                out,
+                "  ... {} more kept (--json lists them all)",
+                timeline.kept.len() - FORGET_LISTED_MAX
+            )?;
+        }
+        for frame in timeline.forgotten.iter().take(FORGET_LISTED_MAX) {
+            writeln!(
+                out,
+                "  forget  {}  {}  no rule keeps it",
+                frame.id.short(),
+                frame.time
+            )?;
+        }
+        if timeline.forgotten.len() > FORGET_LISTED_MAX {
+            writeln!(
+                out,
+                "  ... {} more forgotten (--json lists them all)",
+                timeline.forgotten.len() - FORGET_LISTED_MAX
+            )?;
+        }
+    }
+    if report.dry_run {
+        writeln!(
+            out,
+            "dry run: {} time index entries and {} frames would be removed; nothing was changed",
+            report.entries_removed, report.frames_removed
+        )?;
+    } else {
+        writeln!(
+            out,
+            "removed {} time index entries and {} frames; their objects are reclaimed by `kairos gc`",
+            report.entries_removed, report.frames_removed
+        )?;
+    }
+    Ok(())
+}

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kairos_core::replica::CAPTURE_INTERVAL_MS_DEFAULT;
-use kairos_core::{Limits, ReplicaDefinition, ReplicaError};
+use kairos_core::store_backend::{KEY_PREFIX_DEFAULT, STORE_BACKENDS, check_key_prefix};
+use kairos_core::{
+    FdbLocation, Limits, ReplicaDefinition, ReplicaError, RetentionPolicy, StoreBackend,
+};
 use serde::Deserialize;
 
 /// The configuration file used when none is given, if it exists.
@@ -39,8 +42,11 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub node: NodeConfig,
+    /// The key-value backend of the store (`[store]`).
+    pub store: StoreBackend,
     pub telemetry: TelemetryConfig,
     pub predictor: PredictorConfig,
+    pub retention: RetentionConfig,
     pub limits: Limits,
     pub replicas: Vec<ReplicaDefinition>,
 }
@@ -85,6 +91,85 @@ pub struct NodeConfig {
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// When a node forgets frames, and the policy of replicas that have none of their own.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetentionConfig {
+    /// How often the node applies the policies.
+    pub interval: Duration,
+    /// The policy of every replica without its own (`None`: such replicas keep everything).
+    pub default: Option<RetentionPolicy>,
+}
+
+/// How often a node applies retention policies unless configured.
+pub const RETENTION_INTERVAL_DEFAULT: Duration = Duration::from_secs(3_600);
+
+/// Retention rules as written in the file (`keep_within` is a duration).
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    keep_last: Option<u32>,
+    keep_hourly: Option<u32>,
+    keep_daily: Option<u32>,
+    keep_weekly: Option<u32>,
+    keep_within: Option<String>,
+}
+
+/// `[retention]`: the schedule and the default policy.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    interval: Option<String>,
+    keep_last: Option<u32>,
+    keep_hourly: Option<u32>,
+    keep_daily: Option<u32>,
+    keep_weekly: Option<u32>,
+    keep_within: Option<String>,
+}
+
+/// `[replica.retention]`: a replica's policy and its timelines' own.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReplicaRetention {
+    keep_last: Option<u32>,
+    keep_hourly: Option<u32>,
+    keep_daily: Option<u32>,
+    keep_weekly: Option<u32>,
+    keep_within: Option<String>,
+    #[serde(default)]
+    timeline: std::collections::BTreeMap<String, RawPolicy>,
+}
+
+/// A policy from its raw rules; `None` when no rule is given.
+fn policy(
+    source_name: &str,
+    key: &str,
+    raw: RawPolicy,
+) -> Result<Option<RetentionPolicy>, ConfigError> {
+    let keep_within_ms = match &raw.keep_within {
+        Some(text) => Some(
+            u64::try_from(duration(source_name, &format!("{key}.keep_within"), text)?.as_millis())
+                .unwrap_or(u64::MAX),
+        ),
+        None => None,
+    };
+    let policy = RetentionPolicy {
+        keep_last: raw.keep_last,
+        keep_hourly: raw.keep_hourly,
+        keep_daily: raw.keep_daily,
+        keep_weekly: raw.keep_weekly,
+        keep_within_ms,
+    };
+    if policy.is_empty() {
+        return Ok(None);
+    }
+    policy.validate().map_err(|error| ConfigError::Key {
+        source_name: source_name.to_string(),
+        key: key.to_string(),
+        reason: error.to_string(),
+    })?;
+    Ok(Some(policy))
 }
 
 /// When the node's predictor actor retrains a replica's model.
@@ -134,9 +219,13 @@ struct RawConfig {
     #[serde(default)]
     node: RawNode,
     #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
     telemetry: RawTelemetry,
     #[serde(default)]
     predictor: RawPredictor,
+    #[serde(default)]
+    retention: RawRetention,
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
@@ -191,6 +280,24 @@ impl Default for RawNode {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+struct RawStore {
+    backend: String,
+    cluster_file: Option<PathBuf>,
+    key_prefix: Option<String>,
+}
+
+impl Default for RawStore {
+    fn default() -> RawStore {
+        RawStore {
+            backend: STORE_BACKENDS[0].into(),
+            cluster_file: None,
+            key_prefix: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct RawTelemetry {
     otlp_endpoint: String,
     service_name: String,
@@ -232,6 +339,8 @@ struct RawReplica {
     actions: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     probe: Vec<kairos_core::Probe>,
+    #[serde(default)]
+    retention: Option<RawReplicaRetention>,
 }
 
 /// Values given on the command line; they override every other layer.
@@ -482,6 +591,7 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             format!("{} is not an absolute path", root.display()),
         ));
     }
+    let store = validate_store(raw.store, base_dir, source_name)?;
     let mut replicas: Vec<ReplicaDefinition> = Vec::new();
     for (index, replica) in raw.replica.into_iter().enumerate() {
         let interval = match &replica.capture_interval {
@@ -510,6 +620,31 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
         definition.after_commit = replica.after_commit;
         definition.actions = replica.actions;
         definition.probes = replica.probe;
+        if let Some(retention) = replica.retention {
+            let key = format!("replica[{index}].retention");
+            definition.retention = policy(
+                source_name,
+                &key,
+                RawPolicy {
+                    keep_last: retention.keep_last,
+                    keep_hourly: retention.keep_hourly,
+                    keep_daily: retention.keep_daily,
+                    keep_weekly: retention.keep_weekly,
+                    keep_within: retention.keep_within,
+                },
+            )?;
+            for (timeline, raw) in retention.timeline {
+                let key = format!("{key}.timeline.{timeline}");
+                match policy(source_name, &key, raw)? {
+                    Some(policy) => {
+                        definition.timeline_retention.insert(timeline, policy);
+                    }
+                    None => {
+                        return Err(key_error(&key, "gives no rule".into()));
+                    }
+                }
+            }
+        }
         for (field, text, target) in [
             (
                 "check_timeout",
@@ -574,7 +709,32 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             format!("{share} is not between 0 and 10"),
         ));
     }
+    let retention = RetentionConfig {
+        interval: match &raw.retention.interval {
+            Some(text) => duration(source_name, "retention.interval", text)?,
+            None => RETENTION_INTERVAL_DEFAULT,
+        },
+        default: policy(
+            source_name,
+            "retention",
+            RawPolicy {
+                keep_last: raw.retention.keep_last,
+                keep_hourly: raw.retention.keep_hourly,
+                keep_daily: raw.retention.keep_daily,
+                keep_weekly: raw.retention.keep_weekly,
+                keep_within: raw.retention.keep_within.clone(),
+            },
+        )?,
+    };
+    if retention.interval < Duration::from_secs(1) {
+        return Err(key_error(
+            "retention.interval",
+            format!("{:?} is shorter than 1s", retention.interval),
+        ));
+    }
     Ok(Config {
+        store,
+        retention,
         predictor: PredictorConfig {
             retrain_outcomes_min: raw.predictor.retrain_outcomes_min,
             retrain_new_outcomes_min: raw.predictor.retrain_new_outcomes_min,
@@ -608,11 +768,81 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
     })
 }
 
+/// `[store]`: the backend by name; the FoundationDB keys only with that backend.
+fn validate_store(
+    raw: RawStore,
+    base_dir: &Path,
+    source_name: &str,
+) -> Result<StoreBackend, ConfigError> {
+    let key_error = |key: &str, reason: String| ConfigError::Key {
+        source_name: source_name.to_string(),
+        key: key.to_string(),
+        reason,
+    };
+    match raw.backend.as_str() {
+        "redb" => {
+            for (key, given) in [
+                ("store.cluster_file", raw.cluster_file.is_some()),
+                ("store.key_prefix", raw.key_prefix.is_some()),
+            ] {
+                if given {
+                    return Err(key_error(
+                        key,
+                        "is a FoundationDB setting: set store.backend = \"foundationdb\" or remove it"
+                            .into(),
+                    ));
+                }
+            }
+            Ok(StoreBackend::Redb)
+        }
+        "foundationdb" => {
+            let cluster_file = match raw.cluster_file {
+                Some(path) if path.as_os_str().is_empty() => None,
+                Some(path) => {
+                    let path = if path.is_absolute() {
+                        path
+                    } else {
+                        base_dir.join(path)
+                    };
+                    if !path.is_file() {
+                        return Err(key_error(
+                            "store.cluster_file",
+                            format!("{} is not a file", path.display()),
+                        ));
+                    }
+                    Some(path)
+                }
+                None => None,
+            };
+            let key_prefix = raw
+                .key_prefix
+                .unwrap_or_else(|| KEY_PREFIX_DEFAULT.to_string());
+            check_key_prefix(&key_prefix)
+                .map_err(|reason| key_error("store.key_prefix", reason))?;
+            Ok(StoreBackend::FoundationDb(FdbLocation {
+                cluster_file,
+                key_prefix,
+            }))
+        }
+        other => Err(key_error(
+            "store.backend",
+            format!(
+                "{other:?} is not a store backend: choose {}",
+                STORE_BACKENDS
+                    .iter()
+                    .map(|name| format!("{name:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+    pub(super) fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kairos.toml");
         std::fs::write(&path, text).unwrap();
@@ -743,8 +973,138 @@ mod tests {
 }
 
 #[cfg(test)]
+mod store_backend {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kairos.toml");
+        std::fs::write(&path, text).unwrap();
+        std::fs::write(dir.path().join("fdb.cluster"), "test:abc@127.0.0.1:4500\n").unwrap();
+        let config = load(Some(&path), Vec::new(), &Flags::default());
+        if let Ok(config) = &config
+            && let StoreBackend::FoundationDb(location) = &config.store
+            && let Some(file) = &location.cluster_file
+        {
+            assert!(file.starts_with(dir.path()), "{}", file.display());
+        }
+        config
+    }
+
+    #[test]
+    fn redb_is_the_default() {
+        assert_eq!(load_text("").unwrap().store, StoreBackend::Redb);
+        assert_eq!(
+            load_text("[store]\nbackend = \"redb\"\n").unwrap().store,
+            StoreBackend::Redb
+        );
+    }
+
+    #[test]
+    fn foundationdb_takes_a_cluster_file_and_a_key_prefix() {
+        let config = load_text(
+            "[store]\nbackend = \"foundationdb\"\ncluster_file = \"fdb.cluster\"\nkey_prefix = \"team-a\"\n",
+        )
+        .unwrap();
+        let StoreBackend::FoundationDb(location) = config.store else {
+            panic!("not foundationdb");
+        };
+        assert!(location.cluster_file.unwrap().ends_with("fdb.cluster"));
+        assert_eq!(location.key_prefix, "team-a");
+        let config = load_text("[store]\nbackend = \"foundationdb\"\n").unwrap();
+        assert_eq!(
+            config.store,
+            StoreBackend::FoundationDb(FdbLocation {
+                cluster_file: None,
+                key_prefix: KEY_PREFIX_DEFAULT.into()
+            })
+        );
+        let config = load(
+            None,
+            vec![
+                (
+                    "KAIROS_STORE__BACKEND".to_string(),
+                    "foundationdb".to_string(),
+                ),
+                ("KAIROS_STORE__KEY_PREFIX".to_string(), "b".to_string()),
+            ],
+            &Flags::default(),
+        )
+        .unwrap();
+        assert_eq!(config.store.name(), "foundationdb");
+    }
+
+    #[test]
+    fn bad_store_settings_are_named() {
+        for (text, expected) in [
+            (
+                "[store]\nbackend = \"rocksdb\"\n",
+                "key store.backend: \"rocksdb\" is not a store backend: choose \"redb\" or \"foundationdb\"",
+            ),
+            (
+                "[store]\nbackend = \"foundationdb\"\ncluster_file = \"missing.cluster\"\n",
+                "missing.cluster is not a file",
+            ),
+            (
+                "[store]\nbackend = \"foundationdb\"\nkey_prefix = \"a/b\"\n",
+                "key store.key_prefix: key prefix \"a/b\" holds '/'",
+            ),
+            (
+                "[store]\ncluster_file = \"fdb.cluster\"\n",
+                "key store.cluster_file: is a FoundationDB setting",
+            ),
+            ("[store]\nbakend = \"redb\"\n", "bakend"),
+        ] {
+            let error = load_text(text).unwrap_err().to_string();
+            assert!(error.contains(expected), "{text}: {error}");
+        }
+    }
+}
+
+#[cfg(test)]
 mod shipped {
     use super::*;
+
+    #[test]
+    fn retention_policies_are_read_and_bad_rules_are_named() {
+        use crate::tests::write;
+        let (_dir, path) = write(
+            "[retention]\ninterval = \"10m\"\nkeep_daily = 30\n[[replica]]\nname = \"web\"\nroot = \"/srv\"\n[replica.retention]\nkeep_last = 5\nkeep_within = \"2d\"\n[replica.retention.timeline.exp]\nkeep_last = 1\n",
+        );
+        let config = load(Some(&path), Vec::new(), &Flags::default()).unwrap();
+        assert_eq!(config.retention.interval, Duration::from_secs(600));
+        assert_eq!(config.retention.default.unwrap().keep_daily, Some(30));
+        let web = &config.replicas[0];
+        let policy = web.retention.unwrap();
+        assert_eq!(
+            (policy.keep_last, policy.keep_within_ms),
+            (Some(5), Some(2 * 24 * 3_600_000))
+        );
+        assert_eq!(web.retention_of("exp", None).unwrap().keep_last, Some(1));
+        assert_eq!(web.retention_of("main", None), Some(policy));
+        let unset = load(Some(&write("").1), Vec::new(), &Flags::default()).unwrap();
+        assert_eq!(unset.retention.default, None);
+        assert_eq!(unset.retention.interval, RETENTION_INTERVAL_DEFAULT);
+        for (text, named) in [
+            (
+                "[retention]\nkeep_within = \"later\"\n",
+                "retention.keep_within",
+            ),
+            ("[retention]\nkeep_last = 0\n", "keep_last = 0"),
+            ("[retention]\nkeep_everything = true\n", "keep_everything"),
+            ("[retention]\ninterval = \"10ms\"\n", "retention.interval"),
+            (
+                "[[replica]]\nname = \"web\"\nroot = \"/srv\"\n[replica.retention.timeline.exp]\n",
+                "replica[0].retention.timeline.exp",
+            ),
+        ] {
+            let (_dir, path) = write(text);
+            let error = load(Some(&path), Vec::new(), &Flags::default())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(named), "{text:?}: {error}");
+        }
+    }
 
     #[test]
     fn the_shipped_config_loads_and_watches_the_sample() {
@@ -752,6 +1112,7 @@ mod shipped {
         let config = load(Some(&path), Vec::new(), &Flags::default()).unwrap();
         assert_eq!(config.node.listen.to_string(), LISTEN_DEFAULT);
         assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.store, StoreBackend::Redb);
         assert_eq!(config.replicas[0].name, "sample");
         assert!(
             config.replicas[0].root.ends_with("config/sample"),

@@ -1,5 +1,6 @@
 //! Kairos core vocabulary shared by every crate: content hashes, instants, frame specs,
-//! replica definitions and limits. Plain data and pure functions only: no IO.
+//! replica definitions, limits and the store backend a
+//! configuration names. Plain data and pure functions only: no IO.
 
 pub mod hash;
 pub mod instant;
@@ -10,6 +11,7 @@ pub mod replica;
 pub mod retention;
 pub mod spec;
 pub mod status;
+pub mod store_backend;
 
 pub use hash::{Hash, HashParseError};
 pub use instant::{Instant, InstantError};
@@ -20,3 +22,4 @@ pub use replica::{ReplicaDefinition, ReplicaError};
 pub use retention::{KeepRule, RetentionError, RetentionPolicy};
 pub use spec::{FrameSpec, SpecError, TimelineSpec};
 pub use status::CommitStatus;
+pub use store_backend::{FdbLocation, StoreBackend};

@@ -44,6 +44,13 @@ pub struct ReplicaDefinition {
     pub actions: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub probes: Vec<Probe>,
+    /// Which frames `forget` keeps on this replica's timelines (none: the node's default
+    /// policy, and without one nothing is forgotten).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<crate::RetentionPolicy>,
+    /// Policies of single timelines, over `retention`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub timeline_retention: BTreeMap<String, crate::RetentionPolicy>,
 }
 
 pub const CHECK_TIMEOUT_MS_DEFAULT: u64 = 60_000;
@@ -129,7 +136,22 @@ impl ReplicaDefinition {
             probe_interval_ms: PROBE_INTERVAL_MS_DEFAULT,
             actions: BTreeMap::new(),
             probes: Vec::new(),
+            retention: None,
+            timeline_retention: BTreeMap::new(),
         }
+    }
+
+    /// The policy of `timeline`: its own, the replica's, or `default`.
+    pub fn retention_of(
+        &self,
+        timeline: &str,
+        default: Option<crate::RetentionPolicy>,
+    ) -> Option<crate::RetentionPolicy> {
+        self.timeline_retention
+            .get(timeline)
+            .copied()
+            .or(self.retention)
+            .or(default)
     }
 
     pub fn capture_interval(&self) -> Duration {
@@ -213,6 +235,16 @@ impl ReplicaDefinition {
                 "watch window {} ms is longer than 1 hour",
                 self.watch_window_ms
             )));
+        }
+        if let Some(policy) = &self.retention {
+            policy
+                .validate()
+                .map_err(|error| invalid(format!("retention: {error}")))?;
+        }
+        for (timeline, policy) in &self.timeline_retention {
+            policy
+                .validate()
+                .map_err(|error| invalid(format!("retention of timeline {timeline:?}: {error}")))?;
         }
         if !(10..=600_000).contains(&self.probe_interval_ms) {
             return Err(invalid(format!(

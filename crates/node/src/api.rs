@@ -189,6 +189,7 @@ impl From<kairos_ops::OpsError> for ApiError {
                     InputError::Replica(_) => "bad_replica",
                     InputError::ProposalId { .. } => "bad_proposal",
                     InputError::Role(_) => "bad_role",
+                    InputError::NoRetentionPolicy(_) | InputError::Retention(_) => "bad_retention",
                     InputError::SharedRoot { .. } => "shared_root",
                     InputError::PartyReplica { .. } => "unknown_replica",
                     InputError::Random(_) => return ApiError::internal(message),
@@ -330,6 +331,7 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
         crate::changes::list_timelines,
         crate::changes::fork_timeline,
         crate::changes::delete_timeline,
+        crate::changes::forget,
         crate::changes::create_proposal,
         crate::changes::get_proposal,
         crate::changes::sandbox_proposal,
@@ -399,6 +401,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/verify", get(verify))
         .route("/api/gc", post(crate::gc::gc))
         .route("/api/stats", get(crate::gc::stats))
+        .route("/api/replicas/{name}/forget", post(crate::changes::forget))
         .route(
             "/api/replicas/{name}/timelines",
             get(crate::changes::list_timelines).post(crate::changes::fork_timeline),

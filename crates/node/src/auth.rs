@@ -71,7 +71,7 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
         (_, ["", "api", "parties", ..]) => Some(Role::Admin),
         (&Method::GET, ["", "api", "replicas"]) => Some(Role::Viewer),
         (&Method::POST, ["", "api", "replicas"]) => Some(Role::Admin),
-        (&Method::POST, ["", "api", "replicas", _, "restore"]) => Some(Role::Admin),
+        (&Method::POST, ["", "api", "replicas", _, "restore" | "forget"]) => Some(Role::Admin),
         (&Method::POST, ["", "api", "replicas", _, "revert"]) => Some(Role::Committer),
         (
             &Method::POST,

@@ -200,6 +200,37 @@ pub async fn delete_timeline(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(post, path = "/api/replicas/{name}/forget", request_body = kairos_ops::wire::ForgetRequestJson, params(("name" = String, Path, description = "Replica")), responses(
+    (status = 200, description = "What was forgotten (or, with dry_run, would be) and why the rest stays"),
+    (status = 400, description = "No policy, or a bad rule", body = ErrorBody)))]
+pub async fn forget(
+    State(shared): State<Arc<Shared>>,
+    Extension(acting): Extension<Acting>,
+    Path(name): Path<String>,
+    payload: Result<Json<kairos_ops::wire::ForgetRequestJson>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let mut request = json_input(payload)?;
+    let party = party(&acting, request.party.take())?;
+    let flags = request
+        .policy()
+        .map_err(|message| ApiError::bad_request("bad_retention", message))?;
+    let report = blocking(&shared, name.clone(), move |shared, _| {
+        let default = shared.config.retention.default;
+        Ok(shared.service().forget(
+            &name,
+            &kairos_ops::ForgetRequest {
+                timeline: request.timeline.as_deref(),
+                flags,
+                default,
+                party: &party,
+                dry_run: request.dry_run,
+            },
+        )?)
+    })
+    .await?;
+    Ok(Json(report).into_response())
+}
+
 #[utoipa::path(post, path = "/api/replicas/{name}/proposals", request_body = ProposeRequest, params(("name" = String, Path, description = "Replica")), responses(
     (status = 201, description = "Validated against its base and stored"), (status = 400, description = "Not a proposal", body = ErrorBody),
     (status = 422, description = "An op is invalid (the message names it)", body = ErrorBody)))]

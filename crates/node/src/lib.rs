@@ -249,6 +249,52 @@ impl Shared {
     }
 }
 
+/// Applies every replica's retention policy each `[retention] interval` (the first time
+/// one interval after start). A replica without a policy keeps everything; a forget that
+/// fails is logged and tried again at the next interval.
+async fn apply_retention(shared: Arc<Shared>) {
+    let interval = shared.config.retention.interval;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let worker = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || forget_everywhere(&worker)).await;
+    }
+}
+
+fn forget_everywhere(shared: &Shared) {
+    let replicas = match shared.store.replicas() {
+        Ok(replicas) => replicas,
+        Err(error) => {
+            tracing::warn!(%error, "retention: cannot list the replicas");
+            return;
+        }
+    };
+    for replica in replicas {
+        let request = kairos_ops::ForgetRequest {
+            timeline: None,
+            flags: kairos_core::RetentionPolicy::default(),
+            default: shared.config.retention.default,
+            party: kairos_store::SYSTEM_PARTY,
+            dry_run: false,
+        };
+        match shared.service().forget(&replica.name, &request) {
+            Ok(report) if report.entries_removed > 0 => tracing::info!(
+                replica = %replica.name,
+                entries = report.entries_removed,
+                frames = report.frames_removed,
+                "retention: frames forgotten"
+            ),
+            Ok(_)
+            | Err(kairos_ops::OpsError::Input(kairos_ops::InputError::NoRetentionPolicy(_))) => {}
+            Err(error) => {
+                tracing::warn!(replica = %replica.name, %error, "retention: forget failed");
+            }
+        }
+    }
+}
+
 /// Starts a node: opens the store, registers the configured replicas, starts the actors
 /// and serves the API until `shutdown` completes. `ready` is called with the bound address
 /// once the API accepts connections.
@@ -259,16 +305,19 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     let data_dir = config.node.data_dir.clone();
     let cache_bytes = config.node.store_cache_bytes;
-    let store = tokio::task::spawn_blocking(move || Store::open_with_cache(&data_dir, cache_bytes))
-        .await
-        .map_err(|error| NodeError::Store {
-            path: config.node.data_dir.display().to_string(),
-            reason: error.to_string(),
-        })?
-        .map_err(|error| NodeError::Store {
-            path: config.node.data_dir.display().to_string(),
-            reason: error.to_string(),
-        })?;
+    let backend = config.store.clone();
+    let store = tokio::task::spawn_blocking(move || {
+        Store::open_configured(&data_dir, &backend, cache_bytes)
+    })
+    .await
+    .map_err(|error| NodeError::Store {
+        path: config.node.data_dir.display().to_string(),
+        reason: error.to_string(),
+    })?
+    .map_err(|error| NodeError::Store {
+        path: config.node.data_dir.display().to_string(),
+        reason: error.to_string(),
+    })?;
     for replica in &config.replicas {
         store
             .put_replica(replica)
@@ -340,6 +389,7 @@ pub async fn run(
             .await
             .map_err(|error| NodeError::Actors(error.to_string()))?;
     let _ = shared.supervisor.set(supervisor.clone());
+    let retention = tokio::spawn(apply_retention(shared.clone()));
     let app = api::router(shared.clone());
     let marker = shared.config.node.data_dir.join(NODE_MARKER_FILE);
     let reachable = if listen.ip().is_unspecified() {
@@ -359,6 +409,7 @@ pub async fn run(
         tls,
     };
     let served = serve::serve(listener, app, limits, shutdown).await;
+    retention.abort();
     // Commits in their watch window finish (committed or rolled back) before the
     // snapshotters they capture through stop; a restart would otherwise roll them back.
     let watches: Vec<_> =

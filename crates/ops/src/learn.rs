@@ -218,9 +218,51 @@ struct BaseIndex {
 /// Frames before a base whose metrics make its resource trend.
 const TREND_FRAMES: usize = 8;
 
-/// CPU and RSS at the base against their mean over up to `TREND_FRAMES` frames before it.
+/// How far back the runtime series is read for a base's resource trend.
+const TREND_WINDOW_NS: i64 = 30 * 60 * 1_000_000_000;
+/// Buckets of the runtime series read for one mean (a bound on the read).
+const SERIES_BUCKETS_MAX: usize = 4_096;
+
+/// The replica's mean CPU and RSS over `[from, to]` from its runtime series (weighted by
+/// the samples in each bucket), and how many samples it covers.
+fn series_mean(store: &Store, replica: &str, from: i64, to: i64) -> Option<(f64, f64, u64)> {
+    if to < from {
+        return None;
+    }
+    let buckets = store
+        .series(replica, Instant(from), Instant(to), SERIES_BUCKETS_MAX)
+        .ok()?;
+    let mut sums = (0.0, 0.0, 0u64);
+    for bucket in buckets
+        .iter()
+        .filter(|b| (from..=to).contains(&b.last_at.0))
+    {
+        let weight = f64::from(bucket.samples);
+        sums.0 += bucket.cpu_percent * weight;
+        sums.1 += bucket.memory_rss_bytes as f64 * weight;
+        sums.2 += u64::from(bucket.samples);
+    }
+    (sums.2 > 0).then(|| (sums.0 / sums.2 as f64, sums.1 / sums.2 as f64, sums.2))
+}
+
+/// CPU and RSS at the base against their mean before it: over the half hour of runtime
+/// series before the base (frames are stored only on change, the series on every
+/// capture), or, for stores without a series there, over up to `TREND_FRAMES` frames.
 fn resource_trend(store: &Store, reader: &Reader<'_>, view: &StateView) -> Option<ResourceTrend> {
     let base = &view.frame;
+    let now = view.runtime(reader).ok()?.metrics;
+    if let Some((cpu, rss, samples)) = series_mean(
+        store,
+        &base.replica,
+        base.time.0.saturating_sub(TREND_WINDOW_NS),
+        base.time.0 - 1,
+    ) && samples >= 2
+    {
+        return Some(ResourceTrend {
+            cpu_percent_change: (now.cpu_percent - cpu) as f32,
+            rss_log_ratio: ((now.memory_rss_bytes as f64 + 1.0) / (rss + 1.0)).ln() as f32,
+        });
+    }
     let frames = store
         .frames_before(&base.replica, &base.timeline, base.time, TREND_FRAMES + 1)
         .ok()?;
@@ -232,7 +274,6 @@ fn resource_trend(store: &Store, reader: &Reader<'_>, view: &StateView) -> Optio
             runtime.metrics.memory_rss_bytes as f64,
         ))
     };
-    let now = view.runtime(reader).ok()?.metrics;
     let before: Vec<(f64, f64)> = frames
         .iter()
         .filter(|frame| frame.id != base.id)
@@ -1540,7 +1581,7 @@ struct OutcomeDraft {
 const RESOURCE_FRAMES_MAX: usize = 32;
 
 /// The change of the replica's mean CPU and RSS over a commit's watch window against the
-/// same length of time before it, from the frames of its timeline.
+/// same length of time before it, from the runtime series (or the frames of its timeline).
 fn resource_deltas(store: &Store, record: &CommitRecord) -> Result<(Option<f32>, Option<f64>)> {
     let (Some(finished), Some(frame)) = (record.finished, record.frame) else {
         return Ok((None, None));
@@ -1565,8 +1606,21 @@ fn resource_deltas(store: &Store, record: &CommitRecord) -> Result<(Option<f32>,
         }
         (sums.2 > 0).then(|| (sums.0 / sums.2 as f64, sums.1 / sums.2 as f64))
     };
-    let before = mean(record.started.0 - window, record.started.0 - 1);
-    let after = mean(applied.0, finished.0);
+    // The runtime series when it covers both windows (captures of an unchanged state store
+    // no frame), else the frames' own metrics.
+    let series = |from: i64, to: i64| {
+        series_mean(store, &record.replica, from, to).map(|(cpu, rss, _)| (cpu, rss))
+    };
+    let (before, after) = match (
+        series(record.started.0 - window, record.started.0 - 1),
+        series(applied.0, finished.0),
+    ) {
+        (Some(before), Some(after)) => (Some(before), Some(after)),
+        _ => (
+            mean(record.started.0 - window, record.started.0 - 1),
+            mean(applied.0, finished.0),
+        ),
+    };
     Ok(match (before, after) {
         (Some(before), Some(after)) => {
             (Some((after.0 - before.0) as f32), Some(after.1 - before.1))
@@ -1683,5 +1737,46 @@ mod tests {
             vec!["process nginx".to_string()]
         );
         assert!(index.dependents("other.txt").is_empty());
+    }
+
+    #[test]
+    fn the_resource_trend_comes_from_the_runtime_series_before_the_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("svc");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("app.toml"), "a = 1\n").unwrap();
+        let store = Store::open(&dir.path().join("data")).unwrap();
+        let replica = kairos_core::ReplicaDefinition::new("svc", root);
+        store.add_replica(&replica).unwrap();
+        let report = kairos_capture::capture(
+            &store,
+            &kairos_capture::CaptureRequest {
+                replica: &replica,
+                timeline: "main",
+                limits: kairos_core::Limits::default(),
+                skip: vec![],
+            },
+        )
+        .unwrap();
+        let base = report.frame;
+        let view = kairos_replay::open_frame(&store, base.clone()).unwrap();
+        let reader = store.reader().unwrap();
+        // No series before the base and a single frame: no trend.
+        assert!(resource_trend(&store, &reader, &view).is_none());
+        for seconds in 1..=10 {
+            let mut sample = kairos_store::series::Sample::new(
+                Instant(base.time.0 - seconds * 1_000_000_000),
+                base.id,
+            );
+            sample.cpu_percent = 40.0;
+            sample.cpu_percent_max = 40.0;
+            sample.memory_rss_bytes = 1 << 20;
+            store.record_sample("svc", &sample).unwrap();
+        }
+        let reader = store.reader().unwrap();
+        let trend = resource_trend(&store, &reader, &view).expect("a trend from the series");
+        // The replica has no processes: its CPU fell from the series' 40 % to 0.
+        assert!((trend.cpu_percent_change + 40.0).abs() < 1e-3, "{trend:?}");
+        assert!(trend.rss_log_ratio < -10.0, "{trend:?}");
     }
 }

@@ -20,10 +20,14 @@ use std::path::{Path, PathBuf};
 use kairos_capture::{CaptureError, CaptureReport, CaptureRequest};
 use kairos_commit::{Capturer, CommitError, CommitRecord, Committer};
 use kairos_core::spec::MAIN_TIMELINE;
-use kairos_core::{FrameSpec, Instant, Limits, ReplicaDefinition, SpecError, TimelineSpec};
+use kairos_core::{
+    FrameSpec, Instant, Limits, ReplicaDefinition, RetentionPolicy, SpecError, TimelineSpec,
+};
 use kairos_replay::{ReplayError, RestoreOptions, RestoreReport, StateDiff, StateListing};
 use kairos_sandbox::{Proposal, ProposalDocument, SandboxError, SandboxOptions, load_proposal};
 use kairos_store::audit::TimelineEvent;
+pub use kairos_store::retention::ForgetReport;
+use kairos_store::retention::TimelineRule;
 use kairos_store::{
     AuditEvent, AuditLog, CatalogError, Change, Command, GcError, GcOptions, GcReport, Store,
     StoreError, StoreFigures, TimelineInfo, VerifyReport,
@@ -52,6 +56,12 @@ pub enum InputError {
     ProposalId { id: String, problem: String },
     #[error("role {0:?} is not one of viewer, proposer, reviewer, committer, admin")]
     Role(String),
+    #[error(
+        "replica {0:?} has no retention policy: configure [retention] or [replica.retention], or give --keep-last, --keep-hourly, --keep-daily, --keep-weekly or --keep-within"
+    )]
+    NoRetentionPolicy(String),
+    #[error("retention: {0}")]
+    Retention(#[from] kairos_core::RetentionError),
     #[error("party {party:?}: replica {replica:?} is not registered")]
     PartyReplica { party: String, replica: String },
     #[error(
@@ -97,6 +107,19 @@ pub enum OpsError {
 }
 
 pub type Result<T, E = OpsError> = std::result::Result<T, E>;
+
+/// What `forget` is asked to do.
+#[derive(Debug, Clone, Copy)]
+pub struct ForgetRequest<'a> {
+    /// Only this timeline (else every timeline that has a policy).
+    pub timeline: Option<&'a str>,
+    /// Rules given on the command line or in the request, over the configured ones.
+    pub flags: RetentionPolicy,
+    /// The policy of replicas without their own (the configuration's `[retention]`).
+    pub default: Option<RetentionPolicy>,
+    pub party: &'a str,
+    pub dry_run: bool,
+}
 
 /// Checks a party name (it is written in the audit log).
 pub fn party(name: &str) -> Result<String> {
@@ -333,6 +356,53 @@ impl Service<'_> {
                 }
                 .into()
             })
+    }
+
+    /// Forgets frames of `name`'s timelines by their retention policies (each timeline's
+    /// own, the replica's, or `request.default`), with `request.flags` over them; with
+    /// `dry_run` only says what would go. Logged as a `forget` audit event per command.
+    pub fn forget(&self, name: &str, request: &ForgetRequest<'_>) -> Result<ForgetReport> {
+        let definition = self.store.replica(name)?;
+        let timelines = self.store.timelines(name)?;
+        if let Some(timeline) = request.timeline
+            && !timelines.iter().any(|t| t == timeline)
+        {
+            return Err(CatalogError::UnknownTimeline {
+                replica: name.to_string(),
+                timeline: timeline.to_string(),
+            }
+            .into());
+        }
+        let flags = (!request.flags.is_empty()).then_some(request.flags);
+        let mut rules = Vec::new();
+        for timeline in timelines
+            .iter()
+            .filter(|t| request.timeline.is_none_or(|only| only == t.as_str()))
+        {
+            let configured = definition.retention_of(timeline, request.default);
+            let policy = match (configured, flags) {
+                (Some(configured), Some(flags)) => configured.overridden_by(flags),
+                (configured, flags) => match configured.or(flags) {
+                    Some(policy) => policy,
+                    None => continue,
+                },
+            };
+            policy.validate().map_err(InputError::from)?;
+            rules.push(TimelineRule {
+                timeline: timeline.clone(),
+                policy,
+            });
+        }
+        if rules.is_empty() {
+            return Err(InputError::NoRetentionPolicy(name.to_string()).into());
+        }
+        Ok(self.store.forget(
+            name,
+            &rules,
+            &party(request.party)?,
+            Instant::now(),
+            request.dry_run,
+        )?)
     }
 
     /// Deletes a fork (its frames stay readable by id), logged.

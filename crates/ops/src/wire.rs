@@ -211,6 +211,55 @@ pub struct ForkRequest {
     pub party: Option<String>,
 }
 
+/// `POST /api/replicas/{name}/forget`: forget frames by retention rules. Rules given
+/// here are over the configured policy; none given: the configured policy alone.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForgetRequestJson {
+    /// Only this timeline (else every timeline with a policy).
+    #[serde(default)]
+    pub timeline: Option<String>,
+    #[serde(default)]
+    pub keep_last: Option<u32>,
+    #[serde(default)]
+    pub keep_hourly: Option<u32>,
+    #[serde(default)]
+    pub keep_daily: Option<u32>,
+    #[serde(default)]
+    pub keep_weekly: Option<u32>,
+    /// A duration (`2d`, `12h`).
+    #[serde(default)]
+    pub keep_within: Option<String>,
+    /// Only say what would go.
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub party: Option<String>,
+}
+
+impl ForgetRequestJson {
+    /// The rules it gives.
+    pub fn policy(&self) -> Result<kairos_core::RetentionPolicy, String> {
+        let keep_within_ms = match &self.keep_within {
+            Some(text) => Some(
+                humantime::parse_duration(text)
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                    .map_err(|error| {
+                        format!("keep_within {text:?} is not a duration (for example 2d or 12h): {error}")
+                    })?,
+            ),
+            None => None,
+        };
+        Ok(kairos_core::RetentionPolicy {
+            keep_last: self.keep_last,
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_within_ms,
+        })
+    }
+}
+
 /// `POST /api/replicas/{name}/proposals`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -11,10 +11,15 @@ use crate::kv::{
 /// Runs every case against fresh backends made by `make`; panics on the first failure.
 pub fn run(mut make: impl FnMut() -> Box<dyn KvBackend>) {
     type Case = fn(&dyn KvBackend);
-    let cases: [(&str, Case); 8] = [
+    let cases: [(&str, Case); 10] = [
         ("put_get_overwrite_delete", put_get_overwrite_delete),
         ("scan_is_ordered_and_bounded", scan_is_ordered_and_bounded),
         ("prefix_scan_pages", prefix_scan_pages),
+        (
+            "reverse_scans_keep_both_bounds",
+            reverse_scans_keep_both_bounds,
+        ),
+        ("get_many_reads_in_order", get_many_reads_in_order),
         ("checks_guard_batches", checks_guard_batches),
         ("failed_batch_changes_nothing", failed_batch_changes_nothing),
         ("limits_are_enforced", limits_are_enforced),
@@ -112,6 +117,59 @@ fn prefix_scan_pages(backend: &dyn KvBackend) {
         assert_eq!(key[2..], (index as u32).to_be_bytes());
         assert_eq!(value[..], (index as u32).to_le_bytes());
     }
+}
+
+fn reverse_scans_keep_both_bounds(backend: &dyn KvBackend) {
+    let mut batch = WriteBatch::new();
+    for index in 0..300u32 {
+        batch
+            .put(index.to_be_bytes().to_vec(), vec![1; 64])
+            .unwrap();
+    }
+    backend.commit(batch).unwrap();
+    let snapshot = backend.snapshot().unwrap();
+    let (low, high) = (10u32.to_be_bytes(), 290u32.to_be_bytes());
+    let down = snapshot
+        .scan(Bound::Excluded(&low), Bound::Included(&high), 1000, true)
+        .unwrap();
+    let expected: Vec<Vec<u8>> = (11..=290u32)
+        .rev()
+        .map(|i| i.to_be_bytes().to_vec())
+        .collect();
+    assert_eq!(
+        keys(&down),
+        expected.iter().map(Vec::as_slice).collect::<Vec<_>>()
+    );
+    let up = snapshot
+        .scan(Bound::Included(&low), Bound::Excluded(&high), 5, false)
+        .unwrap();
+    assert_eq!(up.len(), 5);
+    assert_eq!(up[0].0, low);
+    assert!(
+        snapshot
+            .scan(Bound::Unbounded, Bound::Unbounded, 0, false)
+            .unwrap()
+            .is_empty(),
+        "a scan with limit 0 returns nothing"
+    );
+}
+
+fn get_many_reads_in_order(backend: &dyn KvBackend) {
+    put(backend, &[(b"m1", b"one"), (b"m3", b"three")]);
+    let snapshot = backend.snapshot().unwrap();
+    let values = snapshot
+        .get_many(&[b"m3".as_slice(), b"m2", b"m1", b"m3"])
+        .unwrap();
+    assert_eq!(
+        values,
+        [
+            Some(b"three".to_vec()),
+            None,
+            Some(b"one".to_vec()),
+            Some(b"three".to_vec())
+        ]
+    );
+    assert!(snapshot.get_many(&[]).unwrap().is_empty());
 }
 
 fn checks_guard_batches(backend: &dyn KvBackend) {

@@ -148,6 +148,12 @@ pub trait KvSnapshot: Send + Sync {
         Ok(self.get(key)?.is_some())
     }
 
+    /// The values of `keys`, in order. A remote backend sends the reads together (one
+    /// round trip instead of one per key); the embedded one reads them one by one.
+    fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, KvError> {
+        keys.iter().map(|key| self.get(key)).collect()
+    }
+
     /// `len` bytes of the value of `key` from `offset`; `None` if the key is absent or the
     /// value is shorter.
     fn get_slice(&self, key: &[u8], offset: usize, len: usize) -> Result<Option<Vec<u8>>, KvError> {
@@ -158,8 +164,8 @@ pub trait KvSnapshot: Send + Sync {
         }))
     }
 
-    /// Up to `limit` pairs with keys in `[start, end)` (or to the end), ascending or
-    /// descending.
+    /// Up to `limit` pairs (none for 0) with keys between the bounds, ascending or
+    /// descending (from the end bound down).
     fn scan(
         &self,
         start: Bound<&[u8]>,
@@ -199,7 +205,8 @@ pub trait KvBackend: Send + Sync {
     fn snapshot(&self) -> Result<Box<dyn KvSnapshot>, KvError>;
     /// Applies the whole batch or nothing; fails with [`KvError::Conflict`] if a check fails.
     fn commit(&self, batch: WriteBatch) -> Result<(), KvError>;
-    /// Bytes the backend occupies on disk.
+    /// Bytes the backend occupies on disk (FoundationDB: its estimate of the store's
+    /// key range).
     fn size_bytes(&self) -> Result<u64, KvError>;
 
     /// Damage the backend's own structure check finds (pages, commit slots, tables), each

@@ -3,6 +3,8 @@
 //! NATS or Raft.
 //!
 //! - [`kv`]: the backend interface (FoundationDB's limits) and [`conformance`] suite;
+//! - [`redb_backend`]: the embedded backend; `fdb_backend` (`--features foundationdb`):
+//!   FoundationDB, with [`fdb_layout`] (its subspaces and size estimate);
 //! - [`object`]: object kinds and the zstd codec, validated on every read;
 //! - [`node`]: the rkyv node types of a state's Merkle tree;
 //! - [`tree`]: building and reading directories and chunk lists;
@@ -26,6 +28,9 @@ pub mod catalog_copy;
 pub mod changes;
 pub mod command;
 pub mod conformance;
+#[cfg(feature = "foundationdb")]
+pub mod fdb_backend;
+pub mod fdb_layout;
 pub mod forget;
 pub mod gc;
 pub mod guard;

@@ -683,7 +683,7 @@ impl KvSnapshot for RedbSnapshot {
         limit: usize,
         reverse: bool,
     ) -> Result<Pairs, KvError> {
-        let Some(table) = &self.table else {
+        let Some(table) = self.table.as_ref().filter(|_| limit > 0) else {
             return Ok(Vec::new());
         };
         self.health.guard(

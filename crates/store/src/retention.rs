@@ -19,9 +19,11 @@ use crate::command::{good_key, pending_key};
 use crate::keys;
 use crate::kv::{KvSnapshot, scan_prefix};
 
-/// Time index entries one `Forget` command removes at most (a batch's limit: each is two
-/// deleted keys of about 100 bytes); the caller repeats the command while more remain.
-pub const FORGET_ENTRIES_PER_COMMAND_MAX: usize = 20_000;
+/// Time index entries one `Forget` command removes at most: each is up to two deleted keys
+/// of about 100 bytes, which FoundationDB counts about twice more (conflict ranges, the
+/// store's prefix) against its 10 MB transactions; the caller repeats the command while
+/// more remain.
+pub const FORGET_ENTRIES_PER_COMMAND_MAX: usize = 5_000;
 /// Keys read per page of a scan.
 const PAGE: usize = 4_096;
 

@@ -8,7 +8,7 @@ use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
-use kairos_core::Hash;
+use kairos_core::{FdbLocation, Hash, StoreBackend};
 
 use crate::keys;
 use crate::kv::{KvBackend, KvError, KvSnapshot, WriteBatch, scan_prefix};
@@ -58,6 +58,14 @@ pub enum StoreError {
         what: &'static str,
         key: String,
         problem: String,
+    },
+    /// The configuration asks for a backend this build does not include.
+    #[error(
+        "store backend {backend:?} is not in this build of kairos: build it with `--features {feature}` (for example `cargo build --release -p kairos-cli --features {feature}`)"
+    )]
+    BackendNotBuilt {
+        backend: &'static str,
+        feature: &'static str,
     },
 }
 
@@ -124,6 +132,20 @@ impl NodeCache {
     }
 }
 
+#[cfg(feature = "foundationdb")]
+fn open_foundationdb(location: &FdbLocation) -> Result<Store> {
+    let backend = crate::fdb_backend::FdbBackend::open(location)?;
+    Ok(Store::with_backend(Arc::new(backend)))
+}
+
+#[cfg(not(feature = "foundationdb"))]
+fn open_foundationdb(_location: &FdbLocation) -> Result<Store> {
+    Err(StoreError::BackendNotBuilt {
+        backend: "foundationdb",
+        feature: "foundationdb",
+    })
+}
+
 fn is_tree_node(kind: ObjectKind) -> bool {
     matches!(
         kind,
@@ -147,6 +169,19 @@ impl Store {
             .map_err(|error| KvError::Io(format!("{}: {error}", data_dir.display())))?;
         let backend = RedbBackend::open_with_cache(&data_dir.join(STORE_FILE), cache_bytes)?;
         Ok(Store::with_backend(Arc::new(backend)))
+    }
+
+    /// Opens the store the configuration names: the embedded file in `data_dir` (with a
+    /// page cache of at most `cache_bytes`) or a FoundationDB cluster.
+    pub fn open_configured(
+        data_dir: &Path,
+        backend: &StoreBackend,
+        cache_bytes: usize,
+    ) -> Result<Store> {
+        match backend {
+            StoreBackend::Redb => Store::open_with_cache(data_dir, cache_bytes),
+            StoreBackend::FoundationDb(location) => open_foundationdb(location),
+        }
     }
 
     pub fn with_backend(kv: Arc<dyn KvBackend>) -> Store {
@@ -764,5 +799,34 @@ impl Drop for ObjectWriter {
         {
             let _ = committer.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_configured_backend_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_configured(dir.path(), &StoreBackend::Redb, 1 << 20).unwrap();
+        drop(store);
+        assert!(dir.path().join(STORE_FILE).exists());
+    }
+
+    #[cfg(not(feature = "foundationdb"))]
+    #[test]
+    fn foundationdb_without_the_feature_names_the_feature() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = FdbLocation {
+            cluster_file: None,
+            key_prefix: "kairos".into(),
+        };
+        let error = Store::open_configured(dir.path(), &StoreBackend::FoundationDb(location), 1)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("--features foundationdb"), "{error}");
+        assert!(!dir.path().join(STORE_FILE).exists());
     }
 }

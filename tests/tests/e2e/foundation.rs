@@ -678,3 +678,42 @@ fn a_file_rewritten_during_capture_is_stored_whole_or_marked_torn() {
     eprintln!("torn seen: {saw_torn}");
     assert_eq!(kairos.json(["verify", "--json"])["ok"], true);
 }
+
+#[test]
+fn the_store_backend_comes_from_the_configuration_and_a_missing_one_is_named() {
+    let kairos = Kairos::new();
+    let config = kairos.data_dir().join("kairos.toml");
+    let config_flag = config.to_str().unwrap();
+
+    // This build has no FoundationDB backend: the error names the feature to build with,
+    // and nothing is created in the data directory.
+    std::fs::write(&config, "[store]\nbackend = \"foundationdb\"\n").unwrap();
+    let error = kairos.fails(["--config", config_flag, "history", "web"]);
+    assert!(
+        error.contains("not in this build") && error.contains("--features foundationdb"),
+        "{error}"
+    );
+    assert!(!kairos.data_dir().join("kairos.redb").exists());
+
+    std::fs::write(&config, "[store]\nbackend = \"rocksdb\"\n").unwrap();
+    let error = kairos.fails(["--config", config_flag, "history", "web"]);
+    assert!(
+        error.contains("store.backend") && error.contains("choose \"redb\" or \"foundationdb\""),
+        "{error}"
+    );
+
+    // "redb" is the embedded store in the data directory, as without a [store] table.
+    std::fs::write(&config, "[store]\nbackend = \"redb\"\n").unwrap();
+    let root = kairos.data_dir().join("srv");
+    write(&root, "index.html", b"hello");
+    kairos.ok([
+        "--config",
+        config_flag,
+        "replica",
+        "add",
+        "web",
+        "--root",
+        root.to_str().unwrap(),
+    ]);
+    assert!(kairos.data_dir().join("kairos.redb").exists());
+}

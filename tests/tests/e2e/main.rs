@@ -7,6 +7,7 @@ mod bisect;
 mod catalog;
 mod changes;
 mod corruption;
+mod forget;
 mod foundation;
 mod fuzz_corpus;
 mod gc;
