@@ -620,3 +620,24 @@ fn flipped_bytes_before_gc_lose_no_frame_repair_would_keep() {
         assert_frames_restore(&collected, &survivors, &context);
     }
 }
+
+#[test]
+fn kairos_forget_then_gc_reclaims_and_keeps_what_retention_keeps() {
+    let kairos = Kairos::new();
+    let root = tempfile::tempdir().unwrap();
+    kairos.ok([
+        "replica",
+        "add",
+        "web",
+        "--root",
+        root.path().to_str().unwrap(),
+    ]);
+    let captured = capture_versions(&kairos, root.path(), 0, 10);
+    kairos.ok(["forget", "web", "--keep-last", "2"]);
+    let stats = kairos.json(["stats", "--json"]);
+    assert_eq!(stats["frames"], 2, "{stats}");
+    let report = kairos.json(["gc", "--json"]);
+    assert!(report["objects_deleted"].as_u64().unwrap() >= 8, "{report}");
+    assert_verify_clean(&kairos, "after forget and gc");
+    assert_frames_restore(&kairos, &captured[8..], "after forget and gc");
+}
