@@ -609,6 +609,65 @@ mod tests {
     }
 
     #[test]
+    fn a_proposal_or_commit_made_before_a_forget_cannot_name_the_frame_it_removed() {
+        let (_dir, store) = store();
+        let frames: Vec<Hash> = (1..=5).map(|h| append(&store, "main", h * HOUR)).collect();
+        // Both commands are built on a view where frame 2 exists (a proposal resolved
+        // `--at` it; a commit read it as the head and its rollback target), then a forget
+        // lands first.
+        let proposal = Hash([0xab; 32]);
+        let propose = Command::new(
+            Instant(10 * HOUR),
+            "web",
+            "main",
+            "ana",
+            Change::PutRecord {
+                family: RecordFamily::Proposal,
+                id: proposal,
+                record: RecordBody(
+                    serde_json::json!({"id": proposal.to_hex(), "base": frames[1].to_hex()}),
+                ),
+            },
+        );
+        let commit = Hash([0xcd; 32]);
+        let begin = Command::new(
+            Instant(10 * HOUR),
+            "web",
+            "main",
+            "ana",
+            Change::BeginCommit {
+                commit,
+                status: CommitStatus::Applying,
+                record: RecordBody(serde_json::json!({"commit": commit.to_hex(),
+                    "status": "applying", "base": frames[4].to_hex(), "last_good": frames[1].to_hex()})),
+                last_good: Some(frames[1]),
+            },
+        );
+        store
+            .forget("web", &rules("last=1"), "ops", Instant(20 * HOUR), false)
+            .unwrap();
+        assert!(store.frame(&frames[1]).is_err());
+        let error = store.submit(&propose).unwrap_err();
+        assert!(
+            matches!(error, CatalogError::NoSuchFrame { .. }),
+            "a proposal on a forgotten base is refused: {error}"
+        );
+        let error = store.submit(&begin).unwrap_err();
+        assert!(
+            matches!(error, CatalogError::NoSuchFrame { .. }),
+            "a commit whose rollback target is forgotten is refused: {error}"
+        );
+        assert_eq!(store.last_good("web").unwrap(), None);
+        assert!(
+            store
+                .records::<serde_json::Value>(RecordFamily::Proposal, "web")
+                .unwrap()
+                .is_empty(),
+            "no record names a forgotten frame"
+        );
+    }
+
+    #[test]
     fn a_frame_listed_on_two_timelines_stays_until_both_let_it_go() {
         let (_dir, store) = store();
         let frames: Vec<Hash> = (1..=5).map(|h| append(&store, "main", h * HOUR)).collect();
