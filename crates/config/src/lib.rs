@@ -99,6 +99,8 @@ pub struct RetentionConfig {
 
 /// How often a node applies retention policies unless configured.
 pub const RETENTION_INTERVAL_DEFAULT: Duration = Duration::from_secs(3_600);
+/// The longest retention interval (a longer one would overflow the node's timer).
+pub const RETENTION_INTERVAL_MAX: Duration = Duration::from_secs(366 * 24 * 3_600);
 
 /// Retention rules as written in the file (`keep_within` is a duration).
 #[derive(Debug, Deserialize, Default, Clone)]
@@ -704,6 +706,12 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
         return Err(key_error(
             "retention.interval",
             format!("{:?} is shorter than 1s", retention.interval),
+        ));
+    }
+    if retention.interval > RETENTION_INTERVAL_MAX {
+        return Err(key_error(
+            "retention.interval",
+            format!("{:?} is longer than 366 days", retention.interval),
         ));
     }
     Ok(Config {
