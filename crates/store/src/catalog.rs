@@ -236,6 +236,25 @@ impl Store {
         reader_frame(&self.reader()?, id)
     }
 
+    /// The frame before `frame` along its history: its parent, or, when a forget removed
+    /// the parent, the newest frame its timeline still lists before it. `None` at the
+    /// start of the history.
+    pub fn previous_frame(&self, frame: &FrameRecord) -> Result<Option<FrameRecord>> {
+        let Some(parent) = frame.parent else {
+            return Ok(None);
+        };
+        let reader = self.reader()?;
+        let key = keys::frame(&parent);
+        if let Some(value) = reader.get(&key)? {
+            return Ok(Some(parse_frame(&key, &value)?));
+        }
+        drop(reader);
+        let before = Instant(frame.time.0.saturating_sub(1));
+        Ok(self
+            .frames_before(&frame.replica, &frame.timeline, before, 1)?
+            .pop())
+    }
+
     /// The head of a timeline, if it has frames.
     pub fn head(&self, replica: &str, timeline: &str) -> Result<Option<FrameRecord>> {
         let reader = self.reader()?;

@@ -1,0 +1,261 @@
+//! Attacks on retention and frames-only-on-change: reading, diffing, restoring and
+//! bisecting across forgotten frames, bad rules, a forget killed mid-batch, a long
+//! history, damaged series values and what makes (or must not make) a frame.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use kairos_tests::{Kairos, Node, wait_for};
+use serde_json::{Value, json};
+
+fn ids(history: &Value) -> Vec<String> {
+    kairos_tests::frames(history)
+}
+
+fn replica(kairos: &Kairos, root: &Path, extra: &[&str]) {
+    std::fs::create_dir_all(root).unwrap();
+    let mut args = vec!["replica", "add", "web", "--root", root.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    kairos.ok(&args);
+}
+
+/// Captures `states` in turn (one frame each); returns each frame's id and time.
+fn capture_states(kairos: &Kairos, root: &Path, states: &[&str]) -> Vec<(String, String)> {
+    states
+        .iter()
+        .map(|state| {
+            std::fs::write(root.join("app.conf"), state).unwrap();
+            let frame = kairos.json(["capture", "web", "--json"]);
+            (
+                frame["frame"].as_str().unwrap().to_string(),
+                frame["time"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn show_diff_restore_bisect_and_revert_across_forgotten_frames() {
+    let kairos = Kairos::new();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("web");
+    replica(
+        &kairos,
+        &root,
+        &["--check", "grep -q '^ok' {root}/app.conf"],
+    );
+    let states: Vec<String> = (0..10)
+        .map(|i| format!("{} {i}\n", if i < 5 { "ok" } else { "broken" }))
+        .collect();
+    let states: Vec<&str> = states.iter().map(String::as_str).collect();
+    let frames = capture_states(&kairos, &root, &states);
+    // A fork keeps frame 2; keep_last=2 keeps 8 and 9: frames 0, 1 and 3..=7 go.
+    kairos.ok([
+        "timeline",
+        "fork",
+        "try",
+        "--replica",
+        "web",
+        "--at",
+        &frames[2].0,
+    ]);
+    let report = kairos.json([
+        "forget",
+        "web",
+        "--timeline",
+        "main",
+        "--keep-last",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(report["entries_removed"], json!(7), "{report}");
+    let left = ids(&kairos.json(["history", "web", "--json"]));
+    assert_eq!(
+        left,
+        vec![
+            frames[2].0.clone(),
+            frames[8].0.clone(),
+            frames[9].0.clone()
+        ]
+    );
+
+    // An instant inside the forgotten range answers the last kept frame at or before it.
+    let shown = kairos.json(["show", "web", "--at", &frames[6].1, "--json"]);
+    assert_eq!(shown["frame"]["id"], json!(frames[2].0), "{shown}");
+    // Before every kept frame there is none, and the answer says so.
+    let error = kairos.fails(["show", "web", "--at", &frames[1].1]);
+    assert!(error.contains("no frame at or before"), "{error}");
+
+    // Diff and restore across the gap.
+    let diff = kairos.json([
+        "diff",
+        "web",
+        "--from",
+        &frames[2].0,
+        "--to",
+        &frames[9].0,
+        "--json",
+    ]);
+    assert!(diff.to_string().contains("app.conf"), "{diff}");
+    let target = dir.path().join("restored");
+    kairos.ok([
+        "restore",
+        "web",
+        "--at",
+        &frames[8].0,
+        "--into",
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(target.join("app.conf")).unwrap(),
+        states[8]
+    );
+
+    // Bisect walks the kept frames: frame 8's parent (7) is gone, frame 2 is the last good.
+    let bisect = kairos.json([
+        "bisect",
+        "web",
+        "--good",
+        &frames[2].0,
+        "--bad",
+        "latest",
+        "--json",
+    ]);
+    assert_eq!(bisect["first_bad"], json!(frames[8].0), "{bisect:#}");
+    assert_eq!(bisect["last_good"], json!(frames[2].0), "{bisect:#}");
+    // The culprit's revert compares it with the frame kept before it.
+    let revert = kairos.json(["revert", "web", "--culprit", &frames[8].0, "--json"]);
+    assert_eq!(revert["culprit"], json!(frames[8].0), "{revert:#}");
+    assert!(kairos.json(["verify", "--json"])["ok"].as_bool().unwrap());
+}
+
+#[test]
+fn bad_rules_are_refused_by_name_and_change_nothing() {
+    let kairos = Kairos::new();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("web");
+    replica(&kairos, &root, &[]);
+    let frames = capture_states(&kairos, &root, &["a\n", "b\n", "c\n"]);
+    for (args, expected) in [
+        (vec!["--keep-last", "-1"], "'-1'"),
+        (vec!["--keep-last", "99999999999"], "--keep-last"),
+        (vec!["--keep-last", "2000000"], "more than 1000000"),
+        (vec!["--keep-daily", "0"], "keep_daily = 0"),
+        (vec!["--keep-within", "0s"], "keep_within = 0"),
+        (vec!["--keep-within=-3d"], "keep_within"),
+        (vec!["--keep-within", "3 fortnights"], "keep_within"),
+        (
+            vec!["--keep-last", "1", "--timeline", "../main"],
+            "timeline",
+        ),
+    ] {
+        let mut command = vec!["forget", "web"];
+        command.extend_from_slice(&args);
+        let output = kairos.run(&command);
+        let error = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} is refused");
+        assert!(error.contains(expected), "{args:?}: {error}");
+    }
+    // A huge but valid rule keeps everything.
+    let report = kairos.json(["forget", "web", "--keep-within", "100000y", "--json"]);
+    assert_eq!(report["entries_removed"], json!(0), "{report}");
+    assert_eq!(
+        ids(&kairos.json(["history", "web", "--json"])).len(),
+        frames.len()
+    );
+    // The configuration refuses unknown keys, empty timeline tables and bad durations.
+    for (retention, expected) in [
+        ("[replica.retention]\nkeep_forever = true\n", "keep_forever"),
+        (
+            "[replica.retention]\nkeep_within = \"soon\"\n",
+            "keep_within",
+        ),
+        ("[replica.retention]\nkeep_last = 0\n", "keep_last = 0"),
+        ("[replica.retention.timeline.exp]\n", "gives no rule"),
+        ("[retention]\ninterval = \"0s\"\n", "retention.interval"),
+        (
+            "[retention]\ninterval = \"500000000000y\"\n",
+            "retention.interval",
+        ),
+    ] {
+        let (global, replica) = if retention.starts_with("[retention]") {
+            (retention, "")
+        } else {
+            ("", retention)
+        };
+        let config = format!(
+            "{global}[[replica]]\nname = \"web\"\nroot = {:?}\n{replica}",
+            root.display().to_string()
+        );
+        let file = dir.path().join("kairos.toml");
+        std::fs::write(&file, config).unwrap();
+        let error = kairos.fails([
+            "--config",
+            file.to_str().unwrap(),
+            "forget",
+            "web",
+            "--dry-run",
+        ]);
+        assert!(error.contains(expected), "{retention}: {error}");
+    }
+}
+
+#[test]
+fn a_long_history_is_forgotten_in_bounded_batches_and_the_dry_run_says_so() {
+    // Ten thousand and fifty frames, appended through the store's own path (a capture each would
+    // take minutes), then forgotten down to ten.
+    let kairos = Kairos::new();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("web");
+    replica(&kairos, &root, &[]);
+    kairos.ok(["capture", "web"]);
+    let store = kairos_store::Store::open(kairos.data_dir()).unwrap();
+    let head = store.head("web", "main").unwrap().unwrap();
+    let mut parent = head.id;
+    for i in 1..10_050i64 {
+        parent = store
+            .commit_frame(kairos_store::FrameDraft {
+                replica: "web".into(),
+                timeline: "main".into(),
+                time: kairos_core::Instant(head.time.0 + i * 1_000_000),
+                parent: Some(parent),
+                root: head.root,
+                entries: head.entries,
+                bytes: head.bytes,
+                stats: kairos_store::WriteStats::default(),
+                torn: 0,
+                unreadable: 0,
+                capture_ms: 0,
+            })
+            .unwrap()
+            .id;
+    }
+    drop(store);
+    let started = std::time::Instant::now();
+    let dry = kairos.json(["forget", "web", "--keep-last", "10", "--dry-run", "--json"]);
+    assert_eq!(
+        dry["entries_removed"],
+        json!(10_040),
+        "{}",
+        dry["entries_removed"]
+    );
+    assert_eq!(dry["frames_removed"], json!(10_040));
+    assert_eq!(
+        dry["timelines"][0]["forgotten"].as_array().unwrap().len(),
+        10_040
+    );
+    let report = kairos.json(["forget", "web", "--keep-last", "10", "--json"]);
+    assert_eq!(report["entries_removed"], json!(10_040));
+    assert_eq!(report["frames_removed"], json!(10_040));
+    assert_eq!(report["commands"], json!(1));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(ids(&kairos.json(["history", "web", "--json"])).len(), 10);
+    assert!(kairos.json(["verify", "--json"])["ok"].as_bool().unwrap());
+    let log = kairos.json(["log", "web", "--json"]);
+    assert_eq!(log["intact"], json!(true), "{log}");
+}
