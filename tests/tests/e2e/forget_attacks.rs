@@ -259,3 +259,49 @@ fn a_long_history_is_forgotten_in_bounded_batches_and_the_dry_run_says_so() {
     let log = kairos.json(["log", "web", "--json"]);
     assert_eq!(log["intact"], json!(true), "{log}");
 }
+
+#[test]
+fn a_damaged_series_value_is_named_by_verify_never_panics_and_captures_go_on_after_repair() {
+    let kairos = Kairos::new();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("web");
+    replica(&kairos, &root, &[]);
+    capture_states(&kairos, &root, &["a\n", "b\n"]);
+    {
+        let store = kairos_store::Store::open(kairos.data_dir()).unwrap();
+        let series = store
+            .reader()
+            .unwrap()
+            .scan_prefix(kairos_store::keys::SERIES)
+            .unwrap();
+        let (key, mut value) = series.into_iter().next().expect("a series sample");
+        // A flipped bit in the CPU figure's exponent: a number that is not finite.
+        value[1 + 32 + 4 + 8 + 7] ^= 0x7f;
+        let mut batch = kairos_store::kv::WriteBatch::new();
+        batch.put(key, value).unwrap();
+        store.kv().commit(batch).unwrap();
+    }
+    // Reading the state leaves the damaged sample out; nothing panics.
+    let shown = kairos.run(["show", "web", "--at", "latest", "--json"]);
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    let verify = kairos.run(["verify", "--json"]);
+    assert!(!verify.status.success());
+    let report: Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert!(
+        report.to_string().contains("runtime series sample"),
+        "verify names the sample: {report}"
+    );
+    kairos.ok(["repair"]);
+    let frame = kairos.json(["capture", "web", "--json"]);
+    assert_eq!(frame["recorded"], json!(true));
+    assert!(
+        frame["notes"].as_array().unwrap().is_empty(),
+        "the series takes samples again: {frame}"
+    );
+    assert!(kairos.json(["verify", "--json"])["ok"].as_bool().unwrap());
+    assert_eq!(ids(&kairos.json(["history", "web", "--json"])).len(), 3);
+}
