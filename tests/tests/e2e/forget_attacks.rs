@@ -35,6 +35,33 @@ fn capture_states(kairos: &Kairos, root: &Path, states: &[&str]) -> Vec<(String,
         .collect()
 }
 
+/// Appends `count` frames of the same state, through the store's own path (a capture
+/// each would take minutes), one millisecond apart; the first is a real capture.
+fn append_frames(kairos: &Kairos, count: i64) {
+    kairos.ok(["capture", "web"]);
+    let store = kairos_store::Store::open(kairos.data_dir()).unwrap();
+    let head = store.head("web", "main").unwrap().unwrap();
+    let mut parent = head.id;
+    for i in 1..count {
+        parent = store
+            .commit_frame(kairos_store::FrameDraft {
+                replica: "web".into(),
+                timeline: "main".into(),
+                time: kairos_core::Instant(head.time.0 + i * 1_000_000),
+                parent: Some(parent),
+                root: head.root,
+                entries: head.entries,
+                bytes: head.bytes,
+                stats: kairos_store::WriteStats::default(),
+                torn: 0,
+                unreadable: 0,
+                capture_ms: 0,
+            })
+            .unwrap()
+            .id;
+    }
+}
+
 #[test]
 fn show_diff_restore_bisect_and_revert_across_forgotten_frames() {
     let kairos = Kairos::new();
@@ -203,35 +230,12 @@ fn bad_rules_are_refused_by_name_and_change_nothing() {
 
 #[test]
 fn a_long_history_is_forgotten_in_bounded_batches_and_the_dry_run_says_so() {
-    // Ten thousand and fifty frames, appended through the store's own path (a capture each would
-    // take minutes), then forgotten down to ten.
+    // Ten thousand and fifty frames, forgotten down to ten.
     let kairos = Kairos::new();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("web");
     replica(&kairos, &root, &[]);
-    kairos.ok(["capture", "web"]);
-    let store = kairos_store::Store::open(kairos.data_dir()).unwrap();
-    let head = store.head("web", "main").unwrap().unwrap();
-    let mut parent = head.id;
-    for i in 1..10_050i64 {
-        parent = store
-            .commit_frame(kairos_store::FrameDraft {
-                replica: "web".into(),
-                timeline: "main".into(),
-                time: kairos_core::Instant(head.time.0 + i * 1_000_000),
-                parent: Some(parent),
-                root: head.root,
-                entries: head.entries,
-                bytes: head.bytes,
-                stats: kairos_store::WriteStats::default(),
-                torn: 0,
-                unreadable: 0,
-                capture_ms: 0,
-            })
-            .unwrap()
-            .id;
-    }
-    drop(store);
+    append_frames(&kairos, 10_050);
     let started = std::time::Instant::now();
     let dry = kairos.json(["forget", "web", "--keep-last", "10", "--dry-run", "--json"]);
     assert_eq!(
@@ -304,4 +308,36 @@ fn a_damaged_series_value_is_named_by_verify_never_panics_and_captures_go_on_aft
     );
     assert!(kairos.json(["verify", "--json"])["ok"].as_bool().unwrap());
     assert_eq!(ids(&kairos.json(["history", "web", "--json"])).len(), 3);
+}
+
+#[test]
+fn a_forget_killed_mid_way_leaves_a_store_that_verifies_and_an_intact_log() {
+    let kairos = Kairos::new();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("web");
+    replica(&kairos, &root, &[]);
+    append_frames(&kairos, 3_000);
+    for delay_ms in [5, 40, 120] {
+        let mut child = kairos
+            .command(["forget", "web", "--keep-last", "10", "--json"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        child.wait().unwrap();
+        // Whatever the moment, the forget landed whole or not at all.
+        let left = ids(&kairos.json(["history", "web", "--json"])).len();
+        assert!(left == 3_000 || left == 10, "{delay_ms} ms: {left} frames");
+        let verify = kairos.json(["verify", "--json"]);
+        assert_eq!(verify["ok"], json!(true), "{delay_ms} ms: {verify}");
+        let log = kairos.json(["log", "web", "--json"]);
+        assert_eq!(log["intact"], json!(true), "{delay_ms} ms: {log}");
+        if left == 10 {
+            return;
+        }
+    }
+    kairos.ok(["forget", "web", "--keep-last", "10"]);
+    assert_eq!(ids(&kairos.json(["history", "web", "--json"])).len(), 10);
 }
