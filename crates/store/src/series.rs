@@ -655,6 +655,30 @@ mod tests {
     }
 
     #[test]
+    fn a_clock_that_goes_back_loses_no_sample_and_keeps_the_series_bounded() {
+        let (_dir, store) = store();
+        let hour = 3_600 * SECOND;
+        // Two hours of samples, the clock back by ninety minutes for an hour, then on.
+        let mut times: Vec<i64> = (0..2 * 360).map(|i| i * 10 * SECOND).collect();
+        times.extend((0..360).map(|i| 30 * 60 * SECOND + i * 10 * SECOND));
+        times.extend((0..360).map(|i| 2 * hour + i * 10 * SECOND));
+        for &at in &times {
+            store.record_sample("web", &sample(at, 4.0, 10)).unwrap();
+        }
+        let all = store
+            .series("web", Instant(0), Instant(i64::MAX), usize::MAX)
+            .unwrap();
+        assert_eq!(
+            all.iter().map(|s| u64::from(s.samples)).sum::<u64>(),
+            times.len() as u64
+        );
+        let counts = store.series_counts("web").unwrap();
+        // The last hour of one-second buckets, and the minute the cutoff falls in.
+        assert!(counts.seconds <= 360 + 6, "{counts:?}");
+        assert!(all.iter().all(|s| (s.cpu_percent - 4.0).abs() < 1e-9));
+    }
+
+    #[test]
     fn the_nearest_bucket_is_found_in_any_tier() {
         let (_dir, store) = store();
         let day = 24 * 3_600 * SECOND;

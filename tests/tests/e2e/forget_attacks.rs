@@ -341,3 +341,200 @@ fn a_forget_killed_mid_way_leaves_a_store_that_verifies_and_an_intact_log() {
     kairos.ok(["forget", "web", "--keep-last", "10"]);
     assert_eq!(ids(&kairos.json(["history", "web", "--json"])).len(), 10);
 }
+
+struct Spawned(std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sleeper(tag: &str) -> Spawned {
+    Spawned(
+        std::process::Command::new("sleep")
+            .arg(format!("1000.{tag}"))
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn a_restart_and_a_change_undone_between_ticks_are_state_but_a_busy_cpu_is_not() {
+    use kairos_capture::{CaptureRequest, capture_if_changed};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("svc");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("app.conf"), "workers = 4\n").unwrap();
+    let tag = format!("7{}", std::process::id());
+    let mut worker = sleeper(&tag);
+    let busy = Spawned(
+        std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done", &format!("busy{tag}")])
+            .spawn()
+            .unwrap(),
+    );
+    let store = kairos_store::Store::open(&dir.path().join("data")).unwrap();
+    let mut replica = kairos_core::ReplicaDefinition::new("svc", root.clone());
+    replica.processes = vec![format!("sleep 1000.{tag}*"), format!("*busy{tag}")];
+    store.add_replica(&replica).unwrap();
+    let request = CaptureRequest {
+        replica: &replica,
+        timeline: "main",
+        limits: kairos_core::Limits::default(),
+        skip: vec![],
+    };
+    let first = capture_if_changed(&store, &request).unwrap();
+    assert_eq!(first.processes, 2);
+    // A process at 100% CPU changes metrics, never the state: no frame in a second of ticks.
+    let mut cpu_max: f64 = 0.0;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(50));
+        let report = capture_if_changed(&store, &request).unwrap();
+        assert!(
+            !report.recorded,
+            "a busy CPU made a frame: {:?}",
+            report.notes
+        );
+        cpu_max = cpu_max.max(store.latest_sample("svc").unwrap().unwrap().cpu_percent_max);
+    }
+    assert!(cpu_max > 30.0, "the series saw the busy process: {cpu_max}");
+    drop(busy);
+    let gone = capture_if_changed(&store, &request).unwrap();
+    assert!(gone.recorded && gone.processes == 1);
+
+    // The worker restarts between two ticks (same command line, new pid): a frame.
+    drop(std::mem::replace(&mut worker, sleeper(&tag)));
+    let restarted = capture_if_changed(&store, &request).unwrap();
+    assert!(
+        restarted.recorded,
+        "a restarted process is a change of state"
+    );
+    assert!(!capture_if_changed(&store, &request).unwrap().recorded);
+
+    // A file changed and changed back between two ticks: the state read back is the file
+    // as it is, whether or not a frame was made for the new times.
+    std::fs::write(root.join("app.conf"), "workers = 8\n").unwrap();
+    std::fs::write(root.join("app.conf"), "workers = 4\n").unwrap();
+    let back = capture_if_changed(&store, &request).unwrap();
+    let learner = kairos_ops::learn::Learner::new();
+    let service = kairos_ops::Service {
+        store: &store,
+        limits: kairos_core::Limits::default(),
+        skip: Vec::new(),
+        learner: &learner,
+    };
+    let mut bytes = Vec::new();
+    service
+        .cat(
+            "svc",
+            b"app.conf",
+            &kairos_core::TimelineSpec {
+                timeline: "main".into(),
+                frame: kairos_core::FrameSpec::Latest,
+            },
+            &mut bytes,
+        )
+        .unwrap();
+    assert_eq!(bytes, b"workers = 4\n", "recorded: {}", back.recorded);
+    assert!(!capture_if_changed(&store, &request).unwrap().recorded);
+    let frames = store.history("svc", "main").unwrap();
+    assert!(frames.windows(2).all(|w| w[0].time < w[1].time));
+}
+
+#[test]
+fn a_forget_through_the_node_while_it_commits_and_captures_keeps_the_rollback_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("web");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(root.join("app.conf"), "generation = 0\n").unwrap();
+    let data_dir = dir.path().join("data");
+    let kairos = Kairos::at(&data_dir);
+    kairos.ok(["replica", "add", "web", "--root", root.to_str().unwrap()]);
+    let admin: Value = kairos.json(["party", "add", "ops", "--role", "admin", "--json"]);
+    let admin = admin["token"].as_str().unwrap().to_string();
+    let mut lesser = Vec::new();
+    for (name, role) in [
+        ("pia", "proposer"),
+        ("rex", "reviewer"),
+        ("cam", "committer"),
+    ] {
+        let party: Value = kairos.json(["party", "add", name, "--role", role, "--json"]);
+        lesser.push((role, party["token"].as_str().unwrap().to_string()));
+    }
+    let config = format!(
+        "[node]\ncapture_debounce = \"50ms\"\n[[replica]]\nname = \"web\"\nroot = {:?}\ncapture_interval = \"100ms\"\nwatch_window = \"2s\"\nprobe_interval = \"100ms\"\n[[replica.probe]]\nkind = \"command\"\ncommand = \"true\"\n",
+        root.display().to_string()
+    );
+    let node = Node::start(&config, &data_dir);
+    let as_admin = |args: &[&str]| -> Value {
+        let output = kairos
+            .command(args)
+            .env("KAIROS_TOKEN", &admin)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    for i in 1..=4 {
+        std::fs::write(root.join("app.conf"), format!("generation = {i}\n")).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_for("four frames", Duration::from_secs(10), || {
+        (ids(&as_admin(&["history", "web", "--json"])).len() >= 4).then_some(())
+    });
+    let document = dir.path().join("p.json");
+    std::fs::write(
+        &document,
+        json!({"title": "t", "author": "ops", "ops": [
+            {"op": "put_file", "path": "app.conf", "content": "generation = 99\n"}]})
+        .to_string(),
+    )
+    .unwrap();
+    let proposal = as_admin(&[
+        "propose",
+        "web",
+        "--file",
+        document.to_str().unwrap(),
+        "--json",
+    ]);
+    let proposal = proposal["proposal"].as_str().unwrap().to_string();
+    let record = as_admin(&["commit", "web", &proposal, "--no-wait", "--json"]);
+    assert_eq!(record["status"], json!("watching"), "{record}");
+    let last_good = record["last_good"].as_str().unwrap().to_string();
+
+    // Only an admin forgets; a refused forget removes nothing.
+    for (role, token) in &lesser {
+        let response = Node::agent()
+            .post(format!("{}/api/replicas/web/forget", node.url))
+            .header("Authorization", format!("Bearer {token}"))
+            .send_json(json!({"keep_last": 1}))
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 403, "{role}");
+    }
+    // While the commit is watched and the node captures, forget everything it may.
+    let report = as_admin(&["forget", "web", "--keep-last", "1", "--json"]);
+    let kept = report["timelines"][0]["kept"].to_string();
+    assert!(kept.contains(&last_good), "{report}");
+    assert!(kept.contains("unfinished_commit"), "{report}");
+    let error = kairos
+        .command(["forget", "web", "--keep-last", "1", "--timeline", "nope"])
+        .env("KAIROS_TOKEN", &admin)
+        .output()
+        .unwrap();
+    assert!(!error.status.success());
+    assert!(String::from_utf8_lossy(&error.stderr).contains("nope"));
+    // The commit ends; its rollback target is still there to read.
+    wait_for("the commit ends", Duration::from_secs(15), || {
+        let log = as_admin(&["log", "web", "--json"]);
+        log.to_string().contains("\"committed\"").then_some(())
+    });
+    as_admin(&["show", "web", "--at", &last_good, "--json"]);
+    assert_eq!(as_admin(&["verify", "--json"])["ok"], json!(true));
+    assert_eq!(as_admin(&["log", "web", "--json"])["intact"], json!(true));
+}
