@@ -164,10 +164,11 @@ pub enum Change {
     /// Removes a party and its token.
     RevokeParty { name: String },
     /// Forgets frames of the replica's timelines by retention rules: the plan
-    /// ([`crate::retention::plan_forget`]) is made on apply from the view, guarded by every
-    /// key that protects a frame (heads, last good, the pending commit) and by the audit
-    /// head (a proposal or commit recorded meanwhile makes it plan again). The command
-    /// carries no audit event: apply records one with what went.
+    /// ([`crate::retention::plan_forget`]) is made on apply from the view, guarded by the
+    /// keys that protect a frame (last good, the pending commit) and by the audit head (a
+    /// proposal, commit or fork recorded meanwhile makes it plan again); heads only move
+    /// forward onto new frames, so a capture meanwhile does not. The command carries no
+    /// audit event: apply records one with what went.
     Forget {
         rules: Vec<crate::retention::TimelineRule>,
     },
@@ -433,7 +434,11 @@ fn fork_timeline(
     }
     let base_key = keys::frame(base);
     let base_frame = match view.get(&base_key)? {
-        Some(value) => parse_frame(&base_key, &value)?,
+        Some(value) => {
+            // A forget that removes the base meanwhile makes the fork apply again.
+            batch.check(base_key.clone(), Some(value.clone()))?;
+            parse_frame(&base_key, &value)?
+        }
         None => {
             return Err(CatalogError::NoSuchFrame {
                 replica: replica.into(),

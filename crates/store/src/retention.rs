@@ -65,7 +65,8 @@ pub struct ForgetPlan {
     pub frames_removed: Vec<Hash>,
     /// Whether more entries are to be removed than one command takes.
     pub more: bool,
-    /// Keys the plan read, with their values: the command's guards.
+    /// Keys the plan read, with their values: the command's guards (the last good frame,
+    /// the pending commit; the audit head is guarded when the event is appended).
     #[serde(skip)]
     pub guards: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
@@ -83,7 +84,11 @@ fn protections(
             let timeline = String::from_utf8_lossy(&key[keys::head_prefix(replica).len()..]);
             need(id, format!("head of {timeline}"));
         }
-        guards.push((key, Some(value)));
+        // Heads are not guarded: a head moves only forward, onto a frame appended after
+        // this view, which the plan never names, and the head it leaves stays kept. So a
+        // capture meanwhile does not make the forget plan again (a replica that changes
+        // at every tick would otherwise starve it). A new head (a fork) comes with an
+        // audit entry, and the audit head is guarded.
     }
     let good = view.get(&good_key(replica))?;
     if let Some(id) = good.as_deref().and_then(Hash::from_slice) {
@@ -665,6 +670,33 @@ mod tests {
                 .is_empty(),
             "no record names a forgotten frame"
         );
+    }
+
+    #[test]
+    fn a_forget_lands_while_captures_keep_appending_frames() {
+        let (_dir, store) = store();
+        for i in 1..=5_000 {
+            append(&store, "main", i * 1_000_000);
+        }
+        let store = std::sync::Arc::new(store);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let capturing = {
+            let (store, stop) = (store.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut time = 10_000 * 1_000_000;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    time += 1_000_000;
+                    append(&store, "main", time);
+                }
+            })
+        };
+        let started = std::time::Instant::now();
+        let forgotten = store.forget("web", &rules("last=10"), "ops", Instant(HOUR), false);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        capturing.join().unwrap();
+        let report = forgotten.unwrap();
+        assert!(report.entries_removed >= 4_990, "{report:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
     }
 
     #[test]
