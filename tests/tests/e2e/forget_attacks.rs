@@ -538,3 +538,45 @@ fn a_forget_through_the_node_while_it_commits_and_captures_keeps_the_rollback_ta
     assert_eq!(as_admin(&["verify", "--json"])["ok"], json!(true));
     assert_eq!(as_admin(&["log", "web", "--json"])["intact"], json!(true));
 }
+
+#[test]
+fn a_committed_proposal_whose_base_was_forgotten_is_named_so_never_as_damage() {
+    let kairos = Kairos::new();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("web");
+    replica(&kairos, &root, &[]);
+    capture_states(&kairos, &root, &["a = 1\n", "a = 2\n"]);
+    let document = dir.path().join("p.json");
+    std::fs::write(
+        &document,
+        json!({"title": "t", "author": "ana", "ops": [
+            {"op": "put_file", "path": "x.txt", "content": "x"},
+            {"op": "put_file", "path": "y.txt", "content": "y"}]})
+        .to_string(),
+    )
+    .unwrap();
+    let proposal = kairos.json([
+        "propose",
+        "web",
+        "--file",
+        document.to_str().unwrap(),
+        "--json",
+    ]);
+    let proposal = proposal["proposal"].as_str().unwrap().to_string();
+    // Before its commit, the proposal keeps its base.
+    let report = kairos.json(["forget", "web", "--keep-last", "1", "--json"]);
+    assert!(report.to_string().contains("proposal_base"), "{report}");
+    let committed = kairos.json(["commit", "web", &proposal, "--ops", "1", "--json"]);
+    assert_eq!(committed["status"], json!("committed"), "{committed}");
+    // Once committed, its base may go; using the proposal again says why it cannot.
+    kairos.ok(["forget", "web", "--keep-last", "1"]);
+    for args in [
+        vec!["commit", "web", &proposal, "--ops", "2"],
+        vec!["sandbox", "web", &proposal],
+    ] {
+        let error = kairos.fails(&args);
+        assert!(error.contains("was forgotten"), "{args:?}: {error}");
+        assert!(!error.contains("corrupt"), "{args:?}: {error}");
+    }
+    assert!(kairos.json(["verify", "--json"])["ok"].as_bool().unwrap());
+}
