@@ -611,6 +611,12 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             )?;
             for (timeline, raw) in retention.timeline {
                 let key = format!("{key}.timeline.{timeline}");
+                if !kairos_core::spec::is_valid_timeline_name(&timeline) {
+                    return Err(key_error(
+                        &key,
+                        format!("{timeline:?} is not a timeline name"),
+                    ));
+                }
                 match policy(source_name, &key, raw)? {
                     Some(policy) => {
                         definition.timeline_retention.insert(timeline, policy);
@@ -918,6 +924,14 @@ mod shipped {
             (
                 "[[replica]]\nname = \"web\"\nroot = \"/srv\"\n[replica.retention.timeline.exp]\n",
                 "replica[0].retention.timeline.exp",
+            ),
+            (
+                "[[replica]]\nname = \"web\"\nroot = \"/srv\"\n[replica.retention.timeline.\"../x\"]\nkeep_last = 1\n",
+                "is not a timeline name",
+            ),
+            (
+                "[retention]\ninterval = \"500000000000y\"\n",
+                "longer than 366 days",
             ),
         ] {
             let (_dir, path) = write(text);
