@@ -110,6 +110,11 @@ fn show_diff_restore_bisect_and_revert_across_forgotten_frames() {
     // An instant inside the forgotten range answers the last kept frame at or before it.
     let shown = kairos.json(["show", "web", "--at", &frames[6].1, "--json"]);
     assert_eq!(shown["frame"]["id"], json!(frames[2].0), "{shown}");
+    assert_eq!(
+        shown["metrics"]["cpu_percent"].to_string(),
+        "0.0",
+        "{shown}"
+    );
     // Before every kept frame there is none, and the answer says so.
     let error = kairos.fails(["show", "web", "--at", &frames[1].1]);
     assert!(error.contains("no frame at or before"), "{error}");
