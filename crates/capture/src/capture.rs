@@ -139,8 +139,9 @@ fn capture_with(
     let process_count = processes.len() as u64;
     metrics.processes = process_count;
     metrics.memory_rss_bytes = processes.iter().map(|p| p.rss_bytes).sum();
+    // `+ 0.0`: the sum of no processes is -0.0, shown as such in JSON.
     metrics.cpu_percent =
-        (processes.iter().map(|p| p.cpu_percent).sum::<f64>() * 100.0).round() / 100.0;
+        (processes.iter().map(|p| p.cpu_percent).sum::<f64>() * 100.0).round() / 100.0 + 0.0;
     let files_meta = meta_of(&root_meta);
     let sample = |frame: Hash| series_sample(now, frame, &metrics, &processes);
     if only_if_changed

@@ -371,7 +371,7 @@ impl Committer<'_> {
         let ops = select_ops(proposal, chosen)?;
         let started = Instant::now();
         let head = self.head_for(proposal, started)?;
-        let base = self.store.frame(&proposal.base)?;
+        let base = kairos_sandbox::proposal_base(self.store, proposal)?;
         let mut record =
             new_commit_record(self.name(), proposal, &ops, party, started, &base, &head);
         let head_root = base_root(self.store, &head)?;

@@ -104,6 +104,8 @@ pub struct RetentionConfig {
 
 /// How often a node applies retention policies unless configured.
 pub const RETENTION_INTERVAL_DEFAULT: Duration = Duration::from_secs(3_600);
+/// The longest retention interval (a longer one would overflow the node's timer).
+pub const RETENTION_INTERVAL_MAX: Duration = Duration::from_secs(366 * 24 * 3_600);
 
 /// Retention rules as written in the file (`keep_within` is a duration).
 #[derive(Debug, Deserialize, Default, Clone)]
@@ -635,6 +637,12 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             )?;
             for (timeline, raw) in retention.timeline {
                 let key = format!("{key}.timeline.{timeline}");
+                if !kairos_core::spec::is_valid_timeline_name(&timeline) {
+                    return Err(key_error(
+                        &key,
+                        format!("{timeline:?} is not a timeline name"),
+                    ));
+                }
                 match policy(source_name, &key, raw)? {
                     Some(policy) => {
                         definition.timeline_retention.insert(timeline, policy);
@@ -730,6 +738,12 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
         return Err(key_error(
             "retention.interval",
             format!("{:?} is shorter than 1s", retention.interval),
+        ));
+    }
+    if retention.interval > RETENTION_INTERVAL_MAX {
+        return Err(key_error(
+            "retention.interval",
+            format!("{:?} is longer than 366 days", retention.interval),
         ));
     }
     Ok(Config {
@@ -1096,6 +1110,14 @@ mod shipped {
             (
                 "[[replica]]\nname = \"web\"\nroot = \"/srv\"\n[replica.retention.timeline.exp]\n",
                 "replica[0].retention.timeline.exp",
+            ),
+            (
+                "[[replica]]\nname = \"web\"\nroot = \"/srv\"\n[replica.retention.timeline.\"../x\"]\nkeep_last = 1\n",
+                "is not a timeline name",
+            ),
+            (
+                "[retention]\ninterval = \"500000000000y\"\n",
+                "longer than 366 days",
             ),
         ] {
             let (_dir, path) = write(text);

@@ -286,7 +286,8 @@ pub struct BisectReport {
     pub checks: Vec<BisectCheck>,
 }
 
-/// The frames from `good` to `bad` along `bad`'s parent chain, oldest first.
+/// The frames from `good` to `bad` along `bad`'s parent chain, oldest first (the kept
+/// ones: a frame a forget removed is not in the chain).
 pub fn frame_range(
     service: &Service<'_>,
     good: &FrameRecord,
@@ -307,7 +308,8 @@ pub fn frame_range(
     let mut chain = vec![bad.clone()];
     loop {
         let current = chain.last().expect("the chain starts with the bad frame");
-        let Some(parent) = current.parent else {
+        // A parent a forget removed is passed over: the chain holds the frames still kept.
+        let Some(record) = service.store.previous_frame(current)? else {
             return Err(BisectError::NotAncestor {
                 good: good.id.short(),
                 bad: bad.id.short(),
@@ -315,11 +317,10 @@ pub fn frame_range(
             }
             .into());
         };
-        if parent == good.id {
+        if record.id == good.id {
             chain.push(good.clone());
             break;
         }
-        let record = service.store.frame(&parent)?;
         // Frame times strictly increase along a timeline: past the good frame's time,
         // it cannot be an ancestor.
         if record.time < good.time {

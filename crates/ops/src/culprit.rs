@@ -394,10 +394,11 @@ impl Service<'_> {
                 timeline: timeline.clone(),
             }
         })?;
-        let parent_id = culprit_frame
-            .parent
+        // The frame before it that is still kept (its parent, unless a forget removed it).
+        let parent = self
+            .store
+            .previous_frame(&culprit_frame)?
             .ok_or_else(|| RevertError::NoParent(culprit_frame.id.short()))?;
-        let parent = self.store.frame(&parent_id)?;
         let chain = if head.id == culprit_frame.id {
             vec![culprit_frame.clone()]
         } else {

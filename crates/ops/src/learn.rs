@@ -519,7 +519,7 @@ impl Learner {
         ops: &[usize],
         time: Instant,
     ) -> Result<ProposalView> {
-        let base = store.frame(&proposal.base)?;
+        let base = kairos_sandbox::proposal_base(store, proposal)?;
         let view = kairos_replay::open_frame(store, base)?;
         let reader = store.reader()?;
         let index = self.base_index(store, &reader, &view, &replica.root.to_string_lossy());

@@ -246,6 +246,18 @@ pub fn propose(
     Ok(proposal)
 }
 
+/// A proposal's base frame. Once a commit of the proposal is committed its base is no
+/// longer kept from `forget`: a base forgotten since is named as such, never as damage.
+pub fn proposal_base(store: &Store, proposal: &Proposal) -> Result<FrameRecord, SandboxError> {
+    store.frame_if_stored(&proposal.base)?.ok_or_else(|| {
+        SandboxError::Invalid(format!(
+            "{}: its base frame {} was forgotten (kairos forget); propose it again on the head",
+            proposal.id.short(),
+            proposal.base.short()
+        ))
+    })
+}
+
 /// Pieces of a proposal document larger than one object.
 const DOCUMENT_PIECE_BYTES: usize = 512 << 10;
 
@@ -398,7 +410,7 @@ pub fn sandbox(
         return Err(SandboxError::NoCheck(replica.name.clone()));
     }
     let ops = select_ops(proposal, chosen)?;
-    let base = store.frame(&proposal.base)?;
+    let base = proposal_base(store, proposal)?;
     let root = base_root(store, &base)?;
     let started = std::time::Instant::now();
     let applied = apply_ops(store, replica, &root, &ops, limits, now)?;

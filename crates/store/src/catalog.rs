@@ -236,6 +236,32 @@ impl Store {
         reader_frame(&self.reader()?, id)
     }
 
+    /// The frame `id` names, or `None` when it is not stored (a forget removed it); a
+    /// stored record that does not parse is an error.
+    pub fn frame_if_stored(&self, id: &Hash) -> Result<Option<FrameRecord>> {
+        let key = keys::frame(id);
+        match self.reader()?.get(&key)? {
+            Some(value) => Ok(Some(parse_frame(&key, &value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The frame before `frame` along its history: its parent, or, when a forget removed
+    /// the parent, the newest frame its timeline still lists before it. `None` at the
+    /// start of the history.
+    pub fn previous_frame(&self, frame: &FrameRecord) -> Result<Option<FrameRecord>> {
+        let Some(parent) = frame.parent else {
+            return Ok(None);
+        };
+        if let Some(record) = self.frame_if_stored(&parent)? {
+            return Ok(Some(record));
+        }
+        let before = Instant(frame.time.0.saturating_sub(1));
+        Ok(self
+            .frames_before(&frame.replica, &frame.timeline, before, 1)?
+            .pop())
+    }
+
     /// The head of a timeline, if it has frames.
     pub fn head(&self, replica: &str, timeline: &str) -> Result<Option<FrameRecord>> {
         let reader = self.reader()?;

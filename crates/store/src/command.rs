@@ -164,10 +164,11 @@ pub enum Change {
     /// Removes a party and its token.
     RevokeParty { name: String },
     /// Forgets frames of the replica's timelines by retention rules: the plan
-    /// ([`crate::retention::plan_forget`]) is made on apply from the view, guarded by every
-    /// key that protects a frame (heads, last good, the pending commit) and by the audit
-    /// head (a proposal or commit recorded meanwhile makes it plan again). The command
-    /// carries no audit event: apply records one with what went.
+    /// ([`crate::retention::plan_forget`]) is made on apply from the view, guarded by the
+    /// keys that protect a frame (last good, the pending commit) and by the audit head (a
+    /// proposal, commit or fork recorded meanwhile makes it plan again); heads only move
+    /// forward onto new frames, so a capture meanwhile does not. The command carries no
+    /// audit event: apply records one with what went.
     Forget {
         rules: Vec<crate::retention::TimelineRule>,
     },
@@ -292,6 +293,13 @@ pub fn apply(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, Catalo
         Change::ForkTimeline { base } => fork_timeline(view, &mut batch, command, base)?,
         Change::DeleteTimeline => delete_timeline(view, &mut batch, command)?,
         Change::PutRecord { family, id, record } => {
+            if *family == RecordFamily::Proposal {
+                // A proposal's base must still be stored: a forget may have removed it
+                // since the proposal resolved it.
+                if let Some(base) = frame_field(record, "base") {
+                    guard_frame(view, &mut batch, replica, &base)?;
+                }
+            }
             let key = keys::replica_record(family.prefix(), replica, id.as_bytes());
             batch.put(key.clone(), encode("record", &key, record)?)?;
         }
@@ -426,7 +434,11 @@ fn fork_timeline(
     }
     let base_key = keys::frame(base);
     let base_frame = match view.get(&base_key)? {
-        Some(value) => parse_frame(&base_key, &value)?,
+        Some(value) => {
+            // A forget that removes the base meanwhile makes the fork apply again.
+            batch.check(base_key.clone(), Some(value.clone()))?;
+            parse_frame(&base_key, &value)?
+        }
         None => {
             return Err(CatalogError::NoSuchFrame {
                 replica: replica.into(),
@@ -506,11 +518,40 @@ fn begin_commit(
     }
     batch.check(marker_key.clone(), None)?;
     batch.put(marker_key, commit.as_bytes().to_vec())?;
+    // The rollback target must still be stored: a forget may have removed the frame the
+    // commit read as its head before the commit began.
+    for frame in frame_field(record, "last_good").iter().chain(last_good) {
+        guard_frame(view, batch, replica, frame)?;
+    }
     let key = keys::replica_record(keys::COMMIT, replica, commit.as_bytes());
     batch.put(key.clone(), encode("commit", &key, record)?)?;
     if let Some(frame) = last_good {
         batch.put(good_key(replica), frame.as_bytes().to_vec())?;
     }
+    Ok(())
+}
+
+/// The frame id a record's field names (64 hex digits), if it names one.
+fn frame_field(record: &RecordBody, field: &str) -> Option<Hash> {
+    record.0.get(field)?.as_str()?.parse().ok()
+}
+
+/// Refuses a command that names a frame no longer stored, and guards the frame's record
+/// (a forget that removes it meanwhile makes the command apply again, and be refused).
+fn guard_frame(
+    view: &dyn KvSnapshot,
+    batch: &mut WriteBatch,
+    replica: &str,
+    frame: &Hash,
+) -> Result<(), CatalogError> {
+    let key = keys::frame(frame);
+    let Some(value) = view.get(&key)? else {
+        return Err(CatalogError::NoSuchFrame {
+            replica: replica.to_string(),
+            prefix: frame.to_hex(),
+        });
+    };
+    batch.check(key, Some(value))?;
     Ok(())
 }
 
@@ -539,6 +580,7 @@ fn advance_commit(
     let key = keys::replica_record(keys::COMMIT, replica, commit.as_bytes());
     batch.put(key.clone(), encode("commit", &key, record)?)?;
     if let Some(frame) = last_good {
+        guard_frame(view, batch, replica, frame)?;
         batch.put(good_key(replica), frame.as_bytes().to_vec())?;
     }
     Ok(())
@@ -851,6 +893,7 @@ mod tests {
             other => panic!("expected busy, got {other:?}"),
         }
         // Finishing the first frees the replica.
+        let good = frame(&store, 5, None).id;
         store
             .submit(&Command::new(
                 Instant(11),
@@ -861,7 +904,7 @@ mod tests {
                     commit: Hash([1; 32]),
                     status: CommitStatus::Committed,
                     record: RecordBody(serde_json::json!({"status": "committed"})),
-                    last_good: Some(Hash([9; 32])),
+                    last_good: Some(good),
                 },
             ))
             .unwrap();

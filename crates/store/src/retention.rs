@@ -67,7 +67,8 @@ pub struct ForgetPlan {
     pub frames_removed: Vec<Hash>,
     /// Whether more entries are to be removed than one command takes.
     pub more: bool,
-    /// Keys the plan read, with their values: the command's guards.
+    /// Keys the plan read, with their values: the command's guards (the last good frame,
+    /// the pending commit; the audit head is guarded when the event is appended).
     #[serde(skip)]
     pub guards: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
@@ -85,7 +86,11 @@ fn protections(
             let timeline = String::from_utf8_lossy(&key[keys::head_prefix(replica).len()..]);
             need(id, format!("head of {timeline}"));
         }
-        guards.push((key, Some(value)));
+        // Heads are not guarded: a head moves only forward, onto a frame appended after
+        // this view, which the plan never names, and the head it leaves stays kept. So a
+        // capture meanwhile does not make the forget plan again (a replica that changes
+        // at every tick would otherwise starve it). A new head (a fork) comes with an
+        // audit entry, and the audit head is guarded.
     }
     let good = view.get(&good_key(replica))?;
     if let Some(id) = good.as_deref().and_then(Hash::from_slice) {
@@ -608,6 +613,92 @@ mod tests {
             log.entries.len()
         );
         let _ = KeepRule::Last;
+    }
+
+    #[test]
+    fn a_proposal_or_commit_made_before_a_forget_cannot_name_the_frame_it_removed() {
+        let (_dir, store) = store();
+        let frames: Vec<Hash> = (1..=5).map(|h| append(&store, "main", h * HOUR)).collect();
+        // Both commands are built on a view where frame 2 exists (a proposal resolved
+        // `--at` it; a commit read it as the head and its rollback target), then a forget
+        // lands first.
+        let proposal = Hash([0xab; 32]);
+        let propose = Command::new(
+            Instant(10 * HOUR),
+            "web",
+            "main",
+            "ana",
+            Change::PutRecord {
+                family: RecordFamily::Proposal,
+                id: proposal,
+                record: RecordBody(
+                    serde_json::json!({"id": proposal.to_hex(), "base": frames[1].to_hex()}),
+                ),
+            },
+        );
+        let commit = Hash([0xcd; 32]);
+        let begin = Command::new(
+            Instant(10 * HOUR),
+            "web",
+            "main",
+            "ana",
+            Change::BeginCommit {
+                commit,
+                status: CommitStatus::Applying,
+                record: RecordBody(serde_json::json!({"commit": commit.to_hex(),
+                    "status": "applying", "base": frames[4].to_hex(), "last_good": frames[1].to_hex()})),
+                last_good: Some(frames[1]),
+            },
+        );
+        store
+            .forget("web", &rules("last=1"), "ops", Instant(20 * HOUR), false)
+            .unwrap();
+        assert!(store.frame(&frames[1]).is_err());
+        let error = store.submit(&propose).unwrap_err();
+        assert!(
+            matches!(error, CatalogError::NoSuchFrame { .. }),
+            "a proposal on a forgotten base is refused: {error}"
+        );
+        let error = store.submit(&begin).unwrap_err();
+        assert!(
+            matches!(error, CatalogError::NoSuchFrame { .. }),
+            "a commit whose rollback target is forgotten is refused: {error}"
+        );
+        assert_eq!(store.last_good("web").unwrap(), None);
+        assert!(
+            store
+                .records::<serde_json::Value>(RecordFamily::Proposal, "web")
+                .unwrap()
+                .is_empty(),
+            "no record names a forgotten frame"
+        );
+    }
+
+    #[test]
+    fn a_forget_lands_while_captures_keep_appending_frames() {
+        let (_dir, store) = store();
+        for i in 1..=5_000 {
+            append(&store, "main", i * 1_000_000);
+        }
+        let store = std::sync::Arc::new(store);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let capturing = {
+            let (store, stop) = (store.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut time = 10_000 * 1_000_000;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    time += 1_000_000;
+                    append(&store, "main", time);
+                }
+            })
+        };
+        let started = std::time::Instant::now();
+        let forgotten = store.forget("web", &rules("last=10"), "ops", Instant(HOUR), false);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        capturing.join().unwrap();
+        let report = forgotten.unwrap();
+        assert!(report.entries_removed >= 4_990, "{report:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
     }
 
     #[test]

@@ -344,14 +344,21 @@ impl Store {
                 DOWNSAMPLE_KEYS_MAX,
                 false,
             )?;
-            if aged.is_empty() {
+            let mut samples = Vec::with_capacity(aged.len());
+            let mut sources = Vec::with_capacity(aged.len());
+            for (key, value) in aged {
+                // A damaged bucket stays where it is, for verify to name and repair to
+                // drop; the buckets after it still fold (else the series would grow
+                // without bound until the repair).
+                let Ok(sample) = Sample::decode(&key, &value) else {
+                    continue;
+                };
+                samples.push(sample.into_tier(tier + 1));
+                sources.push(key);
+            }
+            if sources.is_empty() {
                 continue;
             }
-            let mut samples = Vec::with_capacity(aged.len());
-            for (key, value) in &aged {
-                samples.push(decode_stored(key, value)?.into_tier(tier + 1));
-            }
-            let sources: Vec<Vec<u8>> = aged.into_iter().map(|(key, _)| key).collect();
             folded += sources.len();
             self.merge_into_buckets(replica, samples, &sources)?;
         }
@@ -609,6 +616,66 @@ mod tests {
                 .all(|s| s.counters.is_empty())
         );
         assert!(all.windows(2).all(|w| w[0].at < w[1].at));
+    }
+
+    #[test]
+    fn a_damaged_bucket_is_left_for_verify_and_the_rest_still_folds() {
+        let (_dir, store) = store();
+        // A damaged one-second bucket at the start of the series (flipped version byte).
+        let mut damaged = sample(0, 1.0, 1).into_tier(0).encode();
+        damaged[0] ^= 0xff;
+        let damaged_key = key("web", 0, Instant(0));
+        let mut batch = WriteBatch::new();
+        batch.put(damaged_key.clone(), damaged).unwrap();
+        store.kv().commit(batch).unwrap();
+        // Two hours of samples every five seconds after it: the last hour (721 buckets)
+        // and the damaged one stay in one-second buckets.
+        for i in 1..=2 * 720 {
+            store
+                .record_sample("web", &sample(i * 5 * SECOND, 10.0, 100))
+                .unwrap();
+        }
+        let counts = store.series_counts("web").unwrap();
+        assert!(
+            counts.seconds <= 722,
+            "the damaged bucket blocks no fold: {counts:?}"
+        );
+        assert!(counts.minutes >= 55, "{counts:?}");
+        // It is still there, for verify to name and repair to drop.
+        assert!(store.reader().unwrap().get(&damaged_key).unwrap().is_some());
+        let report = store.verify().unwrap();
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("runtime series sample")),
+            "{:?}",
+            report.problems
+        );
+    }
+
+    #[test]
+    fn a_clock_that_goes_back_loses_no_sample_and_keeps_the_series_bounded() {
+        let (_dir, store) = store();
+        let hour = 3_600 * SECOND;
+        // Two hours of samples, the clock back by ninety minutes for an hour, then on.
+        let mut times: Vec<i64> = (0..2 * 360).map(|i| i * 10 * SECOND).collect();
+        times.extend((0..360).map(|i| 30 * 60 * SECOND + i * 10 * SECOND));
+        times.extend((0..360).map(|i| 2 * hour + i * 10 * SECOND));
+        for &at in &times {
+            store.record_sample("web", &sample(at, 4.0, 10)).unwrap();
+        }
+        let all = store
+            .series("web", Instant(0), Instant(i64::MAX), usize::MAX)
+            .unwrap();
+        assert_eq!(
+            all.iter().map(|s| u64::from(s.samples)).sum::<u64>(),
+            times.len() as u64
+        );
+        let counts = store.series_counts("web").unwrap();
+        // The last hour of one-second buckets, and the minute the cutoff falls in.
+        assert!(counts.seconds <= 360 + 6, "{counts:?}");
+        assert!(all.iter().all(|s| (s.cpu_percent - 4.0).abs() < 1e-9));
     }
 
     #[test]

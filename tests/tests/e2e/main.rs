@@ -8,6 +8,7 @@ mod catalog;
 mod changes;
 mod corruption;
 mod forget;
+mod forget_attacks;
 mod foundation;
 mod fuzz_corpus;
 mod gc;
