@@ -263,7 +263,13 @@ fn series_sample(
     processes: &[ProcessEntry],
 ) -> Sample {
     let mut sample = Sample::new(now, frame);
-    sample.cpu_percent = metrics.cpu_percent.max(0.0);
+    // A rate over a vanishing interval is no reading: 0 (the series rejects what is not a
+    // number from 0 to its maximum as damage).
+    sample.cpu_percent = if metrics.cpu_percent.is_finite() {
+        metrics.cpu_percent.clamp(0.0, series::CPU_PERCENT_MAX)
+    } else {
+        0.0
+    };
     sample.cpu_percent_max = sample.cpu_percent;
     sample.memory_rss_bytes = metrics.memory_rss_bytes;
     sample.memory_rss_bytes_max = metrics.memory_rss_bytes;

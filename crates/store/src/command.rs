@@ -172,6 +172,11 @@ pub enum Change {
     Forget {
         rules: Vec<crate::retention::TimelineRule>,
     },
+    /// Forgets the named frames of the replica (their records and every time index entry
+    /// naming them); refused whole if one is unknown, another replica's, or something
+    /// still needs it (a head, a proposal's base, the last good frame, a commit in
+    /// progress). Guarded and audited as `Forget`.
+    ForgetFrames { frames: Vec<Hash> },
 }
 
 impl Change {
@@ -382,6 +387,37 @@ pub fn apply(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, Catalo
                 frames_removed: plan.frames_removed.len() as u64,
                 oldest: times.iter().min().copied(),
                 newest: times.iter().max().copied(),
+            });
+            let recorded = Command {
+                audit: vec![event],
+                ..command.clone()
+            };
+            applied.audit = append_audit(view, &mut batch, &recorded)?;
+            applied.forgotten = Some(plan);
+            return Ok(Planned { batch, applied });
+        }
+        Change::ForgetFrames { frames } => {
+            if !command.audit.is_empty() {
+                return Err(CatalogError::Invalid(
+                    "a forget command records its own audit event".into(),
+                ));
+            }
+            let plan = crate::retention::plan_forget_frames(view, replica, frames)?;
+            for (key, value) in &plan.guards {
+                batch.check(key.clone(), value.clone())?;
+            }
+            for key in &plan.entries {
+                batch.delete(key.clone())?;
+            }
+            for id in &plan.frames_removed {
+                batch.delete(keys::frame(id))?;
+            }
+            let event = AuditEvent::Forget(crate::audit::ForgetEvent {
+                rules: Vec::new(),
+                entries_removed: plan.entries.len() as u64,
+                frames_removed: plan.frames_removed.len() as u64,
+                oldest: None,
+                newest: None,
             });
             let recorded = Command {
                 audit: vec![event],

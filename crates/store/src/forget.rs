@@ -1,26 +1,27 @@
-//! Forgetting frames: the primitive retention policies build on. A forgotten frame's record
-//! and its time index entries (on its timeline and on every fork that starts at it) are
-//! removed in one guarded batch; its objects stay until garbage collection finds nothing
-//! else needs them. A timeline's head is never forgotten. Which frames to forget (and what
-//! else to protect: proposal bases, last good frames, unfinished commits) is the policy's
-//! decision, not this module's.
+//! Forgetting chosen frames: a forgotten frame's record and its time index entries (on its
+//! timeline and on every fork that starts at it) are removed by a `ForgetFrames` catalog
+//! command (guarded and audited like a retention `forget`); its objects stay until garbage
+//! collection finds nothing else needs them. A frame something still needs (a head, a
+//! proposal's base, the last good frame, a commit in progress) is never forgotten.
 
-use kairos_core::Hash;
+use kairos_core::spec::MAIN_TIMELINE;
+use kairos_core::{Hash, Instant};
 
-use crate::catalog::parse_frame;
+use crate::catalog::{CatalogError, parse_frame};
+use crate::command::{Change, Command, SYSTEM_PARTY};
 use crate::keys;
-use crate::kv::{KvError, WriteBatch, scan_prefix};
+use crate::kv::{KvError, scan_prefix};
 use crate::store::{Store, StoreError};
 
 /// Frames forgotten per batch.
 pub const FORGET_BATCH_FRAMES: usize = 1_000;
-/// Times a batch is rebuilt when a concurrent writer moved one of its guarded keys.
-const FORGET_ATTEMPTS_MAX: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForgetError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
     #[error("frame {0} is not stored")]
     UnknownFrame(String),
     #[error(
@@ -40,64 +41,54 @@ impl From<KvError> for ForgetError {
 }
 
 impl Store {
-    /// Removes the records of frames `ids` and their time index entries, in batches of
-    /// [`FORGET_BATCH_FRAMES`], each guarded by checks that every frame is still stored and
-    /// every head of its replica still names what it named when the batch was made. A batch
-    /// holding a head or an unknown frame is refused whole (batches before it stay done).
-    /// Returns how many frames were forgotten.
+    /// Forgets exactly the frames `ids` (their records and time index entries) through
+    /// `ForgetFrames` catalog commands of at most [`FORGET_BATCH_FRAMES`] frames per
+    /// replica, each guarded and audited like a retention `forget`. A batch holding a head,
+    /// another needed frame or an unknown frame is refused whole (batches before it stay
+    /// done). Returns how many frames were forgotten. Retention policies go through
+    /// [`Store::forget`]; this serves tools and tests that pick frames themselves.
     pub fn forget_frames(&self, ids: &[Hash]) -> Result<u64, ForgetError> {
-        let mut forgotten = 0;
-        for chunk in ids.chunks(FORGET_BATCH_FRAMES) {
-            let mut attempt = 0;
-            loop {
-                let batch = self.forget_batch(chunk)?;
-                match self.kv().commit(batch) {
-                    Ok(()) => break,
-                    Err(KvError::Conflict { .. }) if attempt + 1 < FORGET_ATTEMPTS_MAX => {
-                        attempt += 1;
+        let mut by_replica: std::collections::BTreeMap<String, Vec<Hash>> = Default::default();
+        {
+            let reader = self.reader()?;
+            for id in ids {
+                let key = keys::frame(id);
+                let Some(value) = reader.get(&key)? else {
+                    return Err(ForgetError::UnknownFrame(id.to_hex()));
+                };
+                let frame = parse_frame(&key, &value)?;
+                let prefix = keys::head_prefix(&frame.replica);
+                for (head_key, head_value) in scan_prefix(reader.snapshot(), &prefix, 256)? {
+                    if Hash::from_slice(&head_value) == Some(frame.id) {
+                        return Err(ForgetError::Head {
+                            frame: frame.id.to_hex(),
+                            replica: frame.replica.clone(),
+                            timeline: String::from_utf8_lossy(&head_key[prefix.len()..])
+                                .into_owned(),
+                        });
                     }
-                    Err(error) => return Err(error.into()),
                 }
+                by_replica.entry(frame.replica).or_default().push(*id);
             }
-            forgotten += chunk.len() as u64;
+        }
+        let mut forgotten = 0;
+        for (replica, frames) in by_replica {
+            for chunk in frames.chunks(FORGET_BATCH_FRAMES) {
+                let applied = self.submit(&Command::new(
+                    Instant::now(),
+                    &replica,
+                    MAIN_TIMELINE,
+                    SYSTEM_PARTY,
+                    Change::ForgetFrames {
+                        frames: chunk.to_vec(),
+                    },
+                ))?;
+                forgotten += applied
+                    .forgotten
+                    .map_or(0, |plan| plan.frames_removed.len() as u64);
+            }
         }
         Ok(forgotten)
-    }
-
-    fn forget_batch(&self, ids: &[Hash]) -> Result<WriteBatch, ForgetError> {
-        let reader = self.reader()?;
-        let mut batch = WriteBatch::new();
-        let mut heads_checked: std::collections::HashSet<String> = Default::default();
-        for id in ids {
-            let key = keys::frame(id);
-            let Some(value) = reader.get(&key)? else {
-                return Err(ForgetError::UnknownFrame(id.to_hex()));
-            };
-            let frame = parse_frame(&key, &value)?;
-            let heads = scan_prefix(reader.snapshot(), &keys::head_prefix(&frame.replica), 256)?;
-            for (head_key, head_value) in &heads {
-                let timeline =
-                    String::from_utf8_lossy(&head_key[keys::head_prefix(&frame.replica).len()..])
-                        .into_owned();
-                if Hash::from_slice(head_value) == Some(frame.id) {
-                    return Err(ForgetError::Head {
-                        frame: frame.id.to_hex(),
-                        replica: frame.replica.clone(),
-                        timeline,
-                    });
-                }
-                let time_key = keys::time(&frame.replica, &timeline, frame.time, &frame.id);
-                if reader.get(&time_key)?.is_some() {
-                    batch.delete(time_key)?;
-                }
-                if heads_checked.insert(String::from_utf8_lossy(head_key).into_owned()) {
-                    batch.check(head_key.clone(), Some(head_value.clone()))?;
-                }
-            }
-            batch.check(key.clone(), Some(value))?;
-            batch.delete(key)?;
-        }
-        Ok(batch)
     }
 }
 

@@ -246,6 +246,49 @@ pub fn plan_forget(
     Ok(plan)
 }
 
+/// What forgetting exactly `frames` of `replica` removes: refused whole when a frame is
+/// unknown, another replica's, or still needed (named with the reason).
+pub fn plan_forget_frames(
+    view: &dyn KvSnapshot,
+    replica: &str,
+    frames: &[Hash],
+) -> Result<ForgetPlan, CatalogError> {
+    let mut plan = ForgetPlan::default();
+    let needed = protections(view, replica, &mut plan.guards)?;
+    let mut entries: HashMap<Hash, Vec<Vec<u8>>> = HashMap::new();
+    for (key, _) in scan_prefix(view, &keys::replica_prefix(keys::TIME, replica), PAGE)? {
+        if let Some(id) = keys::id_of_time_key(&key) {
+            entries.entry(id).or_default().push(key);
+        }
+    }
+    for id in frames {
+        let key = keys::frame(id);
+        let Some(value) = view.get(&key)? else {
+            return Err(CatalogError::NoSuchFrame {
+                replica: replica.to_string(),
+                prefix: id.to_hex(),
+            });
+        };
+        let frame = parse_frame(&key, &value)?;
+        if frame.replica != replica {
+            return Err(CatalogError::NoSuchFrame {
+                replica: replica.to_string(),
+                prefix: id.to_hex(),
+            });
+        }
+        if let Some(why) = needed.get(id) {
+            return Err(CatalogError::Invalid(format!(
+                "frame {} of replica {replica:?} is never forgotten: {}",
+                id.short(),
+                why.join(", ")
+            )));
+        }
+        plan.entries.extend(entries.remove(id).unwrap_or_default());
+        plan.frames_removed.push(*id);
+    }
+    Ok(plan)
+}
+
 /// The instant a time key of `replica`'s `timeline` names.
 fn time_of_key(key: &[u8], replica: &str, timeline: &str) -> Option<Instant> {
     let prefix = keys::time_prefix(replica, timeline);

@@ -37,6 +37,9 @@ pub const TIER_AGES: [Duration; 2] = [
 ];
 /// Keys folded into the next tier by one downsampling pass (a bounded batch).
 const DOWNSAMPLE_KEYS_MAX: usize = 512;
+/// The most CPU a replica can use, in percent of one core (4 096 cores busy): a stored
+/// figure beyond it is damage.
+pub const CPU_PERCENT_MAX: f64 = 409_600.0;
 /// Processes whose CPU counters a sample keeps (the rest are left out of the next rate).
 pub const PROCESS_COUNTERS_MAX: usize = 256;
 const SAMPLE_VERSION: u8 = 1;
@@ -225,9 +228,14 @@ impl Sample {
                 cpu_time_ms: u64::from_le_bytes(cursor.array()),
             })
             .collect();
-        let finite = |x: f64| x.is_finite() && x >= 0.0;
-        if samples == 0 || !finite(cpu_percent) || !finite(cpu_percent_max) {
-            return Err("a count of zero or a CPU figure that is not a number".into());
+        let plausible = |x: f64| x.is_finite() && (0.0..=CPU_PERCENT_MAX).contains(&x);
+        if samples == 0 || !plausible(cpu_percent) || !plausible(cpu_percent_max) {
+            return Err(format!(
+                "a count of zero or a CPU figure that is not a number from 0 to {CPU_PERCENT_MAX} % ({cpu_percent}, max {cpu_percent_max})"
+            ));
+        }
+        if cpu_percent_max + 1e-6 < cpu_percent || memory_rss_bytes_max < memory_rss_bytes {
+            return Err("a maximum below its mean".into());
         }
         if bucket_start(at, tier) != at {
             return Err(format!(
