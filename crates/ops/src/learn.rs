@@ -1771,6 +1771,7 @@ mod tests {
             sample.cpu_percent = 40.0;
             sample.cpu_percent_max = 40.0;
             sample.memory_rss_bytes = 1 << 20;
+            sample.memory_rss_bytes_max = 1 << 20;
             store.record_sample("svc", &sample).unwrap();
         }
         let reader = store.reader().unwrap();

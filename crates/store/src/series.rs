@@ -327,7 +327,21 @@ impl Store {
     /// a bounded number of aged buckets into the next tier. Not durable on its own: the
     /// next durable write carries it.
     pub fn record_sample(&self, replica: &str, sample: &Sample) -> Result<()> {
-        let sample = sample.clone().into_tier(0);
+        let mut sample = sample.clone().into_tier(0);
+        // What decoding would call damage is never written: figures out of range are
+        // clamped, maxima are at least their means, a sample counts at least once.
+        let clamp = |x: f64| {
+            if x.is_finite() {
+                x.clamp(0.0, CPU_PERCENT_MAX)
+            } else {
+                0.0
+            }
+        };
+        sample.cpu_percent = clamp(sample.cpu_percent);
+        sample.cpu_percent_max = clamp(sample.cpu_percent_max).max(sample.cpu_percent);
+        sample.memory_rss_bytes_max = sample.memory_rss_bytes_max.max(sample.memory_rss_bytes);
+        sample.samples = sample.samples.max(1);
+        sample.counters.truncate(PROCESS_COUNTERS_MAX);
         let now = sample.last_at;
         self.merge_into_buckets(replica, vec![sample], &[])?;
         self.downsample_series(replica, now)?;
@@ -560,6 +574,20 @@ mod tests {
         assert!(Sample::decode(&key, &nan).is_err());
         let off_boundary = self::key("web", 1, Instant(3 * SECOND));
         assert!(Sample::decode(&off_boundary, &value).is_err());
+    }
+
+    #[test]
+    fn a_sample_that_would_read_as_damage_is_stored_sound() {
+        let (_dir, store) = store();
+        let mut odd = sample(5 * SECOND, f64::NAN, 4096);
+        odd.memory_rss_bytes_max = 0;
+        odd.cpu_percent_max = f64::INFINITY;
+        odd.samples = 0;
+        store.record_sample("web", &odd).unwrap();
+        let stored = store.latest_sample("web").unwrap().unwrap();
+        assert_eq!((stored.cpu_percent, stored.samples), (0.0, 1));
+        assert_eq!(stored.memory_rss_bytes_max, 4096);
+        assert!(store.verify().unwrap().ok);
     }
 
     #[test]
