@@ -147,7 +147,9 @@ enum Command {
     /// N` the newest frame of each of the last N hours, days or ISO weeks (UTC) that have
     /// frames; `--keep-within D` every frame within D of the newest. Never forgotten: a
     /// timeline head, the base of a proposal not yet committed, the last good frame and
-    /// the frames of a commit in progress. Objects stay until `kairos gc` reclaims them.
+    /// the frames of a commit in progress. Without --timeline, the frames of deleted forks
+    /// (on no timeline, readable only by id) go too. Objects stay until `kairos gc`
+    /// reclaims them.
     /// A running node applies the policies every `[retention] interval` by itself
     Forget(ForgetArgs),
     /// Roll back commits a crash left in progress (of one replica, or of all) to their

@@ -396,9 +396,12 @@ impl Service<'_> {
         if rules.is_empty() {
             return Err(InputError::NoRetentionPolicy(name.to_string()).into());
         }
-        Ok(self.store.forget(
+        // A forget of every timeline also takes the frames of deleted forks (on no
+        // timeline, readable only by id) that nothing needs.
+        Ok(self.store.forget_with(
             name,
             &rules,
+            request.timeline.is_none(),
             &party(request.party)?,
             Instant::now(),
             request.dry_run,

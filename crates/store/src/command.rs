@@ -171,6 +171,9 @@ pub enum Change {
     /// audit event: apply records one with what went.
     Forget {
         rules: Vec<crate::retention::TimelineRule>,
+        /// Also the frames on no timeline (a deleted fork's), unless something needs them.
+        #[serde(default)]
+        unlisted: bool,
     },
     /// Forgets the named frames of the replica (their records and every time index entry
     /// naming them); refused whole if one is unknown, another replica's, or something
@@ -347,7 +350,7 @@ pub fn apply(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, Catalo
         Change::AddParty { .. } | Change::RevokeParty { .. } => {
             unreachable_party_change()?;
         }
-        Change::Forget { rules } => {
+        Change::Forget { rules, unlisted } => {
             if !command.audit.is_empty() {
                 return Err(CatalogError::Invalid(
                     "a forget command records its own audit event".into(),
@@ -357,9 +360,10 @@ pub fn apply(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, Catalo
                 view,
                 replica,
                 rules,
+                *unlisted,
                 crate::retention::FORGET_ENTRIES_PER_COMMAND_MAX,
             )?;
-            if plan.entries.is_empty() {
+            if plan.entries.is_empty() && plan.frames_removed.is_empty() {
                 applied.forgotten = Some(plan);
                 return Ok(Planned {
                     batch: WriteBatch::new(),

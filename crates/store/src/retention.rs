@@ -24,6 +24,8 @@ use crate::kv::{KvSnapshot, scan_prefix};
 /// store's prefix) against its 10 MB transactions; the caller repeats the command while
 /// more remain.
 pub const FORGET_ENTRIES_PER_COMMAND_MAX: usize = 5_000;
+/// The name the plan gives frames on no timeline (a deleted fork's).
+pub const UNLISTED: &str = "(no timeline)";
 /// Keys read per page of a scan.
 const PAGE: usize = 4_096;
 
@@ -155,10 +157,13 @@ fn frame_ids_in(record: &[u8]) -> Vec<Hash> {
 }
 
 /// What `rules` forget from `replica`'s timelines on `view`.
+/// With `unlisted`, frames of the replica on no timeline any more (the frames of deleted
+/// forks, readable only by id) go too, unless something needs them.
 pub fn plan_forget(
     view: &dyn KvSnapshot,
     replica: &str,
     rules: &[TimelineRule],
+    unlisted: bool,
     entries_max: usize,
 ) -> Result<ForgetPlan, CatalogError> {
     let mut plan = ForgetPlan::default();
@@ -216,6 +221,45 @@ pub fn plan_forget(
     removed_entries.sort();
     plan.more = removed_entries.len() > entries_max;
     removed_entries.truncate(entries_max);
+    let mut unlisted_removed = Vec::new();
+    if unlisted {
+        let mut timeline_plan = TimelinePlan {
+            timeline: UNLISTED.to_string(),
+            policy: "frames of deleted timelines".to_string(),
+            kept: Vec::new(),
+            forgotten: Vec::new(),
+        };
+        for (key, value) in scan_prefix(view, keys::FRAME, PAGE)? {
+            let frame = parse_frame(&key, &value)?;
+            if frame.replica != replica || listed.contains_key(&frame.id) {
+                continue;
+            }
+            let kept_by = needed.get(&frame.id).cloned().unwrap_or_default();
+            let planned = PlannedFrame {
+                id: frame.id,
+                time: frame.time,
+                kept_by,
+            };
+            if !planned.kept_by.is_empty() {
+                timeline_plan.kept.push(planned);
+            } else if removed_entries.len() + unlisted_removed.len() < entries_max {
+                unlisted_removed.push(frame.id);
+                timeline_plan.forgotten.push(planned);
+            } else {
+                plan.more = true;
+                timeline_plan.forgotten.push(planned);
+            }
+        }
+        if !timeline_plan.kept.is_empty() || !timeline_plan.forgotten.is_empty() {
+            timeline_plan
+                .kept
+                .sort_by_key(|f| std::cmp::Reverse(f.time));
+            timeline_plan
+                .forgotten
+                .sort_by_key(|f| std::cmp::Reverse(f.time));
+            plan.timelines.push(timeline_plan);
+        }
+    }
     let mut removed_per_frame: HashMap<Hash, usize> = HashMap::new();
     for (_, key, id) in removed_entries {
         *removed_per_frame.entry(id).or_default() += 1;
@@ -226,6 +270,7 @@ pub fn plan_forget(
         .filter(|(id, removed)| listed.get(id) == Some(removed))
         .map(|(id, _)| id)
         .collect();
+    frames_removed.extend(unlisted_removed);
     frames_removed.sort();
     for id in &frames_removed {
         // Frame records never change (their content is their id): no guard is needed, but
@@ -321,6 +366,20 @@ impl crate::store::Store {
         now: Instant,
         dry_run: bool,
     ) -> Result<ForgetReport, CatalogError> {
+        self.forget_with(replica, rules, false, party, now, dry_run)
+    }
+
+    /// [`Store::forget`], and with `unlisted` also the replica's frames on no timeline
+    /// (a deleted fork's) that nothing needs.
+    pub fn forget_with(
+        &self,
+        replica: &str,
+        rules: &[TimelineRule],
+        unlisted: bool,
+        party: &str,
+        now: Instant,
+        dry_run: bool,
+    ) -> Result<ForgetReport, CatalogError> {
         for rule in rules {
             rule.policy.validate().map_err(|error| {
                 CatalogError::Invalid(format!("timeline {:?}: {error}", rule.timeline))
@@ -334,7 +393,7 @@ impl crate::store::Store {
         };
         if dry_run {
             let reader = self.reader()?;
-            let plan = plan_forget(reader.snapshot(), replica, rules, usize::MAX)?;
+            let plan = plan_forget(reader.snapshot(), replica, rules, unlisted, usize::MAX)?;
             report.timelines = plan.timelines;
             report.entries_removed = plan.entries.len() as u64;
             report.frames_removed = plan.frames_removed.len() as u64;
@@ -349,6 +408,7 @@ impl crate::store::Store {
                 party,
                 crate::command::Change::Forget {
                     rules: rules.to_vec(),
+                    unlisted,
                 },
             );
             let applied = self.submit(&command)?;
@@ -360,7 +420,7 @@ impl crate::store::Store {
             if report.commands == 0 {
                 report.timelines = plan.timelines.clone();
             }
-            if plan.entries.is_empty() {
+            if plan.entries.is_empty() && plan.frames_removed.is_empty() {
                 return Ok(report);
             }
             report.commands += 1;
@@ -779,6 +839,72 @@ mod tests {
             .unwrap();
         assert_eq!((report.entries_removed, report.frames_removed), (1, 1));
         assert!(store.frame(&frames[1]).is_err());
+    }
+
+    #[test]
+    fn frames_of_a_deleted_fork_go_with_a_forget_of_every_timeline() {
+        let (_dir, store) = store();
+        let main: Vec<Hash> = (1..=3).map(|h| append(&store, "main", h * HOUR)).collect();
+        store
+            .submit(&Command::new(
+                Instant(10 * HOUR),
+                "web",
+                "exp",
+                "ana",
+                Change::ForkTimeline { base: main[1] },
+            ))
+            .unwrap();
+        let fork: Vec<Hash> = (11..=13).map(|h| append(&store, "exp", h * HOUR)).collect();
+        // A proposal on the fork's second frame keeps that one.
+        let proposal = Hash([0x77; 32]);
+        store
+            .submit(&Command::new(
+                Instant(20 * HOUR),
+                "web",
+                "exp",
+                "ana",
+                Change::PutRecord {
+                    family: RecordFamily::Proposal,
+                    id: proposal,
+                    record: RecordBody(
+                        serde_json::json!({"id": proposal.to_hex(), "base": fork[1].to_hex()}),
+                    ),
+                },
+            ))
+            .unwrap();
+        store
+            .submit(&Command::new(
+                Instant(21 * HOUR),
+                "web",
+                "exp",
+                "ana",
+                Change::DeleteTimeline,
+            ))
+            .unwrap();
+        let keep_all = rules("last=100");
+        let untouched = store
+            .forget("web", &keep_all, "ops", Instant(30 * HOUR), false)
+            .unwrap();
+        assert_eq!(untouched.frames_removed, 0, "only when asked");
+        let dry = store
+            .forget_with("web", &keep_all, true, "ops", Instant(30 * HOUR), true)
+            .unwrap();
+        assert_eq!(dry.frames_removed, 2);
+        let unlisted = dry
+            .timelines
+            .iter()
+            .find(|t| t.timeline == UNLISTED)
+            .unwrap();
+        assert_eq!(unlisted.kept[0].id, fork[1]);
+        assert!(unlisted.kept[0].kept_by[0].starts_with("proposal_base"));
+        let report = store
+            .forget_with("web", &keep_all, true, "ops", Instant(30 * HOUR), false)
+            .unwrap();
+        assert_eq!((report.entries_removed, report.frames_removed), (0, 2));
+        assert!(store.frame(&fork[0]).is_err() && store.frame(&fork[2]).is_err());
+        assert!(store.frame(&fork[1]).is_ok());
+        assert_eq!(store.history("web", "main").unwrap().len(), 3);
+        assert!(store.audit_log("web").unwrap().intact);
     }
 
     #[test]
