@@ -67,7 +67,8 @@ enum Command {
     /// and tokens
     #[command(subcommand)]
     Party(PartyCommand),
-    /// Capture the current state of a replica as a new frame
+    /// Capture the current state of a replica as a new frame (always stored; a node's own
+    /// interval and file-change captures store one only when the state changed)
     Capture(CaptureArgs),
     /// List the frames of a replica, oldest first
     History(HistoryArgs),
@@ -415,24 +416,30 @@ struct BisectArgs {
 
 #[derive(Args)]
 struct ForgetArgs {
+    /// The replica
     name: String,
     /// Only this timeline (else every timeline that has a policy)
     #[arg(long)]
     timeline: Option<String>,
+    /// Keep the N newest frames
     #[arg(long, value_name = "N")]
     keep_last: Option<u32>,
+    /// Keep the newest frame of each of the last N hours that have frames
     #[arg(long, value_name = "N")]
     keep_hourly: Option<u32>,
+    /// Keep the newest frame of each of the last N days (UTC) that have frames
     #[arg(long, value_name = "N")]
     keep_daily: Option<u32>,
+    /// Keep the newest frame of each of the last N ISO weeks (UTC) that have frames
     #[arg(long, value_name = "N")]
     keep_weekly: Option<u32>,
-    /// e.g. 2d, 12h
+    /// Keep every frame within this duration of the newest (e.g. 2d, 12h)
     #[arg(long, value_name = "DURATION")]
     keep_within: Option<String>,
-    /// Only say what would go
+    /// Only say what would go; change nothing
     #[arg(long)]
     dry_run: bool,
+    /// Print the report as JSON (every frame, kept or forgotten, with why)
     #[arg(long)]
     json: bool,
 }
