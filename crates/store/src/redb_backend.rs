@@ -381,6 +381,9 @@ impl RedbBackend {
                 Ok(())
             },
         )?;
+        // Compaction commits durably: nothing is left for `Drop` to make durable (a commit
+        // there would grow the file just compacted).
+        self.unsynced.store(false, Ordering::Release);
         self.size_bytes()
     }
 
