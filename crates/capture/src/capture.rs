@@ -19,7 +19,7 @@ use kairos_store::node::{
     self, Body, CaptureNote, ChunkRef, ConfigKey, ConfigNode, Content, DirEntry, Meta, Metrics,
     ProcessEntry, RootNode, RuntimeNode, SpecialKind,
 };
-use kairos_store::series::{self, ProcessCounter, Sample};
+use kairos_store::series::{ProcessCounter, Sample};
 use kairos_store::tree::{
     self, BLOB_BYTES_MAX, CHUNK_BYTES_AVERAGE, CHUNK_BYTES_MAX, CHUNK_BYTES_MIN,
 };
@@ -262,15 +262,10 @@ fn series_sample(
     metrics: &Metrics,
     processes: &[ProcessEntry],
 ) -> Sample {
+    // Figures out of range are clamped by `Store::record_sample`, counters cut to its bound.
     let mut sample = Sample::new(now, frame);
-    // A rate over a vanishing interval is no reading: 0 (the series rejects what is not a
-    // number from 0 to its maximum as damage).
-    sample.cpu_percent = if metrics.cpu_percent.is_finite() {
-        metrics.cpu_percent.clamp(0.0, series::CPU_PERCENT_MAX)
-    } else {
-        0.0
-    };
-    sample.cpu_percent_max = sample.cpu_percent;
+    sample.cpu_percent = metrics.cpu_percent;
+    sample.cpu_percent_max = metrics.cpu_percent;
     sample.memory_rss_bytes = metrics.memory_rss_bytes;
     sample.memory_rss_bytes_max = metrics.memory_rss_bytes;
     sample.processes = metrics.processes;
@@ -278,7 +273,6 @@ fn series_sample(
     sample.disk_allocated_bytes = metrics.disk_allocated_bytes;
     sample.counters = processes
         .iter()
-        .take(series::PROCESS_COUNTERS_MAX)
         .map(|p| ProcessCounter {
             pid: p.pid,
             start_time_ns: p.start_time_ns,

@@ -1588,17 +1588,31 @@ fn resource_deltas(store: &Store, record: &CommitRecord) -> Result<(Option<f32>,
     };
     let applied = store.frame(&frame)?.time;
     let window = (finished.0 - applied.0).max(1);
-    let history = store.history(&record.replica, &record.timeline)?;
+    let windows = [
+        (record.started.0 - window, record.started.0 - 1),
+        (applied.0, finished.0),
+    ];
+    // The runtime series when it covers both windows (captures of an unchanged state store
+    // no frame), else the frames' own metrics: up to `RESOURCE_FRAMES_MAX` newest frames of
+    // each window, one bounded scan of the time index each.
+    let series = |(from, to): (i64, i64)| {
+        series_mean(store, &record.replica, from, to).map(|(cpu, rss, _)| (cpu, rss))
+    };
     let reader = store.reader()?;
-    let mean = |from: i64, to: i64| -> Option<(f64, f64)> {
+    let frames = |(from, to): (i64, i64)| -> Option<(f64, f64)> {
         let mut sums = (0.0, 0.0, 0usize);
-        for frame in history
-            .iter()
-            .filter(|frame| frame.time.0 >= from && frame.time.0 <= to)
-            .rev()
-            .take(RESOURCE_FRAMES_MAX)
+        for frame in store
+            .frames_before(
+                &record.replica,
+                &record.timeline,
+                Instant(to),
+                RESOURCE_FRAMES_MAX,
+            )
+            .ok()?
+            .into_iter()
+            .filter(|frame| frame.time.0 >= from)
         {
-            let view = kairos_replay::open_frame(store, frame.clone()).ok()?;
+            let view = kairos_replay::open_frame(store, frame).ok()?;
             let runtime = view.runtime(&reader).ok()?;
             sums.0 += runtime.metrics.cpu_percent;
             sums.1 += runtime.metrics.memory_rss_bytes as f64;
@@ -1606,20 +1620,9 @@ fn resource_deltas(store: &Store, record: &CommitRecord) -> Result<(Option<f32>,
         }
         (sums.2 > 0).then(|| (sums.0 / sums.2 as f64, sums.1 / sums.2 as f64))
     };
-    // The runtime series when it covers both windows (captures of an unchanged state store
-    // no frame), else the frames' own metrics.
-    let series = |from: i64, to: i64| {
-        series_mean(store, &record.replica, from, to).map(|(cpu, rss, _)| (cpu, rss))
-    };
-    let (before, after) = match (
-        series(record.started.0 - window, record.started.0 - 1),
-        series(applied.0, finished.0),
-    ) {
+    let (before, after) = match (series(windows[0]), series(windows[1])) {
         (Some(before), Some(after)) => (Some(before), Some(after)),
-        _ => (
-            mean(record.started.0 - window, record.started.0 - 1),
-            mean(applied.0, finished.0),
-        ),
+        _ => (frames(windows[0]), frames(windows[1])),
     };
     Ok(match (before, after) {
         (Some(before), Some(after)) => {

@@ -35,6 +35,8 @@ pub const TIER_AGES: [Duration; 2] = [
     Duration::from_secs(3_600),
     Duration::from_secs(7 * 24 * 3_600),
 ];
+/// Times a sample's merge is tried against concurrent writers of its bucket.
+const MERGE_ATTEMPTS_MAX: u32 = 8;
 /// Keys folded into the next tier by one downsampling pass (a bounded batch).
 const DOWNSAMPLE_KEYS_MAX: usize = 512;
 /// The most CPU a replica can use, in percent of one core (4 096 cores busy): a stored
@@ -343,7 +345,17 @@ impl Store {
         sample.samples = sample.samples.max(1);
         sample.counters.truncate(PROCESS_COUNTERS_MAX);
         let now = sample.last_at;
-        self.merge_into_buckets(replica, vec![sample], &[])?;
+        // Two writers merging into one second's bucket at once: the loser merges again.
+        let mut attempts = 0;
+        while !self.merge_into_buckets(replica, vec![sample.clone()], &[])? {
+            attempts += 1;
+            if attempts == MERGE_ATTEMPTS_MAX {
+                return Err(crate::kv::KvError::Conflict {
+                    key: key(replica, 0, sample.at),
+                }
+                .into());
+            }
+        }
         self.downsample_series(replica, now)?;
         Ok(())
     }
@@ -376,25 +388,29 @@ impl Store {
                     continue;
                 };
                 samples.push(sample.into_tier(tier + 1));
-                sources.push(key);
+                sources.push((key, value));
             }
             if sources.is_empty() {
                 continue;
             }
-            folded += sources.len();
-            self.merge_into_buckets(replica, samples, &sources)?;
+            // A source merged into meanwhile (a clock gone back, a second writer) makes the
+            // batch conflict: nothing is lost, the next sample folds again.
+            if self.merge_into_buckets(replica, samples, &sources)? {
+                folded += sources.len();
+            }
         }
         Ok(folded)
     }
 
-    /// Merges `samples` into their buckets and deletes `sources` (the keys they were folded
-    /// from) in one batch, guarded by checks on the buckets' previous values.
+    /// Merges `samples` into their buckets and deletes `sources` (the buckets they were
+    /// folded from, with the values read) in one batch, guarded by checks on every bucket
+    /// read; `false` when one of them changed meanwhile (nothing was written).
     fn merge_into_buckets(
         &self,
         replica: &str,
         samples: Vec<Sample>,
-        sources: &[Vec<u8>],
-    ) -> Result<()> {
+        sources: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<bool> {
         let reader = self.reader()?;
         let mut merged: Vec<(Vec<u8>, Option<Vec<u8>>, Sample)> = Vec::new();
         for sample in samples {
@@ -415,15 +431,19 @@ impl Store {
             merged.push((bucket, previous, sample));
         }
         let mut batch = WriteBatch::deferred();
-        for key in sources {
+        for (key, value) in sources {
+            batch.check(key.clone(), Some(value.clone()))?;
             batch.delete(key.clone())?;
         }
         for (bucket, previous, sample) in merged {
             batch.check(bucket.clone(), previous)?;
             batch.put(bucket, sample.encode())?;
         }
-        self.kv().commit(batch)?;
-        Ok(())
+        match self.kv().commit(batch) {
+            Ok(()) => Ok(true),
+            Err(crate::kv::KvError::Conflict { .. }) => Ok(false),
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// The buckets of a replica's series between `from` and `to` (inclusive), oldest
@@ -588,6 +608,33 @@ mod tests {
         assert_eq!((stored.cpu_percent, stored.samples), (0.0, 1));
         assert_eq!(stored.memory_rss_bytes_max, 4096);
         assert!(store.verify().unwrap().ok);
+    }
+
+    #[test]
+    fn two_writers_at_once_lose_no_sample_while_buckets_fold() {
+        let (_dir, store) = store();
+        let store = std::sync::Arc::new(store);
+        let writers: Vec<_> = (0..2)
+            .map(|writer| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    // Two hours of samples every 30 s, the second writer half a step later:
+                    // the same buckets, and folds of the first hour while both write.
+                    for i in 0..240 {
+                        let at = i * 30 * SECOND + writer * 15 * SECOND;
+                        store.record_sample("web", &sample(at, 1.0, 1)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        let all = store
+            .series("web", Instant(0), Instant(i64::MAX), usize::MAX)
+            .unwrap();
+        assert_eq!(all.iter().map(|s| u64::from(s.samples)).sum::<u64>(), 480);
+        assert!(all.iter().any(|s| s.tier == 1), "the first hour folded");
     }
 
     #[test]
