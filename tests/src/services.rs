@@ -376,3 +376,108 @@ impl Drop for Postgres {
             .output();
     }
 }
+
+/// A nats-server (Debian's package) with JetStream on a free loopback port, its data and
+/// configuration under `dir`; with `authorization`, the file a Kairos node writes is
+/// included (it must exist before the server starts). Killed when dropped.
+pub struct NatsServer {
+    pub port: u16,
+    pub dir: PathBuf,
+    pub pid_file: PathBuf,
+    config: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl NatsServer {
+    pub fn start(dir: &Path, authorization: Option<&Path>) -> NatsServer {
+        let mut server = NatsServer::prepare(dir, authorization);
+        server.run();
+        server
+    }
+
+    /// Chooses the port and writes the configuration without starting the server (a
+    /// Kairos node configured with its URL can start first and write the authorization).
+    pub fn prepare(dir: &Path, authorization: Option<&Path>) -> NatsServer {
+        std::fs::create_dir_all(dir).expect("nats dir");
+        let port = free_port();
+        let pid_file = dir.join("nats.pid");
+        let config = dir.join("nats.conf");
+        let mut text = format!(
+            "listen: 127.0.0.1:{port}\nserver_name: kairos_test\npid_file: {:?}\njetstream {{\n  store_dir: {:?}\n}}\n",
+            pid_file.display().to_string(),
+            dir.join("jetstream").display().to_string(),
+        );
+        if let Some(path) = authorization {
+            // nats-server takes includes relative to the configuration file.
+            let relative = path
+                .strip_prefix(dir)
+                .expect("the authorization file is in the server's directory");
+            text.push_str(&format!("include {:?}\n", relative.display().to_string()));
+        }
+        std::fs::write(&config, text).expect("nats config");
+        NatsServer {
+            port,
+            dir: dir.to_path_buf(),
+            pid_file,
+            config,
+            child: None,
+        }
+    }
+
+    pub fn run(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("nats.log"))
+            .expect("nats log");
+        let child = Command::new(binary("nats-server", "nats-server"))
+            .arg("-c")
+            .arg(&self.config)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let port = self.port;
+        let log_path = self.dir.join("nats.log");
+        wait_until(
+            &format!("nats-server (its log: {})", log_path.display()),
+            Duration::from_secs(20),
+            || {
+                if let Some(child) = self.child.as_mut()
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    panic!(
+                        "nats-server exited ({status}): {}",
+                        std::fs::read_to_string(&log_path).unwrap_or_default()
+                    );
+                }
+                port_open(port)
+            },
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// kill -9, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.run();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

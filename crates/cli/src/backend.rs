@@ -242,6 +242,33 @@ impl Backend {
             .map_err(|error| anyhow!("node {base}: reading the answer: {error}"))
     }
 
+    /// The node's live events (`GET /api/events`) as a byte stream of server-sent events,
+    /// open for as long as the node sends them.
+    pub fn event_stream(&self, query: &[(&str, &str)]) -> Result<impl std::io::BufRead + use<>> {
+        let (base, agent) = match self {
+            Backend::Node { base, agent, .. } => (base, agent),
+            Backend::Direct { .. } => bail!(
+                "kairos watch streams a node's events: start one (kairos up) or give --node URL, or read NATS with --nats URL"
+            ),
+        };
+        let mut request = self
+            .authorized(agent.get(format!("{base}/api/events")))
+            .config()
+            .timeout_global(None)
+            .build();
+        for (key, value) in query {
+            request = request.query(*key, *value);
+        }
+        let response = Self::answer(base, request.call())?;
+        Ok(std::io::BufReader::new(
+            response
+                .into_body()
+                .into_with_config()
+                .limit(u64::MAX)
+                .reader(),
+        ))
+    }
+
     pub fn replicas(&self) -> Result<Vec<ReplicaDefinition>> {
         match self {
             Backend::Direct { .. } => Ok(self.service().context("direct")?.replicas()?),

@@ -14,6 +14,7 @@ mod backend;
 mod fromdir;
 mod output;
 mod repair;
+mod watch;
 
 use backend::Backend;
 use output::{bytes, print_json};
@@ -125,6 +126,15 @@ enum Command {
     /// revert --culprit`). Exit 0 when a culprit is found, 1 otherwise. Runs on the data
     /// directory (it holds the store meanwhile), not through a node
     Bisect(BisectArgs),
+    /// Stream events as they happen: new frames, forks, proposals, sandboxes, predictions,
+    /// reviews, commits, probes, rollbacks, reverts, models, forgets
+    ///
+    /// From the node's API (server-sent events; the node on the data directory, or
+    /// --node), or with --nats URL from the replica's JetStream stream as a party (NATS
+    /// user: the party's name, password: its token). One line per event, or one JSON
+    /// object per line with --json (the schema `kairos.event/1`: schema, id, replica,
+    /// timeline, event, time, party, seq, details). Runs until interrupted, or --count
+    Watch(WatchArgs),
     /// The replica's audit log: proposals, sandboxes, commits, probes, rollbacks, reverts
     /// (hash-chained; exit 1 if the chain is broken)
     Log(LogArgs),
@@ -445,6 +455,27 @@ struct ForgetArgs {
 }
 
 #[derive(Args)]
+struct WatchArgs {
+    /// Only this replica's events (required with --nats)
+    name: Option<String>,
+    /// Only this timeline's events
+    #[arg(long)]
+    timeline: Option<String>,
+    /// Start with the events since an instant (RFC 3339), a duration ago (10m, 2h), or
+    /// `start` (everything kept); default: only new events
+    #[arg(long, value_name = "SPEC")]
+    since: Option<String>,
+    /// Stop after this many events
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Read NATS JetStream at this URL (nats://HOST:PORT) instead of the node's API
+    #[arg(long, value_name = "URL", env = "KAIROS_NATS_URL")]
+    nats: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct LogArgs {
     name: String,
     #[arg(long)]
@@ -616,6 +647,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         let node_in_use = cli.node.is_some() || kairos_node::running_node(&data_dir).is_some();
         return repair::run(&data_dir, node_in_use, json);
     }
+    if let Command::Watch(args) = &cli.command {
+        return watch_command(&cli, args, &party, &data_dir);
+    }
     // A node that owns the data directory holds the store: go through it.
     let backend = match cli
         .node
@@ -689,6 +723,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Commit(args) => commit_command(&backend, args, &party),
         Command::Revert(args) => revert_command(&backend, args, &party),
         Command::Log(args) => log_command(&backend, args),
+        Command::Watch(_) => unreachable!("handled before a backend is chosen"),
         Command::Recover(args) => recover_command(&backend, args),
         Command::Gc(args) => gc_command(backend, args),
         Command::Stats(args) => stats_command(&backend, args),
@@ -698,6 +733,61 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Suggest(args) => suggest_command(&backend, args),
         Command::Bisect(args) => bisect_command(&backend, args, &party),
     }
+}
+
+fn watch_command(
+    cli: &Cli,
+    args: &WatchArgs,
+    party: &str,
+    data_dir: &std::path::Path,
+) -> Result<ExitCode> {
+    let (subject_prefix, stream_prefix) = match &args.nats {
+        Some(_) => {
+            let flags = kairos_config::Flags {
+                listen: None,
+                data_dir: Some(data_dir.to_path_buf()),
+            };
+            let config = kairos_config::load(cli.config.as_deref(), std::env::vars(), &flags)?;
+            config
+                .nats
+                .map(|nats| (nats.subject_prefix, nats.stream_prefix))
+                .unwrap_or_else(|| ("kairos".into(), "KAIROS".into()))
+        }
+        None => ("kairos".into(), "KAIROS".into()),
+    };
+    let backend = match (
+        &args.nats,
+        cli.node
+            .clone()
+            .or_else(|| kairos_node::running_node(data_dir)),
+    ) {
+        (None, Some(url)) => Some(Backend::node(
+            &url,
+            cli.token.as_deref(),
+            cli.party.is_some(),
+            cli.ca_cert.as_deref(),
+        )?),
+        (None, None) => bail!(
+            "kairos watch streams a node's events: start one (kairos up) or give --node URL, or read NATS with --nats URL"
+        ),
+        (Some(_), _) => None,
+    };
+    watch::run(
+        backend.as_ref(),
+        &watch::WatchOptions {
+            replica: args.name.as_deref(),
+            timeline: args.timeline.as_deref(),
+            since: args.since.as_deref(),
+            json: args.json,
+            count: args.count,
+            nats: args.nats.as_deref(),
+            party,
+            token: cli.token.as_deref(),
+            subject_prefix: &subject_prefix,
+            stream_prefix: &stream_prefix,
+        },
+    )?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn replica(backend: &Backend, command: ReplicaCommand) -> Result<ExitCode> {

@@ -47,9 +47,38 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub predictor: PredictorConfig,
     pub retention: RetentionConfig,
+    /// NATS (`[nats]`): `None` when no URL is configured (nothing is published).
+    pub nats: Option<NatsConfig>,
     pub limits: Limits,
     pub replicas: Vec<ReplicaDefinition>,
 }
+
+/// Where and how the node publishes its events and answers requests on NATS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NatsConfig {
+    /// `nats://HOST:PORT`.
+    pub url: String,
+    /// The node's own NATS user and password (none: connect without credentials).
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// First token of every subject (`kairos.<replica>.<timeline>.<event>`,
+    /// `kairos.api.<verb>`).
+    pub subject_prefix: String,
+    /// JetStream streams are named `<stream_prefix>_<replica>`, one per replica.
+    pub stream_prefix: String,
+    /// How long a stream keeps events.
+    pub max_age: Duration,
+    /// The window in which JetStream drops a message whose id it has seen.
+    pub duplicate_window: Duration,
+    /// The node writes the parties' NATS users and permissions here (a nats-server
+    /// `authorization` block, for `include`) at start and whenever a party changes...
+    pub authorization_file: Option<PathBuf>,
+    /// ...and then signals the server whose pid this file holds to reload it.
+    pub server_pid_file: Option<PathBuf>,
+}
+
+/// The longest a stream may keep events or deduplicate.
+const NATS_MAX_AGE_MAX: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeConfig {
@@ -229,6 +258,8 @@ struct RawConfig {
     #[serde(default)]
     retention: RawRetention,
     #[serde(default)]
+    nats: RawNats,
+    #[serde(default)]
     limits: Limits,
     #[serde(default)]
     replica: Vec<RawReplica>,
@@ -278,6 +309,129 @@ impl Default for RawNode {
             tls_key: None,
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawNats {
+    url: String,
+    user: String,
+    password: String,
+    subject_prefix: String,
+    stream_prefix: String,
+    max_age: String,
+    duplicate_window: String,
+    authorization_file: Option<PathBuf>,
+    server_pid_file: Option<PathBuf>,
+}
+
+impl Default for RawNats {
+    fn default() -> RawNats {
+        RawNats {
+            url: String::new(),
+            user: String::new(),
+            password: String::new(),
+            subject_prefix: "kairos".into(),
+            stream_prefix: "KAIROS".into(),
+            max_age: "7d".into(),
+            duplicate_window: "10m".into(),
+            authorization_file: None,
+            server_pid_file: None,
+        }
+    }
+}
+
+/// Whether `token` can be one token of a NATS subject or part of a stream name.
+fn is_plain_token(token: &str) -> bool {
+    !token.is_empty()
+        && token.len() <= 64
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+}
+
+fn nats(
+    raw: RawNats,
+    base_dir: &Path,
+    source_name: &str,
+) -> Result<Option<NatsConfig>, ConfigError> {
+    let key_error = |key: &str, reason: String| ConfigError::Key {
+        source_name: source_name.to_string(),
+        key: format!("nats.{key}"),
+        reason,
+    };
+    if raw.url.is_empty() {
+        return Ok(None);
+    }
+    let address = raw
+        .url
+        .strip_prefix("nats://")
+        .ok_or_else(|| key_error("url", format!("{:?} is not a nats:// URL", raw.url)))?;
+    if address.is_empty() || address.contains(['@', '/', ' ']) {
+        return Err(key_error(
+            "url",
+            format!(
+                "{:?} must be nats://HOST:PORT (credentials go in nats.user and nats.password)",
+                raw.url
+            ),
+        ));
+    }
+    for (key, value) in [
+        ("subject_prefix", &raw.subject_prefix),
+        ("stream_prefix", &raw.stream_prefix),
+    ] {
+        if !is_plain_token(value) {
+            return Err(key_error(
+                key,
+                format!("{value:?} must be 1 to 64 letters, digits, - or _"),
+            ));
+        }
+    }
+    if raw.user.is_empty() != raw.password.is_empty() {
+        return Err(key_error(
+            if raw.user.is_empty() {
+                "user"
+            } else {
+                "password"
+            },
+            "nats.user and nats.password go together".into(),
+        ));
+    }
+    if raw
+        .user
+        .contains(|c: char| c.is_whitespace() || c == '"' || c == '\\')
+    {
+        return Err(key_error(
+            "user",
+            format!("{:?} has a space, quote or backslash", raw.user),
+        ));
+    }
+    let max_age = duration(source_name, "nats.max_age", &raw.max_age)?;
+    let duplicate_window = duration(source_name, "nats.duplicate_window", &raw.duplicate_window)?;
+    if max_age < Duration::from_secs(60) || max_age > NATS_MAX_AGE_MAX {
+        return Err(key_error(
+            "max_age",
+            format!("{max_age:?} is not between 1m and 10 years"),
+        ));
+    }
+    if duplicate_window < Duration::from_secs(1) || duplicate_window > max_age {
+        return Err(key_error(
+            "duplicate_window",
+            format!("{duplicate_window:?} is not between 1s and nats.max_age"),
+        ));
+    }
+    let resolve = |path: Option<PathBuf>| path.map(|path| base_dir.join(path));
+    Ok(Some(NatsConfig {
+        url: raw.url,
+        user: Some(raw.user).filter(|user| !user.is_empty()),
+        password: Some(raw.password).filter(|password| !password.is_empty()),
+        subject_prefix: raw.subject_prefix,
+        stream_prefix: raw.stream_prefix,
+        max_age,
+        duplicate_window,
+        authorization_file: resolve(raw.authorization_file),
+        server_pid_file: resolve(raw.server_pid_file),
+    }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -746,9 +900,11 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             format!("{:?} is longer than 366 days", retention.interval),
         ));
     }
+    let nats = nats(raw.nats, base_dir, source_name)?;
     Ok(Config {
         store,
         retention,
+        nats,
         predictor: PredictorConfig {
             retrain_outcomes_min: raw.predictor.retrain_outcomes_min,
             retrain_new_outcomes_min: raw.predictor.retrain_new_outcomes_min,
@@ -1121,6 +1277,57 @@ mod shipped {
             ),
         ] {
             let (_dir, path) = write(text);
+            let error = load(Some(&path), Vec::new(), &Flags::default())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(named), "{text:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn nats_is_off_without_a_url_and_its_keys_are_checked() {
+        let (_dir, path) = super::tests::write("[node]\n");
+        let config = load(Some(&path), Vec::new(), &Flags::default()).unwrap();
+        assert_eq!(config.nats, None);
+        let (_dir, path) = super::tests::write(
+            "[nats]\nurl = \"nats://127.0.0.1:4222\"\nuser = \"node\"\nauthorization_file = \"auth.conf\"\n",
+        );
+        let config = load(
+            Some(&path),
+            vec![("KAIROS_NATS__PASSWORD".to_string(), "secret".to_string())],
+            &Flags::default(),
+        )
+        .unwrap();
+        let nats = config.nats.unwrap();
+        assert_eq!(nats.password.as_deref(), Some("secret"));
+        assert_eq!(nats.stream_prefix, "KAIROS");
+        assert!(nats.authorization_file.unwrap().is_absolute());
+        for (text, named) in [
+            ("[nats]\nurl = \"http://x:1\"\n", "nats.url"),
+            ("[nats]\nurl = \"nats://u:p@x:1\"\n", "nats.url"),
+            (
+                "[nats]\nurl = \"nats://x:1\"\nsubject_prefix = \"a.b\"\n",
+                "nats.subject_prefix",
+            ),
+            (
+                "[nats]\nurl = \"nats://x:1\"\nstream_prefix = \"A*\"\n",
+                "nats.stream_prefix",
+            ),
+            (
+                "[nats]\nurl = \"nats://x:1\"\nuser = \"n\"\n",
+                "nats.password",
+            ),
+            (
+                "[nats]\nurl = \"nats://x:1\"\nmax_age = \"1s\"\n",
+                "nats.max_age",
+            ),
+            (
+                "[nats]\nurl = \"nats://x:1\"\nduplicate_window = \"30d\"\n",
+                "nats.duplicate_window",
+            ),
+            ("[nats]\nurl = \"nats://x:1\"\nqueue = \"q\"\n", "queue"),
+        ] {
+            let (_dir, path) = super::tests::write(text);
             let error = load(Some(&path), Vec::new(), &Flags::default())
                 .unwrap_err()
                 .to_string();

@@ -70,6 +70,11 @@ pub struct PartyRecord {
     pub replicas: Vec<String>,
     pub token_hash: Hash,
     pub created: Instant,
+    /// The bcrypt hash of the token, for nats-server, which checks a party's NATS password
+    /// (its token) against it. Parties added before NATS credentials existed have none and
+    /// get no NATS user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_password_bcrypt: Option<String>,
 }
 
 impl PartyRecord {

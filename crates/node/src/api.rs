@@ -240,6 +240,7 @@ impl From<kairos_ops::OpsError> for ApiError {
                     kairos_store::GcError::Store(error) => error.into(),
                 }
             }
+            OpsError::Credentials(message) => ApiError::internal(message),
             OpsError::Revert(error) => {
                 let message = error.to_string();
                 match error {
@@ -401,6 +402,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/verify", get(verify))
         .route("/api/gc", post(crate::gc::gc))
         .route("/api/stats", get(crate::gc::stats))
+        .route("/api/events", get(crate::events::events))
+        .route(
+            "/api/asyncapi.json",
+            get(|| async { Json(crate::nats::asyncapi()) }),
+        )
         .route("/api/replicas/{name}/forget", post(crate::changes::forget))
         .route(
             "/api/replicas/{name}/timelines",
@@ -480,6 +486,15 @@ pub fn router(shared: Arc<Shared>) -> Router {
 /// A span per request, with its outcome.
 async fn trace_request(request: Request, next: Next) -> Response {
     let span = tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), status = tracing::field::Empty);
+    {
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+        };
+        kairos_telemetry::continue_trace(&span, header("traceparent"), header("tracestate"));
+    }
     let started = std::time::Instant::now();
     let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
     span.record("status", response.status().as_u16());

@@ -16,6 +16,11 @@ use kairos_core::{PartyRecord, Role};
 use crate::Shared;
 use crate::api::ApiError;
 
+/// Marks a request that came over NATS (`kairos.api.<verb>`): it always needs a party's
+/// token, whoever can reach the NATS server.
+#[derive(Debug, Clone, Copy)]
+pub struct ViaNats;
+
 /// Who a request acts as.
 #[derive(Debug, Clone)]
 pub enum Acting {
@@ -62,12 +67,14 @@ impl Acting {
 pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
     match (method, parts.as_slice()) {
-        (_, ["", "api", "health" | "openapi.json"]) => None,
+        (_, ["", "api", "health" | "openapi.json" | "asyncapi.json"]) => None,
         (&Method::GET, ["", "api", "status"]) => Some(Role::Viewer),
         (&Method::GET, ["", "api", "verify"]) => Some(Role::Admin),
         // Removes only what nothing kept needs, store-wide.
         (&Method::POST, ["", "api", "gc"]) => Some(Role::Committer),
         (&Method::GET, ["", "api", "stats"]) => Some(Role::Viewer),
+        // A party sees the events of its replicas only (the handler filters).
+        (&Method::GET, ["", "api", "events"]) => Some(Role::Viewer),
         (_, ["", "api", "parties", ..]) => Some(Role::Admin),
         (&Method::GET, ["", "api", "replicas"]) => Some(Role::Viewer),
         (&Method::POST, ["", "api", "replicas"]) => Some(Role::Admin),
@@ -170,7 +177,9 @@ fn check(shared: &Shared, request: &Request) -> Result<Acting, ApiError> {
     let Some(role) = required_role(request.method(), path) else {
         return Ok(Acting::Anyone);
     };
-    let required = !shared.listen.ip().is_loopback() || shared.store.has_parties()?;
+    let required = request.extensions().get::<ViaNats>().is_some()
+        || !shared.listen.ip().is_loopback()
+        || shared.store.has_parties()?;
     if !required {
         return Ok(Acting::Anyone);
     }

@@ -6,7 +6,9 @@
 pub mod api;
 pub mod auth;
 pub mod changes;
+pub mod events;
 pub mod gc;
+pub mod nats;
 pub mod predictor;
 pub mod schedule;
 pub mod serve;
@@ -140,6 +142,10 @@ pub struct Shared {
     predictor: RwLock<Option<ActorRef<predictor::PredictorMsg>>>,
     /// The store's figures as last computed (see `gc.rs`).
     figures: Mutex<Option<crate::wire::StoreFiguresJson>>,
+    /// Counts catalog changes: event streams and the NATS publisher wait on it.
+    pub changes: tokio::sync::watch::Sender<u64>,
+    /// Event streams (`GET /api/events`) open at once.
+    pub event_streams: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -373,7 +379,19 @@ pub async fn run(
         supervisor: OnceLock::new(),
         predictor: RwLock::new(None),
         figures: Mutex::new(None),
+        changes: tokio::sync::watch::Sender::new(0),
+        event_streams: Arc::new(Semaphore::new(events::EVENT_STREAMS_MAX)),
     });
+    {
+        let changes = shared.changes.clone();
+        shared.store.on_change(Arc::new(move || {
+            changes.send_modify(|count| *count = count.wrapping_add(1));
+        }));
+    }
+    let nats_tasks = match shared.config.nats.clone() {
+        Some(nats) => nats::start(shared.clone(), nats).await,
+        None => Vec::new(),
+    };
     {
         // The status endpoint shows the store's figures from the start; computing them
         // surveys the store, off the serving path.
@@ -410,6 +428,9 @@ pub async fn run(
     };
     let served = serve::serve(listener, app, limits, shutdown).await;
     retention.abort();
+    for task in nats_tasks {
+        task.abort();
+    }
     // Commits in their watch window finish (committed or rolled back) before the
     // snapshotters they capture through stop; a restart would otherwise roll them back.
     let watches: Vec<_> =

@@ -104,6 +104,18 @@ pub enum OpsError {
     Revert(#[from] culprit::RevertError),
     #[error(transparent)]
     Gc(#[from] GcError),
+    #[error("hashing a NATS password: {0}")]
+    Credentials(String),
+}
+
+/// The bcrypt cost of NATS passwords (nats-server checks one per connection).
+pub const NATS_BCRYPT_COST: u32 = 10;
+
+/// The bcrypt hash nats-server checks a NATS password (a party's token, the node's own
+/// password) against.
+pub fn nats_password_hash(password: &str) -> Result<String> {
+    bcrypt::hash(password, NATS_BCRYPT_COST)
+        .map_err(|error| OpsError::Credentials(error.to_string()))
 }
 
 pub type Result<T, E = OpsError> = std::result::Result<T, E>;
@@ -609,6 +621,7 @@ impl Service<'_> {
             replicas: replicas.to_vec(),
             token_hash: kairos_core::party::token_hash(&token),
             created: Instant::now(),
+            nats_password_bcrypt: Some(nats_password_hash(&token)?),
         };
         self.store.submit(&Command::new(
             party.created,

@@ -812,7 +812,10 @@ impl Store {
             let planned = apply(reader.snapshot(), command)?;
             drop(reader);
             match self.kv().commit(planned.batch) {
-                Ok(()) => return Ok(planned.applied),
+                Ok(()) => {
+                    self.changed();
+                    return Ok(planned.applied);
+                }
                 Err(KvError::Conflict { key }) => conflict = Some(key),
                 Err(error) => return Err(error.into()),
             }

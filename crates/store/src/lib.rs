@@ -31,6 +31,7 @@ pub mod conformance;
 #[cfg(feature = "foundationdb")]
 pub mod fdb_backend;
 pub mod fdb_layout;
+pub mod feed;
 pub mod forget;
 pub mod gc;
 pub mod guard;
@@ -53,6 +54,7 @@ pub use audit::{AuditEntry, AuditEvent, AuditLog};
 pub use catalog::{CatalogError, FrameDraft, FrameRecord};
 pub use changes::{ForkRecord, TimelineInfo};
 pub use command::{Applied, Change, Command, RecordBody, RecordFamily, SYSTEM_PARTY};
+pub use feed::{FeedBatch, FeedCursor, FeedEvent};
 pub use gc::{GcError, GcOptions, GcReport, StoreFigures};
 pub use object::ObjectKind;
 pub use store::{ObjectWriter, Overlay, Reader, Store, StoreError, WriteStats};

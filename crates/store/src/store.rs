@@ -92,7 +92,13 @@ pub struct Store {
     nodes: Mutex<NodeCache>,
     /// What garbage collection must know of this process's writers (see `gc.rs`).
     pub(crate) gate: Arc<crate::gc::Gate>,
+    /// Called after every catalog command this handle commits (see [`Store::on_change`]).
+    listeners: Arc<RwLock<Vec<ChangeListener>>>,
 }
+
+/// A function told that the catalog changed (it must return quickly: it runs on the
+/// writer's thread).
+pub type ChangeListener = Arc<dyn Fn() + Send + Sync>;
 
 /// Tree nodes kept decoded and verified after a read (content-addressed, so never stale):
 /// sandboxes, diffs and listings of recent frames read the same directory nodes again and
@@ -158,6 +164,26 @@ fn is_tree_node(kind: ObjectKind) -> bool {
 }
 
 impl Store {
+    /// Calls `listener` after every catalog command committed through this handle (the
+    /// node wakes its event feed with it).
+    pub fn on_change(&self, listener: ChangeListener) {
+        self.listeners
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(listener);
+    }
+
+    pub(crate) fn changed(&self) {
+        for listener in self
+            .listeners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            listener();
+        }
+    }
+
     /// Opens (creating if needed) the embedded store in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Store> {
         Store::open_with_cache(data_dir, crate::redb_backend::CACHE_BYTES_DEFAULT)
@@ -190,6 +216,7 @@ impl Store {
             dictionaries: RwLock::new(HashMap::new()),
             nodes: Mutex::new(NodeCache::default()),
             gate: Arc::default(),
+            listeners: Arc::default(),
         }
     }
 

@@ -202,3 +202,25 @@ impl Default for Metrics {
         Metrics::new()
     }
 }
+
+/// Makes `span` a child of the W3C trace context a request carried (`traceparent`, and
+/// `tracestate` if any): a proposal submitted over NATS or HTTP by a traced client, and its
+/// commit later, are spans of the client's one trace. A missing or malformed context
+/// leaves the span a root.
+pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>, tracestate: Option<&str>) {
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let Some(traceparent) = traceparent else {
+        return;
+    };
+    let mut carrier = std::collections::HashMap::new();
+    carrier.insert("traceparent".to_string(), traceparent.to_string());
+    if let Some(tracestate) = tracestate {
+        carrier.insert("tracestate".to_string(), tracestate.to_string());
+    }
+    let context = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
+    if context.span().span_context().is_valid() {
+        let _ = span.set_parent(context);
+    }
+}

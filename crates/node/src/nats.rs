@@ -1,0 +1,948 @@
+//! NATS: the node publishes the catalog's feed on JetStream, answers requests on
+//! `kairos.api.<verb>`, and writes the parties' NATS users and permissions for nats-server.
+//!
+//! - **Events**: each replica has a stream `<stream_prefix>_<replica>` on the subjects
+//!   `kairos.<replica>.>`; every event of the feed goes to
+//!   `kairos.<replica>.<timeline>.<event>` with its id as `Nats-Msg-Id`, so JetStream keeps
+//!   each once however often it is sent. The publisher reads the catalog after its cursor
+//!   (kept in `nats-published.json` in the data directory) and moves the cursor only once
+//!   JetStream acknowledged everything read: a NATS outage delays events, never loses them,
+//!   and never blocks a commit.
+//! - **Requests**: a message on `kairos.api.<verb>` is answered as the HTTP API answers the
+//!   same request (it goes through the same router: validation, errors, roles, party
+//!   scopes), always with a party's token (`Authorization: Bearer TOKEN` header).
+//! - **Credentials**: a party's NATS user is its name and its password is its token
+//!   (nats-server keeps only the bcrypt hash); its permissions follow its role and its
+//!   replicas. The node rewrites the authorization file whenever a party or replica changes
+//!   and signals nats-server to reload it, so a revoked party is disconnected at once.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, header};
+use futures::StreamExt;
+use kairos_config::NatsConfig;
+use kairos_core::{Instant, PartyRecord, Role};
+use kairos_store::{FeedCursor, FeedEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::Shared;
+
+/// The publisher's cursor, in the data directory.
+pub const CURSOR_FILE: &str = "nats-published.json";
+/// Requests over NATS answered at once; more are answered busy.
+const REQUESTS_IN_FLIGHT_MAX: usize = 256;
+/// How long a JetStream acknowledgement may take before the batch is sent again.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest wait between attempts while NATS is unreachable.
+const RETRY_DELAY_MAX: Duration = Duration::from_secs(2);
+/// The queue group every node's request listener joins (one node answers each request).
+const QUEUE_GROUP: &str = "kairos";
+/// The header a reply's HTTP status is in.
+pub const STATUS_HEADER: &str = "Kairos-Status";
+
+/// The verbs of `kairos.api.<verb>`: the role each needs and the HTTP route it is.
+pub const VERBS: &[Verb] = &[
+    Verb::new("status", Role::Viewer, "GET", "/api/status"),
+    Verb::new(
+        "proposals",
+        Role::Viewer,
+        "GET",
+        "/api/replicas/{replica}/proposals",
+    ),
+    Verb::new(
+        "proposal",
+        Role::Viewer,
+        "GET",
+        "/api/replicas/{replica}/proposals/{proposal}",
+    ),
+    Verb::new(
+        "propose",
+        Role::Proposer,
+        "POST",
+        "/api/replicas/{replica}/proposals",
+    ),
+    Verb::new(
+        "sandbox",
+        Role::Proposer,
+        "POST",
+        "/api/replicas/{replica}/proposals/{proposal}/sandbox",
+    ),
+    Verb::new(
+        "predict",
+        Role::Proposer,
+        "POST",
+        "/api/replicas/{replica}/proposals/{proposal}/predict",
+    ),
+    Verb::new(
+        "review",
+        Role::Reviewer,
+        "POST",
+        "/api/replicas/{replica}/proposals/{proposal}/review",
+    ),
+    Verb::new(
+        "commit",
+        Role::Committer,
+        "POST",
+        "/api/replicas/{replica}/proposals/{proposal}/commit",
+    ),
+];
+
+#[derive(Debug, Clone, Copy)]
+pub struct Verb {
+    pub name: &'static str,
+    pub role: Role,
+    pub method: &'static str,
+    pub path: &'static str,
+}
+
+impl Verb {
+    const fn new(name: &'static str, role: Role, method: &'static str, path: &'static str) -> Verb {
+        Verb {
+            name,
+            role,
+            method,
+            path,
+        }
+    }
+}
+
+/// A replica, timeline or party name as one subject token: names may hold `.`, which
+/// separates tokens, so it is written `%2E` (`%` is never in a name, so no two names
+/// share a token). A replica named `api` would put its events beside the requests: it is
+/// written `%api`.
+pub fn subject_token(name: &str) -> String {
+    if name == "api" {
+        return "%api".into();
+    }
+    name.replace('.', "%2E")
+}
+
+pub fn event_subject(prefix: &str, event: &FeedEvent) -> String {
+    format!(
+        "{prefix}.{}.{}.{}",
+        subject_token(&event.replica),
+        subject_token(&event.timeline),
+        event.event
+    )
+}
+
+pub fn stream_name(stream_prefix: &str, replica: &str) -> String {
+    format!("{stream_prefix}_{}", subject_token(replica))
+}
+
+/// The inbox prefix of a party's connection: only it may read its replies.
+pub fn inbox_prefix(party: &str) -> String {
+    format!("_INBOX_{}", subject_token(party))
+}
+
+/// What a party may publish and subscribe to, by its role and replicas.
+pub fn permissions(
+    party: &PartyRecord,
+    replicas: &[String],
+    config: &NatsConfig,
+) -> (Vec<String>, Vec<String>) {
+    let prefix = &config.subject_prefix;
+    let mut publish: Vec<String> = VERBS
+        .iter()
+        .filter(|verb| party.role >= verb.role)
+        .map(|verb| format!("{prefix}.api.{}", verb.name))
+        .collect();
+    publish.push("$JS.API.INFO".into());
+    let mut subscribe = vec![format!("{}.>", inbox_prefix(&party.name))];
+    for replica in replicas.iter().filter(|replica| party.covers(replica)) {
+        let stream = stream_name(&config.stream_prefix, replica);
+        subscribe.push(format!("{prefix}.{}.>", subject_token(replica)));
+        for api in [
+            format!("$JS.API.STREAM.INFO.{stream}"),
+            format!("$JS.API.CONSUMER.CREATE.{stream}"),
+            format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
+            format!("$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>"),
+            format!("$JS.API.CONSUMER.INFO.{stream}.>"),
+            format!("$JS.API.CONSUMER.DELETE.{stream}.>"),
+            format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.>"),
+            format!("$JS.ACK.{stream}.>"),
+            format!("$JS.FC.{stream}.>"),
+        ] {
+            publish.push(api);
+        }
+    }
+    (publish, subscribe)
+}
+
+fn quoted(text: &str) -> String {
+    serde_json::to_string(text).unwrap_or_default()
+}
+
+fn list(items: &[String]) -> String {
+    let items: Vec<String> = items.iter().map(|item| quoted(item)).collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// A nats-server `authorization` block (for `include`): the node's own user with every
+/// permission, and one user per party that has NATS credentials.
+pub fn authorization_block(
+    node_user: Option<(&str, &str)>,
+    parties: &[PartyRecord],
+    replicas: &[String],
+    config: &NatsConfig,
+) -> String {
+    let mut text = String::from(
+        "# Written by the Kairos node from its parties; every change is overwritten.\nauthorization {\n  users = [\n",
+    );
+    if let Some((user, password_bcrypt)) = node_user {
+        text.push_str(&format!(
+            "    {{ user: {}, password: {} }}\n",
+            quoted(user),
+            quoted(password_bcrypt)
+        ));
+    }
+    for party in parties {
+        let Some(password) = &party.nats_password_bcrypt else {
+            continue;
+        };
+        let (publish, subscribe) = permissions(party, replicas, config);
+        text.push_str(&format!(
+            "    {{ user: {}, password: {}, permissions: {{ publish: {{ allow: {} }}, subscribe: {{ allow: {}, deny: {} }}, allow_responses: false }} }}\n",
+            quoted(&party.name),
+            quoted(password),
+            list(&publish),
+            list(&subscribe),
+            list(&[format!("{}.api.>", config.subject_prefix)]),
+        ));
+    }
+    text.push_str("  ]\n}\n");
+    text
+}
+
+/// A request on `kairos.api.<verb>`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestEnvelope {
+    #[serde(default)]
+    pub replica: Option<String>,
+    #[serde(default)]
+    pub proposal: Option<String>,
+    /// Query parameters of a read (e.g. `status`, `timeline`).
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+    /// The request body, as the HTTP API takes it.
+    #[serde(default)]
+    pub body: Option<serde_json::Value>,
+}
+
+/// An error answered before the request reaches the API.
+#[derive(Debug, Serialize)]
+struct ErrorReply {
+    error: ErrorReplyDetail,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorReplyDetail {
+    code: &'static str,
+    message: String,
+}
+
+fn error_reply(status: u16, code: &'static str, message: String) -> (u16, Vec<u8>) {
+    let body = ErrorReply {
+        error: ErrorReplyDetail { code, message },
+    };
+    (status, serde_json::to_vec(&body).unwrap_or_default())
+}
+
+fn percent_encode(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+/// The HTTP request a NATS request stands for, or the error to answer.
+pub fn http_request(
+    verb_name: &str,
+    payload: &[u8],
+    headers: &[(String, String)],
+    body_bytes_max: usize,
+) -> Result<Request<Body>, (u16, Vec<u8>)> {
+    let Some(verb) = VERBS.iter().find(|verb| verb.name == verb_name) else {
+        let known: Vec<&str> = VERBS.iter().map(|verb| verb.name).collect();
+        return Err(error_reply(
+            404,
+            "unknown_verb",
+            format!("no verb {verb_name:?} (known: {})", known.join(", ")),
+        ));
+    };
+    if payload.len() > body_bytes_max {
+        return Err(error_reply(
+            413,
+            "too_large",
+            format!(
+                "the request is {} bytes; at most {body_bytes_max} are taken",
+                payload.len()
+            ),
+        ));
+    }
+    let envelope: RequestEnvelope = if payload.iter().all(u8::is_ascii_whitespace) {
+        RequestEnvelope::default()
+    } else {
+        serde_json::from_slice(payload).map_err(|error| {
+            error_reply(
+                400,
+                "bad_request",
+                format!(
+                    "the request is not a JSON object of replica, proposal, query and body: {error}"
+                ),
+            )
+        })?
+    };
+    let mut path = verb.path.to_string();
+    for (slot, value, valid) in [
+        (
+            "{replica}",
+            &envelope.replica,
+            kairos_core::replica::is_valid_replica_name as fn(&str) -> bool,
+        ),
+        ("{proposal}", &envelope.proposal, |id: &str| {
+            kairos_core::hash::parse_hex_prefix(id).is_ok()
+        }),
+    ] {
+        if !path.contains(slot) {
+            continue;
+        }
+        let field = slot.trim_matches(['{', '}']);
+        let Some(value) = value else {
+            return Err(error_reply(
+                400,
+                "bad_request",
+                format!("verb {verb_name:?} needs {field:?}"),
+            ));
+        };
+        if !valid(value) {
+            return Err(error_reply(
+                400,
+                "bad_request",
+                format!("{field} {value:?} is not a valid {field} name or id"),
+            ));
+        }
+        path = path.replace(slot, value);
+    }
+    if !envelope.query.is_empty() {
+        let pairs: Vec<String> = envelope
+            .query
+            .iter()
+            .map(|(key, value)| format!("{}={}", percent_encode(key), percent_encode(value)))
+            .collect();
+        path = format!("{path}?{}", pairs.join("&"));
+    }
+    let method = Method::from_bytes(verb.method.as_bytes()).unwrap_or(Method::GET);
+    let body = match (&envelope.body, method == Method::GET) {
+        (Some(_), true) => {
+            return Err(error_reply(
+                400,
+                "bad_request",
+                format!("verb {verb_name:?} takes no body (use query)"),
+            ));
+        }
+        (Some(body), false) => serde_json::to_vec(body).unwrap_or_default(),
+        (None, false) => b"{}".to_vec(),
+        (None, true) => Vec::new(),
+    };
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, "127.0.0.1")
+        .header(header::CONTENT_TYPE, "application/json");
+    for (name, value) in headers {
+        if name.eq_ignore_ascii_case("authorization")
+            || name.eq_ignore_ascii_case("traceparent")
+            || name.eq_ignore_ascii_case("tracestate")
+        {
+            request = request.header(name.as_str(), value.as_str());
+        }
+    }
+    let mut request = request.body(Body::from(body)).map_err(|error| {
+        error_reply(
+            400,
+            "bad_request",
+            format!("the request cannot be made: {error}"),
+        )
+    })?;
+    request.extensions_mut().insert(crate::auth::ViaNats);
+    Ok(request)
+}
+
+/// Answers one request through the API's router.
+async fn answer(
+    router: Router,
+    verb: &str,
+    message: &async_nats::Message,
+    body_bytes_max: usize,
+) -> (u16, Vec<u8>) {
+    let headers: Vec<(String, String)> = message
+        .headers
+        .iter()
+        .flat_map(|headers| {
+            headers.iter().flat_map(|(name, values)| {
+                values
+                    .iter()
+                    .map(move |value| (name.to_string(), value.as_str().to_string()))
+            })
+        })
+        .collect();
+    let request = match http_request(verb, &message.payload, &headers, body_bytes_max) {
+        Ok(request) => request,
+        Err(reply) => return reply,
+    };
+    let response = match tower::ServiceExt::oneshot(router, request).await {
+        Ok(response) => response,
+        Err(infallible) => match infallible {},
+    };
+    let status = response.status().as_u16();
+    match axum::body::to_bytes(response.into_body(), 64 << 20).await {
+        Ok(bytes) => (status, bytes.to_vec()),
+        Err(error) => error_reply(500, "internal", format!("reading the answer: {error}")),
+    }
+}
+
+/// Serves `kairos.api.<verb>` until the connection is dropped.
+async fn serve_requests(shared: Arc<Shared>, client: async_nats::Client, config: NatsConfig) {
+    let subject = format!("{}.api.*", config.subject_prefix);
+    let router = crate::api::router(shared.clone());
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
+    let body_bytes_max = shared.config.node.request_body_bytes_max;
+    loop {
+        let mut requests = match client
+            .queue_subscribe(subject.clone(), QUEUE_GROUP.into())
+            .await
+        {
+            Ok(requests) => requests,
+            Err(error) => {
+                tracing::warn!(%error, "nats: cannot subscribe to requests; retrying");
+                tokio::time::sleep(RETRY_DELAY_MAX).await;
+                continue;
+            }
+        };
+        while let Some(message) = requests.next().await {
+            let Some(reply) = message.reply.clone() else {
+                continue;
+            };
+            let verb = message
+                .subject
+                .rsplit('.')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let client = client.clone();
+            let router = router.clone();
+            let permit = in_flight.clone().try_acquire_owned();
+            tokio::spawn(async move {
+                let (status, body) = match permit {
+                    Ok(_permit) => answer(router, &verb, &message, body_bytes_max).await,
+                    Err(_) => error_reply(
+                        503,
+                        "busy",
+                        "too many requests are being answered; retry later".into(),
+                    ),
+                };
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(STATUS_HEADER, status.to_string().as_str());
+                if let Err(error) = client
+                    .publish_with_headers(reply, headers, body.into())
+                    .await
+                {
+                    tracing::warn!(%error, verb, "nats: cannot send an answer");
+                }
+            });
+        }
+    }
+}
+
+/// The publisher's cursor as kept in the data directory: for this server and streams only.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SavedCursor {
+    url: String,
+    stream_prefix: String,
+    cursor: FeedCursor,
+}
+
+fn load_cursor(path: &Path, config: &NatsConfig) -> FeedCursor {
+    std::fs::read(path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<SavedCursor>(&bytes).ok())
+        .filter(|saved| saved.url == config.url && saved.stream_prefix == config.stream_prefix)
+        .map(|saved| saved.cursor)
+        .unwrap_or_default()
+}
+
+fn save_cursor(path: &Path, config: &NatsConfig, cursor: &FeedCursor) -> std::io::Result<()> {
+    let saved = SavedCursor {
+        url: config.url.clone(),
+        stream_prefix: config.stream_prefix.clone(),
+        cursor: cursor.clone(),
+    };
+    let temporary = path.with_extension("json.tmp");
+    std::fs::write(&temporary, serde_json::to_vec(&saved).unwrap_or_default())?;
+    std::fs::rename(&temporary, path)
+}
+
+/// Makes sure the replica's stream exists; `true` when it had to be made (what an earlier
+/// run published there is gone).
+async fn ensure_stream(
+    jetstream: &async_nats::jetstream::Context,
+    config: &NatsConfig,
+    replica: &str,
+) -> Result<bool, String> {
+    let name = stream_name(&config.stream_prefix, replica);
+    if jetstream.get_stream(&name).await.is_ok() {
+        return Ok(false);
+    }
+    let stream = async_nats::jetstream::stream::Config {
+        name: name.clone(),
+        subjects: vec![format!(
+            "{}.{}.>",
+            config.subject_prefix,
+            subject_token(replica)
+        )],
+        max_age: config.max_age,
+        duplicate_window: config.duplicate_window,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    };
+    jetstream
+        .get_or_create_stream(stream)
+        .await
+        .map(|_| true)
+        .map_err(|error| format!("stream {name}: {error}"))
+}
+
+/// Publishes the feed on JetStream, from the saved cursor, for as long as the node runs.
+async fn publish_events(shared: Arc<Shared>, client: async_nats::Client, config: NatsConfig) {
+    let jetstream = async_nats::jetstream::new(client);
+    let cursor_path = shared.config.node.data_dir.join(CURSOR_FILE);
+    let mut cursor = load_cursor(&cursor_path, &config);
+    let mut changes = shared.changes.subscribe();
+    let mut ensured: HashSet<String> = HashSet::new();
+    let mut delay = Duration::from_millis(50);
+    loop {
+        // What a stream that is not there yet would lose is read from the stream's age.
+        let since = Some(Instant::now().saturating_sub(config.max_age));
+        let worker = shared.clone();
+        let from = cursor.clone();
+        let batch = match tokio::task::spawn_blocking(move || worker.store.feed(&from, since)).await
+        {
+            Ok(Ok(batch)) => batch,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "nats: reading the event feed failed");
+                tokio::time::sleep(RETRY_DELAY_MAX).await;
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "nats: reading the event feed failed");
+                continue;
+            }
+        };
+        let mut failed = None;
+        let mut remade = false;
+        for replica in batch.cursor.replicas.keys() {
+            if ensured.contains(replica) {
+                continue;
+            }
+            match ensure_stream(&jetstream, &config, replica).await {
+                Ok(made) => {
+                    ensured.insert(replica.clone());
+                    // A stream made anew holds nothing: what the cursor says was published
+                    // there is published again.
+                    if made && cursor.replicas.remove(replica).is_some() {
+                        remade = true;
+                    }
+                }
+                Err(error) => {
+                    failed = Some(error);
+                    break;
+                }
+            }
+        }
+        if remade {
+            continue;
+        }
+        if failed.is_none() {
+            failed = publish_batch(&jetstream, &config, &batch.events)
+                .await
+                .err();
+        }
+        if let Some(error) = failed {
+            tracing::warn!(%error, "nats: events not published yet; retrying");
+            // The stream may have gone with the server's data: look again.
+            ensured.clear();
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RETRY_DELAY_MAX);
+            continue;
+        }
+        delay = Duration::from_millis(50);
+        if batch.cursor != cursor {
+            cursor = batch.cursor;
+            let path = cursor_path.clone();
+            let saved = cursor.clone();
+            let config = config.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(error) = save_cursor(&path, &config, &saved) {
+                    tracing::warn!(path = %path.display(), %error, "nats: cannot save the cursor");
+                }
+            })
+            .await;
+        }
+        if !batch.more {
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+/// Sends every event and waits for JetStream to acknowledge each (a duplicate id is
+/// acknowledged as such and stored once).
+async fn publish_batch(
+    jetstream: &async_nats::jetstream::Context,
+    config: &NatsConfig,
+    events: &[FeedEvent],
+) -> Result<(), String> {
+    let mut acks = Vec::with_capacity(events.len());
+    for event in events {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
+        headers.insert("Kairos-Event", event.event.as_str());
+        let payload = serde_json::to_vec(event).map_err(|error| error.to_string())?;
+        let ack = jetstream
+            .publish_with_headers(
+                event_subject(&config.subject_prefix, event),
+                headers,
+                payload.into(),
+            )
+            .await
+            .map_err(|error| format!("publishing {}: {error}", event.id))?;
+        acks.push(ack);
+    }
+    for ack in acks {
+        tokio::time::timeout(ACK_TIMEOUT, ack.into_future())
+            .await
+            .map_err(|_| "no acknowledgement in time".to_string())?
+            .map_err(|error| format!("acknowledgement: {error}"))?;
+    }
+    Ok(())
+}
+
+/// Writes the authorization file whenever parties or replicas change, and has nats-server
+/// reload it.
+async fn write_authorization(shared: Arc<Shared>, config: NatsConfig, path: PathBuf) {
+    let node_user = match (&config.user, &config.password) {
+        (Some(user), Some(password)) => {
+            let password = password.clone();
+            match tokio::task::spawn_blocking(move || kairos_ops::nats_password_hash(&password))
+                .await
+            {
+                Ok(Ok(hash)) => Some((user.clone(), hash)),
+                _ => {
+                    tracing::error!("nats: cannot hash the node's password");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let mut changes = shared.changes.subscribe();
+    let mut written = String::new();
+    loop {
+        let worker = shared.clone();
+        let block_config = config.clone();
+        let node = node_user.clone();
+        let text = tokio::task::spawn_blocking(move || -> Result<String, String> {
+            let parties = worker.store.parties().map_err(|e| e.to_string())?;
+            let replicas: Vec<String> = worker
+                .store
+                .replicas()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|replica| replica.name)
+                .collect();
+            Ok(authorization_block(
+                node.as_ref()
+                    .map(|(user, hash)| (user.as_str(), hash.as_str())),
+                &parties,
+                &replicas,
+                &block_config,
+            ))
+        })
+        .await;
+        match text {
+            Ok(Ok(text)) if text != written => {
+                let temporary = path.with_extension("tmp");
+                let result = std::fs::write(&temporary, &text)
+                    .and_then(|()| std::fs::rename(&temporary, &path));
+                match result {
+                    Ok(()) => {
+                        written = text;
+                        reload_server(&config);
+                    }
+                    Err(error) => {
+                        tracing::error!(path = %path.display(), %error, "nats: cannot write the authorization file");
+                    }
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "nats: cannot read the parties"),
+            Err(error) => tracing::warn!(%error, "nats: cannot read the parties"),
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+/// Signals the nats-server whose pid file is configured to reload its configuration.
+fn reload_server(config: &NatsConfig) {
+    let Some(pid_file) = &config.server_pid_file else {
+        return;
+    };
+    let pid = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|text| text.trim().parse::<i32>().ok())
+        .filter(|pid| *pid > 1);
+    match pid {
+        // SAFETY: kill(2) with a pid read from the server's pid file and SIGHUP, which
+        // nats-server takes as "reload the configuration"; no memory is involved.
+        Some(pid) => unsafe {
+            if libc::kill(pid, libc::SIGHUP) != 0 {
+                tracing::warn!(pid, "nats: cannot signal the server to reload");
+            }
+        },
+        None => tracing::warn!(path = %pid_file.display(), "nats: no server pid to signal"),
+    }
+}
+
+/// Connects to NATS (in the background: the node runs and commits while NATS is down)
+/// and starts the publisher, the request listener and the authorization writer.
+pub async fn start(shared: Arc<Shared>, config: NatsConfig) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    if let Some(path) = config.authorization_file.clone() {
+        tasks.push(tokio::spawn(write_authorization(
+            shared.clone(),
+            config.clone(),
+            path,
+        )));
+    }
+    let mut options = async_nats::ConnectOptions::new()
+        .name("kairos-node")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((50 * (1u64 << attempts.min(6) as u64)).min(2000))
+        });
+    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    match options.connect(config.url.as_str()).await {
+        Ok(client) => {
+            tasks.push(tokio::spawn(publish_events(
+                shared.clone(),
+                client.clone(),
+                config.clone(),
+            )));
+            tasks.push(tokio::spawn(serve_requests(shared, client, config)));
+        }
+        Err(error) => tracing::error!(%error, url = %config.url, "nats: cannot connect"),
+    }
+    tasks
+}
+
+/// The AsyncAPI document of the events and requests (served at `/api/asyncapi.json`).
+pub fn asyncapi() -> serde_json::Value {
+    let event = serde_json::json!({
+        "type": "object",
+        "required": ["schema", "id", "replica", "timeline", "event", "time", "party", "details"],
+        "properties": {
+            "schema": {"const": kairos_store::feed::EVENT_SCHEMA},
+            "id": {"type": "string", "description": "Unique per replica and stable: the audit entry's hash, or frame-<id>-<timeline>; also the Nats-Msg-Id header"},
+            "replica": {"type": "string"},
+            "timeline": {"type": "string"},
+            "event": {"enum": kairos_store::feed::EVENT_NAMES},
+            "time": {"type": "string", "format": "date-time"},
+            "party": {"type": "string", "description": "The party that acted (kairos: the node itself)"},
+            "seq": {"type": "integer", "description": "The audit entry's place in the replica's log (absent for frames)"},
+            "details": {"type": "object", "description": "The audit entry's details, or the frame's record"}
+        }
+    });
+    let verbs: serde_json::Map<String, serde_json::Value> = VERBS
+        .iter()
+        .map(|verb| {
+            (
+                format!("kairos.api.{}", verb.name),
+                serde_json::json!({
+                    "description": format!("{} {} (role {})", verb.method, verb.path, verb.role),
+                    "subscribe": {"message": {"$ref": "#/components/messages/request"}}
+                }),
+            )
+        })
+        .collect();
+    let mut channels = serde_json::Map::new();
+    channels.insert(
+        "kairos.{replica}.{timeline}.{event}".into(),
+        serde_json::json!({
+            "description": "Every catalog event, in the replica's JetStream stream KAIROS_{replica}",
+            "parameters": {
+                "replica": {"schema": {"type": "string"}},
+                "timeline": {"schema": {"type": "string"}},
+                "event": {"schema": {"enum": kairos_store::feed::EVENT_NAMES}}
+            },
+            "publish": {"message": {"payload": event}}
+        }),
+    );
+    channels.extend(verbs);
+    serde_json::json!({
+        "asyncapi": "2.6.0",
+        "info": {"title": "Kairos events and requests", "version": kairos_store::feed::EVENT_SCHEMA},
+        "channels": channels,
+        "components": {"messages": {"request": {
+            "headers": {"type": "object", "properties": {
+                "Authorization": {"type": "string", "description": "Bearer TOKEN (required)"},
+                "traceparent": {"type": "string", "description": "W3C trace context"}
+            }},
+            "payload": {"type": "object", "additionalProperties": false, "properties": {
+                "replica": {"type": "string"},
+                "proposal": {"type": "string"},
+                "query": {"type": "object", "additionalProperties": {"type": "string"}},
+                "body": {"description": "The HTTP API's request body"}
+            }},
+            "description": "Answered with the HTTP API's body; its status in the Kairos-Status header"
+        }}}
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> NatsConfig {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            user: None,
+            password: None,
+            subject_prefix: "kairos".into(),
+            stream_prefix: "KAIROS".into(),
+            max_age: Duration::from_secs(3600),
+            duplicate_window: Duration::from_secs(60),
+            authorization_file: None,
+            server_pid_file: None,
+        }
+    }
+
+    fn party(name: &str, role: Role, replicas: &[&str]) -> PartyRecord {
+        PartyRecord {
+            name: name.into(),
+            role,
+            replicas: replicas.iter().map(|r| r.to_string()).collect(),
+            token_hash: kairos_core::Hash::default(),
+            created: Instant(0),
+            nats_password_bcrypt: Some("$2b$10$x".into()),
+        }
+    }
+
+    #[test]
+    fn names_cannot_reach_other_subjects() {
+        assert_eq!(subject_token("web.prod"), "web%2Eprod");
+        assert_eq!(subject_token("api"), "%api");
+        assert_eq!(subject_token("web"), "web");
+        assert_eq!(stream_name("KAIROS", "web.prod"), "KAIROS_web%2Eprod");
+    }
+
+    #[test]
+    fn a_viewer_reads_its_replicas_and_asks_nothing_that_writes() {
+        let replicas = vec!["web".to_string(), "db".to_string()];
+        let (publish, subscribe) = permissions(
+            &party("watch", Role::Viewer, &["web"]),
+            &replicas,
+            &config(),
+        );
+        assert!(publish.contains(&"kairos.api.proposals".to_string()));
+        assert!(
+            !publish
+                .iter()
+                .any(|s| s == "kairos.api.propose" || s == "kairos.api.commit")
+        );
+        assert!(subscribe.contains(&"kairos.web.>".to_string()));
+        assert!(!subscribe.iter().any(|s| s.contains("db")));
+        assert!(!publish.iter().any(|s| s.contains("KAIROS_db")));
+        let (publish, _) = permissions(&party("ship", Role::Committer, &[]), &replicas, &config());
+        assert!(publish.contains(&"kairos.api.commit".to_string()));
+        assert!(publish.iter().any(|s| s.contains("KAIROS_db")));
+        let block = authorization_block(
+            Some(("node", "$2b$10$y")),
+            &[party("watch", Role::Viewer, &["web"])],
+            &replicas,
+            &config(),
+        );
+        assert!(block.contains("user: \"watch\"") && block.contains("deny: [\"kairos.api.>\"]"));
+    }
+
+    #[test]
+    fn requests_become_api_requests_or_name_what_is_wrong() {
+        let request = http_request(
+            "propose",
+            br#"{"replica": "web", "body": {"title": "t"}}"#,
+            &[("Authorization".into(), "Bearer kairos_x".into())],
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(request.uri().path(), "/api/replicas/web/proposals");
+        assert_eq!(request.method(), Method::POST);
+        let error = |verb: &str, payload: &[u8]| {
+            let (status, body) = http_request(verb, payload, &[], 64).unwrap_err();
+            (status, String::from_utf8(body).unwrap())
+        };
+        assert_eq!(error("drop_tables", b"{}").0, 404);
+        assert!(
+            error("propose", b"{\"replica\": \"../etc\"}")
+                .1
+                .contains("../etc")
+        );
+        assert!(
+            error("propose", b"not json")
+                .1
+                .contains("not a JSON object")
+        );
+        assert!(
+            error("sandbox", b"{\"replica\": \"web\"}")
+                .1
+                .contains("proposal")
+        );
+        assert_eq!(error("propose", &[b' '; 65]).0, 413);
+        assert!(
+            error("proposals", b"{\"replica\": \"web\", \"body\": {}}")
+                .1
+                .contains("no body")
+        );
+        assert!(
+            error("propose", b"{\"replica\": \"web\", \"extra\": 1}")
+                .1
+                .contains("extra")
+        );
+        let request = http_request(
+            "proposals",
+            br#"{"replica": "web", "query": {"status": "open&x=1"}}"#,
+            &[],
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(request.uri().query(), Some("status=open%26x%3D1"));
+    }
+}
