@@ -335,6 +335,7 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
         crate::changes::forget,
         crate::changes::create_proposal,
         crate::changes::get_proposal,
+        crate::changes::validate_proposal,
         crate::changes::sandbox_proposal,
         crate::changes::commit_proposal,
         crate::changes::get_commit,
@@ -419,6 +420,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/api/replicas/{name}/proposals",
             post(crate::changes::create_proposal).layer(DefaultBodyLimit::max(proposal_limit)),
+        )
+        .route(
+            "/api/replicas/{name}/proposals/validate",
+            post(crate::changes::validate_proposal).layer(DefaultBodyLimit::max(proposal_limit)),
         )
         .route(
             "/api/replicas/{name}/proposals/{id}",

@@ -104,7 +104,8 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
                 "proposals",
                 _,
                 "sandbox" | "predict",
-            ],
+            ]
+            | ["", "api", "replicas", _, "proposals", "validate"],
         )
         | (&Method::DELETE, ["", "api", "replicas", _, "timelines", _]) => Some(Role::Proposer),
         (&Method::GET, ["", "api", "replicas", ..]) => Some(Role::Viewer),

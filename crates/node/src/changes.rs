@@ -268,6 +268,32 @@ pub async fn create_proposal(
     Ok((StatusCode::CREATED, Json(proposal)).into_response())
 }
 
+#[utoipa::path(post, path = "/api/replicas/{name}/proposals/validate", request_body = ProposeRequest, params(("name" = String, Path, description = "Replica")), responses(
+    (status = 200, description = "Valid: the proposal as it would be stored (its id is all zeros: nothing was stored)"), (status = 400, description = "Not a proposal", body = ErrorBody),
+    (status = 422, description = "An op is invalid (the message names it)", body = ErrorBody)))]
+pub async fn validate_proposal(
+    State(shared): State<Arc<Shared>>,
+    Extension(acting): Extension<Acting>,
+    Path(name): Path<String>,
+    payload: Result<Json<ProposeRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let mut request = json_input(payload)?;
+    let party = party(&acting, request.party.take())?;
+    if acting.is_party() {
+        request.document.author = party.clone();
+    }
+    let proposal: ProposalJson = blocking(&shared, name.clone(), move |shared, _| {
+        Ok(shared.service().validate_proposal(
+            &name,
+            request.document,
+            request.timeline.as_deref(),
+            &party,
+        )?)
+    })
+    .await?;
+    Ok(Json(proposal).into_response())
+}
+
 #[utoipa::path(get, path = "/api/replicas/{name}/proposals/{id}", params(("name" = String, Path, description = "Replica"), ("id" = String, Path, description = "Proposal id prefix")), responses(
     (status = 200, description = "The stored proposal with its ops"), (status = 404, description = "Unknown proposal", body = ErrorBody)))]
 pub async fn get_proposal(

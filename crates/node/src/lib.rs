@@ -146,9 +146,17 @@ pub struct Shared {
     pub changes: tokio::sync::watch::Sender<u64>,
     /// Event streams (`GET /api/events`) open at once.
     pub event_streams: Arc<Semaphore>,
+    /// The NATS side as the status endpoint shows it (`None` without NATS).
+    pub nats_status: Mutex<Option<crate::wire::NatsStatusJson>>,
 }
 
 impl Shared {
+    /// Changes the NATS status shown by the status endpoint.
+    pub fn with_nats_status(&self, change: impl FnOnce(&mut crate::wire::NatsStatusJson)) {
+        let mut status = self.nats_status.lock().unwrap_or_else(|p| p.into_inner());
+        change(status.get_or_insert_with(Default::default));
+    }
+
     /// The operations on the node's store, with its configured limits.
     pub fn service(&self) -> kairos_ops::Service<'_> {
         kairos_ops::Service {
@@ -248,6 +256,11 @@ impl Shared {
             replicas,
             store: self
                 .figures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            nats: self
+                .nats_status
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
@@ -381,6 +394,7 @@ pub async fn run(
         figures: Mutex::new(None),
         changes: tokio::sync::watch::Sender::new(0),
         event_streams: Arc::new(Semaphore::new(events::EVENT_STREAMS_MAX)),
+        nats_status: Mutex::new(None),
     });
     {
         let changes = shared.changes.clone();

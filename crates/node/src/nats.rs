@@ -67,6 +67,12 @@ pub const VERBS: &[Verb] = &[
         "/api/replicas/{replica}/proposals",
     ),
     Verb::new(
+        "validate",
+        Role::Proposer,
+        "POST",
+        "/api/replicas/{replica}/proposals/validate",
+    ),
+    Verb::new(
         "sandbox",
         Role::Proposer,
         "POST",
@@ -420,13 +426,29 @@ async fn serve_requests(shared: Arc<Shared>, client: async_nats::Client, config:
     let in_flight = Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
     let body_bytes_max = shared.config.node.request_body_bytes_max;
     loop {
-        let mut requests = match client
+        let subscribed = match client
             .queue_subscribe(subject.clone(), QUEUE_GROUP.into())
             .await
         {
-            Ok(requests) => requests,
+            // Answering once the server has the subscription.
+            Ok(requests) => client
+                .flush()
+                .await
+                .map(|()| requests)
+                .map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        let mut requests = match subscribed {
+            Ok(requests) => {
+                shared.with_nats_status(|status| status.answering = true);
+                requests
+            }
             Err(error) => {
                 tracing::warn!(%error, "nats: cannot subscribe to requests; retrying");
+                shared.with_nats_status(|status| {
+                    status.answering = false;
+                    status.last_error = Some(format!("subscribing to {subject}: {error}"));
+                });
                 tokio::time::sleep(RETRY_DELAY_MAX).await;
                 continue;
             }
@@ -581,6 +603,10 @@ async fn publish_events(shared: Arc<Shared>, client: async_nats::Client, config:
         }
         if let Some(error) = failed {
             tracing::warn!(%error, "nats: events not published yet; retrying");
+            shared.with_nats_status(|status| {
+                status.events_pending = batch.events.len() as u64;
+                status.last_error = Some(error.clone());
+            });
             // The stream may have gone with the server's data: look again.
             ensured.clear();
             tokio::time::sleep(delay).await;
@@ -588,6 +614,11 @@ async fn publish_events(shared: Arc<Shared>, client: async_nats::Client, config:
             continue;
         }
         delay = Duration::from_millis(50);
+        shared.with_nats_status(|status| {
+            status.events_published += batch.events.len() as u64;
+            status.events_pending = 0;
+            status.last_error = None;
+        });
         if batch.cursor != cursor {
             cursor = batch.cursor;
             let path = cursor_path.clone();
@@ -741,8 +772,22 @@ pub async fn start(shared: Arc<Shared>, config: NatsConfig) -> Vec<tokio::task::
             path,
         )));
     }
+    shared.with_nats_status(|status| status.url = config.url.clone());
+    let watcher = shared.clone();
     let mut options = async_nats::ConnectOptions::new()
         .name("kairos-node")
+        .event_callback(move |event| {
+            let watcher = watcher.clone();
+            async move {
+                watcher.with_nats_status(|status| match event {
+                    async_nats::Event::Connected => status.connected = true,
+                    async_nats::Event::Disconnected | async_nats::Event::Closed => {
+                        status.connected = false;
+                    }
+                    _ => {}
+                });
+            }
+        })
         .retry_on_initial_connect()
         .max_reconnects(None)
         .reconnect_delay_callback(|attempts| {

@@ -463,6 +463,31 @@ impl Service<'_> {
         Ok(json)
     }
 
+    /// Checks a proposal as `propose` does and stores nothing (a pipeline's or a party's
+    /// "would this be accepted?").
+    pub fn validate_proposal(
+        &self,
+        name: &str,
+        mut document: ProposalDocument,
+        timeline: Option<&str>,
+        party: &str,
+    ) -> Result<ProposalJson> {
+        if document.author.is_empty() {
+            document.author = party.to_string();
+        }
+        let replica = self.store.replica(name)?;
+        self.refuse_protected_paths(&replica, &document)?;
+        let proposal = kairos_sandbox::validate(
+            self.store,
+            &replica,
+            document,
+            timeline,
+            &self.limits,
+            Instant::now(),
+        )?;
+        Ok(ProposalJson::from(&proposal))
+    }
+
     /// A proposal may not name a path inside Kairos's own data directory.
     fn refuse_protected_paths(
         &self,

@@ -139,6 +139,26 @@ pub struct StatusJson {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub store: Option<StoreFiguresJson>,
+    /// NATS, when configured: the connection, the request listener, what was published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub nats: Option<NatsStatusJson>,
+}
+
+/// The node's NATS side.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NatsStatusJson {
+    pub url: String,
+    pub connected: bool,
+    /// Whether the node answers `kairos.api.<verb>` (subscribed).
+    pub answering: bool,
+    /// Events JetStream acknowledged since the node started (duplicates included).
+    pub events_published: u64,
+    /// Events the catalog holds that are not acknowledged yet (as of the last read).
+    pub events_pending: u64,
+    /// The last failure to publish or subscribe, until the next success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// The store's figures and when they were computed.

@@ -165,6 +165,33 @@ pub fn propose(
     limits: &Limits,
     now: Instant,
 ) -> Result<Proposal, SandboxError> {
+    let (mut proposal, bytes) = checked(store, replica, document, timeline, limits, now)?;
+    store_proposal(store, replica, &mut proposal, &bytes, now)?;
+    Ok(proposal)
+}
+
+/// Validates a proposal as `propose` does (fields, limits, base, every op applied to a
+/// sandbox of its base) and stores nothing: the proposal has no id yet.
+pub fn validate(
+    store: &Store,
+    replica: &ReplicaDefinition,
+    document: ProposalDocument,
+    timeline: Option<&str>,
+    limits: &Limits,
+    now: Instant,
+) -> Result<Proposal, SandboxError> {
+    Ok(checked(store, replica, document, timeline, limits, now)?.0)
+}
+
+/// The proposal a document makes, checked, and its stored bytes.
+fn checked(
+    store: &Store,
+    replica: &ReplicaDefinition,
+    document: ProposalDocument,
+    timeline: Option<&str>,
+    limits: &Limits,
+    now: Instant,
+) -> Result<(Proposal, Vec<u8>), SandboxError> {
     document.check_fields()?;
     if document.author.is_empty() {
         return Err(SandboxError::Invalid(
@@ -180,7 +207,7 @@ pub fn propose(
     }
     let spec = base_spec(&document, timeline)?;
     let base = store.resolve(&replica.name, &spec, now)?;
-    let mut proposal = Proposal {
+    let proposal = Proposal {
         id: Hash::default(),
         replica: replica.name.clone(),
         title: document.title,
@@ -209,9 +236,19 @@ pub fn propose(
         limits,
         now,
     )?;
+    Ok((proposal, bytes))
+}
+
+fn store_proposal(
+    store: &Store,
+    replica: &ReplicaDefinition,
+    proposal: &mut Proposal,
+    bytes: &[u8],
+    now: Instant,
+) -> Result<(), SandboxError> {
     // The writer lives until the record naming the document is committed: garbage
     // collection keeps a live writer's objects.
-    let (id, _document_writer) = store_document(store, &replica.name, &bytes)?;
+    let (id, _document_writer) = store_document(store, &replica.name, bytes)?;
     proposal.id = id;
     let summary = ProposalSummary {
         id: proposal.id,
@@ -243,7 +280,7 @@ pub fn propose(
         )
         .with_audit(event),
     )?;
-    Ok(proposal)
+    Ok(())
 }
 
 /// A proposal's base frame. Once a commit of the proposal is committed its base is no

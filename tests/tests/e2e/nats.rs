@@ -148,6 +148,22 @@ async fn events_until(
     seen
 }
 
+/// Waits until the node answers requests on NATS (its status says so).
+fn wait_answering(node: &Node, token: Option<&str>) {
+    wait_for(
+        "the node to answer on NATS",
+        Duration::from_secs(10),
+        || {
+            let mut request = Node::agent().get(format!("{}/api/status", node.url));
+            if let Some(token) = token {
+                request = request.header("Authorization", format!("Bearer {token}"));
+            }
+            let status: Value = request.call().ok()?.body_mut().read_json().ok()?;
+            (status["nats"]["answering"] == true).then_some(())
+        },
+    );
+}
+
 fn node_config(nats: &NatsServer, authorization: Option<&Path>) -> String {
     let mut config = format!(
         "[node]\ncapture_debounce = \"100ms\"\n[nats]\nurl = \"{}\"\nduplicate_window = \"10m\"\n",
@@ -178,7 +194,7 @@ fn two_teams_collaborate_over_nats_and_roles_hold_on_nats_and_the_api() {
     let authorization = base.path().join("nats").join("auth.conf");
     std::fs::create_dir_all(authorization.parent().unwrap()).unwrap();
     let mut nats = NatsServer::prepare(&base.path().join("nats"), Some(&authorization));
-    let _node = Node::start(&node_config(&nats, Some(&authorization)), kairos.data_dir());
+    let node = Node::start(&node_config(&nats, Some(&authorization)), kairos.data_dir());
     wait_for("the authorization file", Duration::from_secs(10), || {
         std::fs::read_to_string(&authorization)
             .ok()
@@ -201,6 +217,7 @@ fn two_teams_collaborate_over_nats_and_roles_hold_on_nats_and_the_api() {
         "viewer",
         &["--replica", "web"],
     );
+    wait_answering(&node, Some(&admin));
     let url = nats.url();
     let rt = runtime();
     rt.block_on(async {
@@ -246,6 +263,25 @@ fn two_teams_collaborate_over_nats_and_roles_hold_on_nats_and_the_api() {
         assert_eq!(event["party"], "team-a");
         assert_eq!(event["details"]["proposal"], id.as_str());
         next_event(&mut viewer_events, "proposal").await;
+
+        // Validation only: answered like a proposal, nothing stored.
+        let entries = |kairos: &Kairos| {
+            kairos.json(["--token", &admin, "log", "web", "--json"])["entries"]
+                .as_array()
+                .unwrap()
+                .len()
+        };
+        let before = entries(&kairos);
+        let (status, checked) = request(
+            &a,
+            "validate",
+            json!({"replica": "web", "body": {"document": proposal_document("port 3", 3), "timeline": "exp"}}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{checked}");
+        assert_eq!(checked["author"], "team-a");
+        assert_eq!(entries(&kairos), before, "validation stores nothing");
 
         // Same validation and errors as the API: a bad op is named.
         let (status, error) = request(
@@ -394,6 +430,7 @@ fn events_outlive_a_nats_outage_arrive_once_and_wait_for_offline_subscribers() {
     });
 
     // Malformed and unknown requests are answered with what is wrong.
+    wait_answering(&node, None);
     rt.block_on(async {
         let client = async_nats::connect(&url).await.unwrap();
         for (subject, payload, code) in [

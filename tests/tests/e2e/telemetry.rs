@@ -167,3 +167,111 @@ fn capture_spans_and_metrics_reach_an_otlp_receiver() {
         );
     }
 }
+
+/// A proposal submitted over NATS and its commit, both sent with the client's W3C trace
+/// context, are spans of the client's one trace.
+#[test]
+fn a_proposal_over_nats_and_its_commit_are_one_trace() {
+    use futures::StreamExt as _;
+    let (endpoint, received) = receiver();
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path().join("web");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("app.conf"), "port = 1\n").unwrap();
+    let kairos = kairos_tests::Kairos::at(&base.path().join("data"));
+    kairos.ok(["replica", "add", "web", "--root", root.to_str().unwrap()]);
+    kairos.ok(["capture", "web"]);
+    let token = kairos.json(["party", "add", "ci", "--role", "committer", "--json"])["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    kairos.ok([
+        "timeline",
+        "fork",
+        "exp",
+        "--replica",
+        "web",
+        "--at",
+        "latest",
+    ]);
+    let nats = kairos_tests::services::NatsServer::start(&base.path().join("nats"), None);
+    let config = format!(
+        "[telemetry]\notlp_endpoint = {endpoint:?}\nservice_name = \"kairos-test\"\n[nats]\nurl = \"{}\"\n",
+        nats.url()
+    );
+    let mut node = Node::start(&config, kairos.data_dir());
+    kairos_tests::wait_for(
+        "the node to answer on NATS",
+        std::time::Duration::from_secs(10),
+        || {
+            let status: serde_json::Value = Node::agent()
+                .get(format!("{}/api/status", node.url))
+                .header("Authorization", format!("Bearer {token}"))
+                .call()
+                .ok()?
+                .body_mut()
+                .read_json()
+                .ok()?;
+            (status["nats"]["answering"] == true).then_some(())
+        },
+    );
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let mut events = client.subscribe("kairos.web.exp.commit").await.unwrap();
+        let ask = |verb: &'static str, parent: &'static str, payload: serde_json::Value| {
+            let client = client.clone();
+            let token = token.clone();
+            async move {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Authorization", format!("Bearer {token}").as_str());
+                headers.insert("traceparent", format!("00-{trace}-{parent}-01").as_str());
+                let answer = client
+                    .request_with_headers(format!("kairos.api.{verb}"), headers, payload.to_string().into())
+                    .await
+                    .unwrap();
+                serde_json::from_slice::<serde_json::Value>(&answer.payload).unwrap()
+            }
+        };
+        let proposal = ask(
+            "propose",
+            "00f067aa0ba902b7",
+            serde_json::json!({"replica": "web", "body": {"document": {"title": "port", "ops": [{"op": "set_config", "file": "app.conf", "key": "port", "value": 2}]}, "timeline": "exp"}}),
+        )
+        .await;
+        let id = proposal["proposal"].as_str().unwrap().to_string();
+        let commit = ask(
+            "commit",
+            "00f067aa0ba902b8",
+            serde_json::json!({"replica": "web", "proposal": id}),
+        )
+        .await;
+        assert_eq!(commit["status"], "committed", "{commit}");
+        tokio::time::timeout(std::time::Duration::from_secs(10), events.next())
+            .await
+            .expect("the commit's event");
+    });
+    assert!(node.stop());
+    let received = received.lock().unwrap();
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let in_trace: Vec<String> = received
+        .spans
+        .iter()
+        .filter(|span| span.name == "request" && hex(&span.trace_id) == trace)
+        .filter_map(|span| attribute(span, "path"))
+        .collect();
+    assert!(
+        in_trace
+            .iter()
+            .any(|path| path == "/api/replicas/web/proposals"),
+        "{in_trace:?}"
+    );
+    assert!(
+        in_trace.iter().any(|path| path.ends_with("/commit")),
+        "{in_trace:?}"
+    );
+}
