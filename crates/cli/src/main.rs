@@ -492,9 +492,10 @@ struct RecoverArgs {
 
 #[derive(Subcommand)]
 enum PartyCommand {
-    /// Add a party; its token is printed once (store it: only its hash is kept). On a
-    /// data directory with no node running this needs no token: that is how the first
-    /// admin is made
+    /// Add a party; its token is printed once (store it: only its hash is kept). The token
+    /// is also the party's NATS password (its NATS user is its name; see `[nats]
+    /// authorization_file`). On a data directory with no node running this needs no
+    /// token: that is how the first admin is made
     Add {
         /// A name: letters, digits, '-', '_' and '.'
         name: String,
@@ -707,7 +708,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     };
     match cli.command {
         // Handled before a backend is chosen.
-        Command::Up { .. } | Command::Repair { .. } => Ok(ExitCode::SUCCESS),
+        Command::Up { .. } | Command::Repair { .. } | Command::Watch(_) => Ok(ExitCode::SUCCESS),
         Command::Replica(command) => replica(&backend, command),
         Command::Party(command) => party_command(&backend, command, &party),
         Command::Capture(args) => capture_command(&backend, args),
@@ -723,7 +724,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Commit(args) => commit_command(&backend, args, &party),
         Command::Revert(args) => revert_command(&backend, args, &party),
         Command::Log(args) => log_command(&backend, args),
-        Command::Watch(_) => unreachable!("handled before a backend is chosen"),
         Command::Recover(args) => recover_command(&backend, args),
         Command::Gc(args) => gc_command(backend, args),
         Command::Stats(args) => stats_command(&backend, args),
