@@ -648,8 +648,14 @@ impl Backend {
                 // Predicted before anything is applied, so that the outcome scores it.
                 let prediction =
                     service.prediction_before_commit(name, proposal, ops.as_deref(), party);
-                let record =
-                    service.begin_commit(name, proposal, ops.as_deref(), party, &capturer)?;
+                let record = service.begin_commit(
+                    name,
+                    proposal,
+                    ops.as_deref(),
+                    party,
+                    &capturer,
+                    prediction.as_ref(),
+                )?;
                 let record = if record.status.is_final() {
                     record
                 } else {
@@ -665,6 +671,60 @@ impl Backend {
                     party: self.node_party(party),
                 }),
             ),
+        }
+    }
+
+    pub fn review(
+        &self,
+        name: &str,
+        proposal: &str,
+        verdict: kairos_core::Verdict,
+        comment: Option<String>,
+        party: &str,
+    ) -> Result<kairos_ops::review::ReviewJson> {
+        match self {
+            Backend::Direct { .. } => Ok(self
+                .service()
+                .context("direct")?
+                .review(name, proposal, verdict, comment, party)?),
+            Backend::Node { .. } => self.post(
+                &proposal_path(name, proposal, "review")?,
+                Some(&kairos_node::wire::ReviewRequest {
+                    verdict,
+                    comment,
+                    party: self.node_party(party),
+                }),
+            ),
+        }
+    }
+
+    pub fn proposals(
+        &self,
+        name: &str,
+        timeline: Option<&str>,
+        status: Option<&str>,
+    ) -> Result<Vec<kairos_ops::review::ProposalListJson>> {
+        let parsed = status
+            .map(kairos_ops::review::ProposalStatus::parse)
+            .transpose()?;
+        match self {
+            Backend::Direct { .. } => Ok(self
+                .service()
+                .context("direct")?
+                .proposals(name, timeline, parsed)?),
+            Backend::Node { .. } => {
+                let mut query = Vec::new();
+                if let Some(timeline) = timeline {
+                    query.push(("timeline", timeline));
+                }
+                if let Some(status) = status {
+                    query.push(("status", status));
+                }
+                self.get(
+                    &format!("/api/replicas/{}/proposals", segment(name)),
+                    &query,
+                )
+            }
         }
     }
 

@@ -109,8 +109,26 @@ enum Command {
     /// it in a scratch directory and runs the replica's check there (exit 1 if it fails)
     Sandbox(SandboxArgs),
     /// Commit a proposal (all ops or --ops) to its timeline; on main the live replica is
-    /// written, then probes watch it and a failure rolls it back. Exit 1 unless committed
+    /// written, then probes watch it and a failure rolls it back. Exit 1 unless committed.
+    /// A timeline with a review policy (`[replica.policy]` in the configuration) refuses
+    /// the commit, naming what is missing, until the policy is met
     Commit(CommitArgs),
+    /// Approve or reject a proposal (a reviewer's; each party's latest verdict counts)
+    ///
+    /// A timeline's review policy (`[replica.policy]`, `[replica.policy.timeline.NAME]`
+    /// in the configuration) decides what a commit needs: `required_approvals` standing
+    /// approvals, from the parties of `reviewers_from` (any party when empty), the author's
+    /// own not counting with `authors_cannot_approve` (the author may then not approve at
+    /// all), and, with `require_prediction_below`, a confident prediction with P(error)
+    /// below that. A reject by a party whose approval would count is a veto until that
+    /// party approves. The review is logged, addressed to the proposal's author
+    #[command(group(clap::ArgGroup::new("verdict").required(true).args(["approve", "reject"])))]
+    Review(ReviewArgs),
+    /// List a replica's proposals, newest first: author, timeline, base, status (open,
+    /// rejected, committing, committed, rolled_back, conflict, failed), approvals and
+    /// rejections, the latest prediction, the last check, interference with other
+    /// proposals and what the review policy still asks
+    Proposals(ProposalsArgs),
     /// Restore a frame to the live replica by hand, recorded as a commit; or, with
     /// --culprit, propose the minimal revert of one frame
     Revert(RevertArgs),
@@ -374,6 +392,38 @@ struct CommitArgs {
     /// Answer "watching" at once instead of waiting for the watch window (needs a node)
     #[arg(long)]
     no_wait: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ReviewArgs {
+    name: String,
+    /// Proposal id (4+ hex digits)
+    proposal: String,
+    /// Approve the proposal
+    #[arg(long)]
+    approve: bool,
+    /// Reject it (a veto while it stands, when your approval would count)
+    #[arg(long)]
+    reject: bool,
+    /// Why, for the author (at most 2000 bytes)
+    #[arg(long, value_name = "TEXT")]
+    comment: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ProposalsArgs {
+    name: String,
+    /// Only proposals on this timeline
+    #[arg(long)]
+    timeline: Option<String>,
+    /// Only proposals with this status: open, rejected, committing, committed,
+    /// rolled_back, conflict, failed
+    #[arg(long)]
+    status: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -678,6 +728,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     | Command::Propose(_)
                     | Command::Sandbox(_)
                     | Command::Commit(_)
+                    | Command::Review(_)
                     | Command::Revert(_)
                     | Command::Recover(_)
                     | Command::Bisect(_)
@@ -722,6 +773,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Propose(args) => propose_command(&backend, args, &party),
         Command::Sandbox(args) => sandbox_command(&backend, args, &party),
         Command::Commit(args) => commit_command(&backend, args, &party),
+        Command::Review(args) => review_command(&backend, args, &party),
+        Command::Proposals(args) => proposals_command(&backend, args),
         Command::Revert(args) => revert_command(&backend, args, &party),
         Command::Log(args) => log_command(&backend, args),
         Command::Recover(args) => recover_command(&backend, args),
@@ -1199,6 +1252,7 @@ fn propose_command(
         if let Some(prediction) = &proposal.prediction {
             output::print_prediction(prediction)?;
         }
+        output::print_interference(&proposal.interference)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1325,6 +1379,19 @@ fn sandbox_command(
         if let Some(prediction) = &sandbox.prediction {
             output::print_prediction(prediction)?;
         }
+        for combined in &sandbox.combined_checks {
+            println!(
+                "checked together with {} (by {}): {}",
+                combined.partner.short(),
+                combined.partner_author,
+                if combined.passed {
+                    "passed".to_string()
+                } else {
+                    combined.problem.clone().unwrap_or_else(|| "failed".into())
+                }
+            );
+        }
+        output::print_interference(&sandbox.interference)?;
     }
     if sandbox
         .report
@@ -1364,6 +1431,32 @@ fn commit_command(
         kairos_commit::CommitStatus::Committed | kairos_commit::CommitStatus::Watching
     ) {
         return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn review_command(backend: &Backend, args: ReviewArgs, party: &str) -> Result<ExitCode> {
+    let verdict = if args.approve {
+        kairos_core::Verdict::Approve
+    } else {
+        kairos_core::Verdict::Reject
+    };
+    let review = backend.review(&args.name, &args.proposal, verdict, args.comment, party)?;
+    if args.json {
+        print_json(&review)?;
+    } else {
+        output::print_review(&review)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn proposals_command(backend: &Backend, args: ProposalsArgs) -> Result<ExitCode> {
+    let proposals =
+        backend.proposals(&args.name, args.timeline.as_deref(), args.status.as_deref())?;
+    if args.json {
+        print_json(&proposals)?;
+    } else {
+        output::print_proposals(&proposals)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -637,3 +637,154 @@ pub fn print_forget(report: &kairos_ops::ForgetReport) -> Result<()> {
     }
     Ok(())
 }
+
+/// One line per interference found with other proposals.
+pub fn print_interference(found: &[kairos_store::audit::InterferenceEvent]) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for event in found {
+        writeln!(out, "interference: {}", interference_line(event))?;
+    }
+    Ok(())
+}
+
+fn interference_line(event: &kairos_store::audit::InterferenceEvent) -> String {
+    use kairos_store::audit::InterferenceFinding;
+    let proposals = event
+        .proposals
+        .iter()
+        .map(|p| format!("{} (by {})", p.proposal.short(), p.author))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    match &event.finding {
+        InterferenceFinding::Overlap { entries } => {
+            format!("{proposals} both touch {}", entries.join(", "))
+        }
+        InterferenceFinding::CombinedCheck { check, problem } => {
+            let why = match (problem, check) {
+                (Some(problem), _) => problem.clone(),
+                (None, Some(check)) => match check.exit_code {
+                    Some(code) => format!("the check exits {code}"),
+                    None => "the check was killed".to_string(),
+                },
+                (None, None) => "the check fails".to_string(),
+            };
+            format!("{proposals} pass their checks alone; applied together {why}")
+        }
+    }
+}
+
+fn policy_lines(
+    out: &mut impl Write,
+    policy: Option<&kairos_ops::review::PolicyJson>,
+) -> Result<()> {
+    if let Some(policy) = policy {
+        if policy.met {
+            writeln!(out, "  policy: met")?;
+        }
+        for missing in &policy.missing {
+            writeln!(out, "  policy: {missing}")?;
+        }
+    }
+    Ok(())
+}
+
+pub fn print_review(review: &kairos_ops::review::ReviewJson) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    writeln!(
+        out,
+        "{} {} proposal {} by {} on {}{}",
+        review.party,
+        match review.verdict {
+            kairos_core::Verdict::Approve => "approved",
+            kairos_core::Verdict::Reject => "rejected",
+        },
+        review.proposal.short(),
+        review.author,
+        review.timeline,
+        review
+            .comment
+            .as_deref()
+            .map(|comment| format!(": {comment:?}"))
+            .unwrap_or_default()
+    )?;
+    writeln!(
+        out,
+        "  approvals: {}; rejections: {}",
+        if review.approvals.is_empty() {
+            "none".to_string()
+        } else {
+            review.approvals.join(", ")
+        },
+        if review.rejections.is_empty() {
+            "none".to_string()
+        } else {
+            review.rejections.join(", ")
+        }
+    )?;
+    policy_lines(&mut out, review.policy.as_ref())
+}
+
+pub fn print_proposals(proposals: &[kairos_ops::review::ProposalListJson]) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if proposals.is_empty() {
+        writeln!(out, "no proposals")?;
+    }
+    for proposal in proposals {
+        writeln!(
+            out,
+            "{}  {:<11}  {:?} by {} on {}, base {} ({} ops, {})",
+            proposal.proposal.short(),
+            proposal.status.name(),
+            proposal.title,
+            proposal.author,
+            proposal.timeline,
+            proposal.base.short(),
+            proposal.ops,
+            proposal.created
+        )?;
+        let parties = |reviews: &[kairos_store::review::Review]| {
+            reviews
+                .iter()
+                .map(|review| review.party.clone())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if !proposal.approvals.is_empty() {
+            writeln!(out, "  approved by {}", parties(&proposal.approvals))?;
+        }
+        if !proposal.rejections.is_empty() {
+            writeln!(out, "  rejected by {}", parties(&proposal.rejections))?;
+        }
+        if let Some(prediction) = &proposal.prediction {
+            if prediction.abstain {
+                writeln!(
+                    out,
+                    "  prediction: no call (confidence {:.2})",
+                    prediction.confidence
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "  prediction: P(error) {:.2}, confidence {:.2}",
+                    prediction.p_error, prediction.confidence
+                )?;
+            }
+        }
+        if let Some(check) = &proposal.check {
+            writeln!(
+                out,
+                "  check: {} (ops {:?})",
+                if check.passed { "passed" } else { "failed" },
+                check.ops
+            )?;
+        }
+        for note in &proposal.interference {
+            writeln!(out, "  interference: {}", interference_line(&note.event))?;
+        }
+        policy_lines(&mut out, proposal.policy.as_ref())?;
+    }
+    Ok(())
+}

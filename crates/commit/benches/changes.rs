@@ -221,6 +221,7 @@ fn main() {
         replica: &site,
         limits,
         capturer: &capturer,
+        reviews_seen: None,
     };
     let mut restored_ms = Vec::with_capacity(rollbacks);
     for index in 0..rollbacks {

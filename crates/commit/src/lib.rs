@@ -226,6 +226,9 @@ pub struct Committer<'a> {
     /// Paths Kairos never writes or removes on the live root (the store's own directory,
     /// when it lies inside the replica's root).
     pub protected: Vec<std::path::PathBuf>,
+    /// The proposal state a commit's review policy was decided on: the batch that starts
+    /// the commit (on `main`) or appends its frame (on a fork) is refused if it changed.
+    pub reviews_seen: Option<kairos_store::review::ReviewGuard>,
 }
 
 /// Attempts at a fork commit when other commits move the fork's head meanwhile.
@@ -515,19 +518,22 @@ impl Committer<'_> {
         head: &FrameRecord,
         applied: &kairos_sandbox::Applied,
     ) -> Result<CommitRecord, CommitError> {
-        let frame = self.store.commit_frame(FrameDraft {
-            replica: self.name().to_string(),
-            timeline: record.timeline.clone(),
-            time: record.started,
-            parent: Some(head.id),
-            root: applied.root,
-            entries: applied.root_node.file_entries,
-            bytes: applied.root_node.file_bytes,
-            stats: WriteStats::default(),
-            torn: 0,
-            unreadable: 0,
-            capture_ms: 0,
-        })?;
+        let frame = self.store.commit_frame_guarded(
+            FrameDraft {
+                replica: self.name().to_string(),
+                timeline: record.timeline.clone(),
+                time: record.started,
+                parent: Some(head.id),
+                root: applied.root,
+                entries: applied.root_node.file_entries,
+                bytes: applied.root_node.file_bytes,
+                stats: WriteStats::default(),
+                torn: 0,
+                unreadable: 0,
+                capture_ms: 0,
+            },
+            self.reviews_seen,
+        )?;
         record.frame = Some(frame.id);
         record.status = CommitStatus::Committed;
         record.finished = Some(Instant::now());
@@ -659,6 +665,10 @@ impl Committer<'_> {
             Actor::Requester => record.party.as_str(),
             Actor::System => SYSTEM_PARTY,
         };
+        let guard = match step {
+            CatalogStep::Begin { .. } => self.reviews_seen,
+            _ => None,
+        };
         let body = RecordBody::of(record)?;
         let change = match step {
             CatalogStep::Begin { last_good } => Change::BeginCommit {
@@ -675,7 +685,8 @@ impl Committer<'_> {
             },
             CatalogStep::Event => Change::Event,
         };
-        let mut command = Command::new(now, self.name(), &record.timeline, party, change);
+        let mut command = Command::new(now, self.name(), &record.timeline, party, change)
+            .with_reviews_seen(guard);
         command.audit = audit;
         self.store.submit(&command)?;
         Ok(())

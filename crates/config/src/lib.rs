@@ -497,6 +497,75 @@ struct RawReplica {
     probe: Vec<kairos_core::Probe>,
     #[serde(default)]
     retention: Option<RawReplicaRetention>,
+    #[serde(default)]
+    policy: Option<RawReplicaPolicy>,
+}
+
+/// `[replica.policy]`: what a proposal needs before a commit, and `[replica.policy.
+/// timeline.NAME]`: a timeline's own policy, in place of the replica's.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReplicaPolicy {
+    required_approvals: Option<i64>,
+    reviewers_from: Option<Vec<String>>,
+    authors_cannot_approve: Option<bool>,
+    require_prediction_below: Option<f64>,
+    #[serde(default)]
+    timeline: BTreeMap<String, RawReviewPolicy>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReviewPolicy {
+    required_approvals: Option<i64>,
+    reviewers_from: Option<Vec<String>>,
+    authors_cannot_approve: Option<bool>,
+    require_prediction_below: Option<f64>,
+}
+
+/// A review policy from its raw form, every value checked and named by its key.
+fn review_policy(
+    source_name: &str,
+    key: &str,
+    raw: RawReviewPolicy,
+) -> Result<kairos_core::ReviewPolicy, ConfigError> {
+    use kairos_core::review::{REQUIRED_APPROVALS_MAX, ReviewPolicyError};
+    let key_error = |field: &str, reason: String| ConfigError::Key {
+        source_name: source_name.to_string(),
+        key: format!("{key}.{field}"),
+        reason,
+    };
+    let required_approvals = match raw.required_approvals {
+        None => 0,
+        Some(value) => u32::try_from(value)
+            .ok()
+            .filter(|value| *value <= REQUIRED_APPROVALS_MAX)
+            .ok_or_else(|| {
+                key_error(
+                    "required_approvals",
+                    format!("{value} is not between 0 and {REQUIRED_APPROVALS_MAX}"),
+                )
+            })?,
+    };
+    let policy = kairos_core::ReviewPolicy {
+        required_approvals,
+        reviewers_from: raw.reviewers_from.unwrap_or_default(),
+        authors_cannot_approve: raw.authors_cannot_approve.unwrap_or(false),
+        require_prediction_below: raw.require_prediction_below,
+    };
+    policy.validate().map_err(|error| {
+        let field = match &error {
+            ReviewPolicyError::TooManyApprovals(_) | ReviewPolicyError::Unreachable { .. } => {
+                "required_approvals"
+            }
+            ReviewPolicyError::TooManyReviewers
+            | ReviewPolicyError::BadReviewer(_)
+            | ReviewPolicyError::DuplicateReviewer(_) => "reviewers_from",
+            ReviewPolicyError::PredictionBound(_) => "require_prediction_below",
+        };
+        key_error(field, error.to_string())
+    })?;
+    Ok(policy)
 }
 
 /// Values given on the command line; they override every other layer.
@@ -805,6 +874,27 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
                         return Err(key_error(&key, "gives no rule".into()));
                     }
                 }
+            }
+        }
+        if let Some(raw) = replica.policy {
+            let key = format!("replica[{index}].policy");
+            let replica_policy = RawReviewPolicy {
+                required_approvals: raw.required_approvals,
+                reviewers_from: raw.reviewers_from,
+                authors_cannot_approve: raw.authors_cannot_approve,
+                require_prediction_below: raw.require_prediction_below,
+            };
+            definition.review_policy = Some(review_policy(source_name, &key, replica_policy)?);
+            for (timeline, raw) in raw.timeline {
+                let key = format!("{key}.timeline.{timeline}");
+                if !kairos_core::spec::is_valid_timeline_name(&timeline) {
+                    return Err(key_error(
+                        &key,
+                        format!("{timeline:?} is not a timeline name"),
+                    ));
+                }
+                let policy = review_policy(source_name, &key, raw)?;
+                definition.timeline_review_policy.insert(timeline, policy);
             }
         }
         for (field, text, target) in [
@@ -1159,6 +1249,53 @@ mod store_backend {
             assert!(file.starts_with(dir.path()), "{}", file.display());
         }
         config
+    }
+
+    #[test]
+    fn review_policies_are_read_per_timeline_and_bad_values_name_their_key() {
+        let config = load_text(
+            "[[replica]]\nname = \"web\"\nroot = \"/srv\"\n[replica.policy]\nrequired_approvals = 1\n[replica.policy.timeline.shared]\nrequired_approvals = 2\nreviewers_from = [\"team-a\", \"team-b\", \"sre\"]\nauthors_cannot_approve = true\nrequire_prediction_below = 0.3\n",
+        );
+        let config = match config {
+            Err(error) => panic!("{error}"),
+            Ok(config) => config,
+        };
+        let web = &config.replicas[0];
+        assert_eq!(web.review_policy_of("main").unwrap().required_approvals, 1);
+        let shared = web.review_policy_of("shared").unwrap();
+        assert_eq!(shared.required_approvals, 2);
+        assert_eq!(shared.reviewers_from, ["team-a", "team-b", "sre"]);
+        assert_eq!(shared.require_prediction_below, Some(0.3));
+        for (text, expected) in [
+            (
+                "[replica.policy]\nrequired_approvals = -1\n",
+                "replica[0].policy.required_approvals: -1 is not between 0 and 32",
+            ),
+            (
+                "[replica.policy]\nrequired_approvals = 100\n",
+                "replica[0].policy.required_approvals: 100 is not between 0 and 32",
+            ),
+            (
+                "[replica.policy.timeline.t]\nrequired_approvals = 3\nreviewers_from = [\"a\", \"b\"]\n",
+                "replica[0].policy.timeline.t.required_approvals: required_approvals = 3 can never be met",
+            ),
+            (
+                "[replica.policy]\nrequire_prediction_below = 1.5\n",
+                "replica[0].policy.require_prediction_below: require_prediction_below = 1.5 is not above 0",
+            ),
+            (
+                "[replica.policy]\nreviewers_from = [\"a b\"]\n",
+                "replica[0].policy.reviewers_from",
+            ),
+            (
+                "[replica.policy]\nrequired_approval = 1\n",
+                "required_approval",
+            ),
+        ] {
+            let text = format!("[[replica]]\nname = \"web\"\nroot = \"/srv\"\n{text}");
+            let error = load_text(&text).unwrap_err().to_string();
+            assert!(error.contains(expected), "{text}: {error}");
+        }
     }
 
     #[test]

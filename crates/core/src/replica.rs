@@ -51,6 +51,12 @@ pub struct ReplicaDefinition {
     /// Policies of single timelines, over `retention`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub timeline_retention: BTreeMap<String, crate::RetentionPolicy>,
+    /// What a proposal needs before a commit (approvals, predicted risk); none: nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review_policy: Option<crate::ReviewPolicy>,
+    /// Policies of single timelines, in place of `review_policy`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub timeline_review_policy: BTreeMap<String, crate::ReviewPolicy>,
 }
 
 pub const CHECK_TIMEOUT_MS_DEFAULT: u64 = 60_000;
@@ -138,7 +144,16 @@ impl ReplicaDefinition {
             probes: Vec::new(),
             retention: None,
             timeline_retention: BTreeMap::new(),
+            review_policy: None,
+            timeline_review_policy: BTreeMap::new(),
         }
+    }
+
+    /// The review policy of `timeline`: its own, else the replica's, else none.
+    pub fn review_policy_of(&self, timeline: &str) -> Option<&crate::ReviewPolicy> {
+        self.timeline_review_policy
+            .get(timeline)
+            .or(self.review_policy.as_ref())
     }
 
     /// The policy of `timeline`: its own, the replica's, or `default`.
@@ -245,6 +260,16 @@ impl ReplicaDefinition {
             policy
                 .validate()
                 .map_err(|error| invalid(format!("retention of timeline {timeline:?}: {error}")))?;
+        }
+        if let Some(policy) = &self.review_policy {
+            policy
+                .validate()
+                .map_err(|error| invalid(format!("policy: {error}")))?;
+        }
+        for (timeline, policy) in &self.timeline_review_policy {
+            policy
+                .validate()
+                .map_err(|error| invalid(format!("policy of timeline {timeline:?}: {error}")))?;
         }
         if !(10..=600_000).contains(&self.probe_interval_ms) {
             return Err(invalid(format!(

@@ -124,6 +124,15 @@ impl From<CatalogError> for ApiError {
             CatalogError::NotPending { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "commit_not_pending", message)
             }
+            CatalogError::UnknownProposal { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_proposal", message)
+            }
+            CatalogError::ProposalCommitted { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "proposal_committed", message)
+            }
+            CatalogError::ReviewsChanged { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "reviews_changed", message)
+            }
             CatalogError::PartyExists(_) => {
                 ApiError::new(StatusCode::CONFLICT, "party_exists", message)
             }
@@ -241,6 +250,23 @@ impl From<kairos_ops::OpsError> for ApiError {
                 }
             }
             OpsError::Credentials(message) => ApiError::internal(message),
+            OpsError::Review(error) => {
+                let message = error.to_string();
+                match error {
+                    kairos_ops::review::ReviewError::OwnProposal { .. } => {
+                        ApiError::new(StatusCode::FORBIDDEN, "own_proposal", message)
+                    }
+                    kairos_ops::review::ReviewError::PolicyNotMet { .. } => {
+                        ApiError::new(StatusCode::CONFLICT, "policy_not_met", message)
+                    }
+                    kairos_ops::review::ReviewError::CommentTooLong { .. } => {
+                        ApiError::bad_request("bad_review", message)
+                    }
+                    kairos_ops::review::ReviewError::BadStatus(_) => {
+                        ApiError::bad_request("bad_status", message)
+                    }
+                }
+            }
             OpsError::Revert(error) => {
                 let message = error.to_string();
                 match error {
@@ -311,7 +337,7 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
 #[openapi(
     info(
         title = "Kairos node API",
-        description = "Capture, history, replay, diff, restore and verify of service replicas; timelines, proposals, sandboxes, commits with automated rollback, reverts and the audit log."
+        description = "Capture, history, replay, diff, restore and verify of service replicas; timelines, proposals, reviews, sandboxes, commits with automated rollback, reverts and the audit log."
     ),
     paths(
         health,
@@ -334,8 +360,10 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
         crate::changes::delete_timeline,
         crate::changes::forget,
         crate::changes::create_proposal,
+        crate::changes::list_proposals,
         crate::changes::get_proposal,
         crate::changes::validate_proposal,
+        crate::changes::review_proposal,
         crate::changes::sandbox_proposal,
         crate::changes::commit_proposal,
         crate::changes::get_commit,
@@ -362,6 +390,7 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
         crate::wire::ProposeRequest,
         crate::wire::SandboxRequest,
         crate::wire::CommitRequest,
+        crate::wire::ReviewRequest,
         crate::wire::RevertRequest,
         crate::wire::PartyRequest,
         crate::wire::PredictRequest,
@@ -419,7 +448,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route(
             "/api/replicas/{name}/proposals",
-            post(crate::changes::create_proposal).layer(DefaultBodyLimit::max(proposal_limit)),
+            get(crate::changes::list_proposals)
+                .post(crate::changes::create_proposal)
+                .layer(DefaultBodyLimit::max(proposal_limit)),
         )
         .route(
             "/api/replicas/{name}/proposals/validate",
@@ -432,6 +463,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/api/replicas/{name}/proposals/{id}/sandbox",
             post(crate::changes::sandbox_proposal),
+        )
+        .route(
+            "/api/replicas/{name}/proposals/{id}/review",
+            post(crate::changes::review_proposal),
         )
         .route(
             "/api/replicas/{name}/proposals/{id}/commit",

@@ -85,6 +85,10 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
             ["", "api", "replicas", _, "proposals", _, "commit"]
             | ["", "api", "replicas", _, "model", "train"],
         ) => Some(Role::Committer),
+        // Approvals and rejections count towards a timeline's review policy.
+        (&Method::POST, ["", "api", "replicas", _, "proposals", _, "review"]) => {
+            Some(Role::Reviewer)
+        }
         // Ranks values without storing anything.
         (&Method::POST, ["", "api", "replicas", _, "suggest"]) => Some(Role::Viewer),
         (
@@ -271,6 +275,16 @@ mod tests {
                 Method::POST,
                 "/api/replicas/web/revert",
                 Some(Role::Committer),
+            ),
+            (
+                Method::POST,
+                "/api/replicas/web/proposals/abcd/review",
+                Some(Role::Reviewer),
+            ),
+            (
+                Method::GET,
+                "/api/replicas/web/proposals",
+                Some(Role::Viewer),
             ),
             // Predictions are stored records: proposers; training swaps the serving
             // model: committers; suggest and the model's status and report only read.

@@ -307,6 +307,56 @@ pub async fn get_proposal(
     Ok(Json(proposal).into_response())
 }
 
+#[utoipa::path(get, path = "/api/replicas/{name}/proposals", params(("name" = String, Path, description = "Replica"), crate::wire::ProposalsQuery), responses(
+    (status = 200, description = "The replica's proposals, newest first: author, base, status, approvals and rejections, latest prediction, last check, interference, what the review policy still asks"),
+    (status = 400, description = "Unknown status", body = ErrorBody), (status = 404, description = "Unknown replica", body = ErrorBody)))]
+pub async fn list_proposals(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    query: Result<
+        axum::extract::Query<crate::wire::ProposalsQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<Response, ApiError> {
+    let query = query
+        .map(|q| q.0)
+        .map_err(|rejection| ApiError::bad_request("bad_query", rejection.body_text()))?;
+    let status = query
+        .status
+        .as_deref()
+        .map(kairos_ops::review::ProposalStatus::parse)
+        .transpose()?;
+    let proposals = blocking(&shared, name.clone(), move |shared, _| {
+        Ok(shared
+            .service()
+            .proposals(&name, query.timeline.as_deref(), status)?)
+    })
+    .await?;
+    Ok(Json(proposals).into_response())
+}
+
+#[utoipa::path(post, path = "/api/replicas/{name}/proposals/{id}/review", request_body = crate::wire::ReviewRequest, params(("name" = String, Path, description = "Replica"), ("id" = String, Path, description = "Proposal id prefix")), responses(
+    (status = 200, description = "The review, with every party's standing verdict and what the policy still asks"),
+    (status = 403, description = "Below the reviewer role, or an author approving its own proposal where the policy forbids it", body = ErrorBody),
+    (status = 404, description = "Unknown proposal", body = ErrorBody),
+    (status = 409, description = "The proposal is already committed", body = ErrorBody)))]
+pub async fn review_proposal(
+    State(shared): State<Arc<Shared>>,
+    Extension(acting): Extension<Acting>,
+    Path((name, id)): Path<(String, String)>,
+    payload: Result<Json<crate::wire::ReviewRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_input(payload)?;
+    let party = party(&acting, request.party)?;
+    let review = blocking(&shared, name.clone(), move |shared, _| {
+        Ok(shared
+            .service()
+            .review(&name, &id, request.verdict, request.comment, &party)?)
+    })
+    .await?;
+    Ok(Json(review).into_response())
+}
+
 #[utoipa::path(post, path = "/api/replicas/{name}/proposals/{id}/sandbox", request_body = SandboxRequest, params(("name" = String, Path, description = "Replica"), ("id" = String, Path, description = "Proposal id prefix")), responses(
     (status = 200, description = "The sandbox: diff, touched paths and (with run_check) the check's outcome"), (status = 404, description = "Unknown proposal", body = ErrorBody)))]
 pub async fn sandbox_proposal(
@@ -337,7 +387,7 @@ pub async fn sandbox_proposal(
 #[utoipa::path(post, path = "/api/replicas/{name}/proposals/{id}/commit", request_body = CommitRequest, params(("name" = String, Path, description = "Replica")
 , ("id" = String, Path, description = "Proposal id prefix")), responses(
     (status = 200, description = "The commit record: status committed, rolled_back, conflict or (without wait) watching"),
-    (status = 409, description = "Another commit is in progress on the replica (code commit_in_progress)", body = ErrorBody)))]
+    (status = 409, description = "Another commit is in progress on the replica (code commit_in_progress), or the timeline's review policy is not met (code policy_not_met, naming what is missing)", body = ErrorBody)))]
 pub async fn commit_proposal(
     State(shared): State<Arc<Shared>>,
     Extension(acting): Extension<Acting>,
@@ -356,7 +406,14 @@ pub async fn commit_proposal(
         // Predicted before anything is applied, so that the outcome scores it.
         let prediction =
             service.prediction_before_commit(&name, &id, request.ops.as_deref(), &party);
-        let record = service.begin_commit(&name, &id, request.ops.as_deref(), &party, &capturer)?;
+        let record = service.begin_commit(
+            &name,
+            &id,
+            request.ops.as_deref(),
+            &party,
+            &capturer,
+            prediction.as_ref(),
+        )?;
         if record.status != kairos_commit::CommitStatus::Watching {
             crate::predictor::outcome_arrived(&shared, &name);
             return Ok(CommitJson { record, prediction });

@@ -12,6 +12,7 @@ pub mod bisect;
 pub mod culprit;
 pub mod fuzz;
 pub mod learn;
+pub mod review;
 pub mod wire;
 
 use std::io::Write;
@@ -106,6 +107,8 @@ pub enum OpsError {
     Gc(#[from] GcError),
     #[error("hashing a NATS password: {0}")]
     Credentials(String),
+    #[error(transparent)]
+    Review(review::ReviewError),
 }
 
 /// The bcrypt cost of NATS passwords (nats-server checks one per connection).
@@ -460,6 +463,9 @@ impl Service<'_> {
         )?;
         let mut json = ProposalJson::from(&proposal);
         json.prediction = self.prediction_for(&replica, &proposal, None, party);
+        // Every party whose open proposal touches the same entries is told now, before
+        // either commits.
+        json.interference = self.find_overlaps(&proposal, party)?;
         Ok(json)
     }
 
@@ -555,7 +561,14 @@ impl Service<'_> {
         // The sandbox is stored whatever happens to its outcome record: one that could
         // not be written is recovered from the sandbox record before the next training.
         let _ = self.record_sandbox_outcome(&replica, &proposal, &report, record_id, now, party);
-        Ok(SandboxJson { report, prediction })
+        let (combined_checks, interference) =
+            self.combined_checks(&replica, &proposal, &report, party)?;
+        Ok(SandboxJson {
+            report,
+            prediction,
+            combined_checks,
+            interference,
+        })
     }
 
     fn committer<'a>(
@@ -569,12 +582,15 @@ impl Service<'_> {
             limits: self.limits,
             capturer,
             protected: self.skip.clone(),
+            reviews_seen: None,
         }
     }
 
     /// Starts a commit of a proposal's chosen ops: the record is `watching` (call
     /// [`Service::watch`]) or final. While another commit of the replica is in progress
-    /// it is refused as busy.
+    /// it is refused as busy; a proposal that does not meet its timeline's review policy
+    /// (judged with `prediction`, the one made for this commit) is refused, naming what
+    /// it lacks, and nothing is written.
     pub fn begin_commit(
         &self,
         name: &str,
@@ -582,12 +598,14 @@ impl Service<'_> {
         ops: Option<&[usize]>,
         party: &str,
         capturer: &dyn Capturer,
+        prediction: Option<&learn::PredictionJson>,
     ) -> Result<CommitRecord> {
         let replica = self.store.replica(name)?;
         let proposal = self.proposal(name, id)?;
-        let record = self
-            .committer(&replica, capturer)
-            .begin(&proposal, ops, party)?;
+        let reviews_seen = self.check_policy(&replica, &proposal, prediction)?;
+        let mut committer = self.committer(&replica, capturer);
+        committer.reviews_seen = reviews_seen;
+        let record = committer.begin(&proposal, ops, party)?;
         if record.status.is_final() {
             // Recovered from the commit record before the next training if it fails.
             let _ = self.record_commit_outcome(&record);

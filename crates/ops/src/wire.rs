@@ -350,6 +350,33 @@ fn default_true() -> bool {
     true
 }
 
+/// `POST /api/replicas/{name}/proposals/{id}/review`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReviewRequest {
+    /// `approve` or `reject`
+    #[schema(value_type = String)]
+    pub verdict: kairos_core::Verdict,
+    #[serde(default)]
+    pub comment: Option<String>,
+    /// The party reviewing (with a token: the token's party)
+    #[serde(default)]
+    pub party: Option<String>,
+}
+
+/// `GET /api/replicas/{name}/proposals`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ProposalsQuery {
+    /// Only proposals on this timeline
+    #[serde(default)]
+    pub timeline: Option<String>,
+    /// Only proposals with this status: open, rejected, committing, committed,
+    /// rolled_back, conflict, failed
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
 /// `POST /api/replicas/{name}/revert`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -376,6 +403,9 @@ pub struct ProposalJson {
     /// The predicted outcome of all its ops, made as it was stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prediction: Option<PredictionJson>,
+    /// Open proposals of the same timeline that touch the same entries (each is told).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interference: Vec<kairos_store::audit::InterferenceEvent>,
 }
 
 /// A sandbox with the prediction made before it ran.
@@ -385,6 +415,13 @@ pub struct SandboxJson {
     pub report: kairos_sandbox::SandboxReport,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prediction: Option<PredictionJson>,
+    /// After a passing check: the check run with other open proposals of the timeline
+    /// whose own check passed, applied together (which partners, and the result).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub combined_checks: Vec<crate::review::CombinedCheckJson>,
+    /// The interference those combined checks found.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interference: Vec<kairos_store::audit::InterferenceEvent>,
 }
 
 /// A commit with the prediction made before it was applied.
@@ -409,6 +446,7 @@ impl From<&kairos_sandbox::Proposal> for ProposalJson {
             created: proposal.created,
             ops: proposal.ops.iter().map(|op| op.describe()).collect(),
             prediction: None,
+            interference: Vec::new(),
         }
     }
 }

@@ -456,34 +456,7 @@ pub fn sandbox(
     let (files, config) =
         kairos_replay::diff_files(store, &Hash(root.files), &Hash(applied.root_node.files))?;
     let check = if run_check {
-        let scratch = tempfile::Builder::new()
-            .prefix("kairos-sandbox-")
-            .tempdir()
-            .map_err(|e| SandboxError::Command {
-                what: "the sandbox check".into(),
-                reason: format!("making a scratch directory: {e}"),
-            })?;
-        let into = scratch.path().join("root");
-        let view = state_view(
-            &replica.name,
-            &base,
-            applied.root,
-            applied.root_node.clone(),
-        );
-        materialise(store, &view, &into)?;
-        let template = replica.check.as_deref().unwrap_or_default();
-        let outcome = command::run(
-            &command::expand(template, &into),
-            &into,
-            Duration::from_millis(replica.check_timeout_ms),
-            limits.command_output_bytes_max,
-            true,
-        )
-        .map_err(|e| SandboxError::Command {
-            what: format!("the check {template:?}"),
-            reason: e.to_string(),
-        })?;
-        Some(outcome)
+        Some(run_check_on(store, replica, &base, &applied, limits)?)
     } else {
         None
     };
@@ -530,4 +503,66 @@ pub fn sandbox(
         .with_audit(event),
     )?;
     Ok(report)
+}
+
+/// Materialises an applied state in a scratch directory and runs the replica's check
+/// there (the scratch copy is removed afterwards).
+fn run_check_on(
+    store: &Store,
+    replica: &ReplicaDefinition,
+    base: &FrameRecord,
+    applied: &Applied,
+    limits: &Limits,
+) -> Result<CommandOutcome, SandboxError> {
+    let Some(template) = replica.check.as_deref() else {
+        return Err(SandboxError::NoCheck(replica.name.clone()));
+    };
+    let scratch = tempfile::Builder::new()
+        .prefix("kairos-sandbox-")
+        .tempdir()
+        .map_err(|e| SandboxError::Command {
+            what: "the sandbox check".into(),
+            reason: format!("making a scratch directory: {e}"),
+        })?;
+    let into = scratch.path().join("root");
+    let view = state_view(&replica.name, base, applied.root, applied.root_node.clone());
+    materialise(store, &view, &into)?;
+    command::run(
+        &command::expand(template, &into),
+        &into,
+        Duration::from_millis(replica.check_timeout_ms),
+        limits.command_output_bytes_max,
+        true,
+    )
+    .map_err(|e| SandboxError::Command {
+        what: format!("the check {template:?}"),
+        reason: e.to_string(),
+    })
+}
+
+/// The check run on several proposals applied together: the chosen ops of each, in the
+/// order given, on the first one's base (what the timeline holds once all of them are
+/// committed). Nothing is recorded; an op that does not apply on top of the others is
+/// an error naming it.
+pub fn check_together(
+    store: &Store,
+    replica: &ReplicaDefinition,
+    parts: &[(&Proposal, Option<&[usize]>)],
+    limits: &Limits,
+    now: Instant,
+) -> Result<CommandOutcome, SandboxError> {
+    let Some((first, _)) = parts.first() else {
+        return Err(SandboxError::Invalid(
+            "no proposals to check together".into(),
+        ));
+    };
+    let base = proposal_base(store, first)?;
+    let root = base_root(store, &base)?;
+    let mut ops = Vec::new();
+    for (proposal, chosen) in parts {
+        ops.extend(select_ops(proposal, *chosen)?);
+    }
+    let applied = apply_ops(store, replica, &root, &ops, limits, now)?;
+    applied.persist()?;
+    run_check_on(store, replica, &base, &applied, limits)
 }

@@ -42,6 +42,11 @@ pub enum AuditEvent {
     Model(ModelEvent),
     /// Frames were forgotten by retention rules.
     Forget(ForgetEvent),
+    /// A party approved or rejected a proposal.
+    Review(ReviewEvent),
+    /// Open proposals on one timeline interfere: they touch the same entries, or their
+    /// combined sandbox fails its check while each passes alone.
+    Interference(InterferenceEvent),
 }
 
 impl AuditEvent {
@@ -60,6 +65,8 @@ impl AuditEvent {
             AuditEvent::Outcome(_) => "outcome",
             AuditEvent::Model(_) => "model",
             AuditEvent::Forget(_) => "forget",
+            AuditEvent::Review(_) => "review",
+            AuditEvent::Interference(_) => "interference",
         }
     }
 }
@@ -210,6 +217,57 @@ pub struct ForgetEvent {
     pub oldest: Option<Instant>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub newest: Option<Instant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReviewEvent {
+    pub proposal: Hash,
+    pub verdict: kairos_core::Verdict,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// The proposal's author (the party the review is addressed to).
+    pub author: String,
+}
+
+/// A proposal in an interference, with its author.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterferingProposal {
+    pub proposal: Hash,
+    pub author: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InterferenceEvent {
+    /// Every proposal involved (the newest first), each told through its record.
+    pub proposals: Vec<InterferingProposal>,
+    #[serde(flatten)]
+    pub finding: InterferenceFinding,
+}
+
+/// What interferes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum InterferenceFinding {
+    /// The proposals touch the same entries: file paths (one inside the other counts) and
+    /// config keys (`file:key`).
+    Overlap { entries: Vec<String> },
+    /// Each proposal's check passes alone; applied together (the ops of each, in the
+    /// order listed, on the first one's base) the check fails, or the ops do not apply.
+    CombinedCheck {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        check: Option<CheckSummary>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        problem: Option<String>,
+    },
+}
+
+impl InterferenceFinding {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            InterferenceFinding::Overlap { .. } => "overlap",
+            InterferenceFinding::CombinedCheck { .. } => "combined_check",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

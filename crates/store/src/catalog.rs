@@ -129,6 +129,20 @@ pub enum CatalogError {
         "replica {replica:?}: the catalog key {key} kept changing under the command; try again"
     )]
     Contended { replica: String, key: String },
+    #[error("replica {replica:?}: no proposal {proposal} (see `kairos proposals {replica}`)")]
+    UnknownProposal { replica: String, proposal: String },
+    #[error(
+        "replica {replica:?}: proposal {proposal} is already committed (commit {commit}); a review no longer changes anything"
+    )]
+    ProposalCommitted {
+        replica: String,
+        proposal: String,
+        commit: String,
+    },
+    #[error(
+        "replica {replica:?}: proposal {proposal} was reviewed while the commit was checked against its policy; commit again"
+    )]
+    ReviewsChanged { replica: String, proposal: String },
     #[error("party {0:?} already exists")]
     PartyExists(String),
     #[error("no party {0:?} (see `kairos party list`)")]
@@ -207,6 +221,16 @@ impl Store {
     /// Stores a frame and moves the timeline head to it, atomically and durably (an
     /// `AppendFrame` command).
     pub fn commit_frame(&self, draft: FrameDraft) -> Result<FrameRecord, CatalogError> {
+        self.commit_frame_guarded(draft, None)
+    }
+
+    /// [`Store::commit_frame`] refused when the proposal state a commit's policy was
+    /// decided on changed since (a fork's commit).
+    pub fn commit_frame_guarded(
+        &self,
+        draft: FrameDraft,
+        reviews_seen: Option<crate::review::ReviewGuard>,
+    ) -> Result<FrameRecord, CatalogError> {
         let command = Command::new(
             draft.time,
             &draft.replica,
@@ -226,7 +250,8 @@ impl Store {
                     capture_ms: draft.capture_ms,
                 },
             },
-        );
+        )
+        .with_reviews_seen(reviews_seen);
         self.submit(&command)?
             .frame
             .ok_or_else(|| CatalogError::Invalid("an appended frame was not returned".into()))

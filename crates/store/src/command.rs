@@ -44,6 +44,10 @@ pub struct Command {
     pub change: Change,
     /// Appended to the replica's audit log, in order, in the same batch as the change.
     pub audit: Vec<AuditEvent>,
+    /// The proposal state a commit's policy was decided on: the command is refused if
+    /// a review (or any note) changed it since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reviews_seen: Option<crate::review::ReviewGuard>,
 }
 
 /// Record families kept beside the catalog, each under its own key prefix.
@@ -106,6 +110,9 @@ pub struct FrameFields {
 }
 
 /// What a command changes.
+// One command per operation, moved once into `submit`: the size of the registration
+// variant (a whole replica definition) costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Change {
@@ -175,6 +182,16 @@ pub enum Change {
         #[serde(default)]
         unlisted: bool,
     },
+    /// A party's review of a proposal (it replaces that party's earlier one); refused for
+    /// a proposal not stored or already committed.
+    Review {
+        proposal: Hash,
+        review: crate::review::Review,
+    },
+    /// Interference between proposals, noted on each of them.
+    NoteInterference {
+        note: crate::review::InterferenceNote,
+    },
     /// Forgets the named frames of the replica (their records and every time index entry
     /// naming them); refused whole if one is unknown, another replica's, or something
     /// still needs it (a head, a proposal's base, the last good frame, a commit in
@@ -222,7 +239,14 @@ impl Command {
             party: party.to_string(),
             change,
             audit: Vec::new(),
+            reviews_seen: None,
         }
+    }
+
+    /// Guards the command by the proposal state its policy decision read.
+    pub fn with_reviews_seen(mut self, guard: Option<crate::review::ReviewGuard>) -> Command {
+        self.reviews_seen = guard;
+        self
     }
 
     pub fn with_audit(mut self, event: AuditEvent) -> Command {
@@ -273,6 +297,9 @@ pub fn apply(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, Catalo
         }
         batch.check(replica_key.clone(), registered.clone())?;
     }
+    if let Some(guard) = &command.reviews_seen {
+        guard_reviews(view, &mut batch, replica, guard)?;
+    }
     match &command.change {
         Change::RegisterReplica {
             definition,
@@ -308,6 +335,14 @@ pub fn apply(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, Catalo
                     guard_frame(view, &mut batch, replica, &base)?;
                 }
             }
+            if *family == RecordFamily::Sandbox
+                && let Some((proposal, check)) =
+                    crate::review::check_of_sandbox(&record.0, command.time)
+            {
+                crate::review::edit_state(view, &mut batch, replica, &proposal, |state| {
+                    state.check = Some(check);
+                })?;
+            }
             let key = keys::replica_record(family.prefix(), replica, id.as_bytes());
             batch.put(key.clone(), encode("record", &key, record)?)?;
         }
@@ -325,6 +360,23 @@ pub fn apply(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, Catalo
             }
             let key = keys::replica_record(keys::COMMIT, replica, commit.as_bytes());
             batch.put(key.clone(), encode("commit", &key, record)?)?;
+            mark_committed(&mut batch, replica, commit, record)?;
+        }
+        Change::Review { proposal, review } => {
+            apply_review(view, &mut batch, replica, proposal, review)?;
+        }
+        Change::NoteInterference { note } => {
+            for involved in &note.event.proposals {
+                crate::review::edit_state(
+                    view,
+                    &mut batch,
+                    replica,
+                    &involved.proposal,
+                    |state| {
+                        crate::review::add_interference(state, note);
+                    },
+                )?;
+            }
         }
         Change::BeginCommit {
             commit,
@@ -443,6 +495,93 @@ pub fn apply(view: &dyn KvSnapshot, command: &Command) -> Result<Planned, Catalo
         applied.audit = append_audit(view, &mut batch, command)?;
     }
     Ok(Planned { batch, applied })
+}
+
+/// Refuses a commit whose proposal state moved since its policy was decided.
+fn guard_reviews(
+    view: &dyn KvSnapshot,
+    batch: &mut WriteBatch,
+    replica: &str,
+    guard: &crate::review::ReviewGuard,
+) -> Result<(), CatalogError> {
+    let key = crate::review::state_key(replica, &guard.proposal);
+    let value = view.get(&key)?;
+    if value.as_deref().map(crate::review::state_digest) != guard.state {
+        return Err(CatalogError::ReviewsChanged {
+            replica: replica.to_string(),
+            proposal: guard.proposal.short(),
+        });
+    }
+    batch.check(key, value)?;
+    Ok(())
+}
+
+/// A review: the proposal must be stored and not yet committed (both guarded).
+fn apply_review(
+    view: &dyn KvSnapshot,
+    batch: &mut WriteBatch,
+    replica: &str,
+    proposal: &Hash,
+    review: &crate::review::Review,
+) -> Result<(), CatalogError> {
+    let proposal_key = keys::replica_record(keys::PROPOSAL, replica, proposal.as_bytes());
+    let Some(summary) = view.get(&proposal_key)? else {
+        return Err(CatalogError::UnknownProposal {
+            replica: replica.to_string(),
+            proposal: proposal.short(),
+        });
+    };
+    batch.check(proposal_key, Some(summary))?;
+    let committed_key = crate::review::committed_key(replica, proposal);
+    if let Some(commit) = view.get(&committed_key)? {
+        return Err(CatalogError::ProposalCommitted {
+            replica: replica.to_string(),
+            proposal: proposal.short(),
+            commit: Hash::from_slice(&commit)
+                .map(|id| id.short())
+                .unwrap_or_else(|| printable(&commit)),
+        });
+    }
+    batch.check(committed_key, None)?;
+    if review
+        .comment
+        .as_ref()
+        .is_some_and(|comment| comment.len() > crate::review::REVIEW_COMMENT_BYTES_MAX)
+    {
+        return Err(CatalogError::Invalid(format!(
+            "a review comment is at most {} bytes",
+            crate::review::REVIEW_COMMENT_BYTES_MAX
+        )));
+    }
+    let mut stored = true;
+    crate::review::edit_state(view, batch, replica, proposal, |state| {
+        stored = crate::review::upsert_review(state, review);
+    })?;
+    if !stored {
+        return Err(CatalogError::Invalid(format!(
+            "proposal {}: {} parties have reviewed it already, the most one proposal takes",
+            proposal.short(),
+            crate::review::REVIEWS_PER_PROPOSAL_MAX
+        )));
+    }
+    Ok(())
+}
+
+/// A commit record whose status is `committed` marks its proposal committed.
+fn mark_committed(
+    batch: &mut WriteBatch,
+    replica: &str,
+    commit: &Hash,
+    record: &RecordBody,
+) -> Result<(), CatalogError> {
+    let committed = record.0.get("status").and_then(|s| s.as_str()) == Some("committed");
+    if let Some(proposal) = frame_field(record, "proposal").filter(|_| committed) {
+        batch.put(
+            crate::review::committed_key(replica, &proposal),
+            commit.as_bytes().to_vec(),
+        )?;
+    }
+    Ok(())
 }
 
 /// `main` follows the live replica: it is never forked onto or deleted.
@@ -619,6 +758,7 @@ fn advance_commit(
     }
     let key = keys::replica_record(keys::COMMIT, replica, commit.as_bytes());
     batch.put(key.clone(), encode("commit", &key, record)?)?;
+    mark_committed(batch, replica, &commit, record)?;
     if let Some(frame) = last_good {
         guard_frame(view, batch, replica, frame)?;
         batch.put(good_key(replica), frame.as_bytes().to_vec())?;

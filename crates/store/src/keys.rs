@@ -94,6 +94,10 @@ pub const PENDING: &[u8] = b"P/";
 /// Predictions and outcomes of proposals (the predictor's scored record and examples).
 pub const PREDICTION: &[u8] = b"q/";
 pub const OUTCOME: &[u8] = b"u/";
+/// A proposal's collaboration record (reviews, interference, last check) and the marker
+/// of a proposal committed once (`review.rs`).
+pub const PROPOSAL_STATE: &[u8] = b"w/";
+pub const PROPOSAL_COMMITTED: &[u8] = b"W/";
 /// The runtime series of each replica (`series.rs`): `n/<replica>\0<tier><bucket start>`.
 /// Not catalog keys: observations beside the frames, not history.
 pub const SERIES: &[u8] = b"n/";

@@ -12,6 +12,7 @@
 //! - [`command`]: the one write path of the catalog: typed commands, applied as guarded batches;
 //! - [`audit`]: typed audit events, hash-chained;
 //! - [`changes`]: forks, proposal, sandbox and commit records, last good and pending commits;
+//! - [`review`]: each proposal's reviews, interference and last check, and the commit guard;
 //! - [`retention`]: what a retention policy forgets, and what is never forgotten;
 //! - [`series`]: the runtime metrics sampled on every capture, downsampled with age;
 //! - [`models`]: the predictor's model files of each replica, versioned;
@@ -45,6 +46,7 @@ pub mod redb_backend;
 pub mod redb_check;
 pub mod repair;
 pub mod retention;
+pub mod review;
 pub mod series;
 pub mod store;
 pub mod tree;

@@ -17,6 +17,7 @@ mod nats;
 mod node;
 mod predict_node;
 mod predict_real;
+mod review;
 mod store_trust;
 mod telemetry;
 mod trust;
