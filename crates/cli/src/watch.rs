@@ -177,8 +177,18 @@ fn watch_nats(url: &str, options: &WatchOptions) -> Result<()> {
         while let Some(message) = futures::StreamExt::next(&mut messages).await {
             let message =
                 message.map_err(|error| anyhow!("reading stream {stream_name}: {error}"))?;
-            let event: FeedEvent = serde_json::from_slice(&message.payload)
-                .context("an event on the stream is not one")?;
+            // Only the node publishes here, but a NATS server without authorization lets
+            // anyone: what is not an event is said and skipped.
+            let event: FeedEvent = match serde_json::from_slice(&message.payload) {
+                Ok(event) => event,
+                Err(error) => {
+                    eprintln!(
+                        "kairos: warning: a message on {} is not an event ({error}); skipped",
+                        message.subject
+                    );
+                    continue;
+                }
+            };
             print(&event, options.json, &mut out)?;
             seen += 1;
             if options.count.is_some_and(|count| seen >= count) {

@@ -367,11 +367,16 @@ fn nats(
         .url
         .strip_prefix("nats://")
         .ok_or_else(|| key_error("url", format!("{:?} is not a nats:// URL", raw.url)))?;
-    if address.is_empty() || address.contains(['@', '/', ' ']) {
+    let well_formed = address.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && !host.contains(['@', '/', ' ', ',', '?', '#'])
+            && port.parse::<u16>().is_ok_and(|port| port > 0)
+    });
+    if !well_formed {
         return Err(key_error(
             "url",
             format!(
-                "{:?} must be nats://HOST:PORT (credentials go in nats.user and nats.password)",
+                "{:?} must be nats://HOST:PORT with a port from 1 to 65535 (one server; credentials go in nats.user and nats.password)",
                 raw.url
             ),
         ));
@@ -380,10 +385,12 @@ fn nats(
         ("subject_prefix", &raw.subject_prefix),
         ("stream_prefix", &raw.stream_prefix),
     ] {
-        if !is_plain_token(value) {
+        if !is_plain_token(value) || !value.starts_with(|c: char| c.is_ascii_alphabetic()) {
             return Err(key_error(
                 key,
-                format!("{value:?} must be 1 to 64 letters, digits, - or _"),
+                format!(
+                    "{value:?} must be 1 to 64 letters, digits, - or _, starting with a letter (subjects starting with _ or $ are NATS's own)"
+                ),
             ));
         }
     }
@@ -1442,6 +1449,14 @@ mod shipped {
         for (text, named) in [
             ("[nats]\nurl = \"http://x:1\"\n", "nats.url"),
             ("[nats]\nurl = \"nats://u:p@x:1\"\n", "nats.url"),
+            ("[nats]\nurl = \"nats://127.0.0.1:99999\"\n", "nats.url"),
+            ("[nats]\nurl = \"nats://127.0.0.1\"\n", "nats.url"),
+            ("[nats]\nurl = \"nats://:4222\"\n", "nats.url"),
+            ("[nats]\nurl = \"nats://a:1,b:2\"\n", "nats.url"),
+            (
+                "[nats]\nurl = \"nats://x:1\"\nsubject_prefix = \"_INBOX_root\"\n",
+                "nats.subject_prefix",
+            ),
             (
                 "[nats]\nurl = \"nats://x:1\"\nsubject_prefix = \"a.b\"\n",
                 "nats.subject_prefix",

@@ -256,7 +256,11 @@ fn main() {
     // 2. Requests: validation only, then stored proposals.
     for verb in ["validate", "propose"] {
         let (answers, mut latencies) = runtime.block_on(async {
-            let client = async_nats::connect(&url).await.expect("connects");
+            let client = async_nats::ConnectOptions::new()
+                .custom_inbox_prefix("_INBOX_bench")
+                .connect(&url)
+                .await
+                .expect("connects");
             let deadline = Instant::now() + Duration::from_secs(args.seconds);
             let mut tasks = Vec::new();
             for worker in 0..args.in_flight {

@@ -551,8 +551,18 @@ async fn health() -> Json<HealthJson> {
 }
 
 #[utoipa::path(get, path = "/api/status", responses((status = 200, description = "Node status: replicas, store size, actor restarts", body = StatusJson)))]
-async fn status(State(shared): State<Arc<Shared>>) -> Result<Json<StatusJson>, ApiError> {
-    Ok(Json(shared.status()?))
+async fn status(
+    State(shared): State<Arc<Shared>>,
+    axum::Extension(acting): axum::Extension<crate::auth::Acting>,
+) -> Result<Json<StatusJson>, ApiError> {
+    let mut status = shared.status()?;
+    // A party limited to some replicas sees only theirs.
+    if let crate::auth::Acting::Party(party) = &acting {
+        status
+            .replicas
+            .retain(|replica| party.covers(&replica.name));
+    }
+    Ok(Json(status))
 }
 
 #[utoipa::path(get, path = "/api/openapi.json", responses((status = 200, description = "This OpenAPI 3 document")))]
@@ -883,6 +893,21 @@ async fn add_party(
     payload: Result<Json<crate::wire::PartyRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_input(payload)?;
+    if let Some(user) = shared
+        .config
+        .nats
+        .as_ref()
+        .and_then(|nats| nats.user.as_ref())
+        && *user == request.name
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "reserved_name",
+            format!(
+                "party {user:?} would have the NATS user of the node itself (nats.user); choose another name"
+            ),
+        ));
+    }
     let worker = shared.clone();
     let party = shared
         .replay

@@ -22,6 +22,51 @@ use crate::auth::Acting;
 
 /// Event streams served at once; more are answered 503.
 pub const EVENT_STREAMS_MAX: usize = 256;
+/// Event streams one party may hold at once (so no party takes them all); more are
+/// answered 429.
+pub const EVENT_STREAMS_PER_PARTY_MAX: usize = 16;
+
+/// One party's open stream, counted while it lives.
+struct PartyStream {
+    counts: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    party: String,
+}
+
+impl PartyStream {
+    fn open(
+        counts: &Arc<std::sync::Mutex<HashMap<String, usize>>>,
+        party: &str,
+    ) -> Result<PartyStream, ApiError> {
+        let mut open = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(party.to_string()).or_insert(0);
+        if *count >= EVENT_STREAMS_PER_PARTY_MAX {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                format!(
+                    "party {party:?} has {EVENT_STREAMS_PER_PARTY_MAX} event streams open already; close one"
+                ),
+            ));
+        }
+        *count += 1;
+        Ok(PartyStream {
+            counts: counts.clone(),
+            party: party.to_string(),
+        })
+    }
+}
+
+impl Drop for PartyStream {
+    fn drop(&mut self) {
+        let mut open = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.party) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.party);
+            }
+        }
+    }
+}
 /// Events buffered per stream before the reader waits for the client.
 const STREAM_BUFFER: usize = 64;
 /// How often a stream looks at the store when nothing told it of a change.
@@ -144,6 +189,13 @@ pub async fn events(
         }
         None => None,
     };
+    let party_stream = match &acting {
+        Acting::Party(party) => Some(PartyStream::open(
+            &shared.event_streams_by_party,
+            &party.name,
+        )?),
+        Acting::Anyone => None,
+    };
     let permit = shared
         .event_streams
         .clone()
@@ -164,6 +216,7 @@ pub async fn events(
     let worker = shared.clone();
     tokio::spawn(async move {
         let _permit = permit;
+        let _party_stream = party_stream;
         let mut cursor = cursor;
         let mut since = since;
         loop {

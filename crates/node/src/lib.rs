@@ -144,8 +144,9 @@ pub struct Shared {
     figures: Mutex<Option<crate::wire::StoreFiguresJson>>,
     /// Counts catalog changes: event streams and the NATS publisher wait on it.
     pub changes: tokio::sync::watch::Sender<u64>,
-    /// Event streams (`GET /api/events`) open at once.
+    /// Event streams (`GET /api/events`) open at once, and per party.
     pub event_streams: Arc<Semaphore>,
+    pub event_streams_by_party: Arc<Mutex<HashMap<String, usize>>>,
     /// The NATS side as the status endpoint shows it (`None` without NATS).
     pub nats_status: Mutex<Option<crate::wire::NatsStatusJson>>,
 }
@@ -394,6 +395,7 @@ pub async fn run(
         figures: Mutex::new(None),
         changes: tokio::sync::watch::Sender::new(0),
         event_streams: Arc::new(Semaphore::new(events::EVENT_STREAMS_MAX)),
+        event_streams_by_party: Arc::default(),
         nats_status: Mutex::new(None),
     });
     {

@@ -19,6 +19,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -146,38 +147,94 @@ pub fn inbox_prefix(party: &str) -> String {
     format!("_INBOX_{}", subject_token(party))
 }
 
-/// What a party may publish and subscribe to, by its role and replicas.
+/// A user's NATS permissions: subjects it may publish and subscribe to, and exceptions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Permissions {
+    pub publish: Vec<String>,
+    pub publish_deny: Vec<String>,
+    pub subscribe: Vec<String>,
+    pub subscribe_deny: Vec<String>,
+}
+
+/// What a party may publish and subscribe to, by its role and replicas. JetStream: it
+/// reads its replicas' streams through ephemeral consumers (server-named) or one durable
+/// consumer per stream named after itself; the durable consumers of the other `parties`
+/// are denied to it (a party cannot read, ack or delete another's), and no party deletes
+/// consumers or touches streams.
 pub fn permissions(
     party: &PartyRecord,
+    parties: &[PartyRecord],
     replicas: &[String],
     config: &NatsConfig,
-) -> (Vec<String>, Vec<String>) {
+) -> Permissions {
     let prefix = &config.subject_prefix;
-    let mut publish: Vec<String> = VERBS
-        .iter()
-        .filter(|verb| party.role >= verb.role)
-        .map(|verb| format!("{prefix}.api.{}", verb.name))
-        .collect();
-    publish.push("$JS.API.INFO".into());
-    let mut subscribe = vec![format!("{}.>", inbox_prefix(&party.name))];
+    let mut permissions = Permissions {
+        publish: VERBS
+            .iter()
+            .filter(|verb| party.role >= verb.role)
+            .map(|verb| format!("{prefix}.api.{}", verb.name))
+            .collect(),
+        subscribe: vec![format!("{}.>", inbox_prefix(&party.name))],
+        subscribe_deny: vec![format!("{prefix}.api.>")],
+        ..Permissions::default()
+    };
+    permissions.publish.push("$JS.API.INFO".into());
+    let own = subject_token(&party.name);
     for replica in replicas.iter().filter(|replica| party.covers(replica)) {
         let stream = stream_name(&config.stream_prefix, replica);
-        subscribe.push(format!("{prefix}.{}.>", subject_token(replica)));
-        for api in [
+        permissions
+            .subscribe
+            .push(format!("{prefix}.{}.>", subject_token(replica)));
+        permissions.publish.extend([
             format!("$JS.API.STREAM.INFO.{stream}"),
             format!("$JS.API.CONSUMER.CREATE.{stream}"),
-            format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
-            format!("$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>"),
-            format!("$JS.API.CONSUMER.INFO.{stream}.>"),
-            format!("$JS.API.CONSUMER.DELETE.{stream}.>"),
-            format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.>"),
+            format!("$JS.API.CONSUMER.CREATE.{stream}.{own}"),
+            format!("$JS.API.CONSUMER.CREATE.{stream}.{own}.>"),
+            format!("$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{own}"),
+            format!("$JS.API.CONSUMER.INFO.{stream}.*"),
+            format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.*"),
             format!("$JS.ACK.{stream}.>"),
             format!("$JS.FC.{stream}.>"),
-        ] {
-            publish.push(api);
+        ]);
+        for other in parties.iter().filter(|other| other.name != party.name) {
+            let other = subject_token(&other.name);
+            permissions.publish_deny.extend([
+                format!("$JS.API.CONSUMER.INFO.{stream}.{other}"),
+                format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{other}"),
+                format!("$JS.ACK.{stream}.{other}.>"),
+            ]);
         }
     }
-    (publish, subscribe)
+    permissions
+}
+
+/// The node's own permissions: publish events and JetStream requests (never purging or
+/// deleting a stream, a message or a consumer), answer requests only into inboxes,
+/// subscribe to requests and its own inbox.
+pub fn node_permissions(parties: &[PartyRecord], config: &NatsConfig) -> Permissions {
+    let prefix = &config.subject_prefix;
+    let mut publish = vec![
+        format!("{prefix}.>"),
+        "$JS.API.>".to_string(),
+        "_INBOX.>".to_string(),
+    ];
+    publish.extend(
+        parties
+            .iter()
+            .map(|party| format!("{}.>", inbox_prefix(&party.name))),
+    );
+    Permissions {
+        publish,
+        publish_deny: vec![
+            format!("{prefix}.api.>"),
+            "$JS.API.STREAM.PURGE.>".into(),
+            "$JS.API.STREAM.DELETE.>".into(),
+            "$JS.API.STREAM.MSG.DELETE.>".into(),
+            "$JS.API.CONSUMER.DELETE.>".into(),
+        ],
+        subscribe: vec![format!("{prefix}.api.*"), "_INBOX.>".into()],
+        subscribe_deny: Vec::new(),
+    }
 }
 
 fn quoted(text: &str) -> String {
@@ -189,40 +246,54 @@ fn list(items: &[String]) -> String {
     format!("[{}]", items.join(", "))
 }
 
-/// A nats-server `authorization` block (for `include`): the node's own user with every
-/// permission, and one user per party that has NATS credentials.
+fn user_entry(user: &str, password_bcrypt: &str, permissions: &Permissions) -> String {
+    format!(
+        "    {{ user: {}, password: {}, permissions: {{ publish: {{ allow: {}, deny: {} }}, subscribe: {{ allow: {}, deny: {} }} }} }}\n",
+        quoted(user),
+        quoted(password_bcrypt),
+        list(&permissions.publish),
+        list(&permissions.publish_deny),
+        list(&permissions.subscribe),
+        list(&permissions.subscribe_deny),
+    )
+}
+
+/// A nats-server `authorization` block (for `include`): the node's own user and one user
+/// per party that has NATS credentials, with the names of parties left out (a party named
+/// as the node's user would make two users of one name, which nats-server refuses whole).
 pub fn authorization_block(
     node_user: Option<(&str, &str)>,
     parties: &[PartyRecord],
     replicas: &[String],
     config: &NatsConfig,
-) -> String {
+) -> (String, Vec<String>) {
     let mut text = String::from(
         "# Written by the Kairos node from its parties; every change is overwritten.\nauthorization {\n  users = [\n",
     );
+    let mut left_out = Vec::new();
     if let Some((user, password_bcrypt)) = node_user {
-        text.push_str(&format!(
-            "    {{ user: {}, password: {} }}\n",
-            quoted(user),
-            quoted(password_bcrypt)
+        text.push_str(&user_entry(
+            user,
+            password_bcrypt,
+            &node_permissions(parties, config),
         ));
     }
     for party in parties {
         let Some(password) = &party.nats_password_bcrypt else {
             continue;
         };
-        let (publish, subscribe) = permissions(party, replicas, config);
-        text.push_str(&format!(
-            "    {{ user: {}, password: {}, permissions: {{ publish: {{ allow: {} }}, subscribe: {{ allow: {}, deny: {} }}, allow_responses: false }} }}\n",
-            quoted(&party.name),
-            quoted(password),
-            list(&publish),
-            list(&subscribe),
-            list(&[format!("{}.api.>", config.subject_prefix)]),
+        if node_user.is_some_and(|(user, _)| user == party.name) {
+            left_out.push(party.name.clone());
+            continue;
+        }
+        text.push_str(&user_entry(
+            &party.name,
+            password,
+            &permissions(party, parties, replicas, config),
         ));
     }
     text.push_str("  ]\n}\n");
-    text
+    (text, left_out)
 }
 
 /// A request on `kairos.api.<verb>`.
@@ -386,6 +457,18 @@ pub fn http_request(
     Ok(request)
 }
 
+/// Whether an answer may go to `reply`: the asking party's own inbox, or, for a request
+/// with no valid token (answered 401), any inbox.
+pub fn reply_allowed(reply: &str, party: Option<&str>) -> bool {
+    if reply.contains(['*', '>', ' ']) {
+        return false;
+    }
+    match party {
+        Some(party) => reply.starts_with(&format!("{}.", inbox_prefix(party))),
+        None => reply.starts_with("_INBOX.") || reply.starts_with("_INBOX_"),
+    }
+}
+
 /// Answers one request through the API's router.
 async fn answer(
     router: Router,
@@ -420,13 +503,18 @@ async fn answer(
 }
 
 /// Serves `kairos.api.<verb>` until the connection is dropped.
-async fn serve_requests(shared: Arc<Shared>, client: async_nats::Client, config: NatsConfig) {
+async fn serve_requests(
+    shared: Arc<Shared>,
+    client: async_nats::Client,
+    config: NatsConfig,
+    subscribed: Arc<AtomicBool>,
+) {
     let subject = format!("{}.api.*", config.subject_prefix);
     let router = crate::api::router(shared.clone());
     let in_flight = Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
     let body_bytes_max = shared.config.node.request_body_bytes_max;
     loop {
-        let subscribed = match client
+        let subscription = match client
             .queue_subscribe(subject.clone(), QUEUE_GROUP.into())
             .await
         {
@@ -438,8 +526,9 @@ async fn serve_requests(shared: Arc<Shared>, client: async_nats::Client, config:
                 .map_err(|e| e.to_string()),
             Err(error) => Err(error.to_string()),
         };
-        let mut requests = match subscribed {
+        let mut requests = match subscription {
             Ok(requests) => {
+                subscribed.store(true, Ordering::SeqCst);
                 shared.with_nats_status(|status| status.answering = true);
                 requests
             }
@@ -466,7 +555,29 @@ async fn serve_requests(shared: Arc<Shared>, client: async_nats::Client, config:
             let client = client.clone();
             let router = router.clone();
             let permit = in_flight.clone().try_acquire_owned();
+            let shared = shared.clone();
             tokio::spawn(async move {
+                // Answers go only into the asking party's inbox: the node's user may
+                // publish where parties may not, so a reply subject is never trusted.
+                let token = message
+                    .headers
+                    .as_ref()
+                    .and_then(|headers| headers.get("Authorization"))
+                    .and_then(|value| value.as_str().strip_prefix("Bearer "))
+                    .map(|token| token.trim().to_string());
+                let party = match token {
+                    Some(token) => tokio::task::spawn_blocking(move || {
+                        shared.service().authenticate(&token).ok().flatten()
+                    })
+                    .await
+                    .ok()
+                    .flatten(),
+                    None => None,
+                };
+                if !reply_allowed(&reply, party.as_ref().map(|party| party.name.as_str())) {
+                    tracing::warn!(reply = %reply, verb, "nats: a request's reply subject is not the asker's inbox; not answered");
+                    return;
+                }
                 let (status, body) = match permit {
                     Ok(_permit) => answer(router, &verb, &message, body_bytes_max).await,
                     Err(_) => error_reply(
@@ -516,18 +627,22 @@ fn save_cursor(path: &Path, config: &NatsConfig, cursor: &FeedCursor) -> std::io
     std::fs::rename(&temporary, path)
 }
 
-/// Makes sure the replica's stream exists; `true` when it had to be made (what an earlier
-/// run published there is gone).
+/// What a replica's stream held when the publisher first looked at it.
+enum StreamFound {
+    /// Made now, or empty: nothing of this replica was published there.
+    Empty,
+    /// The time of its newest event.
+    Newest(Instant),
+}
+
+/// Makes sure the replica's stream exists and says what it holds.
 async fn ensure_stream(
     jetstream: &async_nats::jetstream::Context,
     config: &NatsConfig,
     replica: &str,
-) -> Result<bool, String> {
+) -> Result<StreamFound, String> {
     let name = stream_name(&config.stream_prefix, replica);
-    if jetstream.get_stream(&name).await.is_ok() {
-        return Ok(false);
-    }
-    let stream = async_nats::jetstream::stream::Config {
+    let wanted = async_nats::jetstream::stream::Config {
         name: name.clone(),
         subjects: vec![format!(
             "{}.{}.>",
@@ -539,88 +654,156 @@ async fn ensure_stream(
         storage: async_nats::jetstream::stream::StorageType::File,
         ..Default::default()
     };
-    jetstream
-        .get_or_create_stream(stream)
+    let mut stream = jetstream
+        .get_or_create_stream(wanted)
         .await
-        .map(|_| true)
-        .map_err(|error| format!("stream {name}: {error}"))
+        .map_err(|error| format!("stream {name}: {error}"))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|error| format!("stream {name}: {error}"))?;
+    if info.state.messages == 0 {
+        return Ok(StreamFound::Empty);
+    }
+    let last = info.state.last_sequence;
+    let message = stream
+        .get_raw_message(last)
+        .await
+        .map_err(|error| format!("stream {name}, message {last}: {error}"))?;
+    // A message that is not an event (nobody but the node may publish here, but a server
+    // without authorization lets anyone) says nothing: the stream's age limit is used.
+    Ok(serde_json::from_slice::<FeedEvent>(&message.payload)
+        .map(|event| StreamFound::Newest(event.time))
+        .unwrap_or(StreamFound::Empty))
 }
 
-/// Publishes the feed on JetStream, from the saved cursor, for as long as the node runs.
+/// Publishes the feed on JetStream, from the saved cursor, for as long as the node runs:
+/// replica by replica, each moving its cursor only once JetStream acknowledged all of its
+/// events read, so one replica's trouble neither holds up nor resends another's.
 async fn publish_events(shared: Arc<Shared>, client: async_nats::Client, config: NatsConfig) {
-    let jetstream = async_nats::jetstream::new(client);
+    let jetstream = async_nats::jetstream::new(client.clone());
     let cursor_path = shared.config.node.data_dir.join(CURSOR_FILE);
     let mut cursor = load_cursor(&cursor_path, &config);
+    // A cursor ahead of the catalog (edited, or another store's) is not trusted: those
+    // replicas start again from what their streams hold.
+    let worker = shared.clone();
+    if let Ok(Ok(end)) = tokio::task::spawn_blocking(move || worker.store.feed_end()).await {
+        cursor.replicas.retain(|name, at| {
+            let trusted = end.replicas.get(name).is_some_and(|end| {
+                at.audit_next <= end.audit_next
+                    && at.frames.iter().all(|(timeline, key)| {
+                        end.frames.get(timeline).is_some_and(|last| key <= last)
+                    })
+            });
+            if !trusted {
+                tracing::warn!(replica = %name, "nats: the saved cursor is ahead of the catalog; starting from the stream");
+            }
+            trusted
+        });
+    }
     let mut changes = shared.changes.subscribe();
     let mut ensured: HashSet<String> = HashSet::new();
     let mut delay = Duration::from_millis(50);
     loop {
-        // What a stream that is not there yet would lose is read from the stream's age.
-        let since = Some(Instant::now().saturating_sub(config.max_age));
+        // Each replica's stream is looked at once: a replica the cursor does not know
+        // starts after the newest event its stream holds (or within the stream's age).
         let worker = shared.clone();
-        let from = cursor.clone();
-        let batch = match tokio::task::spawn_blocking(move || worker.store.feed(&from, since)).await
-        {
-            Ok(Ok(batch)) => batch,
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "nats: reading the event feed failed");
-                tokio::time::sleep(RETRY_DELAY_MAX).await;
-                continue;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "nats: reading the event feed failed");
-                continue;
-            }
+        let Ok(Ok(replicas)) = tokio::task::spawn_blocking(move || worker.store.replicas()).await
+        else {
+            tokio::time::sleep(RETRY_DELAY_MAX).await;
+            continue;
         };
-        let mut failed = None;
-        let mut remade = false;
-        for replica in batch.cursor.replicas.keys() {
-            if ensured.contains(replica) {
+        let mut failure = None;
+        for replica in replicas {
+            if ensured.contains(&replica.name) {
                 continue;
             }
-            match ensure_stream(&jetstream, &config, replica).await {
-                Ok(made) => {
-                    ensured.insert(replica.clone());
-                    // A stream made anew holds nothing: what the cursor says was published
-                    // there is published again.
-                    if made && cursor.replicas.remove(replica).is_some() {
-                        remade = true;
+            match ensure_stream(&jetstream, &config, &replica.name).await {
+                Ok(found) => {
+                    let known = cursor.replicas.contains_key(&replica.name);
+                    if matches!(found, StreamFound::Empty) && known {
+                        // The stream lost what the cursor says it holds (its server's data
+                        // went, or it was purged): everything within its age goes again.
+                        tracing::warn!(replica = %replica.name, "nats: the stream is empty; publishing again");
+                        cursor.replicas.remove(&replica.name);
                     }
+                    if let (StreamFound::Newest(time), false) = (found, known) {
+                        let worker = shared.clone();
+                        let name = replica.name.clone();
+                        // Events at the newest event's instant are sent again (JetStream
+                        // drops those it has): better twice than never.
+                        let at = Instant(time.0.saturating_sub(1));
+                        if let Ok(Ok(position)) = tokio::task::spawn_blocking(move || {
+                            worker.store.feed_cursor_at(&name, at)
+                        })
+                        .await
+                        {
+                            cursor.replicas.insert(replica.name.clone(), position);
+                        }
+                    }
+                    ensured.insert(replica.name);
                 }
                 Err(error) => {
-                    failed = Some(error);
+                    failure = Some(error);
                     break;
                 }
             }
         }
-        if remade {
-            continue;
+        let since = Some(Instant::now().saturating_sub(config.max_age));
+        let batch = match failure {
+            Some(error) => Err(error),
+            None => {
+                let worker = shared.clone();
+                let from = cursor.clone();
+                match tokio::task::spawn_blocking(move || worker.store.feed(&from, since)).await {
+                    Ok(Ok(batch)) => Ok(batch),
+                    Ok(Err(error)) => Err(format!("reading the event feed: {error}")),
+                    Err(error) => Err(format!("reading the event feed: {error}")),
+                }
+            }
+        };
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::warn!(%error, "nats: events not published yet; retrying");
+                shared.with_nats_status(|status| status.last_error = Some(error));
+                ensured.clear();
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RETRY_DELAY_MAX);
+                continue;
+            }
+        };
+        let payload_max = client.server_info().max_payload;
+        let mut next = cursor.clone();
+        let mut published = 0u64;
+        let mut pending = 0u64;
+        let mut failed = None;
+        for (replica, position) in &batch.cursor.replicas {
+            let events: Vec<&FeedEvent> = batch
+                .events
+                .iter()
+                .filter(|event| event.replica == *replica)
+                .collect();
+            match publish_batch(&jetstream, &config, &events, payload_max).await {
+                Ok(()) => {
+                    published += events.len() as u64;
+                    next.replicas.insert(replica.clone(), position.clone());
+                }
+                Err(error) => {
+                    pending += events.len() as u64;
+                    failed = Some(format!("replica {replica:?}: {error}"));
+                    // The stream may have gone with the server's data: look again.
+                    ensured.remove(replica);
+                }
+            }
         }
-        if failed.is_none() {
-            failed = publish_batch(&jetstream, &config, &batch.events)
-                .await
-                .err();
-        }
-        if let Some(error) = failed {
-            tracing::warn!(%error, "nats: events not published yet; retrying");
-            shared.with_nats_status(|status| {
-                status.events_pending = batch.events.len() as u64;
-                status.last_error = Some(error.clone());
-            });
-            // The stream may have gone with the server's data: look again.
-            ensured.clear();
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(RETRY_DELAY_MAX);
-            continue;
-        }
-        delay = Duration::from_millis(50);
         shared.with_nats_status(|status| {
-            status.events_published += batch.events.len() as u64;
-            status.events_pending = 0;
-            status.last_error = None;
+            status.events_published += published;
+            status.events_pending = pending;
+            status.last_error.clone_from(&failed);
         });
-        if batch.cursor != cursor {
-            cursor = batch.cursor;
+        if next != cursor {
+            cursor = next;
             let path = cursor_path.clone();
             let saved = cursor.clone();
             let config = config.clone();
@@ -631,6 +814,13 @@ async fn publish_events(shared: Arc<Shared>, client: async_nats::Client, config:
             })
             .await;
         }
+        if let Some(error) = failed {
+            tracing::warn!(%error, "nats: events not published yet; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RETRY_DELAY_MAX);
+            continue;
+        }
+        delay = Duration::from_millis(50);
         if !batch.more {
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return },
@@ -640,19 +830,40 @@ async fn publish_events(shared: Arc<Shared>, client: async_nats::Client, config:
     }
 }
 
+/// Room left in a message for its headers.
+const HEADER_BYTES_MAX: usize = 1024;
+
+/// The event as sent: whole, or, when it would not fit the server's largest message, with
+/// its details replaced by a note of their size (the whole entry stays in the catalog:
+/// `kairos log`, `GET /api/replicas/{r}/log`).
+fn payload_of(event: &FeedEvent, payload_max: usize) -> Result<Vec<u8>, String> {
+    let payload = serde_json::to_vec(event).map_err(|error| error.to_string())?;
+    if payload.len() + HEADER_BYTES_MAX <= payload_max {
+        return Ok(payload);
+    }
+    let mut shortened = event.clone();
+    shortened.details = serde_json::json!({
+        "truncated": true,
+        "bytes": payload.len(),
+        "note": "larger than the NATS server's max_payload; the whole entry is in the replica's log",
+    });
+    serde_json::to_vec(&shortened).map_err(|error| error.to_string())
+}
+
 /// Sends every event and waits for JetStream to acknowledge each (a duplicate id is
 /// acknowledged as such and stored once).
 async fn publish_batch(
     jetstream: &async_nats::jetstream::Context,
     config: &NatsConfig,
-    events: &[FeedEvent],
+    events: &[&FeedEvent],
+    payload_max: usize,
 ) -> Result<(), String> {
     let mut acks = Vec::with_capacity(events.len());
     for event in events {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
         headers.insert("Kairos-Event", event.event.as_str());
-        let payload = serde_json::to_vec(event).map_err(|error| error.to_string())?;
+        let payload = payload_of(event, payload_max)?;
         let ack = jetstream
             .publish_with_headers(
                 event_subject(&config.subject_prefix, event),
@@ -696,43 +907,60 @@ async fn write_authorization(shared: Arc<Shared>, config: NatsConfig, path: Path
         let worker = shared.clone();
         let block_config = config.clone();
         let node = node_user.clone();
-        let text = tokio::task::spawn_blocking(move || -> Result<String, String> {
-            let parties = worker.store.parties().map_err(|e| e.to_string())?;
-            let replicas: Vec<String> = worker
-                .store
-                .replicas()
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .map(|replica| replica.name)
-                .collect();
-            Ok(authorization_block(
-                node.as_ref()
-                    .map(|(user, hash)| (user.as_str(), hash.as_str())),
-                &parties,
-                &replicas,
-                &block_config,
-            ))
-        })
-        .await;
-        match text {
-            Ok(Ok(text)) if text != written => {
+        let block =
+            tokio::task::spawn_blocking(move || -> Result<(String, Vec<String>), String> {
+                let parties = worker.store.parties().map_err(|e| e.to_string())?;
+                let replicas: Vec<String> = worker
+                    .store
+                    .replicas()
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .map(|replica| replica.name)
+                    .collect();
+                Ok(authorization_block(
+                    node.as_ref()
+                        .map(|(user, hash)| (user.as_str(), hash.as_str())),
+                    &parties,
+                    &replicas,
+                    &block_config,
+                ))
+            })
+            .await
+            .unwrap_or_else(|error| Err(error.to_string()));
+        let problem = match block {
+            Ok((text, _)) if text == written => None,
+            Ok((text, left_out)) => {
                 let temporary = path.with_extension("tmp");
                 let result = std::fs::write(&temporary, &text)
                     .and_then(|()| std::fs::rename(&temporary, &path));
                 match result {
                     Ok(()) => {
                         written = text;
-                        reload_server(&config);
+                        let reload = reload_server(&config).err();
+                        if reload.is_some() {
+                            // Tried again at the next change or in 5 s.
+                            written.clear();
+                        }
+                        let clash = (!left_out.is_empty()).then(|| {
+                            format!(
+                                "parties {} are named as the node's own NATS user: they have no NATS user (revoke and add them under another name)",
+                                left_out.join(", ")
+                            )
+                        });
+                        reload.or(clash)
                     }
-                    Err(error) => {
-                        tracing::error!(path = %path.display(), %error, "nats: cannot write the authorization file");
-                    }
+                    Err(error) => Some(format!(
+                        "cannot write the authorization file {}: {error} (NATS permissions are stale: a revoked party may still connect)",
+                        path.display()
+                    )),
                 }
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "nats: cannot read the parties"),
-            Err(error) => tracing::warn!(%error, "nats: cannot read the parties"),
+            Err(error) => Some(format!("cannot read the parties: {error}")),
+        };
+        if let Some(problem) = &problem {
+            tracing::error!(%problem, "nats: authorization");
         }
+        shared.with_nats_status(|status| status.authorization_error = problem);
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
             () = tokio::time::sleep(Duration::from_secs(5)) => {}
@@ -740,25 +968,34 @@ async fn write_authorization(shared: Arc<Shared>, config: NatsConfig, path: Path
     }
 }
 
-/// Signals the nats-server whose pid file is configured to reload its configuration.
-fn reload_server(config: &NatsConfig) {
+/// Signals the nats-server whose pid file is configured to reload its configuration,
+/// once the pid is seen to be a nats-server's (a stale pid file may name any process).
+fn reload_server(config: &NatsConfig) -> Result<(), String> {
     let Some(pid_file) = &config.server_pid_file else {
-        return;
+        return Ok(());
     };
     let pid = std::fs::read_to_string(pid_file)
         .ok()
         .and_then(|text| text.trim().parse::<i32>().ok())
-        .filter(|pid| *pid > 1);
-    match pid {
-        // SAFETY: kill(2) with a pid read from the server's pid file and SIGHUP, which
-        // nats-server takes as "reload the configuration"; no memory is involved.
-        Some(pid) => unsafe {
-            if libc::kill(pid, libc::SIGHUP) != 0 {
-                tracing::warn!(pid, "nats: cannot signal the server to reload");
-            }
-        },
-        None => tracing::warn!(path = %pid_file.display(), "nats: no server pid to signal"),
+        .filter(|pid| *pid > 1)
+        .ok_or_else(|| format!("{} holds no server pid", pid_file.display()))?;
+    let command = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if command.trim() != "nats-server" {
+        return Err(format!(
+            "pid {pid} from {} is not a nats-server ({:?}): not signalled",
+            pid_file.display(),
+            command.trim()
+        ));
     }
+    // SAFETY: kill(2) with a pid just seen to be nats-server's and SIGHUP, which
+    // nats-server takes as "reload the configuration"; no memory is involved.
+    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+        return Err(format!(
+            "cannot signal nats-server (pid {pid}) to reload: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 /// Connects to NATS (in the background: the node runs and commits while NATS is down)
@@ -774,15 +1011,23 @@ pub async fn start(shared: Arc<Shared>, config: NatsConfig) -> Vec<tokio::task::
     }
     shared.with_nats_status(|status| status.url = config.url.clone());
     let watcher = shared.clone();
+    let subscribed = Arc::new(AtomicBool::new(false));
+    let listening = subscribed.clone();
     let mut options = async_nats::ConnectOptions::new()
         .name("kairos-node")
         .event_callback(move |event| {
             let watcher = watcher.clone();
+            let subscribed = listening.clone();
             async move {
                 watcher.with_nats_status(|status| match event {
-                    async_nats::Event::Connected => status.connected = true,
+                    // Subscriptions are restored with the connection.
+                    async_nats::Event::Connected => {
+                        status.answering = subscribed.load(Ordering::SeqCst);
+                        status.connected = true;
+                    }
                     async_nats::Event::Disconnected | async_nats::Event::Closed => {
                         status.connected = false;
+                        status.answering = false;
                     }
                     _ => {}
                 });
@@ -803,7 +1048,9 @@ pub async fn start(shared: Arc<Shared>, config: NatsConfig) -> Vec<tokio::task::
                 client.clone(),
                 config.clone(),
             )));
-            tasks.push(tokio::spawn(serve_requests(shared, client, config)));
+            tasks.push(tokio::spawn(serve_requests(
+                shared, client, config, subscribed,
+            )));
         }
         Err(error) => tracing::error!(%error, url = %config.url, "nats: cannot connect"),
     }
@@ -913,30 +1160,107 @@ mod tests {
     #[test]
     fn a_viewer_reads_its_replicas_and_asks_nothing_that_writes() {
         let replicas = vec!["web".to_string(), "db".to_string()];
-        let (publish, subscribe) = permissions(
-            &party("watch", Role::Viewer, &["web"]),
-            &replicas,
-            &config(),
-        );
-        assert!(publish.contains(&"kairos.api.proposals".to_string()));
+        let watch = party("watch", Role::Viewer, &["web"]);
+        let ship = party("ship", Role::Committer, &[]);
+        let parties = vec![watch.clone(), ship.clone()];
+        let viewer = permissions(&watch, &parties, &replicas, &config());
+        assert!(viewer.publish.contains(&"kairos.api.proposals".to_string()));
         assert!(
-            !publish
+            !viewer
+                .publish
                 .iter()
                 .any(|s| s == "kairos.api.propose" || s == "kairos.api.commit")
         );
-        assert!(subscribe.contains(&"kairos.web.>".to_string()));
-        assert!(!subscribe.iter().any(|s| s.contains("db")));
-        assert!(!publish.iter().any(|s| s.contains("KAIROS_db")));
-        let (publish, _) = permissions(&party("ship", Role::Committer, &[]), &replicas, &config());
-        assert!(publish.contains(&"kairos.api.commit".to_string()));
-        assert!(publish.iter().any(|s| s.contains("KAIROS_db")));
-        let block = authorization_block(
-            Some(("node", "$2b$10$y")),
-            &[party("watch", Role::Viewer, &["web"])],
-            &replicas,
-            &config(),
+        assert!(viewer.subscribe.contains(&"kairos.web.>".to_string()));
+        assert!(!viewer.subscribe.iter().any(|s| s.contains("db")));
+        assert!(!viewer.publish.iter().any(|s| s.contains("KAIROS_db")));
+        // Its own durable consumer only; another party's is denied, and no deletes.
+        assert!(
+            viewer
+                .publish
+                .contains(&"$JS.API.CONSUMER.DURABLE.CREATE.KAIROS_web.watch".to_string())
         );
-        assert!(block.contains("user: \"watch\"") && block.contains("deny: [\"kairos.api.>\"]"));
+        assert!(
+            viewer
+                .publish_deny
+                .contains(&"$JS.API.CONSUMER.MSG.NEXT.KAIROS_web.ship".to_string())
+        );
+        assert!(!viewer.publish.iter().any(|s| s.contains("DELETE")));
+        let committer = permissions(&ship, &parties, &replicas, &config());
+        assert!(committer.publish.contains(&"kairos.api.commit".to_string()));
+        assert!(committer.publish.iter().any(|s| s.contains("KAIROS_db")));
+        let node = node_permissions(&parties, &config());
+        assert!(
+            node.publish_deny
+                .contains(&"$JS.API.STREAM.PURGE.>".to_string())
+        );
+        assert!(node.publish.contains(&"_INBOX_watch.>".to_string()));
+        let (block, left_out) =
+            authorization_block(Some(("node", "$2b$10$y")), &parties, &replicas, &config());
+        assert!(block.contains("user: \"watch\"") && block.contains("\"kairos.api.>\""));
+        assert!(left_out.is_empty());
+        // A party named as the node's user would make nats-server refuse the whole file.
+        let (block, left_out) =
+            authorization_block(Some(("watch", "$2b$10$y")), &parties, &replicas, &config());
+        assert_eq!(left_out, ["watch"]);
+        assert_eq!(block.matches("user: \"watch\"").count(), 1);
+    }
+
+    #[test]
+    fn a_stale_pid_file_signals_nothing_but_nats_server() {
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("nats.pid");
+        std::fs::write(&pid_file, sleeper.id().to_string()).unwrap();
+        let mut with_pid = config();
+        with_pid.server_pid_file = Some(pid_file);
+        let error = reload_server(&with_pid).unwrap_err();
+        assert!(error.contains("not a nats-server"), "{error}");
+        assert!(
+            sleeper.try_wait().unwrap().is_none(),
+            "the process lives on"
+        );
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+    }
+
+    #[test]
+    fn answers_go_only_to_the_askers_inbox() {
+        assert!(reply_allowed("_INBOX_team-a.abc.1", Some("team-a")));
+        assert!(!reply_allowed("_INBOX_team-b.abc.1", Some("team-a")));
+        assert!(!reply_allowed("_INBOX_team-ab.x", Some("team-a")));
+        assert!(!reply_allowed(
+            "$JS.API.STREAM.PURGE.KAIROS_db",
+            Some("team-a")
+        ));
+        assert!(!reply_allowed("$JS.API.STREAM.PURGE.KAIROS_db", None));
+        assert!(!reply_allowed("kairos.db.main.commit", None));
+        assert!(reply_allowed("_INBOX.xyz.1", None));
+        assert!(!reply_allowed("_INBOX.>", None));
+    }
+
+    #[test]
+    fn an_event_too_large_for_the_server_goes_with_a_note() {
+        let event = FeedEvent {
+            schema: kairos_store::feed::EVENT_SCHEMA.into(),
+            id: "abc".into(),
+            replica: "web".into(),
+            timeline: "main".into(),
+            event: "proposal".into(),
+            time: Instant(1),
+            party: "team-a".into(),
+            seq: Some(3),
+            details: serde_json::json!({"ops": ["x".repeat(100_000)]}),
+        };
+        let whole = payload_of(&event, 1 << 20).unwrap();
+        assert!(whole.len() > 100_000);
+        let noted: FeedEvent =
+            serde_json::from_slice(&payload_of(&event, 65_536).unwrap()).unwrap();
+        assert_eq!(noted.id, "abc");
+        assert_eq!(noted.details["truncated"], true);
     }
 
     #[test]

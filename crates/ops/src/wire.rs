@@ -159,6 +159,10 @@ pub struct NatsStatusJson {
     /// The last failure to publish or subscribe, until the next success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// What is wrong with the parties' NATS users (the authorization file not written, the
+    /// server not reloaded, a party left out), until it is right again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization_error: Option<String>,
 }
 
 /// The store's figures and when they were computed.

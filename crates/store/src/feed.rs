@@ -160,6 +160,57 @@ impl Store {
         Ok(cursor)
     }
 
+    /// A replica's cursor just after `at`: its audit entries and frames stamped at or
+    /// before `at` count as read (a publisher that lost its cursor starts there from what
+    /// its stream holds).
+    pub fn feed_cursor_at(&self, replica: &str, at: Instant) -> Result<ReplicaCursor> {
+        let reader = self.reader()?;
+        let view = reader.snapshot();
+        let mut position = ReplicaCursor::default();
+        let prefix = keys::replica_prefix(keys::AUDIT, replica);
+        let end = crate::kv::prefix_end(&prefix).unwrap_or_default();
+        let mut start = prefix.clone();
+        'pages: loop {
+            let page = view.scan(
+                Bound::Excluded(start.as_slice()),
+                Bound::Excluded(end.as_slice()),
+                FEED_BATCH_MAX,
+                false,
+            )?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            start.clone_from(last);
+            for (key, value) in &page {
+                let entry: AuditEntry =
+                    serde_json::from_slice(value).map_err(|e| bad("audit entry", key, e))?;
+                if entry.time > at {
+                    break 'pages;
+                }
+                position.audit_next = entry.seq + 1;
+            }
+        }
+        let head_prefix = keys::head_prefix(replica);
+        for (key, _) in scan_prefix(view, &head_prefix, 1024)? {
+            let timeline = String::from_utf8_lossy(&key[head_prefix.len()..]).into_owned();
+            let time_prefix = keys::time_prefix(replica, &timeline);
+            let upper = keys::time_upper(replica, &timeline, at);
+            let last = view.scan(
+                Bound::Included(time_prefix.as_slice()),
+                Bound::Included(upper.as_slice()),
+                1,
+                true,
+            )?;
+            // Nothing at or before `at`: the whole timeline is after it (read from its start).
+            let read = last
+                .first()
+                .map(|(key, _)| hex(&key[time_prefix.len()..]))
+                .unwrap_or_default();
+            position.frames.insert(timeline, read);
+        }
+        Ok(position)
+    }
+
     /// The events after `cursor` (those of a replica or timeline it does not know from
     /// `since`, or from the start), at most [`FEED_BATCH_MAX`] per source. A frame appears
     /// once, on the timeline it was captured on: a fork's base is not a new frame.
@@ -384,6 +435,22 @@ mod tests {
         );
         assert_eq!(next.events[1].details["frame"], third.id.to_hex());
         assert_eq!(next.events[0].seq, Some(0));
+
+        // A cursor at an instant: what came after it, and nothing before.
+        let at = store.feed_cursor_at("web", Instant(25)).unwrap();
+        let mut from = FeedCursor::default();
+        from.replicas.insert("web".into(), at);
+        let after: Vec<_> = store
+            .feed(&from, None)
+            .unwrap()
+            .events
+            .iter()
+            .map(|e| e.event.clone())
+            .collect();
+        assert_eq!(after, ["fork", "frame"]);
+        let start = store.feed_cursor_at("web", Instant(0)).unwrap();
+        assert_eq!(start.audit_next, 0);
+        assert_eq!(start.frames["main"], "");
 
         // From an instant: only what came after it.
         let late = store

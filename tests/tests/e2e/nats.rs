@@ -350,6 +350,39 @@ fn two_teams_collaborate_over_nats_and_roles_hold_on_nats_and_the_api() {
             .len();
         assert_eq!(proposals_before, proposals_after, "nothing was written");
 
+        // A reply subject is never trusted: a request asking the node to answer into a
+        // stream's purge API (or onto an event subject) is not answered at all.
+        let db_before = stream_messages(&b.client, "KAIROS_db").await;
+        for reply in ["$JS.API.STREAM.PURGE.KAIROS_db", "kairos.db.main.commit", "_INBOX_team-b.stolen"] {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Authorization", format!("Bearer {}", viewer.token).as_str());
+            viewer
+                .client
+                .publish_with_reply_and_headers("kairos.api.status", reply, headers, "{}".into())
+                .await
+                .unwrap();
+            viewer
+                .client
+                .publish_with_reply("kairos.api.status", reply, "{}".into())
+                .await
+                .unwrap();
+        }
+        viewer.client.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(stream_messages(&b.client, "KAIROS_db").await, db_before);
+        assert!(db_before > 0);
+
+        // A party cannot take the node's own NATS user name.
+        let output = kairos.run(["--token", &admin, "party", "add", "kairos-node", "--role", "viewer"]);
+        assert!(!output.status.success());
+        assert!(String::from_utf8_lossy(&output.stderr).contains("nats.user"));
+
+        // A party limited to web sees only web in the node's status.
+        let (status, answer) = request(&viewer, "status", json!({})).await.unwrap();
+        assert_eq!(status, 200);
+        let names: Vec<&str> = answer["replicas"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["web"]);
+
         // Team B commits A's proposal over NATS; everyone sees the commit and the frame.
         let (status, commit) = request(&b, "commit", json!({"replica": "web", "proposal": id}))
             .await
@@ -536,6 +569,13 @@ fn events_outlive_a_nats_outage_arrive_once_and_wait_for_offline_subscribers() {
             );
         }
     });
+}
+
+/// How many messages a stream holds (as `client` sees it).
+async fn stream_messages(client: &async_nats::Client, name: &str) -> u64 {
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let mut stream = jetstream.get_stream(name).await.unwrap();
+    stream.info().await.unwrap().state.messages
 }
 
 async fn wait_for_stream(

@@ -221,7 +221,12 @@ fn a_proposal_over_nats_and_its_commit_are_one_trace() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let client = async_nats::connect(nats.url()).await.unwrap();
+        // Answers go only into the party's own inbox.
+        let client = async_nats::ConnectOptions::new()
+            .custom_inbox_prefix("_INBOX_ci")
+            .connect(nats.url())
+            .await
+            .unwrap();
         let mut events = client.subscribe("kairos.web.exp.commit").await.unwrap();
         let ask = |verb: &'static str, parent: &'static str, payload: serde_json::Value| {
             let client = client.clone();
