@@ -42,13 +42,9 @@ pub enum ReviewPolicyError {
     #[error("required_approvals = {0} is more than {REQUIRED_APPROVALS_MAX}")]
     TooManyApprovals(u32),
     #[error(
-        "required_approvals = {required} can never be met: reviewers_from names {parties} parties{author}"
+        "required_approvals = {required} can never be met: reviewers_from names {parties} parties"
     )]
-    Unreachable {
-        required: u32,
-        parties: usize,
-        author: &'static str,
-    },
+    Unreachable { required: u32, parties: usize },
     #[error("reviewers_from names more than {REVIEWERS_MAX} parties")]
     TooManyReviewers,
     #[error("reviewers_from: {0:?} is not a party name (letters, digits, '-', '_', '.')")]
@@ -80,18 +76,15 @@ impl ReviewPolicy {
                 return Err(ReviewPolicyError::DuplicateReviewer(party.clone()));
             }
         }
-        // An author among the reviewers may not count for its own proposal.
-        let reachable = self.reviewers_from.len()
-            - usize::from(self.authors_cannot_approve && !self.reviewers_from.is_empty());
-        if !self.reviewers_from.is_empty() && self.required_approvals as usize > reachable {
+        // More approvals than reviewers: nobody's proposal could ever be committed. (With
+        // authors_cannot_approve, a reviewer's own proposal needs the others: when they are
+        // too few, its proposals are refused at commit, saying so; everyone else's pass.)
+        if !self.reviewers_from.is_empty()
+            && self.required_approvals as usize > self.reviewers_from.len()
+        {
             return Err(ReviewPolicyError::Unreachable {
                 required: self.required_approvals,
                 parties: self.reviewers_from.len(),
-                author: if self.authors_cannot_approve {
-                    ", and an author among them cannot approve its own proposal"
-                } else {
-                    ""
-                },
             });
         }
         if let Some(bound) = self.require_prediction_below
@@ -411,9 +404,12 @@ mod tests {
             Err(ReviewPolicyError::TooManyApprovals(33))
         ));
         assert!(matches!(
-            policy(2, &["a", "b"], true).validate(),
+            policy(3, &["a", "b"], true).validate(),
             Err(ReviewPolicyError::Unreachable { .. })
         ));
+        // A's own proposals would need two approvals besides its own, and only B's is left:
+        // those are refused at commit; everyone else's can pass.
+        assert!(policy(2, &["a", "b"], true).validate().is_ok());
         assert!(policy(2, &["a", "b"], false).validate().is_ok());
         assert!(matches!(
             policy(1, &["a b"], false).validate(),

@@ -194,7 +194,12 @@ fn two_teams_collaborate_over_nats_and_roles_hold_on_nats_and_the_api() {
     let authorization = base.path().join("nats").join("auth.conf");
     std::fs::create_dir_all(authorization.parent().unwrap()).unwrap();
     let mut nats = NatsServer::prepare(&base.path().join("nats"), Some(&authorization));
-    let node = Node::start(&node_config(&nats, Some(&authorization)), kairos.data_dir());
+    // The fork the teams share needs one approval from team C before a commit.
+    let config = format!(
+        "{}[[replica]]\nname = \"web\"\nroot = {web:?}\n[replica.policy.timeline.exp]\nrequired_approvals = 1\nreviewers_from = [\"team-c\"]\nauthors_cannot_approve = true\n",
+        node_config(&nats, Some(&authorization))
+    );
+    let node = Node::start(&config, kairos.data_dir());
     wait_for("the authorization file", Duration::from_secs(10), || {
         std::fs::read_to_string(&authorization)
             .ok()
@@ -210,6 +215,13 @@ fn two_teams_collaborate_over_nats_and_roles_hold_on_nats_and_the_api() {
         &["--replica", "web"],
     );
     let team_b = add_party(&kairos, Some(&admin), "team-b", "committer", &[]);
+    let team_c = add_party(
+        &kairos,
+        Some(&admin),
+        "team-c",
+        "reviewer",
+        &["--replica", "web"],
+    );
     let auditor = add_party(
         &kairos,
         Some(&admin),
@@ -382,6 +394,31 @@ fn two_teams_collaborate_over_nats_and_roles_hold_on_nats_and_the_api() {
         assert_eq!(status, 200);
         let names: Vec<&str> = answer["replicas"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["web"]);
+
+        // The policy holds: no commit without team C's approval, and the refusal says so.
+        let (status, refused) = request(&b, "commit", json!({"replica": "web", "proposal": id}))
+            .await
+            .unwrap();
+        assert_eq!(status, 409, "{refused}");
+        assert!(refused["error"]["message"].as_str().unwrap().contains("team-c"), "{refused}");
+        // Team C reviews over NATS; team B sees the approval as it happens.
+        let c = connect(&url, "team-c", &team_c).await.expect("team-c connects");
+        let (status, review) = request(
+            &c,
+            "review",
+            json!({"replica": "web", "proposal": id, "body": {"verdict": "approve", "comment": "port 2 is fine"}}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{review}");
+        let (subject, approval) = next_event(&mut b_events, "approval").await;
+        assert_eq!(subject, "kairos.web.exp.approval");
+        assert_eq!(approval["party"], "team-c");
+        let (status, listed) = request(&b, "proposals", json!({"replica": "web", "query": {"timeline": "exp"}}))
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{listed}");
+        assert!(listed.to_string().contains("team-c"), "{listed}");
 
         // Team B commits A's proposal over NATS; everyone sees the commit and the frame.
         let (status, commit) = request(&b, "commit", json!({"replica": "web", "proposal": id}))
