@@ -433,6 +433,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/gc", post(crate::gc::gc))
         .route("/api/stats", get(crate::gc::stats))
         .route("/api/events", get(crate::events::events))
+        .route("/", get(crate::ui::index))
+        .route("/ui/app.js", get(crate::ui::app_js))
+        .route("/ui/style.css", get(crate::ui::style_css))
+        .route("/api/whoami", get(crate::ui::whoami))
+        .route("/api/replicas/{name}/series", get(crate::ui::series))
         .route(
             "/api/asyncapi.json",
             get(|| async { Json(crate::nats::asyncapi()) }),

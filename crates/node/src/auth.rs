@@ -68,6 +68,9 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
     match (method, parts.as_slice()) {
         (_, ["", "api", "health" | "openapi.json" | "asyncapi.json"]) => None,
+        // The page itself holds no data: it asks for a token and sends it with every read.
+        (&Method::GET, [""] | ["", "ui", "app.js" | "style.css"]) => None,
+        (&Method::GET, ["", "api", "whoami"]) => Some(Role::Viewer),
         (&Method::GET, ["", "api", "status"]) => Some(Role::Viewer),
         (&Method::GET, ["", "api", "verify"]) => Some(Role::Admin),
         // Removes only what nothing kept needs, store-wide.

@@ -14,6 +14,7 @@ pub mod schedule;
 pub mod serve;
 pub mod snapshotter;
 pub mod supervisor;
+pub mod ui;
 pub mod watcher;
 pub use kairos_ops::wire;
 

@@ -21,3 +21,4 @@ mod review;
 mod store_trust;
 mod telemetry;
 mod trust;
+mod web;
