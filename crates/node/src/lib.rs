@@ -150,6 +150,10 @@ pub struct Shared {
     pub event_streams_by_party: Arc<Mutex<HashMap<String, usize>>>,
     /// The NATS side as the status endpoint shows it (`None` without NATS).
     pub nats_status: Mutex<Option<crate::wire::NatsStatusJson>>,
+    /// When the catalog last changed, and the publisher's latencies from a change to
+    /// JetStream's acknowledgement (the newest 1 024, in milliseconds).
+    pub last_change: Mutex<Option<std::time::Instant>>,
+    pub publish_latencies_ms: Mutex<std::collections::VecDeque<f64>>,
 }
 
 impl Shared {
@@ -265,7 +269,25 @@ impl Shared {
                 .nats_status
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+                .clone()
+                .map(|mut nats| {
+                    let mut latencies: Vec<f64> = self
+                        .publish_latencies_ms
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .copied()
+                        .collect();
+                    latencies.sort_by(f64::total_cmp);
+                    let at = |q: f64| {
+                        latencies
+                            .get(((latencies.len().saturating_sub(1)) as f64 * q).round() as usize)
+                            .copied()
+                    };
+                    nats.publish_latency_ms_p50 = at(0.5);
+                    nats.publish_latency_ms_p99 = at(0.99);
+                    nats
+                }),
         })
     }
 }
@@ -398,10 +420,17 @@ pub async fn run(
         event_streams: Arc::new(Semaphore::new(events::EVENT_STREAMS_MAX)),
         event_streams_by_party: Arc::default(),
         nats_status: Mutex::new(None),
+        last_change: Mutex::new(None),
+        publish_latencies_ms: Mutex::new(std::collections::VecDeque::new()),
     });
     {
         let changes = shared.changes.clone();
+        let watcher = Arc::downgrade(&shared);
         shared.store.on_change(Arc::new(move || {
+            if let Some(shared) = watcher.upgrade() {
+                *shared.last_change.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(std::time::Instant::now());
+            }
             changes.send_modify(|count| *count = count.wrapping_add(1));
         }));
     }

@@ -750,6 +750,7 @@ async fn publish_events(shared: Arc<Shared>, client: async_nats::Client, config:
             }
         }
         let since = Some(Instant::now().saturating_sub(config.max_age));
+        let changed_at = *shared.last_change.lock().unwrap_or_else(|p| p.into_inner());
         let batch = match failure {
             Some(error) => Err(error),
             None => {
@@ -796,6 +797,19 @@ async fn publish_events(shared: Arc<Shared>, client: async_nats::Client, config:
                     ensured.remove(replica);
                 }
             }
+        }
+        if published > 0
+            && failed.is_none()
+            && let Some(changed_at) = changed_at
+        {
+            let mut latencies = shared
+                .publish_latencies_ms
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if latencies.len() == 1024 {
+                latencies.pop_front();
+            }
+            latencies.push_back(changed_at.elapsed().as_secs_f64() * 1e3);
         }
         shared.with_nats_status(|status| {
             status.events_published += published;

@@ -159,6 +159,12 @@ pub struct NatsStatusJson {
     /// The last failure to publish or subscribe, until the next success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// From a catalog change to JetStream's acknowledgement of the events it made, over
+    /// the last 1 024 published batches: median and 99th percentile, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_latency_ms_p50: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_latency_ms_p99: Option<f64>,
     /// What is wrong with the parties' NATS users (the authorization file not written, the
     /// server not reloaded, a party left out), until it is right again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
