@@ -101,8 +101,13 @@ try {
   await tab.waitForSelector("#proposals");
   seen.proposals = await tab.textContent("#proposals");
   await tab.screenshot({ path: out + "/proposals.png", fullPage: true });
+  const logBefore = (await api("/api/replicas/web/log")).body.entries.length;
   await tab.goto(url + "/#/replica/web/proposal/" + proposal);
   await tab.waitForSelector("#predicted");
+  await tab.reload();
+  await tab.waitForSelector("#predicted");
+  // Looking changes nothing: no sandbox or prediction is recorded by a visit.
+  seen.log_growth_from_visits = (await api("/api/replicas/web/log")).body.entries.length - logBefore;
   seen.current = await tab.textContent("#current");
   seen.predicted = await tab.textContent("#predicted");
   seen.changed_rows = await tab.evaluate(() => document.querySelectorAll("#predicted tr.changed, #predicted tr.added").length);

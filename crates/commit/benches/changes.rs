@@ -178,6 +178,7 @@ fn main() {
                 chosen: None,
                 run_check: false,
                 party: "bench",
+                preview: false,
             },
             &limits,
             Instant::now(),

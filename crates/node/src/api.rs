@@ -363,6 +363,7 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
         crate::changes::list_proposals,
         crate::changes::get_proposal,
         crate::changes::validate_proposal,
+        crate::changes::preview_proposal,
         crate::changes::review_proposal,
         crate::changes::sandbox_proposal,
         crate::changes::commit_proposal,
@@ -464,6 +465,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/api/replicas/{name}/proposals/{id}",
             get(crate::changes::get_proposal),
+        )
+        .route(
+            "/api/replicas/{name}/proposals/{id}/preview",
+            get(crate::changes::preview_proposal),
         )
         .route(
             "/api/replicas/{name}/proposals/{id}/sandbox",
@@ -576,12 +581,19 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 }
 
 #[utoipa::path(get, path = "/api/replicas", responses((status = 200, description = "Registered replicas (name, root, processes, exclude, capture_interval_ms)")))]
-async fn list_replicas(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
+async fn list_replicas(
+    State(shared): State<Arc<Shared>>,
+    axum::Extension(acting): axum::Extension<crate::auth::Acting>,
+) -> Result<Response, ApiError> {
     let store = shared.clone();
-    let replicas = shared
+    let mut replicas = shared
         .replay
         .run(move || Ok(store.service().replicas()?))
         .await?;
+    // A party limited to some replicas sees only theirs (their commands and probes too).
+    if let crate::auth::Acting::Party(party) = &acting {
+        replicas.retain(|replica| party.covers(&replica.name));
+    }
     Ok(Json(replicas).into_response())
 }
 

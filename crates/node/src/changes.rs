@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -379,6 +379,43 @@ pub async fn sandbox_proposal(
             crate::predictor::outcome_arrived(&shared, &name);
         }
         Ok(report)
+    })
+    .await?;
+    Ok(Json(report).into_response())
+}
+
+#[utoipa::path(get, path = "/api/replicas/{name}/proposals/{id}/preview", params(("name" = String, Path, description = "Replica"), ("id" = String, Path, description = "Proposal id prefix"), ("ops" = Option<String>, Query, description = "1-based op indexes, comma-separated (all when absent)")), responses(
+    (status = 200, description = "What the sandbox would hold (diff) and the prediction for it; nothing is stored"), (status = 404, description = "Unknown proposal", body = ErrorBody)))]
+pub async fn preview_proposal(
+    State(shared): State<Arc<Shared>>,
+    Path((name, id)): Path<(String, String)>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    for key in query.keys() {
+        if key != "ops" {
+            return Err(ApiError::bad_request(
+                "bad_query",
+                format!("unknown query parameter {key:?} (ops)"),
+            ));
+        }
+    }
+    let ops = match query.get("ops") {
+        Some(text) => Some(
+            text.split(',')
+                .map(|op| {
+                    op.trim().parse::<usize>().map_err(|_| {
+                        ApiError::bad_request(
+                            "bad_ops",
+                            format!("ops {text:?}: {op:?} is not an op number"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<usize>, ApiError>>()?,
+        ),
+        None => None,
+    };
+    let report = blocking(&shared, name.clone(), move |shared, _| {
+        Ok(shared.service().preview(&name, &id, ops.as_deref())?)
     })
     .await?;
     Ok(Json(report).into_response())

@@ -214,12 +214,28 @@ pub async fn events(
     };
     let (send, mut receive) = tokio::sync::mpsc::channel::<FeedEvent>(STREAM_BUFFER);
     let worker = shared.clone();
+    let token_hash = match &acting {
+        Acting::Party(party) => Some(party.token_hash),
+        Acting::Anyone => None,
+    };
     tokio::spawn(async move {
         let _permit = permit;
         let _party_stream = party_stream;
         let mut cursor = cursor;
         let mut since = since;
         loop {
+            // The token is checked again before every read: a revoked party's stream ends.
+            if let Some(hash) = token_hash {
+                let store = worker.clone();
+                let still = tokio::task::spawn_blocking(move || store.store.party_by_token(&hash))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten();
+                if still.is_none() {
+                    return;
+                }
+            }
             match drain(&worker, cursor.clone(), since, &filter, &send).await {
                 Ok(Some(next)) => cursor = next,
                 Ok(None) => return,

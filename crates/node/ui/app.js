@@ -151,8 +151,15 @@ async function connectEvents() {
     try {
       const headers = token() ? { Authorization: "Bearer " + token() } : {};
       const response = await fetch("/api/events", { headers, signal: eventsController.signal });
+      if (response.status === 401) {
+        live.className = "live off";
+        sessionStorage.removeItem(TOKEN_KEY);
+        signIn((await apiError(response)).message);
+        return;
+      }
       if (!response.ok) throw await apiError(response);
       live.className = "live on";
+      live.title = "live updates";
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
       let buffer = "";
@@ -168,11 +175,20 @@ async function connectEvents() {
           if (data) onEvent(JSON.parse(data));
         }
       }
+      // The stream ended: the token may have been revoked meanwhile.
+      const check = await fetch("/api/whoami", { headers });
+      if (check.status === 401) {
+        live.className = "live off";
+        sessionStorage.removeItem(TOKEN_KEY);
+        signIn((await apiError(check)).message);
+        return;
+      }
     } catch (error) {
       if (error.name === "AbortError") return;
+      live.title = "live updates are off: " + error.message;
     }
     live.className = "live off";
-    await new Promise((resolve) => setTimeout(resolve, 2000));
+    await new Promise((resolve) => setTimeout(resolve, live.title.includes("too many") ? 10000 : 2000));
   }
 }
 
@@ -192,7 +208,9 @@ function onEvent(event) {
 // ---- routing --------------------------------------------------------------------------
 
 function route() {
-  const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  const parts = location.hash.replace(/^#\/?/, "").split("/").map((part) => {
+    try { return decodeURIComponent(part); } catch (_) { return ""; }
+  });
   view = null;
   if (!parts[0]) return home();
   if (parts[0] === "replica" && parts[1]) {
@@ -234,6 +252,13 @@ async function home() {
 }
 
 const timers = {};
+const selections = {};
+
+/// Runs an action with its button disabled meanwhile (no double commits).
+async function busy(button, action) {
+  button.disabled = true;
+  try { await action(); } catch (_) { /* shown by guard */ } finally { button.disabled = false; }
+}
 function debounce(key, action, ms) { clearTimeout(timers[key]); timers[key] = setTimeout(action, ms); }
 
 // ---- timeline, state, diff ------------------------------------------------------------
@@ -252,15 +277,19 @@ async function timeline(name, timelineName) {
     api("/api/replicas/" + enc(name) + "/log").catch(() => ({ entries: [] })),
     api("/api/replicas/" + enc(name) + "/series?from=" + enc("7d")).catch(() => []),
   ]));
+  // The chosen timeline, main and up to six more are drawn (each is one request).
+  const lanes = [...new Set([timelineName, "main", ...timelines.map((t) => t.name)])]
+    .filter((lane) => timelines.some((t) => t.name === lane)).slice(0, 8);
   const histories = {};
-  await Promise.all(timelines.map(async (t) => {
-    histories[t.name] = await api("/api/replicas/" + enc(name) + "/history?timeline=" + enc(t.name));
-  }));
+  await guard(() => Promise.all(lanes.map(async (lane) => {
+    histories[lane] = await api("/api/replicas/" + enc(name) + "/history?timeline=" + enc(lane));
+  })));
+  const drawnTimelines = timelines.filter((t) => lanes.includes(t.name));
   const fetched = performance.now();
   const frames = histories[timelineName] || [];
   const select = h("select", { id: "timeline-select", onchange: () => { location.hash = "#/replica/" + enc(name) + "/" + enc(select.value); } },
     timelines.map((t) => h("option", { value: t.name, selected: t.name === timelineName }, t.name + (t.fork ? " (fork)" : ""))));
-  const canvas = h("canvas", { id: "timeline-canvas", height: 40 + 26 * timelines.length });
+  const canvas = h("canvas", { id: "timeline-canvas", height: 40 + 26 * drawnTimelines.length });
   const metricsCanvas = h("canvas", { id: "metrics-canvas", height: 110 });
   const range = h("input", { type: "range", id: "scrubber", min: 0, max: Math.max(frames.length - 1, 0), value: Math.max(frames.length - 1, 0) });
   const label = h("span", { id: "scrub-label", class: "mono" });
@@ -273,7 +302,8 @@ async function timeline(name, timelineName) {
 
   show(h("h1", {}, name), tabs(name, "timeline"),
     h("div", { class: "panel" },
-      h("div", { class: "actions" }, "Timeline ", select, h("span", { class: "muted" }, frames.length + " frames")),
+      h("div", { class: "actions" }, "Timeline ", select, h("span", { class: "muted" }, frames.length + " frames"),
+        timelines.length > drawnTimelines.length ? h("span", { class: "muted" }, " · " + (timelines.length - drawnTimelines.length) + " more timelines not drawn (choose one above)") : null),
       canvas,
       h("div", { class: "legend" }, h("span", {}, "▮ frame"), h("span", {}, "▲ commit"), h("span", {}, "✕ rollback")),
       metricsCanvas,
@@ -282,7 +312,7 @@ async function timeline(name, timelineName) {
     h("div", { class: "grid3" }, statePanel, h("div", { class: "panel" }, h("h2", {}, "Diff"), diffPanel)));
 
   const marks = (log.entries || []).filter((e) => ["commit", "rollback", "revert"].includes(e.event));
-  const drawn = drawTimeline(canvas, timelines, histories, timelineName, marks, frames, Number(range.value));
+  const drawn = drawTimeline(canvas, drawnTimelines, histories, timelineName, marks, frames, Number(range.value));
   drawMetrics(metricsCanvas, series, drawn);
   window.kairosTimings.timeline = { frames: frames.length, fetch_ms: fetched - started, render_ms: performance.now() - fetched };
 
@@ -296,7 +326,7 @@ async function timeline(name, timelineName) {
     const state = await guard(() => api("/api/replicas/" + enc(name) + "/state?at=" + enc(frame.frame)));
     if (asked !== request) return;
     renderState(statePanel, name, state);
-    drawTimeline(canvas, timelines, histories, timelineName, marks, frames, Number(range.value));
+    drawTimeline(canvas, drawnTimelines, histories, timelineName, marks, frames, Number(range.value));
     window.kairosTimings.scrub = { frame: frame.frame, ms: performance.now() - t0 };
     refreshDiff();
   }
@@ -308,9 +338,25 @@ async function timeline(name, timelineName) {
   }
   range.addEventListener("input", showFrame);
   await showFrame();
+  // Live: a new frame is added where the user is (the scrubber, pin and open file stay);
+  // commits and rollbacks are marked; a fork or deletion is announced, not forced.
   view = (event) => {
-    if (event.replica === name && ["frame", "fork", "timeline_deleted", "commit", "rollback"].includes(event.event)) {
-      debounce("timeline", () => timeline(name, timelineName), 400);
+    if (event.replica !== name) return;
+    if (event.event === "frame" && histories[event.timeline]) {
+      const list = histories[event.timeline];
+      if (list.some((f) => f.frame === event.details.frame)) return;
+      list.push({ frame: event.details.frame, time: event.time, timeline: event.timeline, parent: event.details.parent });
+      if (event.timeline === timelineName) {
+        const atEnd = Number(range.value) === frames.length - 2;
+        range.max = String(frames.length - 1);
+        if (atEnd) { range.value = String(frames.length - 1); showFrame(); return; }
+      }
+      drawTimeline(canvas, drawnTimelines, histories, timelineName, marks, frames, Number(range.value));
+    } else if (["commit", "rollback", "revert"].includes(event.event)) {
+      marks.push({ event: event.event, time: event.time, timeline: event.timeline, details: event.details });
+      drawTimeline(canvas, drawnTimelines, histories, timelineName, marks, frames, Number(range.value));
+    } else if (["fork", "timeline_deleted"].includes(event.event)) {
+      banner("Timeline " + event.timeline + (event.event === "fork" ? " was forked" : " was deleted") + " by " + event.party + "; reload the page to see it.", "info");
     }
   };
 }
@@ -404,7 +450,7 @@ function renderState(panel, name, state) {
         h("h3", {}, "Files (" + files.length + ")"),
         h("table", { id: "files" }, h("tbody", {}, shown.map((entry) => h("tr", {},
           h("td", { class: "mono" }, entry.kind === "file"
-            ? h("a", { href: "javascript:void 0", onclick: () => openFile(content, name, state.frame.id, entry) }, entry.path)
+            ? h("a", { href: "#", onclick: (event) => { event.preventDefault(); openFile(content, name, state.frame.id, entry); } }, entry.path)
             : entry.path + (entry.kind === "dir" ? "/" : "")),
           h("td", { class: "muted" }, entry.kind === "file" ? bytes(entry.size) : entry.kind),
           h("td", { class: "mono muted" }, entry.mode || ""))))),
@@ -425,14 +471,22 @@ function renderState(panel, name, state) {
     content));
 }
 
-async function openFile(panel, name, frame, entry) {
+let objectUrl = null;
+async function openFile(panel, name, frame, entry, whole) {
+  if (objectUrl) { URL.revokeObjectURL(objectUrl); objectUrl = null; }
+  if (entry.size > 16 * CONTENT_VIEW_BYTES_MAX && !whole) {
+    panel.replaceChildren(h("h3", {}, entry.path), h("p", { class: "badge warn", id: "large" }, "large file: " + bytes(entry.size) + ", not loaded"), " ",
+      h("button", { onclick: () => openFile(panel, name, frame, entry, true) }, "Load it"));
+    return;
+  }
   const response = await guard(() => api("/api/replicas/" + enc(name) + "/file?path=" + enc(entry.path) + "&at=" + enc(frame), { raw: true }));
   const blob = await response.blob();
   const head = new Uint8Array(await blob.slice(0, CONTENT_VIEW_BYTES_MAX).arrayBuffer());
   let text = null;
   try { text = new TextDecoder("utf-8", { fatal: true }).decode(head, { stream: blob.size > CONTENT_VIEW_BYTES_MAX }); } catch (_) { text = null; }
   if (text !== null && text.includes("\u0000")) text = null;
-  const download = h("a", { href: URL.createObjectURL(blob), download: entry.path.split("/").pop() }, "download (" + bytes(blob.size) + ")");
+  objectUrl = URL.createObjectURL(blob);
+  const download = h("a", { href: objectUrl, download: entry.path.split("/").pop() }, "download (" + bytes(blob.size) + ")");
   panel.replaceChildren(h("h3", {}, entry.path + " "), download,
     text === null ? h("p", { class: "badge warn", id: "binary" }, "binary content: " + bytes(blob.size) + ", not shown")
       : h("div", {},
@@ -459,11 +513,19 @@ async function revert(name, frame) {
     h("p", {}, "The live replica goes from its head (" + short(head.frame ? head.frame.id : head.id) + ") to the state of " + when(frame.time) + ". This changes:"),
     renderDiff(diff),
     h("div", { class: "actions" },
-      h("button", { class: "danger", id: "revert-confirm", onclick: async () => {
+      h("button", { class: "danger", id: "revert-confirm", onclick: (event) => busy(event.target, async () => {
+        const now = await guard(() => api("/api/replicas/" + enc(name) + "/frame?at=latest"));
+        const nowId = now.frame ? now.frame.id : now.id;
+        const seenId = head.frame ? head.frame.id : head.id;
+        if (nowId !== seenId) {
+          banner("Not reverted: the replica moved since this preview (its head was " + short(seenId) + ", it is " + short(nowId) + " now). Open the preview again.");
+          dialog.remove();
+          return;
+        }
         const record = await guard(() => api("/api/replicas/" + enc(name) + "/revert", { method: "POST", body: { to: frame.frame } }));
         toast("revert " + (record.status || "done"), record.status === "committed" ? "good" : "bad");
         dialog.remove();
-      } }, "Revert"),
+      }) }, "Revert"),
       h("button", { onclick: () => dialog.remove() }, "Cancel")));
   main.prepend(dialog);
 }
@@ -513,9 +575,12 @@ async function whatIf(name, id) {
     return line && line.head ? line.head.id : null;
   };
   const seenHead = await guard(headNow);
-  // The sandbox: the proposal applied to a copy of its base (nothing live is touched).
-  const sandbox = may("proposer")
-    ? await guard(() => api("/api/replicas/" + enc(name) + "/proposals/" + enc(proposal.id) + "/sandbox", { method: "POST", body: {} }))
+  // The chosen ops (kept across live re-renders of this page).
+  const chosen = selections[proposal.id] || (selections[proposal.id] = new Set((proposal.ops || []).map((_, i) => i + 1)));
+  // A preview: the chosen ops applied to a copy of the base, and their prediction;
+  // nothing is stored (looking at a page changes nothing).
+  const sandbox = chosen.size
+    ? await guard(() => api("/api/replicas/" + enc(name) + "/proposals/" + enc(proposal.id) + "/preview?ops=" + [...chosen].sort((a, b) => a - b).join(",")))
     : null;
   const base = await guard(() => api("/api/replicas/" + enc(name) + "/state?at=" + enc(proposal.base)));
   const prediction = (sandbox && sandbox.prediction) || summary.prediction || null;
@@ -535,7 +600,7 @@ async function whatIf(name, id) {
   for (const change of changedKeys.values()) {
     if (!(base.config || []).some((k) => k.file === change.file && k.key === change.key)) predictedConfig.push({ file: change.file, key: change.key, value: change.to, changed: true, added: true });
   }
-  const right = h("div", { class: "panel side", id: "predicted" }, h("h3", {}, sandbox ? "Predicted: the sandbox state" : "Predicted (sandbox needs the proposer role)"),
+  const right = h("div", { class: "panel side", id: "predicted" }, h("h3", {}, sandbox ? "Predicted: the sandbox state of ops " + [...chosen].sort((a, b) => a - b).join(", ") : "Predicted: choose at least one op"),
     h("table", {}, h("tbody", {}, predictedConfig.map((key) => h("tr", { class: key.added ? "added" : key.removed ? "removed" : key.changed ? "changed" : "" },
       h("td", { class: "mono" }, key.file), h("td", { class: "mono" }, key.key), h("td", { class: "mono" }, key.value === null || key.value === undefined ? "∅ (removed)" : String(key.value)))))),
     h("h3", {}, "Files changed"), h("table", {}, h("tbody", {}, [...changedFiles.values()].map((f) => h("tr", { class: f.change === "added" ? "added" : f.change === "removed" ? "removed" : "changed" },
@@ -554,21 +619,24 @@ async function whatIf(name, id) {
       : h("p", { class: "muted" }, "No prediction yet."));
 
   const opBoxes = (proposal.ops || []).map((op, index) => h("label", { style: "display:block" },
-    h("input", { type: "checkbox", class: "op", value: index + 1, checked: true }), " ", (index + 1) + ". " + describeOp(op)));
+    h("input", { type: "checkbox", class: "op", value: index + 1, checked: chosen.has(index + 1), onchange: (event) => {
+      if (event.target.checked) chosen.add(index + 1); else chosen.delete(index + 1);
+      debounce("whatif", () => whatIf(name, id), 250);
+    } }), " ", (index + 1) + ". " + describeOp(op)));
   const checkResult = h("div", { id: "check-result" }, summary.check ? checkView(summary.check) : h("span", { class: "muted" }, "The real check has not run on this proposal."));
   const actions = h("div", { class: "panel", id: "proposal-actions" }, h("h2", {}, proposal.title || short(proposal.id)),
     h("p", { class: "muted" }, "by " + proposal.author + " on " + proposal.timeline + " · base " + short(proposal.base) + " · status " + (summary.status || "open")),
     h("h3", {}, "Ops"), opBoxes,
     h("div", { class: "actions" },
-      h("button", { id: "run-check", disabled: !may("proposer"), onclick: async () => {
+      h("button", { id: "run-check", disabled: !may("proposer"), onclick: (event) => busy(event.target, async () => {
         checkResult.replaceChildren(h("span", { class: "muted" }, "running the check in a scratch copy…"));
-        const result = await guard(() => api("/api/replicas/" + enc(name) + "/proposals/" + enc(proposal.id) + "/sandbox", { method: "POST", body: { run_check: true } }));
+        const result = await guard(() => api("/api/replicas/" + enc(name) + "/proposals/" + enc(proposal.id) + "/sandbox", { method: "POST", body: { run_check: true, ops: [...chosen] } }));
         checkResult.replaceChildren(checkView(result.check));
-      } }, "Run the sandbox check"),
+      }) }, "Run the sandbox check"),
       h("button", { id: "approve", disabled: !may("reviewer"), onclick: () => review("approve") }, "Approve"),
       h("button", { id: "reject", disabled: !may("reviewer"), onclick: () => review("reject") }, "Reject"),
-      h("button", { class: "primary", id: "commit", disabled: !may("committer"), onclick: async () => {
-        const ops = [...document.querySelectorAll("input.op:checked")].map((box) => Number(box.value));
+      h("button", { class: "primary", id: "commit", disabled: !may("committer"), onclick: (event) => busy(event.target, async () => {
+        const ops = [...chosen].sort((a, b) => a - b);
         if (!ops.length) { banner("choose at least one op to commit"); return; }
         const head = await guard(headNow);
         if (head !== seenHead) {
@@ -579,7 +647,7 @@ async function whatIf(name, id) {
         toast("commit " + record.status, record.status === "committed" ? "good" : "bad");
         if (record.status !== "committed") banner("commit " + record.status + (record.note ? ": " + record.note : ""));
         whatIf(name, id);
-      } }, "Commit the chosen ops")),
+      }) }, "Commit the chosen ops")),
     checkResult);
   async function review(verdict) {
     await guard(() => api("/api/replicas/" + enc(name) + "/proposals/" + enc(proposal.id) + "/review", { method: "POST", body: { verdict } }));
@@ -590,7 +658,7 @@ async function whatIf(name, id) {
     h("div", { class: "grid3" }, h("div", {}, h("div", { class: "grid2" }, left, right), actions), predictionPanel));
   window.kairosTimings.whatIf = { ms: performance.now() - started };
   view = (event) => {
-    if (event.replica === name && event.details && event.details.proposal === proposal.id && ["commit", "review", "approval", "sandbox"].includes(event.event)) {
+    if (event.replica === name && event.details && event.details.proposal === proposal.id && ["commit", "review", "approval"].includes(event.event)) {
       debounce("whatif", () => whatIf(name, id), 300);
     }
   };

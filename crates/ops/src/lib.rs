@@ -553,6 +553,7 @@ impl Service<'_> {
                 chosen: ops,
                 run_check,
                 party,
+                preview: false,
             },
             &self.limits,
             now,
@@ -568,6 +569,41 @@ impl Service<'_> {
             prediction,
             combined_checks,
             interference,
+        })
+    }
+
+    /// What the sandbox of a proposal's chosen ops would hold, and the prediction for them,
+    /// with nothing stored: the page's what-if on every visit (a sandbox, `sandbox`, is
+    /// recorded and audited; a look is not).
+    pub fn preview(&self, name: &str, id: &str, ops: Option<&[usize]>) -> Result<SandboxJson> {
+        let replica = self.store.replica(name)?;
+        let proposal = self.proposal(name, id)?;
+        let chosen: Vec<usize> = kairos_sandbox::select_ops(&proposal, ops)?
+            .into_iter()
+            .map(|(index, _)| index)
+            .collect();
+        let prediction = self
+            .learner
+            .predict(self.store, &replica, &proposal, &chosen, Instant::now())
+            .ok();
+        let report = kairos_sandbox::sandbox(
+            self.store,
+            &replica,
+            &proposal,
+            &SandboxOptions {
+                chosen: ops,
+                run_check: false,
+                party: "",
+                preview: true,
+            },
+            &self.limits,
+            Instant::now(),
+        )?;
+        Ok(SandboxJson {
+            report,
+            prediction,
+            combined_checks: Vec::new(),
+            interference: Vec::new(),
         })
     }
 

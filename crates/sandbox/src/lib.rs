@@ -425,6 +425,10 @@ pub struct SandboxOptions<'a> {
     pub chosen: Option<&'a [usize]>,
     pub run_check: bool,
     pub party: &'a str,
+    /// Only show what the sandbox would hold: no record, no audit event, no check (its
+    /// tree's objects are written, named by nothing, for `kairos gc` to reclaim). What a
+    /// page shows on every visit.
+    pub preview: bool,
 }
 
 /// Builds the sandbox of `proposal` (the chosen ops on its base), diffs it, and with
@@ -442,7 +446,13 @@ pub fn sandbox(
         chosen,
         run_check,
         party,
+        preview,
     } = *options;
+    if run_check && preview {
+        return Err(SandboxError::Invalid(
+            "a preview runs no check (ask for a sandbox)".into(),
+        ));
+    }
     if run_check && replica.check.is_none() {
         return Err(SandboxError::NoCheck(replica.name.clone()));
     }
@@ -452,6 +462,8 @@ pub fn sandbox(
     let started = std::time::Instant::now();
     let applied = apply_ops(store, replica, &root, &ops, limits, now)?;
     let apply_us = started.elapsed().as_micros() as u64;
+    // Written even for a preview: the diff reads the sandbox's tree from the store. No
+    // record names these objects; `kairos gc` reclaims them.
     applied.persist()?;
     let (files, config) =
         kairos_replay::diff_files(store, &Hash(root.files), &Hash(applied.root_node.files))?;
@@ -473,6 +485,9 @@ pub fn sandbox(
         check,
         created: Some(now),
     };
+    if preview {
+        return Ok(report);
+    }
     let record_id = sandbox_record_id(&proposal.id, &applied.root);
     let event = AuditEvent::Sandbox(SandboxEvent {
         proposal: proposal.id,

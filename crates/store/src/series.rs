@@ -284,7 +284,8 @@ impl Cursor<'_> {
 /// The start of the bucket of `tier` that holds `at`.
 pub fn bucket_start(at: Instant, tier: u8) -> Instant {
     let width = TIER_WIDTHS[usize::from(tier).min(TIER_WIDTHS.len() - 1)].as_nanos() as i64;
-    Instant(at.0.div_euclid(width) * width)
+    // The earliest instants have no bucket start of their own: they belong to the first.
+    Instant(at.0.div_euclid(width).saturating_mul(width))
 }
 
 fn key(replica: &str, tier: u8, at: Instant) -> Vec<u8> {

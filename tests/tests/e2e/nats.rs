@@ -718,9 +718,73 @@ fn watch_streams_the_nodes_events_without_nats() {
     let text = String::from_utf8_lossy(&text);
     assert!(text.lines().all(|line| line.contains("web/exp")), "{text}");
 
+    // The series from the start of time is an answer, not a crash.
+    let mut response = Node::agent()
+        .get(format!("{}/api/replicas/web/series?from=start", _node.url))
+        .call()
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "{}",
+        response.body_mut().read_to_string().unwrap()
+    );
+
     // Bad input is named.
     let error = kairos.fails(["watch", "web", "--since", "the-other-day"]);
     assert!(error.contains("the-other-day"), "{error}");
     let error = kairos.fails(["watch", "nosuch", "--count", "1"]);
     assert!(error.contains("nosuch"), "{error}");
+
+    // Parties: a scoped party lists only its replicas; a revoked party's open stream ends.
+    let db = base.path().join("db");
+    std::fs::create_dir_all(&db).unwrap();
+    kairos.ok(["replica", "add", "db", "--root", db.to_str().unwrap()]);
+    let admin = kairos.json(["party", "add", "root", "--role", "admin", "--json"])["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let scoped = kairos.json([
+        "--token",
+        &admin,
+        "party",
+        "add",
+        "webber",
+        "--role",
+        "viewer",
+        "--replica",
+        "web",
+        "--json",
+    ])["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let listed = kairos.json(["--token", &scoped, "replica", "list", "--json"]);
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["web"]);
+    let mut stream = kairos
+        .command(["--token", &scoped, "watch", "web", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    kairos.ok(["--token", &admin, "party", "revoke", "webber"]);
+    let started = Instant::now();
+    let ended = loop {
+        if let Some(status) = stream.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the revoked party's stream goes on"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!ended.success());
 }

@@ -267,6 +267,7 @@ fn the_page_shows_timelines_states_and_what_ifs_and_acts_by_role() {
         "{confidence}"
     );
     assert_eq!(seen["check"], "check passed");
+    assert_eq!(seen["log_growth_from_visits"], 0, "{seen:#}");
     // The staged commit: only the first op, a new frame on exp, the event on the page fast.
     let frames = seen["exp_frames"].as_array().unwrap();
     assert!(frames[1].as_u64() > frames[0].as_u64(), "{seen:#}");
