@@ -69,7 +69,7 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     match (method, parts.as_slice()) {
         (_, ["", "api", "health" | "openapi.json" | "asyncapi.json"]) => None,
         // The page itself holds no data: it asks for a token and sends it with every read.
-        (&Method::GET, [""] | ["", "ui", "app.js" | "style.css"]) => None,
+        (_, [""] | ["", "ui", "app.js" | "style.css"]) => None,
         (&Method::GET, ["", "api", "whoami"]) => Some(Role::Viewer),
         (&Method::GET, ["", "api", "status"]) => Some(Role::Viewer),
         (&Method::GET, ["", "api", "verify"]) => Some(Role::Admin),
@@ -181,6 +181,29 @@ fn check(shared: &Shared, request: &Request) -> Result<Acting, ApiError> {
             ));
         }
     }
+    // A page of another site may make a browser send requests here (no token needed on
+    // loopback without parties): a request that changes anything must come from this
+    // node's own page, or from no page at all.
+    if !matches!(*request.method(), Method::GET | Method::HEAD)
+        && let Some(origin) = request.headers().get(header::ORIGIN)
+    {
+        let origin = origin.to_str().unwrap_or("");
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|host| host.to_str().ok())
+            .unwrap_or("");
+        let same = origin
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(host));
+        if !same {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "cross_origin",
+                format!("a request from the page {origin:?} may not change anything on this node"),
+            ));
+        }
+    }
     let path = request.uri().path();
     let Some(role) = required_role(request.method(), path) else {
         return Ok(Acting::Anyone);
@@ -257,6 +280,23 @@ mod tests {
         let cases = [
             (Method::GET, "/api/health", None),
             (Method::GET, "/api/openapi.json", None),
+            (Method::GET, "/api/asyncapi.json", None),
+            (Method::GET, "/", None),
+            (Method::POST, "/", None),
+            (Method::GET, "/ui/app.js", None),
+            (Method::GET, "/api/whoami", Some(Role::Viewer)),
+            (Method::GET, "/api/events", Some(Role::Viewer)),
+            (Method::GET, "/api/replicas/web/series", Some(Role::Viewer)),
+            (
+                Method::GET,
+                "/api/replicas/web/proposals/abcd/preview",
+                Some(Role::Viewer),
+            ),
+            (
+                Method::POST,
+                "/api/replicas/web/proposals/validate",
+                Some(Role::Proposer),
+            ),
             (Method::GET, "/api/replicas/web/history", Some(Role::Viewer)),
             (Method::GET, "/api/replicas/web/log", Some(Role::Viewer)),
             (

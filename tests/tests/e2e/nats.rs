@@ -718,6 +718,22 @@ fn watch_streams_the_nodes_events_without_nats() {
     let text = String::from_utf8_lossy(&text);
     assert!(text.lines().all(|line| line.contains("web/exp")), "{text}");
 
+    // Another site's page cannot make a browser change anything here, even with no token
+    // needed; the node's own page can.
+    let cross = Node::agent()
+        .post(format!("{}/api/replicas/web/capture", _node.url))
+        .header("Origin", "http://evil.example")
+        .header("Content-Type", "text/plain")
+        .send("x")
+        .unwrap();
+    assert_eq!(cross.status(), 403);
+    let own = Node::agent()
+        .post(format!("{}/api/replicas/web/capture", _node.url))
+        .header("Origin", _node.url.as_str())
+        .send_empty()
+        .unwrap();
+    assert_eq!(own.status(), 200);
+
     // The series from the start of time is an answer, not a crash.
     let mut response = Node::agent()
         .get(format!("{}/api/replicas/web/series?from=start", _node.url))
