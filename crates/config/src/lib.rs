@@ -114,7 +114,13 @@ pub struct NodeConfig {
     pub party_requests_per_second: u32,
     /// PEM certificate chain and private key: the API is served over TLS.
     pub tls: Option<TlsFiles>,
+    /// A bearer token that opens `GET /metrics` and nothing else, for a scraper that
+    /// should not hold a party's token (a viewer's token also reads every frame).
+    pub metrics_token: Option<String>,
 }
+
+/// The shortest `node.metrics_token` accepted.
+pub const METRICS_TOKEN_CHARS_MIN: usize = 16;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TlsFiles {
@@ -285,6 +291,7 @@ struct RawNode {
     party_requests_per_second: u32,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    metrics_token: Option<String>,
 }
 
 impl Default for RawNode {
@@ -307,6 +314,7 @@ impl Default for RawNode {
             party_requests_per_second: 200,
             tls_cert: None,
             tls_key: None,
+            metrics_token: None,
         }
     }
 }
@@ -809,6 +817,18 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             ),
         ));
     }
+    let metrics_token = raw.node.metrics_token.filter(|token| !token.is_empty());
+    if let Some(token) = &metrics_token
+        && (token.chars().count() < METRICS_TOKEN_CHARS_MIN
+            || !token.chars().all(|c| c.is_ascii_graphic()))
+    {
+        return Err(key_error(
+            "node.metrics_token",
+            format!(
+                "must be at least {METRICS_TOKEN_CHARS_MIN} printable ASCII characters without spaces (it is sent as `Authorization: Bearer TOKEN`)"
+            ),
+        ));
+    }
     for (index, root) in raw.node.allowed_roots.iter().enumerate() {
         if !root.is_absolute() {
             return Err(key_error(
@@ -1024,6 +1044,7 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             connections_max: raw.node.connections_max,
             party_requests_per_second: raw.node.party_requests_per_second,
             tls,
+            metrics_token,
         },
         telemetry: TelemetryConfig {
             otlp_endpoint,
@@ -1158,6 +1179,32 @@ mod tests {
         .unwrap();
         assert_eq!(config.node.listen.port(), 7200);
         assert_eq!(config.node.data_dir, PathBuf::from("/var/lib/kairos"));
+    }
+
+    #[test]
+    fn the_metrics_token_is_optional_long_and_printable() {
+        let config = load(None, env(&[]), &Flags::default()).unwrap();
+        assert_eq!(config.node.metrics_token, None);
+        let config = load(
+            None,
+            env(&[("KAIROS_NODE__METRICS_TOKEN", "scrape-0123456789abcdef")]),
+            &Flags::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            config.node.metrics_token.as_deref(),
+            Some("scrape-0123456789abcdef")
+        );
+        for bad in ["short", "has a space in it, long enough"] {
+            let (_dir, path) = write(&format!("[node]\nmetrics_token = {bad:?}\n"));
+            let error = load(Some(&path), env(&[]), &Flags::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("node.metrics_token: must be at least 16"),
+                "{error}"
+            );
+        }
     }
 
     #[test]

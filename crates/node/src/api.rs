@@ -342,6 +342,7 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
     paths(
         health,
         status,
+        metrics,
         openapi,
         list_replicas,
         frame,
@@ -421,6 +422,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/api/health", get(health))
         .route("/api/status", get(status))
+        .route("/metrics", get(metrics))
         .route("/api/openapi.json", get(openapi))
         .route("/api/replicas", get(list_replicas).post(add_replica))
         .route("/api/replicas/{name}/capture", post(capture))
@@ -573,6 +575,35 @@ async fn status(
             .retain(|replica| party.covers(&replica.name));
     }
     Ok(Json(status))
+}
+
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "The node's metrics in the Prometheus text exposition format 0.0.4 (the figures the OTLP exporter sends); a party limited to some replicas sees theirs and the node-wide ones", content_type = "text/plain")))]
+async fn metrics(
+    State(shared): State<Arc<Shared>>,
+    axum::Extension(acting): axum::Extension<crate::auth::Acting>,
+) -> Result<Response, ApiError> {
+    let replicas = match acting {
+        crate::auth::Acting::Party(party) if !party.replicas.is_empty() => Some(party.replicas),
+        _ => None,
+    };
+    // Collecting runs the observable instruments' callbacks (the store's size): off the
+    // async workers.
+    let exposition = shared.metrics.exposition().cloned();
+    let text = tokio::task::spawn_blocking(move || {
+        exposition
+            .map(|exposition| exposition.render(replicas.as_deref()))
+            .unwrap_or_default()
+    })
+    .await
+    .map_err(|error| ApiError::internal(format!("collecting the metrics: {error}")))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            kairos_telemetry::EXPOSITION_CONTENT_TYPE,
+        )],
+        text,
+    )
+        .into_response())
 }
 
 #[utoipa::path(get, path = "/api/openapi.json", responses((status = 200, description = "This OpenAPI 3 document")))]

@@ -29,12 +29,20 @@ pub enum Acting {
     Anyone,
     /// The party whose token the request carried.
     Party(PartyRecord),
+    /// A scraper with `node.metrics_token`: [`check`] lets it through to `GET /metrics`
+    /// only, and it acts as nobody.
+    Scraper,
 }
 
 impl Acting {
     /// The party to record: the authenticated one, or the one the request names.
     pub fn party(&self, named: Option<String>, default: &str) -> Result<String, ApiError> {
         match self {
+            Acting::Scraper => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the metrics token reads /metrics only",
+            )),
             Acting::Anyone => Ok(kairos_ops::party(named.as_deref().unwrap_or(default))?),
             Acting::Party(party) => match named {
                 Some(named) if named != party.name => Err(ApiError::new(
@@ -59,6 +67,7 @@ impl Acting {
         match self {
             Acting::Anyone => true,
             Acting::Party(party) => party.role >= role,
+            Acting::Scraper => false,
         }
     }
 }
@@ -72,6 +81,9 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
         (_, [""] | ["", "ui", "app.js" | "style.css"]) => None,
         (&Method::GET, ["", "api", "whoami"]) => Some(Role::Viewer),
         (&Method::GET, ["", "api", "status"]) => Some(Role::Viewer),
+        // The figures name replicas and the store's size: a viewer's, like the status
+        // (or `node.metrics_token`'s, which opens this route and no other: see `check`).
+        (&Method::GET, ["", "metrics"]) => Some(Role::Viewer),
         (&Method::GET, ["", "api", "verify"]) => Some(Role::Admin),
         // Removes only what nothing kept needs, store-wide.
         (&Method::POST, ["", "api", "gc"]) => Some(Role::Committer),
@@ -152,6 +164,22 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
+/// Whether a request is `GET /metrics` with the configured metrics token. The tokens are
+/// compared by their hashes, as parties' tokens are looked up, never byte by byte.
+fn is_metrics_scrape(
+    method: &Method,
+    path: &str,
+    token: &str,
+    metrics_token: Option<&str>,
+) -> bool {
+    let Some(metrics_token) = metrics_token else {
+        return false;
+    };
+    method == Method::GET
+        && path.trim_end_matches('/') == "/metrics"
+        && kairos_core::party::token_hash(token) == kairos_core::party::token_hash(metrics_token)
+}
+
 /// The middleware: Host check, authentication, role and replica scope.
 pub async fn authorize(
     State(shared): State<Arc<Shared>>,
@@ -221,6 +249,9 @@ fn check(shared: &Shared, request: &Request) -> Result<Acting, ApiError> {
             "this node needs a party's token: send `Authorization: Bearer TOKEN` (the CLI: --token or KAIROS_TOKEN)",
         ));
     };
+    if is_metrics_scrape(request.method(), path, token, node.metrics_token.as_deref()) {
+        return Ok(Acting::Scraper);
+    }
     let Some(party) = shared.service().authenticate(token)? else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -360,12 +391,52 @@ mod tests {
             (Method::GET, "/api/verify", Some(Role::Admin)),
             (Method::POST, "/api/gc", Some(Role::Committer)),
             (Method::GET, "/api/stats", Some(Role::Viewer)),
+            (Method::GET, "/metrics", Some(Role::Viewer)),
+            (Method::POST, "/metrics", Some(Role::Admin)),
             (Method::PUT, "/api/replicas/web/history", Some(Role::Admin)),
             (Method::GET, "/api/nothing", Some(Role::Admin)),
         ];
         for (method, path, role) in cases {
             assert_eq!(required_role(&method, path), role, "{method} {path}");
         }
+    }
+
+    #[test]
+    fn the_metrics_token_opens_get_metrics_only() {
+        let token = "scrape-0123456789abcdef";
+        assert!(is_metrics_scrape(
+            &Method::GET,
+            "/metrics",
+            token,
+            Some(token)
+        ));
+        assert!(!is_metrics_scrape(&Method::GET, "/metrics", token, None));
+        assert!(!is_metrics_scrape(
+            &Method::GET,
+            "/metrics",
+            "scrape-0123456789abcdeX",
+            Some(token)
+        ));
+        assert!(!is_metrics_scrape(
+            &Method::POST,
+            "/metrics",
+            token,
+            Some(token)
+        ));
+        assert!(!is_metrics_scrape(
+            &Method::GET,
+            "/api/status",
+            token,
+            Some(token)
+        ));
+        assert!(!is_metrics_scrape(
+            &Method::GET,
+            "/metrics/../api/status",
+            token,
+            Some(token)
+        ));
+        assert!(!Acting::Scraper.has(Role::Viewer));
+        assert!(Acting::Scraper.party(None, "cli").is_err());
     }
 
     #[test]

@@ -195,6 +195,14 @@ pub async fn events(
             &party.name,
         )?),
         Acting::Anyone => None,
+        // `auth::check` lets a scraper reach /metrics only.
+        Acting::Scraper => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the metrics token reads /metrics only",
+            ));
+        }
     };
     let permit = shared
         .event_streams
@@ -216,7 +224,8 @@ pub async fn events(
     let worker = shared.clone();
     let token_hash = match &acting {
         Acting::Party(party) => Some(party.token_hash),
-        Acting::Anyone => None,
+        // A scraper was refused above.
+        Acting::Anyone | Acting::Scraper => None,
     };
     tokio::spawn(async move {
         let _permit = permit;

@@ -387,8 +387,11 @@ pub async fn run(
         reason: error.to_string(),
     })?;
     let metrics = kairos_telemetry::Metrics::new();
-    let kv = store.kv().clone();
-    metrics.observe_store_size(move || kv.size_bytes().ok());
+    // The callback lives as long as the global meter provider, past this node: it must
+    // not keep the store open (a store closes, making its last writes durable, when its
+    // last handle goes).
+    let kv = Arc::downgrade(store.kv());
+    metrics.observe_store_size(move || kv.upgrade()?.size_bytes().ok());
     let config_party_rate = config.node.party_requests_per_second;
     let retrain = kairos_predict::RetrainPolicy {
         outcomes_min: config.predictor.retrain_outcomes_min,
@@ -498,5 +501,9 @@ pub async fn run(
     // already running finishes (or is discarded whole) on the blocking pool.
     supervisor.stop(Some("node stopping".into()));
     let _ = supervisor_done.await;
+    // The last export carries the figures up to here, the store's size among them, while
+    // the store is still open (the size gauge holds it weakly).
+    let metrics = shared.metrics.clone();
+    let _ = tokio::task::spawn_blocking(move || metrics.flush()).await;
     served.map_err(|error| NodeError::Serve(error.to_string()))
 }

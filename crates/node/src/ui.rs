@@ -70,8 +70,8 @@ pub struct WhoAmI {
 }
 
 /// `GET /api/whoami`.
-pub async fn whoami(Extension(acting): Extension<Acting>) -> Json<WhoAmI> {
-    Json(match acting {
+pub async fn whoami(Extension(acting): Extension<Acting>) -> Result<Json<WhoAmI>, ApiError> {
+    Ok(Json(match acting {
         Acting::Anyone => WhoAmI {
             party: None,
             role: kairos_core::Role::Admin,
@@ -82,7 +82,15 @@ pub async fn whoami(Extension(acting): Extension<Acting>) -> Json<WhoAmI> {
             role: party.role,
             replicas: party.replicas,
         },
-    })
+        // `auth::check` lets a scraper reach /metrics only.
+        Acting::Scraper => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the metrics token reads /metrics only",
+            ));
+        }
+    }))
 }
 
 /// `GET /api/replicas/{r}/series?from=SPEC&to=SPEC`: the runtime series' buckets between

@@ -13,6 +13,7 @@ mod foundation;
 mod fuzz_corpus;
 mod gc;
 mod idle;
+mod metrics;
 mod nats;
 mod node;
 mod predict_node;

@@ -13,14 +13,16 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 
 #[derive(Default)]
-struct Received {
-    spans: Vec<Span>,
-    metrics: Vec<String>,
+pub(crate) struct Received {
+    pub(crate) spans: Vec<Span>,
+    pub(crate) metrics: Vec<String>,
+    /// Every metric of every export, in the order they came.
+    pub(crate) exported: Vec<opentelemetry_proto::tonic::metrics::v1::Metric>,
     requests: Vec<String>,
 }
 
 /// A minimal OTLP/HTTP receiver: answers 200 to every POST and decodes the bodies.
-fn receiver() -> (String, Arc<Mutex<Received>>) {
+pub(crate) fn receiver() -> (String, Arc<Mutex<Received>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let received = Arc::new(Mutex::new(Received::default()));
@@ -81,7 +83,8 @@ fn receiver() -> (String, Arc<Mutex<Received>>) {
                                 for scope in resource.scope_metrics {
                                     received
                                         .metrics
-                                        .extend(scope.metrics.into_iter().map(|m| m.name));
+                                        .extend(scope.metrics.iter().map(|m| m.name.clone()));
+                                    received.exported.extend(scope.metrics);
                                 }
                             }
                         }
