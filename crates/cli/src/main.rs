@@ -12,6 +12,7 @@ use kairos_core::spec::MAIN_TIMELINE;
 
 mod backend;
 mod fromdir;
+mod generate;
 mod output;
 mod repair;
 mod watch;
@@ -199,6 +200,26 @@ enum Command {
     /// (files over every frame), stored (objects as compressed), in segments and on disk,
     /// the dedup ratio (raw / stored), dictionaries, and the bytes `kairos gc` would reclaim
     Stats(StatsArgs),
+    /// Print the shell completion script for bash, zsh or fish
+    ///
+    /// bash: `kairos completions bash > /usr/share/bash-completion/completions/kairos`
+    /// (or `source <(kairos completions bash)` in ~/.bashrc); zsh: into a directory of
+    /// $fpath as `_kairos`; fish: `kairos completions fish >
+    /// ~/.config/fish/completions/kairos.fish`. deploy/install does all three
+    Completions {
+        #[arg(value_enum)]
+        shell: generate::CompletionShell,
+    },
+    /// Write the man pages: one per command and subcommand (kairos.1, kairos-capture.1,
+    /// kairos-replica-add.1, ...) into --dir, or print the top page, kairos.1
+    ///
+    /// `man -l kairos.1` reads a page in place; deploy/install puts them in
+    /// /usr/local/share/man/man1
+    Man {
+        /// Write every page into this directory (made if missing) and list the files
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -677,6 +698,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    if let Some(done) = habits_command(&cli.command) {
+        return done;
+    }
     if let Command::Up { listen } = cli.command {
         return up(cli.config, listen, cli.data_dir);
     }
@@ -759,7 +783,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
     };
     match cli.command {
         // Handled before a backend is chosen.
-        Command::Up { .. } | Command::Repair { .. } | Command::Watch(_) => Ok(ExitCode::SUCCESS),
+        Command::Up { .. }
+        | Command::Repair { .. }
+        | Command::Watch(_)
+        | Command::Completions { .. }
+        | Command::Man { .. } => Ok(ExitCode::SUCCESS),
         Command::Replica(command) => replica(&backend, command),
         Command::Party(command) => party_command(&backend, command, &party),
         Command::Capture(args) => capture_command(&backend, args),
@@ -786,6 +814,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Suggest(args) => suggest_command(&backend, args),
         Command::Bisect(args) => bisect_command(&backend, args, &party),
     }
+}
+
+/// `kairos completions` and `kairos man`, which need no store, node or party; `None` for
+/// every other command.
+fn habits_command(command: &Command) -> Option<Result<ExitCode>> {
+    let cli = || <Cli as clap::CommandFactory>::command();
+    let done = match command {
+        Command::Completions { shell } => {
+            let mut out = std::io::stdout().lock();
+            generate::completions(cli(), *shell, &mut out);
+            out.flush().context("writing the completion script")
+        }
+        Command::Man { dir: Some(dir) } => generate::man_pages(cli(), dir).map(|written| {
+            for path in written {
+                println!("{}", path.display());
+            }
+        }),
+        Command::Man { dir: None } => {
+            let mut out = std::io::stdout().lock();
+            generate::man_page(cli(), &mut out)
+                .and_then(|()| out.flush())
+                .context("writing the man page")
+        }
+        _ => return None,
+    };
+    Some(done.map(|()| ExitCode::SUCCESS))
 }
 
 fn watch_command(

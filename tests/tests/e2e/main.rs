@@ -12,6 +12,7 @@ mod forget_attacks;
 mod foundation;
 mod fuzz_corpus;
 mod gc;
+mod habits;
 mod idle;
 mod metrics;
 mod nats;
