@@ -167,3 +167,94 @@ fn man_pages_are_one_per_command_and_subcommand_and_render() {
         }
     }
 }
+
+#[test]
+fn deploy_install_puts_pages_completions_and_units_where_their_tools_look() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/install");
+    let stage = tempfile::tempdir().unwrap();
+    let output = Command::new("bash")
+        .arg(&script)
+        .arg("--binary")
+        .arg(kairos_bin())
+        .arg("--destdir")
+        .arg(stage.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "deploy/install: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let prefix = stage.path().join("usr/local");
+    assert!(prefix.join("bin/kairos").is_file());
+    let pages = prefix.join("share/man/man1");
+    for page in [
+        "kairos.1",
+        "kairos-up.1",
+        "kairos-capture.1",
+        "kairos-replica-add.1",
+    ] {
+        assert!(pages.join(page).is_file(), "{page} installed");
+    }
+    let page_count = std::fs::read_dir(&pages).unwrap().count();
+    let generated = tempfile::tempdir().unwrap();
+    let listed = Kairos::new().ok(["man", "--dir", generated.path().to_str().unwrap()]);
+    assert_eq!(
+        page_count,
+        String::from_utf8(listed).unwrap().lines().count()
+    );
+    for (path, shell) in [
+        ("share/bash-completion/completions/kairos", "bash"),
+        ("share/zsh/site-functions/_kairos", "zsh"),
+        ("share/fish/vendor_completions.d/kairos.fish", "fish"),
+    ] {
+        let installed = std::fs::read(prefix.join(path)).unwrap();
+        assert_eq!(
+            installed,
+            Kairos::new().ok(["completions", shell]),
+            "{path}"
+        );
+    }
+    for unit in [
+        "kairos.service",
+        "kairos-capture@.service",
+        "kairos-capture@.timer",
+    ] {
+        let text =
+            std::fs::read_to_string(stage.path().join("etc/systemd/system").join(unit)).unwrap();
+        if unit.ends_with(".service") {
+            let documented = text
+                .lines()
+                .find_map(|line| line.strip_prefix("Documentation="))
+                .unwrap_or_else(|| panic!("{unit} names its man page"));
+            for reference in documented.split_whitespace() {
+                let page = reference
+                    .strip_prefix("man:")
+                    .and_then(|page| page.strip_suffix("(1)"))
+                    .unwrap_or_else(|| panic!("{unit}: {reference} is not man:PAGE(1)"));
+                assert!(
+                    pages.join(format!("{page}.1")).is_file(),
+                    "{unit} names {page}(1)"
+                );
+            }
+        }
+    }
+    // man finds the installed pages by name under the prefix.
+    let man_installed = Command::new("sh")
+        .args(["-c", "command -v man"])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if man_installed {
+        let found = Command::new("man")
+            .args(["-w", "kairos-capture"])
+            .env("MANPATH", prefix.join("share/man"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&found.stdout).trim(),
+            pages.join("kairos-capture.1").display().to_string()
+        );
+    }
+}
