@@ -674,6 +674,44 @@ impl Backend {
         }
     }
 
+    /// Gates a stored proposal (and with `thresholds.commit`, commits it if it passes).
+    pub fn gate(
+        &self,
+        name: &str,
+        proposal: &str,
+        thresholds: &kairos_ops::gate::GateThresholds,
+        party: &str,
+    ) -> Result<kairos_ops::gate::GateJson> {
+        match self {
+            Backend::Direct { .. } => {
+                let service = self.service().context("direct")?;
+                if !thresholds.commit {
+                    return Ok(service.gate(name, proposal, None, thresholds, None, party)?);
+                }
+                self.recover_first(name)?;
+                let capturer = self.capturer()?;
+                Ok(service.gate(name, proposal, None, thresholds, Some(&capturer), party)?)
+            }
+            Backend::Node { .. } => {
+                let route = if thresholds.commit {
+                    "gate/commit"
+                } else {
+                    "gate"
+                };
+                self.post(
+                    &proposal_path(name, proposal, route)?,
+                    Some(&kairos_ops::wire::GateRequest {
+                        ops: None,
+                        max_risk: thresholds.max_risk,
+                        min_confidence: thresholds.min_confidence,
+                        run_check: thresholds.run_check,
+                        party: self.node_party(party),
+                    }),
+                )
+            }
+        }
+    }
+
     pub fn review(
         &self,
         name: &str,

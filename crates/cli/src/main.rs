@@ -12,6 +12,7 @@ use kairos_core::spec::MAIN_TIMELINE;
 
 mod backend;
 mod fromdir;
+mod gate;
 mod generate;
 mod output;
 mod repair;
@@ -114,6 +115,29 @@ enum Command {
     /// A timeline with a review policy (`[replica.policy]` in the configuration) refuses
     /// the commit, naming what is missing, until the policy is met
     Commit(CommitArgs),
+    /// Gate a change for a pipeline: propose it, predict it, try it in a sandbox, and with
+    /// --commit commit it if it passes. Exit 0: passed (and committed, with --commit); 1:
+    /// refused (the reasons are printed); 2: the gate could not run (bad input, unknown
+    /// replica, node unreachable, a missing or wrong token, a role too low)
+    ///
+    /// The rule, criterion by criterion (each one is in every format):
+    /// `confidence` — the prediction must be trusted: the model does not abstain and its
+    /// confidence is at least --min-confidence. A replica without a trained model always
+    /// abstains, so a gate without a model refuses unless --min-confidence 0; then the
+    /// prediction is not used and --run-check makes the real check decide (with
+    /// --min-confidence 0 and no --run-check nothing is checked at all).
+    /// `risk` — the predicted P(error) is at most --max-risk (skipped when the model
+    /// abstains). `check` — with --run-check, the replica's check passes in a sandbox.
+    /// `commit` — with --commit, a passing proposal is committed and must end committed
+    /// (a commit refused by the review policy or a busy replica, a conflict or a rollback
+    /// refuse). The prediction is made before the sandbox and the commit, and scored by
+    /// their outcome. Every verdict is a `gate` event in the audit log (webhooks, NATS,
+    /// `kairos watch`). Formats: text; json (schema `kairos.gate/1`: schema, replica,
+    /// proposal, title, author, timeline, base, ops, verdict, reasons, criteria,
+    /// thresholds, prediction, diff, check, commit); markdown (a pull-request comment);
+    /// junit (one testsuite, one testcase per criterion)
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["file", "from_dir"])))]
+    Gate(GateArgs),
     /// Approve or reject a proposal (a reviewer's; each party's latest verdict counts)
     ///
     /// A timeline's review policy (`[replica.policy]`, `[replica.policy.timeline.NAME]`
@@ -403,6 +427,44 @@ struct SandboxArgs {
 }
 
 #[derive(Args)]
+struct GateArgs {
+    name: String,
+    /// The proposal document (JSON or TOML), as for `kairos propose`
+    #[arg(long, value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Derive the ops from how DIR differs from the base, as for `kairos propose`
+    #[arg(long, value_name = "DIR")]
+    from_dir: Option<PathBuf>,
+    /// The timeline to propose on [default: main]
+    #[arg(long)]
+    timeline: Option<String>,
+    /// Title for --from-dir proposals
+    #[arg(long)]
+    title: Option<String>,
+    /// Refuse when the predicted P(error) is above this
+    #[arg(long, value_name = "P", default_value_t = kairos_ops::gate::MAX_RISK_DEFAULT)]
+    max_risk: f32,
+    /// Refuse when the prediction's confidence is below this or the model abstains; 0
+    /// accepts any prediction (then only --run-check decides)
+    #[arg(long, value_name = "C", default_value_t = kairos_ops::gate::MIN_CONFIDENCE_DEFAULT)]
+    min_confidence: f32,
+    /// Run the replica's check in a sandbox; a failing check refuses
+    #[arg(long)]
+    run_check: bool,
+    /// Commit the proposal if it passes, and wait for the commit's watch window (a
+    /// committer's; a refused or rolled-back commit refuses)
+    #[arg(long)]
+    commit: bool,
+    /// How the report is printed
+    #[arg(long, value_enum, default_value = "text")]
+    format: gate::GateFormat,
+    /// Also write the report in another format to a file, e.g. `junit:gate.xml` or
+    /// `markdown:comment.md` (repeatable)
+    #[arg(long, value_name = "FORMAT:FILE", value_parser = gate::parse_write)]
+    write: Vec<gate::WriteTo>,
+}
+
+#[derive(Args)]
 struct CommitArgs {
     name: String,
     /// Proposal id (4+ hex digits)
@@ -687,12 +749,18 @@ fn main() -> ExitCode {
     // SAFETY: called at the start of main, before any thread exists.
     unsafe { kairos_ops::learn::prepare_process() };
     let cli = Cli::parse();
+    // A pipeline tells a refusal (1) from a gate that could not run (2).
+    let failure = if matches!(cli.command, Command::Gate(_)) {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
+    };
     match run(cli) {
         Ok(code) => code,
         Err(error) => {
             let message = format!("{error:#}").replace('\n', " ");
             let _ = writeln!(std::io::stderr(), "kairos: error: {message}");
-            ExitCode::FAILURE
+            failure
         }
     }
 }
@@ -752,6 +820,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     | Command::Propose(_)
                     | Command::Sandbox(_)
                     | Command::Commit(_)
+                    | Command::Gate(_)
                     | Command::Review(_)
                     | Command::Revert(_)
                     | Command::Recover(_)
@@ -801,6 +870,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Propose(args) => propose_command(&backend, args, &party),
         Command::Sandbox(args) => sandbox_command(&backend, args, &party),
         Command::Commit(args) => commit_command(&backend, args, &party),
+        Command::Gate(args) => gate_command(&backend, args, &party),
         Command::Review(args) => review_command(&backend, args, &party),
         Command::Proposals(args) => proposals_command(&backend, args),
         Command::Revert(args) => revert_command(&backend, args, &party),
@@ -1273,20 +1343,15 @@ fn propose_command(
     }: ProposeArgs,
     party: &str,
 ) -> Result<ExitCode> {
-    let document = match (file, from_dir) {
-        (Some(file), _) => {
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let mut document = kairos_sandbox::ProposalDocument::parse(&bytes)?;
-            let base_dir = file.parent().unwrap_or(std::path::Path::new("."));
-            fromdir::read_from_files(&mut document, base_dir)?;
-            document
-        }
-        (None, Some(dir)) => {
-            fromdir::document_from_dir(backend, &name, &dir, timeline.as_deref(), title, party)?
-        }
-        (None, None) => bail!("give --file or --from-dir"),
-    };
+    let document = proposal_document(
+        backend,
+        &name,
+        file,
+        from_dir,
+        timeline.as_deref(),
+        title,
+        party,
+    )?;
     let proposal = backend.propose(&name, document, timeline.as_deref(), party)?;
     if json {
         print_json(&proposal)?;
@@ -1309,6 +1374,70 @@ fn propose_command(
         output::print_interference(&proposal.interference)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The proposal document of `--file` (its `from` files read) or `--from-dir`.
+fn proposal_document(
+    backend: &Backend,
+    name: &str,
+    file: Option<PathBuf>,
+    from_dir: Option<PathBuf>,
+    timeline: Option<&str>,
+    title: Option<String>,
+    party: &str,
+) -> Result<kairos_sandbox::ProposalDocument> {
+    Ok(match (file, from_dir) {
+        (Some(file), _) => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let mut document = kairos_sandbox::ProposalDocument::parse(&bytes)?;
+            let base_dir = file.parent().unwrap_or(std::path::Path::new("."));
+            fromdir::read_from_files(&mut document, base_dir)?;
+            document
+        }
+        (None, Some(dir)) => {
+            fromdir::document_from_dir(backend, name, &dir, timeline, title, party)?
+        }
+        (None, None) => bail!("give --file or --from-dir"),
+    })
+}
+
+fn gate_command(backend: &Backend, args: GateArgs, party: &str) -> Result<ExitCode> {
+    let thresholds = kairos_ops::gate::GateThresholds {
+        max_risk: args.max_risk,
+        min_confidence: args.min_confidence,
+        run_check: args.run_check,
+        commit: args.commit,
+    };
+    // Refused before anything is proposed.
+    thresholds.validate()?;
+    let document = proposal_document(
+        backend,
+        &args.name,
+        args.file,
+        args.from_dir,
+        args.timeline.as_deref(),
+        args.title,
+        party,
+    )?;
+    let proposal = backend.propose(&args.name, document, args.timeline.as_deref(), party)?;
+    let gate = backend.gate(&args.name, &proposal.proposal.to_hex(), &thresholds, party)?;
+    for to in &args.write {
+        std::fs::write(&to.path, gate::render(&gate, to.format))
+            .with_context(|| format!("--write {}", to.path.display()))?;
+    }
+    print!("{}", gate::render(&gate, args.format));
+    Ok(match gate.verdict {
+        kairos_store::audit::GateVerdict::Pass => ExitCode::SUCCESS,
+        kairos_store::audit::GateVerdict::Refuse => {
+            if args.format != gate::GateFormat::Text {
+                for reason in &gate.reasons {
+                    eprintln!("kairos: gate refused: {reason}");
+                }
+            }
+            ExitCode::FAILURE
+        }
+    })
 }
 
 fn predict_command(

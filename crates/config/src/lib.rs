@@ -51,7 +51,39 @@ pub struct Config {
     pub nats: Option<NatsConfig>,
     pub limits: Limits,
     pub replicas: Vec<ReplicaDefinition>,
+    /// Outgoing webhooks (`[[webhook]]`), each delivered on its own.
+    pub webhooks: Vec<WebhookConfig>,
 }
+
+/// An outgoing webhook: the events it is told of, POSTed to its URL and signed with its
+/// secret, retried with exponential backoff.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookConfig {
+    /// Names the webhook in the status and its cursor file (`webhook-<name>.json`).
+    pub name: String,
+    /// `http://` or `https://`.
+    pub url: String,
+    /// Feed event names (`commit`, `rollback`, `gate`, ...).
+    pub events: Vec<String>,
+    /// The HMAC-SHA256 key of the `Kairos-Signature` header.
+    pub secret: String,
+    /// Only these replicas' events (all when empty).
+    pub replicas: Vec<String>,
+    /// Attempts per event before giving up on it (said in the status).
+    pub attempts_max: u32,
+    /// The wait after a first failed attempt; each next one doubles, up to `backoff_max`.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// How long one attempt may take.
+    pub timeout: Duration,
+}
+
+/// Webhooks a configuration may declare.
+pub const WEBHOOKS_MAX: usize = 32;
+/// Attempts per event at most.
+pub const WEBHOOK_ATTEMPTS_MAX: u32 = 20;
+/// The shortest secret accepted (an HMAC key guessed is a signature forged).
+pub const WEBHOOK_SECRET_BYTES_MIN: usize = 16;
 
 /// Where and how the node publishes its events and answers requests on NATS.
 #[derive(Debug, Clone, PartialEq)]
@@ -269,6 +301,31 @@ struct RawConfig {
     limits: Limits,
     #[serde(default)]
     replica: Vec<RawReplica>,
+    #[serde(default)]
+    webhook: Vec<RawWebhook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    name: String,
+    url: String,
+    events: Vec<String>,
+    #[serde(default)]
+    secret: Option<String>,
+    /// A `KAIROS_` environment variable holding the secret (kept out of the file).
+    #[serde(default)]
+    secret_env: Option<String>,
+    #[serde(default)]
+    replicas: Vec<String>,
+    #[serde(default)]
+    attempts_max: Option<u32>,
+    #[serde(default)]
+    backoff_initial: Option<String>,
+    #[serde(default)]
+    backoff_max: Option<String>,
+    #[serde(default)]
+    timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -657,7 +714,7 @@ pub fn load(
         )
         .map_err(|reason| flag_error("--data-dir", reason))?;
     }
-    let raw: RawConfig =
+    let mut raw: RawConfig =
         serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|error| {
             ConfigError::Key {
                 source_name: source_name.clone(),
@@ -665,7 +722,194 @@ pub fn load(
                 reason: error.inner().to_string(),
             }
         })?;
+    webhook_secrets(&mut raw.webhook, &environment, &source_name)?;
     validate(raw, &base_dir, &source_name)
+}
+
+/// Each webhook's `secret_env` replaced by the variable's value (`KAIROS_` variables only,
+/// as every other layer of the configuration).
+fn webhook_secrets(
+    webhooks: &mut [RawWebhook],
+    environment: &BTreeMap<String, String>,
+    source_name: &str,
+) -> Result<(), ConfigError> {
+    for (index, webhook) in webhooks.iter_mut().enumerate() {
+        let key_error = |reason: String| ConfigError::Key {
+            source_name: source_name.to_string(),
+            key: format!("webhook[{index}].secret_env"),
+            reason,
+        };
+        let Some(name) = webhook.secret_env.take() else {
+            continue;
+        };
+        if webhook.secret.is_some() {
+            return Err(key_error("give secret or secret_env, not both".to_string()));
+        }
+        if !name.starts_with("KAIROS_") {
+            return Err(key_error(format!(
+                "{name:?} must be a KAIROS_ environment variable"
+            )));
+        }
+        let value = environment
+            .get(&name)
+            .ok_or_else(|| key_error(format!("the environment variable {name} is not set")))?;
+        webhook.secret = Some(value.clone());
+    }
+    Ok(())
+}
+
+/// `[[webhook]]`: names unique, URLs http(s), events known, a secret long enough, limits
+/// bounded.
+fn webhooks(raw: Vec<RawWebhook>, source_name: &str) -> Result<Vec<WebhookConfig>, ConfigError> {
+    if raw.len() > WEBHOOKS_MAX {
+        return Err(ConfigError::Key {
+            source_name: source_name.to_string(),
+            key: "webhook".into(),
+            reason: format!("{} webhooks; at most {WEBHOOKS_MAX}", raw.len()),
+        });
+    }
+    let mut webhooks: Vec<WebhookConfig> = Vec::new();
+    for (index, raw) in raw.into_iter().enumerate() {
+        let key_error = |key: &str, reason: String| ConfigError::Key {
+            source_name: source_name.to_string(),
+            key: format!("webhook[{index}].{key}"),
+            reason,
+        };
+        if !is_plain_token(&raw.name) {
+            return Err(key_error(
+                "name",
+                format!("{:?} must be 1 to 64 letters, digits, - or _", raw.name),
+            ));
+        }
+        if webhooks.iter().any(|w| w.name == raw.name) {
+            return Err(key_error(
+                "name",
+                format!("{:?} names two webhooks", raw.name),
+            ));
+        }
+        let host = raw
+            .url
+            .strip_prefix("http://")
+            .or_else(|| raw.url.strip_prefix("https://"))
+            .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
+        if host.is_none_or(|host| host.is_empty() || host.contains(['@', ' '])) {
+            return Err(key_error(
+                "url",
+                format!(
+                    "{:?} is not an http:// or https:// URL with a host (no credentials in it)",
+                    raw.url
+                ),
+            ));
+        }
+        if raw.events.is_empty() {
+            return Err(key_error(
+                "events",
+                format!(
+                    "names no event: use some of {}",
+                    kairos_core::event::EVENT_NAMES.join(", ")
+                ),
+            ));
+        }
+        if let Some(unknown) = raw
+            .events
+            .iter()
+            .find(|event| !kairos_core::event::is_event_name(event))
+        {
+            return Err(key_error(
+                "events",
+                format!(
+                    "{unknown:?} is not an event: use {}",
+                    kairos_core::event::EVENT_NAMES.join(", ")
+                ),
+            ));
+        }
+        let secret = raw.secret.unwrap_or_default();
+        if secret.len() < WEBHOOK_SECRET_BYTES_MIN {
+            return Err(key_error(
+                "secret",
+                format!(
+                    "a webhook needs a secret (or secret_env) of at least {WEBHOOK_SECRET_BYTES_MIN} bytes to sign its deliveries"
+                ),
+            ));
+        }
+        if let Some(bad) = raw
+            .replicas
+            .iter()
+            .find(|name| !kairos_core::replica::is_valid_replica_name(name))
+        {
+            return Err(key_error(
+                "replicas",
+                format!("{bad:?} is not a replica name"),
+            ));
+        }
+        let attempts_max = raw.attempts_max.unwrap_or(5);
+        if !(1..=WEBHOOK_ATTEMPTS_MAX).contains(&attempts_max) {
+            return Err(key_error(
+                "attempts_max",
+                format!("{attempts_max} is not between 1 and {WEBHOOK_ATTEMPTS_MAX}"),
+            ));
+        }
+        let mut times = [Duration::ZERO; 3];
+        for ((key, text, default, range), time) in [
+            (
+                "backoff_initial",
+                &raw.backoff_initial,
+                "500ms",
+                Duration::from_millis(10)..=Duration::from_secs(3600),
+            ),
+            (
+                "backoff_max",
+                &raw.backoff_max,
+                "1m",
+                Duration::from_millis(10)..=Duration::from_secs(24 * 3600),
+            ),
+            (
+                "timeout",
+                &raw.timeout,
+                "10s",
+                Duration::from_millis(100)..=Duration::from_secs(600),
+            ),
+        ]
+        .into_iter()
+        .zip(&mut times)
+        {
+            let value = duration(
+                source_name,
+                &format!("webhook[{index}].{key}"),
+                text.as_deref().unwrap_or(default),
+            )?;
+            if !range.contains(&value) {
+                return Err(key_error(
+                    key,
+                    format!(
+                        "{value:?} is not between {:?} and {:?}",
+                        range.start(),
+                        range.end()
+                    ),
+                ));
+            }
+            *time = value;
+        }
+        let [backoff_initial, backoff_max, timeout] = times;
+        if backoff_max < backoff_initial {
+            return Err(key_error(
+                "backoff_max",
+                format!("{backoff_max:?} is below backoff_initial {backoff_initial:?}"),
+            ));
+        }
+        webhooks.push(WebhookConfig {
+            name: raw.name,
+            url: raw.url,
+            events: raw.events,
+            secret,
+            replicas: raw.replicas,
+            attempts_max,
+            backoff_initial,
+            backoff_max,
+            timeout,
+        });
+    }
+    Ok(webhooks)
 }
 
 fn flag_error(flag: &str, reason: String) -> ConfigError {
@@ -1018,7 +1262,9 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
         ));
     }
     let nats = nats(raw.nats, base_dir, source_name)?;
+    let webhooks = webhooks(raw.webhook, source_name)?;
     Ok(Config {
+        webhooks,
         store,
         retention,
         nats,
@@ -1472,6 +1718,77 @@ mod shipped {
                 .unwrap_err()
                 .to_string();
             assert!(error.contains(named), "{text:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn webhooks_name_known_events_and_carry_a_secret_from_the_file_or_the_environment() {
+        let (_dir, path) = super::tests::write(
+            "[[webhook]]\nname = \"ci\"\nurl = \"https://hooks.example/kairos\"\nevents = [\"commit\", \"rollback\", \"gate\"]\nsecret_env = \"KAIROS_WEBHOOK_CI_SECRET\"\nreplicas = [\"web\"]\n\n[[webhook]]\nname = \"chat\"\nurl = \"http://127.0.0.1:9/x\"\nevents = [\"gate\"]\nsecret = \"0123456789abcdef\"\nattempts_max = 2\nbackoff_initial = \"50ms\"\n",
+        );
+        let config = load(
+            Some(&path),
+            vec![(
+                "KAIROS_WEBHOOK_CI_SECRET".to_string(),
+                "from-the-environment".to_string(),
+            )],
+            &Flags::default(),
+        )
+        .unwrap();
+        assert_eq!(config.webhooks.len(), 2);
+        let ci = &config.webhooks[0];
+        assert_eq!(ci.secret, "from-the-environment");
+        assert_eq!(ci.events, ["commit", "rollback", "gate"]);
+        assert_eq!(ci.replicas, ["web"]);
+        assert_eq!(ci.attempts_max, 5);
+        let chat = &config.webhooks[1];
+        assert_eq!(chat.attempts_max, 2);
+        assert_eq!(chat.backoff_initial, Duration::from_millis(50));
+        assert_eq!(chat.timeout, Duration::from_secs(10));
+        let missing = load(Some(&path), Vec::new(), &Flags::default()).unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .contains("KAIROS_WEBHOOK_CI_SECRET is not set"),
+            "{missing}"
+        );
+        let hook = |rest: &str| {
+            format!("[[webhook]]\nname = \"a\"\nurl = \"http://h/\"\nevents = [\"commit\"]\n{rest}")
+        };
+        for (text, named) in [
+            (hook("secret = \"short\"\n"), "webhook[0].secret"),
+            (
+                hook("secret = \"0123456789abcdef\"\nattempts_max = 0\n"),
+                "webhook[0].attempts_max",
+            ),
+            (
+                hook("secret = \"0123456789abcdef\"\nbackoff_initial = \"2m\"\n"),
+                "webhook[0].backoff_max",
+            ),
+            (
+                hook("secret_env = \"HOME\"\n"),
+                "webhook[0].secret_env",
+            ),
+            (
+                hook("secret = \"0123456789abcdef\"\ncolour = \"red\"\n"),
+                "colour",
+            ),
+            (
+                "[[webhook]]\nname = \"a\"\nurl = \"ftp://h/\"\nevents = [\"commit\"]\nsecret = \"0123456789abcdef\"\n".to_string(),
+                "webhook[0].url",
+            ),
+            (
+                "[[webhook]]\nname = \"a\"\nurl = \"http://h/\"\nevents = [\"comit\"]\nsecret = \"0123456789abcdef\"\n".to_string(),
+                "webhook[0].events",
+            ),
+            (
+                "[[webhook]]\nname = \"a b\"\nurl = \"http://h/\"\nevents = [\"commit\"]\nsecret = \"0123456789abcdef\"\n".to_string(),
+                "webhook[0].name",
+            ),
+        ] {
+            let (_dir, path) = super::tests::write(&text);
+            let error = load(Some(&path), Vec::new(), &Flags::default()).unwrap_err();
+            assert!(error.to_string().contains(named), "{text}: {error}");
         }
     }
 

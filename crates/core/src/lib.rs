@@ -2,6 +2,7 @@
 //! replica definitions, limits and the store backend a
 //! configuration names. Plain data and pure functions only: no IO.
 
+pub mod event;
 pub mod hash;
 pub mod instant;
 pub mod limits;

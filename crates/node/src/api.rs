@@ -201,7 +201,10 @@ impl From<kairos_ops::OpsError> for ApiError {
                     InputError::NoRetentionPolicy(_) | InputError::Retention(_) => "bad_retention",
                     InputError::SharedRoot { .. } => "shared_root",
                     InputError::PartyReplica { .. } => "unknown_replica",
-                    InputError::Random(_) => return ApiError::internal(message),
+                    InputError::GateThreshold { .. } => "bad_threshold",
+                    InputError::Random(_) | InputError::GateCommit => {
+                        return ApiError::internal(message);
+                    }
                 };
                 ApiError::bad_request(code, message)
             }
@@ -368,6 +371,8 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
         crate::changes::review_proposal,
         crate::changes::sandbox_proposal,
         crate::changes::commit_proposal,
+        crate::changes::gate_proposal,
+        crate::changes::gate_and_commit_proposal,
         crate::changes::get_commit,
         crate::changes::revert,
         crate::changes::audit_log,
@@ -392,6 +397,8 @@ fn spec(text: &str) -> Result<TimelineSpec, ApiError> {
         crate::wire::ProposeRequest,
         crate::wire::SandboxRequest,
         crate::wire::CommitRequest,
+        crate::wire::GateRequest,
+        kairos_ops::gate::GateJson,
         crate::wire::ReviewRequest,
         crate::wire::RevertRequest,
         crate::wire::PartyRequest,
@@ -483,6 +490,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/api/replicas/{name}/proposals/{id}/commit",
             post(crate::changes::commit_proposal),
+        )
+        .route(
+            "/api/replicas/{name}/proposals/{id}/gate",
+            post(crate::changes::gate_proposal),
+        )
+        .route(
+            "/api/replicas/{name}/proposals/{id}/gate/commit",
+            post(crate::changes::gate_and_commit_proposal),
         )
         .route(
             "/api/replicas/{name}/commits/{id}",

@@ -98,6 +98,7 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
         (
             &Method::POST,
             ["", "api", "replicas", _, "proposals", _, "commit"]
+            | ["", "api", "replicas", _, "proposals", _, "gate", "commit"]
             | ["", "api", "replicas", _, "model", "train"],
         ) => Some(Role::Committer),
         // Approvals and rejections count towards a timeline's review policy.
@@ -122,7 +123,7 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
                 _,
                 "proposals",
                 _,
-                "sandbox" | "predict",
+                "sandbox" | "predict" | "gate",
             ]
             | ["", "api", "replicas", _, "proposals", "validate"],
         )
@@ -348,6 +349,17 @@ mod tests {
             (
                 Method::POST,
                 "/api/replicas/web/revert",
+                Some(Role::Committer),
+            ),
+            // A gate records its verdict (a proposer's); one that commits, a committer's.
+            (
+                Method::POST,
+                "/api/replicas/web/proposals/abcd/gate",
+                Some(Role::Proposer),
+            ),
+            (
+                Method::POST,
+                "/api/replicas/web/proposals/abcd/gate/commit",
                 Some(Role::Committer),
             ),
             (

@@ -475,6 +475,77 @@ pub async fn commit_proposal(
     Ok(Json(record).into_response())
 }
 
+#[utoipa::path(post, path = "/api/replicas/{name}/proposals/{id}/gate", request_body = crate::wire::GateRequest, params(("name" = String, Path, description = "Replica"), ("id" = String, Path, description = "Proposal id prefix")), responses(
+    (status = 200, description = "The gate's verdict (pass or refuse, schema kairos.gate/1): every criterion, the prediction, the sandbox's diff and check; recorded as a gate event", body = kairos_ops::gate::GateJson),
+    (status = 400, description = "A threshold out of range, or run_check on a replica without a check", body = ErrorBody),
+    (status = 404, description = "Unknown replica or proposal", body = ErrorBody)))]
+pub async fn gate_proposal(
+    State(shared): State<Arc<Shared>>,
+    Extension(acting): Extension<Acting>,
+    Path((name, id)): Path<(String, String)>,
+    payload: Result<Json<crate::wire::GateRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    gate(shared, acting, name, id, json_input(payload)?, false).await
+}
+
+#[utoipa::path(post, path = "/api/replicas/{name}/proposals/{id}/gate/commit", request_body = crate::wire::GateRequest, params(("name" = String, Path, description = "Replica"), ("id" = String, Path, description = "Proposal id prefix")), responses(
+    (status = 200, description = "The gate's verdict; a passing proposal is committed and the answer waits for the commit's end (a refused or rolled-back commit makes the verdict refuse)", body = kairos_ops::gate::GateJson),
+    (status = 400, description = "A threshold out of range, or run_check on a replica without a check", body = ErrorBody),
+    (status = 404, description = "Unknown replica or proposal", body = ErrorBody)))]
+pub async fn gate_and_commit_proposal(
+    State(shared): State<Arc<Shared>>,
+    Extension(acting): Extension<Acting>,
+    Path((name, id)): Path<(String, String)>,
+    payload: Result<Json<crate::wire::GateRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    gate(shared, acting, name, id, json_input(payload)?, true).await
+}
+
+/// Both gate routes: the same service call, with a capturer when it commits (a commit
+/// watches for its window: a thread of its own, not a replay permit).
+async fn gate(
+    shared: Arc<Shared>,
+    acting: Acting,
+    name: String,
+    id: String,
+    request: crate::wire::GateRequest,
+    commit: bool,
+) -> Result<Response, ApiError> {
+    let party = party(&acting, request.party)?;
+    let thresholds = kairos_ops::gate::GateThresholds {
+        max_risk: request.max_risk,
+        min_confidence: request.min_confidence,
+        run_check: request.run_check,
+        commit,
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let replica = name.clone();
+    let job = move |shared: Arc<Shared>, _: ReplicaDefinition| {
+        let capturer = NodeCapturer {
+            shared: shared.clone(),
+            runtime,
+        };
+        let gate = shared.service().gate(
+            &name,
+            &id,
+            request.ops.as_deref(),
+            &thresholds,
+            commit.then_some(&capturer as &dyn Capturer),
+            &party,
+        )?;
+        if gate.check.is_some() || gate.commit.is_some() {
+            crate::predictor::outcome_arrived(&shared, &name);
+        }
+        Ok(gate)
+    };
+    let gate = if commit {
+        blocking_long(&shared, replica, job).await?
+    } else {
+        blocking(&shared, replica, job).await?
+    };
+    Ok(Json(gate).into_response())
+}
+
 fn watch_in_background(shared: Arc<Shared>, runtime: tokio::runtime::Handle, record: CommitRecord) {
     let replica = record.replica.clone();
     let capturer = NodeCapturer {

@@ -16,6 +16,7 @@ pub mod snapshotter;
 pub mod supervisor;
 pub mod ui;
 pub mod watcher;
+pub mod webhook;
 pub use kairos_ops::wire;
 
 use std::collections::HashMap;
@@ -154,6 +155,8 @@ pub struct Shared {
     /// JetStream's acknowledgement (the newest 1 024, in milliseconds).
     pub last_change: Mutex<Option<std::time::Instant>>,
     pub publish_latencies_ms: Mutex<std::collections::VecDeque<f64>>,
+    /// Each webhook as the status endpoint shows it, by name.
+    webhook_statuses: Mutex<std::collections::BTreeMap<String, crate::wire::WebhookStatusJson>>,
 }
 
 impl Shared {
@@ -161,6 +164,26 @@ impl Shared {
     pub fn with_nats_status(&self, change: impl FnOnce(&mut crate::wire::NatsStatusJson)) {
         let mut status = self.nats_status.lock().unwrap_or_else(|p| p.into_inner());
         change(status.get_or_insert_with(Default::default));
+    }
+
+    /// Changes a webhook's status shown by the status endpoint.
+    pub fn with_webhook_status(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut crate::wire::WebhookStatusJson),
+    ) {
+        let mut statuses = self
+            .webhook_statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let status =
+            statuses
+                .entry(name.to_string())
+                .or_insert_with(|| crate::wire::WebhookStatusJson {
+                    name: name.to_string(),
+                    ..Default::default()
+                });
+        change(status);
     }
 
     /// The operations on the node's store, with its configured limits.
@@ -288,6 +311,13 @@ impl Shared {
                     nats.publish_latency_ms_p99 = at(0.99);
                     nats
                 }),
+            webhooks: self
+                .webhook_statuses
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect(),
         })
     }
 }
@@ -425,6 +455,7 @@ pub async fn run(
         nats_status: Mutex::new(None),
         last_change: Mutex::new(None),
         publish_latencies_ms: Mutex::new(std::collections::VecDeque::new()),
+        webhook_statuses: Mutex::default(),
     });
     {
         let changes = shared.changes.clone();
@@ -437,10 +468,12 @@ pub async fn run(
             changes.send_modify(|count| *count = count.wrapping_add(1));
         }));
     }
-    let nats_tasks = match shared.config.nats.clone() {
+    let mut nats_tasks = match shared.config.nats.clone() {
         Some(nats) => nats::start(shared.clone(), nats).await,
         None => Vec::new(),
     };
+    // Webhooks read the feed as the publisher does, each after its own cursor.
+    nats_tasks.extend(webhook::start(&shared));
     {
         // The status endpoint shows the store's figures from the start; computing them
         // surveys the store, off the serving path.

@@ -11,6 +11,7 @@
 pub mod bisect;
 pub mod culprit;
 pub mod fuzz;
+pub mod gate;
 pub mod learn;
 pub mod review;
 pub mod wire;
@@ -76,6 +77,10 @@ pub enum InputError {
     },
     #[error("drawing a token from the operating system: {0}")]
     Random(String),
+    #[error("gate: {name} {value} is not between 0 and 1")]
+    GateThreshold { name: &'static str, value: String },
+    #[error("gate: a commit needs a way to capture the live replica (and only a commit does)")]
+    GateCommit,
 }
 
 /// Everything an operation can answer instead of its result.

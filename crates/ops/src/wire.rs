@@ -143,6 +143,44 @@ pub struct StatusJson {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub nats: Option<NatsStatusJson>,
+    /// Each configured webhook: what was delivered, retried and given up on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<Object>)]
+    pub webhooks: Vec<WebhookStatusJson>,
+}
+
+/// One webhook as the status shows it (counts since the node started).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WebhookStatusJson {
+    pub name: String,
+    /// Its URL without the query.
+    pub url: String,
+    pub events: Vec<String>,
+    /// Events the endpoint accepted (2xx).
+    pub delivered: u64,
+    /// Failed attempts that were tried again.
+    pub retries: u64,
+    /// Events given up on after every attempt failed.
+    pub gave_up: u64,
+    /// The last failure, until the next delivery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// The newest events given up on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<WebhookFailureJson>,
+}
+
+/// An event a webhook gave up on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WebhookFailureJson {
+    /// The event's id (its `Kairos-Delivery`).
+    pub id: String,
+    pub event: String,
+    pub replica: String,
+    pub attempts: u32,
+    /// The last attempt's error.
+    pub error: String,
+    pub time: kairos_core::Instant,
 }
 
 /// The node's NATS side.
@@ -317,6 +355,36 @@ pub struct SandboxRequest {
     pub run_check: bool,
     #[serde(default)]
     pub party: Option<String>,
+}
+
+/// `POST /api/replicas/{name}/proposals/{id}/gate` (and `.../gate/commit`, which also
+/// commits a passing proposal and needs the committer role).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GateRequest {
+    /// 1-based op indexes (all when absent).
+    #[serde(default)]
+    pub ops: Option<Vec<usize>>,
+    /// Refuse above this predicted P(error) [default 0.2].
+    #[serde(default = "max_risk_default")]
+    pub max_risk: f32,
+    /// Refuse below this confidence, or when the model abstains; 0 accepts an abstaining
+    /// prediction [default 0.7].
+    #[serde(default = "min_confidence_default")]
+    pub min_confidence: f32,
+    /// Run the replica's check in a sandbox; a failing check refuses.
+    #[serde(default)]
+    pub run_check: bool,
+    #[serde(default)]
+    pub party: Option<String>,
+}
+
+fn max_risk_default() -> f32 {
+    crate::gate::MAX_RISK_DEFAULT
+}
+
+fn min_confidence_default() -> f32 {
+    crate::gate::MIN_CONFIDENCE_DEFAULT
 }
 
 /// `POST /api/replicas/{name}/proposals/{id}/predict`.

@@ -47,6 +47,8 @@ pub enum AuditEvent {
     /// Open proposals on one timeline interfere: they touch the same entries, or their
     /// combined sandbox fails its check while each passes alone.
     Interference(InterferenceEvent),
+    /// A pipeline gate (`kairos gate`) decided on a proposal: passed, or refused and why.
+    Gate(GateEvent),
 }
 
 impl AuditEvent {
@@ -67,6 +69,7 @@ impl AuditEvent {
             AuditEvent::Forget(_) => "forget",
             AuditEvent::Review(_) => "review",
             AuditEvent::Interference(_) => "interference",
+            AuditEvent::Gate(_) => "gate",
         }
     }
 }
@@ -186,6 +189,39 @@ pub struct PredictionEvent {
     pub abstain: bool,
     /// The model's id; absent when there was none (the prediction abstains).
     pub model: Option<String>,
+}
+
+/// What a gate decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateVerdict {
+    Pass,
+    Refuse,
+}
+
+impl GateVerdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            GateVerdict::Pass => "pass",
+            GateVerdict::Refuse => "refuse",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateEvent {
+    pub proposal: Hash,
+    pub ops: Vec<usize>,
+    pub verdict: GateVerdict,
+    /// Why it was refused, one line per failed criterion (empty when it passed).
+    pub reasons: Vec<String>,
+    /// The thresholds the gate applied (fractions read back exactly, as a prediction's).
+    pub max_risk: f64,
+    pub min_confidence: f64,
+    pub run_check: bool,
+    /// Whether the gate was to commit a passing proposal, and the commit it made.
+    pub commit_asked: bool,
+    pub commit: Option<Hash>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

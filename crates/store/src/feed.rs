@@ -24,25 +24,7 @@ pub const EVENT_SCHEMA: &str = "kairos.event/1";
 pub const FEED_BATCH_MAX: usize = 1024;
 
 /// Every event name a feed can carry, as the last token of its NATS subject.
-pub const EVENT_NAMES: &[&str] = &[
-    "frame",
-    "fork",
-    "timeline_deleted",
-    "proposal",
-    "sandbox",
-    "prediction",
-    "review",
-    "approval",
-    "interference",
-    "commit",
-    "probe",
-    "rollback",
-    "revert",
-    "recovery",
-    "outcome",
-    "model",
-    "forget",
-];
+pub use kairos_core::event::EVENT_NAMES;
 
 /// One event of the catalog, as published.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
