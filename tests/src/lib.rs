@@ -241,6 +241,11 @@ pub struct Node {
 impl Node {
     /// Starts a node with `config` (TOML text, written beside `data_dir`).
     pub fn start(config: &str, data_dir: &Path) -> Node {
+        Node::start_with_env(config, data_dir, &[])
+    }
+
+    /// [`Node::start`] with these environment variables set for the node.
+    pub fn start_with_env(config: &str, data_dir: &Path, env: &[(&str, &str)]) -> Node {
         use std::io::BufRead;
         let config_path = data_dir.with_extension("toml");
         std::fs::write(&config_path, config).expect("config written");
@@ -251,6 +256,7 @@ impl Node {
             .arg(data_dir)
             .env_remove("KAIROS_DATA_DIR")
             .env_remove("KAIROS_NODE")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()

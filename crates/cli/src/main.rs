@@ -1846,6 +1846,7 @@ fn up(
 ) -> Result<ExitCode> {
     let flags = kairos_config::Flags { listen, data_dir };
     let config = kairos_config::load(config.as_deref(), std::env::vars(), &flags)?;
+    config.webhook_secrets_set()?;
     let mut telemetry = kairos_telemetry::init(&config.telemetry)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -67,6 +67,9 @@ pub struct WebhookConfig {
     pub events: Vec<String>,
     /// The HMAC-SHA256 key of the `Kairos-Signature` header.
     pub secret: String,
+    /// The `secret_env` variable when it was not set (then `secret` is empty): an error
+    /// for the node ([`Config::webhook_secrets_set`]), not for other commands.
+    pub secret_missing: Option<String>,
     /// Only these replicas' events (all when empty).
     pub replicas: Vec<String>,
     /// Attempts per event before giving up on it (said in the status).
@@ -76,6 +79,30 @@ pub struct WebhookConfig {
     pub backoff_max: Duration,
     /// How long one attempt may take.
     pub timeout: Duration,
+}
+
+impl Config {
+    /// Every webhook has its secret: the node checks this before it starts (other
+    /// commands deliver no webhooks and need no secret).
+    pub fn webhook_secrets_set(&self) -> Result<(), ConfigError> {
+        match self
+            .webhooks
+            .iter()
+            .position(|webhook| webhook.secret_missing.is_some())
+        {
+            Some(index) => Err(ConfigError::Environment {
+                name: self.webhooks[index]
+                    .secret_missing
+                    .clone()
+                    .unwrap_or_default(),
+                reason: format!(
+                    "is not set; webhook {:?} (webhook[{index}].secret_env) signs its deliveries with it",
+                    self.webhooks[index].name
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Webhooks a configuration may declare.
@@ -316,6 +343,9 @@ struct RawWebhook {
     /// A `KAIROS_` environment variable holding the secret (kept out of the file).
     #[serde(default)]
     secret_env: Option<String>,
+    /// The `secret_env` variable, when it is not set.
+    #[serde(skip)]
+    secret_missing: Option<String>,
     #[serde(default)]
     replicas: Vec<String>,
     #[serde(default)]
@@ -750,10 +780,10 @@ fn webhook_secrets(
                 "{name:?} must be a KAIROS_ environment variable"
             )));
         }
-        let value = environment
-            .get(&name)
-            .ok_or_else(|| key_error(format!("the environment variable {name} is not set")))?;
-        webhook.secret = Some(value.clone());
+        // A variable not set is an error only for the node (`Config::webhook_secrets_set`):
+        // other commands never deliver webhooks.
+        webhook.secret = environment.get(&name).cloned();
+        webhook.secret_missing = webhook.secret.is_none().then_some(name);
     }
     Ok(())
 }
@@ -824,7 +854,7 @@ fn webhooks(raw: Vec<RawWebhook>, source_name: &str) -> Result<Vec<WebhookConfig
             ));
         }
         let secret = raw.secret.unwrap_or_default();
-        if secret.len() < WEBHOOK_SECRET_BYTES_MIN {
+        if raw.secret_missing.is_none() && secret.len() < WEBHOOK_SECRET_BYTES_MIN {
             return Err(key_error(
                 "secret",
                 format!(
@@ -902,6 +932,7 @@ fn webhooks(raw: Vec<RawWebhook>, source_name: &str) -> Result<Vec<WebhookConfig
             url: raw.url,
             events: raw.events,
             secret,
+            secret_missing: raw.secret_missing,
             replicas: raw.replicas,
             attempts_max,
             backoff_initial,
@@ -1745,13 +1776,15 @@ mod shipped {
         assert_eq!(chat.attempts_max, 2);
         assert_eq!(chat.backoff_initial, Duration::from_millis(50));
         assert_eq!(chat.timeout, Duration::from_secs(10));
-        let missing = load(Some(&path), Vec::new(), &Flags::default()).unwrap_err();
+        // Not set: other commands load the configuration; the node refuses to start.
+        let unset = load(Some(&path), Vec::new(), &Flags::default()).unwrap();
+        let missing = unset.webhook_secrets_set().unwrap_err();
         assert!(
-            missing
-                .to_string()
-                .contains("KAIROS_WEBHOOK_CI_SECRET is not set"),
+            missing.to_string().contains("KAIROS_WEBHOOK_CI_SECRET"),
             "{missing}"
         );
+        assert!(missing.to_string().contains("is not set"), "{missing}");
+        config.webhook_secrets_set().unwrap();
         let hook = |rest: &str| {
             format!("[[webhook]]\nname = \"a\"\nurl = \"http://h/\"\nevents = [\"commit\"]\n{rest}")
         };

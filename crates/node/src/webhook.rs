@@ -50,7 +50,7 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
 
 /// Whether the webhook asked for this event.
 pub fn wanted(config: &WebhookConfig, event: &FeedEvent) -> bool {
-    config.events.iter().any(|name| *name == event.event)
+    config.events.contains(&event.event)
         && (config.replicas.is_empty() || config.replicas.contains(&event.replica))
 }
 
@@ -127,12 +127,19 @@ pub fn start(shared: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
         .config
         .webhooks
         .iter()
-        .map(|config| {
+        .filter_map(|config| {
             shared.with_webhook_status(&config.name, |status| {
                 status.url = shown_url(&config.url);
                 status.events.clone_from(&config.events);
             });
-            tokio::spawn(deliver_feed(shared.clone(), config.clone()))
+            if let Some(variable) = &config.secret_missing {
+                // `kairos up` refuses to start so; a node run as a library says it here.
+                let error = format!("not delivering: {variable} (its secret) is not set");
+                tracing::error!(webhook = %config.name, %error, "webhook");
+                shared.with_webhook_status(&config.name, |status| status.last_error = Some(error));
+                return None;
+            }
+            Some(tokio::spawn(deliver_feed(shared.clone(), config.clone())))
         })
         .collect()
 }
@@ -323,6 +330,7 @@ mod tests {
             url: "http://127.0.0.1:9/hook?token=x".into(),
             events: vec!["commit".into(), "gate".into()],
             secret: "0123456789abcdef".into(),
+            secret_missing: None,
             replicas: vec!["web".into()],
             attempts_max: 4,
             backoff_initial: Duration::from_millis(100),
