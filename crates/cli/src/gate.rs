@@ -84,23 +84,18 @@ fn prediction_line(gate: &GateJson, emphasis: &str) -> String {
             prediction.confidence
         );
     }
-    let trusted = prediction.confidence >= gate.thresholds.min_confidence
-        && gate.thresholds.min_confidence > 0.0;
     let call = format!(
         "P(error) {} at confidence {}",
         strong(format!("{:.2}", prediction.p_error)),
         strong(format!("{:.2}", prediction.confidence))
     );
-    if trusted {
-        format!(
-            "{call} (at least {:.2}: trusted)",
-            gate.thresholds.min_confidence
-        )
+    let minimum = gate.thresholds.min_confidence;
+    if minimum <= 0.0 {
+        format!("{call} (this gate asks for no minimum confidence)")
+    } else if prediction.confidence >= minimum {
+        format!("{call} (at least {minimum:.2}: trusted)")
     } else {
-        format!(
-            "{call} — low confidence: a guess, not a verdict (trusted from {:.2})",
-            gate.thresholds.min_confidence.max(f32::EPSILON)
-        )
+        format!("{call} — low confidence: a guess, not a verdict (trusted from {minimum:.2})")
     }
 }
 
@@ -412,6 +407,87 @@ mod tests {
         );
         assert!(parse_write("gate.xml").unwrap_err().contains("FORMAT:FILE"));
         assert!(parse_write("json:").is_err());
+    }
+
+    fn gate(p_error: f32, confidence: f32, verdict: GateVerdict) -> GateJson {
+        use kairos_ops::gate::{CriterionName, GateDiff, GateThresholds};
+        let failed = verdict == GateVerdict::Refuse;
+        GateJson {
+            schema: kairos_ops::gate::GATE_SCHEMA.into(),
+            replica: "web".into(),
+            proposal: "0123456789abcdef".into(),
+            title: "raise | the port".into(),
+            author: "ci".into(),
+            timeline: "main".into(),
+            base: "fedc".into(),
+            ops: vec![1],
+            verdict,
+            reasons: if failed {
+                vec!["confidence: the prediction cannot be trusted".into()]
+            } else {
+                Vec::new()
+            },
+            criteria: vec![Criterion {
+                name: CriterionName::Confidence,
+                status: if failed {
+                    CriterionStatus::Fail
+                } else {
+                    CriterionStatus::Pass
+                },
+                message: "why <here>".into(),
+            }],
+            thresholds: GateThresholds::default(),
+            prediction: kairos_ops::learn::PredictionJson {
+                proposal: "0123".into(),
+                ops: vec![1],
+                p_error,
+                confidence,
+                abstain: false,
+                resource_deltas: Default::default(),
+                affected: Vec::new(),
+                explanation: vec!["app.conf: key port (raises risk, +0.40)".into()],
+                model: Some("m".into()),
+                model_error: None,
+                inference_us: 3,
+            },
+            diff: GateDiff {
+                files_changed: 0,
+                config_keys_changed: 0,
+                files: Vec::new(),
+                config: Vec::new(),
+                actions: Vec::new(),
+                truncated: false,
+            },
+            check: None,
+            commit: None,
+        }
+    }
+
+    #[test]
+    fn the_markdown_comment_never_lets_a_guess_read_as_a_verdict() {
+        let trusted = render(&gate(0.05, 0.93, GateVerdict::Pass), GateFormat::Markdown);
+        assert!(trusted.starts_with(
+            "### ✅ Kairos gate passed: `web` proposal `01234567` — raise \\| the port"
+        ));
+        assert!(
+            trusted.contains(
+                "**Prediction:** P(error) **0.05** at confidence **0.93** (at least 0.70: trusted)"
+            ),
+            "{trusted}"
+        );
+        assert!(trusted.contains("**Check:** not run"));
+        assert!(trusted.contains("| confidence | ✅ pass | why &lt;here&gt; |"));
+        let guess = render(&gate(0.05, 0.41, GateVerdict::Refuse), GateFormat::Markdown);
+        assert!(
+            guess.contains("at confidence **0.41** — low confidence: a guess, not a verdict (trusted from 0.70)"),
+            "{guess}"
+        );
+        assert!(
+            guess.contains("**Refused because**\n\n- confidence: the prediction cannot be trusted")
+        );
+        let junit = render(&gate(0.05, 0.41, GateVerdict::Refuse), GateFormat::Junit);
+        assert!(junit.contains("failures=\"1\""), "{junit}");
+        assert!(junit.contains("<failure message=\"why &lt;here&gt;\" type=\"confidence\">"));
     }
 
     #[test]

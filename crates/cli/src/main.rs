@@ -170,7 +170,7 @@ enum Command {
     /// directory (it holds the store meanwhile), not through a node
     Bisect(BisectArgs),
     /// Stream events as they happen: new frames, forks, proposals, sandboxes, predictions,
-    /// reviews, commits, probes, rollbacks, reverts, models, forgets
+    /// reviews, commits, probes, rollbacks, reverts, models, forgets, gate verdicts
     ///
     /// From the node's API (server-sent events; the node on the data directory, or
     /// --node), or with --nats URL from the replica's JetStream stream as a party (NATS
