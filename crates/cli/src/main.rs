@@ -123,9 +123,10 @@ enum Command {
     /// The rule, criterion by criterion (each one is in every format):
     /// `confidence` — the prediction must be trusted: the model does not abstain and its
     /// confidence is at least --min-confidence. A replica without a trained model always
-    /// abstains, so a gate without a model refuses unless --min-confidence 0; then the
-    /// prediction is not used and --run-check makes the real check decide (with
-    /// --min-confidence 0 and no --run-check nothing is checked at all).
+    /// abstains, so a gate without a model refuses unless --min-confidence 0; then an
+    /// abstaining prediction is accepted and --run-check makes the real check decide
+    /// (with --min-confidence 0 and no --run-check nothing is checked at all; a
+    /// prediction that makes a call is still held to --max-risk).
     /// `risk` — the predicted P(error) is at most --max-risk (skipped when the model
     /// abstains). `check` — with --run-check, the replica's check passes in a sandbox.
     /// `commit` — with --commit, a passing proposal is committed and must end committed
@@ -445,7 +446,8 @@ struct GateArgs {
     #[arg(long, value_name = "P", default_value_t = kairos_ops::gate::MAX_RISK_DEFAULT)]
     max_risk: f32,
     /// Refuse when the prediction's confidence is below this or the model abstains; 0
-    /// accepts any prediction (then only --run-check decides)
+    /// accepts an abstaining or unsure prediction (then --run-check decides; a call the
+    /// model makes is still held to --max-risk)
     #[arg(long, value_name = "C", default_value_t = kairos_ops::gate::MIN_CONFIDENCE_DEFAULT)]
     min_confidence: f32,
     /// Run the replica's check in a sandbox; a failing check refuses

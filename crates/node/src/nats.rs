@@ -97,6 +97,18 @@ pub const VERBS: &[Verb] = &[
         "POST",
         "/api/replicas/{replica}/proposals/{proposal}/commit",
     ),
+    Verb::new(
+        "gate",
+        Role::Proposer,
+        "POST",
+        "/api/replicas/{replica}/proposals/{proposal}/gate",
+    ),
+    Verb::new(
+        "gate_commit",
+        Role::Committer,
+        "POST",
+        "/api/replicas/{replica}/proposals/{proposal}/gate/commit",
+    ),
 ];
 
 #[derive(Debug, Clone, Copy)]
@@ -1200,8 +1212,19 @@ mod tests {
                 .contains(&"$JS.API.CONSUMER.MSG.NEXT.KAIROS_web.ship".to_string())
         );
         assert!(!viewer.publish.iter().any(|s| s.contains("DELETE")));
+        assert!(
+            !viewer
+                .publish
+                .iter()
+                .any(|s| s.starts_with("kairos.api.gate"))
+        );
         let committer = permissions(&ship, &parties, &replicas, &config());
         assert!(committer.publish.contains(&"kairos.api.commit".to_string()));
+        assert!(
+            committer
+                .publish
+                .contains(&"kairos.api.gate_commit".to_string())
+        );
         assert!(committer.publish.iter().any(|s| s.contains("KAIROS_db")));
         let node = node_permissions(&parties, &config());
         assert!(
