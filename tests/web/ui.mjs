@@ -19,12 +19,15 @@ const browser = await chromium.launch({
   args: ["--no-sandbox", "--disable-gpu"],
 });
 const errors = [];
+const consoleLines = [];
+let step = "start";
 
 async function page(token) {
   // The test evaluates its own probes in the page, which the page's CSP forbids.
   const context = await browser.newContext({ viewport: { width: 1400, height: 1000 }, bypassCSP: true });
   const tab = await context.newPage();
   tab.on("pageerror", (error) => errors.push(String(error)));
+  tab.on("console", (message) => consoleLines.push(message.type() + ": " + message.text()));
   tab.on("dialog", (dialog) => { errors.push("dialog: " + dialog.message()); dialog.dismiss(); });
   await tab.goto(url + "/");
   if (token !== undefined) {
@@ -56,6 +59,7 @@ try {
   await tab.screenshot({ path: out + "/replicas.png", fullPage: true });
 
   // The timeline: 10 000 frames drawn, then scrubbing.
+  step = 'The timeline';
   await tab.goto(url + "/#/replica/web");
   await tab.waitForFunction(() => window.kairosTimings.timeline && window.kairosTimings.scrub);
   seen.timeline = await tab.evaluate(() => window.kairosTimings.timeline);
@@ -97,6 +101,7 @@ try {
   await tab.screenshot({ path: out + "/state-and-diff.png", fullPage: true });
 
   // Proposals and the what-if.
+  step = 'Proposals and the what-if.';
   await tab.goto(url + "/#/replica/web/proposals");
   await tab.waitForSelector("#proposals");
   seen.proposals = await tab.textContent("#proposals");
@@ -114,6 +119,7 @@ try {
   seen.confidence = await tab.textContent("#prediction");
   await tab.screenshot({ path: out + "/what-if.png", fullPage: true });
   // The real check, then a commit of the first op only (the staged commit).
+  step = 'The real check';
   await tab.click("#run-check");
   await tab.waitForSelector("#check-badge");
   seen.check = await tab.textContent("#check-badge");
@@ -130,6 +136,7 @@ try {
   seen.exp_head_config = head.body.config.filter((c) => c.key === "port").map((c) => c.value);
 
   // A stale page: another party commits meanwhile; this page's commit is refused, clearly.
+  step = 'A stale page';
   const stale = await page(admin);
   await stale.goto(url + "/#/replica/web/proposal/" + proposal);
   await stale.waitForSelector("#commit");
@@ -140,6 +147,7 @@ try {
   await stale.context().close();
 
   // A rollback appears live on the replicas page.
+  step = 'A rollback appears live on the replicas page.';
   await tab.goto(url + "/#/");
   await tab.waitForSelector("#replicas tbody tr");
   await tab.evaluate(() => { window.kairosTimings.events = []; });
@@ -152,13 +160,15 @@ try {
   await tab.screenshot({ path: out + "/rollback.png", fullPage: true });
 
   // A viewer sees, and cannot act.
+  step = 'A viewer sees';
   const look = await page(viewer);
   await look.goto(url + "/#/replica/web/proposal/" + proposal);
   await look.waitForSelector("#proposal-actions");
   seen.viewer_buttons = await look.evaluate(() => ["run-check", "approve", "commit"].map((id) => document.getElementById(id).disabled));
   await look.context().close();
 } catch (error) {
-  seen.failure = String(error && error.stack || error);
+  seen.failure = "at step " + step + ": " + String(error && error.stack || error);
+  seen.console = consoleLines.slice(-30);
 }
 seen.page_errors = errors;
 await browser.close();

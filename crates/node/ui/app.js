@@ -143,6 +143,10 @@ async function start() {
 // ---- live events (server-sent events over fetch, so the token goes in a header) -------
 
 let eventsController = null;
+// Reconnecting starts from the last event seen (events at that instant come again and
+// are dropped by id), so a dropped stream loses nothing.
+let lastEventTime = null;
+const seenEvents = new Set();
 async function connectEvents() {
   if (eventsController) eventsController.abort();
   eventsController = new AbortController();
@@ -150,7 +154,8 @@ async function connectEvents() {
   for (;;) {
     try {
       const headers = token() ? { Authorization: "Bearer " + token() } : {};
-      const response = await fetch("/api/events", { headers, signal: eventsController.signal });
+      const from = lastEventTime ? "?since=" + encodeURIComponent(lastEventTime) : "";
+      const response = await fetch("/api/events" + from, { headers, signal: eventsController.signal });
       if (response.status === 401) {
         live.className = "live off";
         sessionStorage.removeItem(TOKEN_KEY);
@@ -193,6 +198,10 @@ async function connectEvents() {
 }
 
 function onEvent(event) {
+  if (seenEvents.has(event.id)) return;
+  seenEvents.add(event.id);
+  if (seenEvents.size > 4096) seenEvents.delete(seenEvents.values().next().value);
+  lastEventTime = event.time;
   const arrived = Date.now();
   const lag = arrived - Date.parse(event.time);
   window.kairosTimings.lastEvent = { event: event.event, id: event.id, lag_ms: lag, details: event.details };
