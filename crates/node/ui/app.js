@@ -95,6 +95,13 @@ function crumbs(...links) {
 }
 
 function show(...children) { main.replaceChildren(...children); }
+// A view shows itself only if the page is still where it was asked for: a slower view
+// of a page left meanwhile never replaces the one now shown.
+function showIf(here, ...children) {
+  if (location.hash !== here) return false;
+  show(...children);
+  return true;
+}
 
 async function guard(action) {
   try { banner(null); return await action(); } catch (error) {
@@ -221,6 +228,8 @@ function route() {
     try { return decodeURIComponent(part); } catch (_) { return ""; }
   });
   view = null;
+  // Re-renders the page left had scheduled would draw it over the new one.
+  for (const key of Object.keys(timers)) clearTimeout(timers[key]);
   if (!parts[0]) return home();
   if (parts[0] === "replica" && parts[1]) {
     if (parts[2] === "proposals") return proposals(parts[1]);
@@ -234,6 +243,7 @@ window.addEventListener("hashchange", () => { if (me) route(); });
 // ---- replicas -------------------------------------------------------------------------
 
 async function home() {
+  const here = location.hash;
   crumbs(["Replicas", "#/"]);
   const [status, replicas] = await guard(() => Promise.all([api("/api/status"), api("/api/replicas")]));
   const logs = await Promise.all(replicas.map((replica) => api("/api/replicas/" + enc(replica.name) + "/log").catch(() => ({ entries: [] }))));
@@ -253,10 +263,10 @@ async function home() {
       h("td", {}, commit ? (commit.details.status || commit.event) + " · " + when(commit.time) : "—"),
       h("td", {}, rollback ? when(rollback.time) : "—"));
   });
-  show(h("h1", {}, "Replicas"),
+  if (!showIf(here, h("h1", {}, "Replicas"),
     h("div", { class: "panel" }, h("table", { id: "replicas" },
       h("thead", {}, h("tr", {}, ["Replica", "Health", "Latest frame", "Captures", "Last commit", "Last rollback"].map((t) => h("th", {}, t)))),
-      h("tbody", {}, rows))));
+      h("tbody", {}, rows))))) return;
   view = (event) => { if (["frame", "commit", "rollback", "revert"].includes(event.event)) debounce("home", home, 500); };
 }
 
@@ -279,6 +289,7 @@ function tabs(name, active) {
 }
 
 async function timeline(name, timelineName) {
+  const here = location.hash;
   crumbs(["Replicas", "#/"], [name, "#/replica/" + enc(name)]);
   const started = performance.now();
   const [timelines, log, series] = await guard(() => Promise.all([
@@ -309,7 +320,7 @@ async function timeline(name, timelineName) {
   const revertButton = may("committer") && timelineName === "main"
     ? h("button", { class: "danger", id: "revert", onclick: () => revert(name, frames[Number(range.value)]) }, "Revert the replica to this frame…") : null;
 
-  show(h("h1", {}, name), tabs(name, "timeline"),
+  if (!showIf(here, h("h1", {}, name), tabs(name, "timeline"),
     h("div", { class: "panel" },
       h("div", { class: "actions" }, "Timeline ", select, h("span", { class: "muted" }, frames.length + " frames"),
         timelines.length > drawnTimelines.length ? h("span", { class: "muted" }, " · " + (timelines.length - drawnTimelines.length) + " more timelines not drawn (choose one above)") : null),
@@ -318,7 +329,7 @@ async function timeline(name, timelineName) {
       metricsCanvas,
       h("div", { class: "scrub" }, range, label),
       h("div", { class: "actions" }, pinButton, revertButton)),
-    h("div", { class: "grid3" }, statePanel, h("div", { class: "panel" }, h("h2", {}, "Diff"), diffPanel)));
+    h("div", { class: "grid3" }, statePanel, h("div", { class: "panel" }, h("h2", {}, "Diff"), diffPanel)))) return;
 
   const marks = (log.entries || []).filter((e) => ["commit", "rollback", "revert"].includes(e.event));
   const drawn = drawTimeline(canvas, drawnTimelines, histories, timelineName, marks, frames, Number(range.value));
@@ -551,9 +562,10 @@ function confidenceBadge(prediction) {
 }
 
 async function proposals(name) {
+  const here = location.hash;
   crumbs(["Replicas", "#/"], [name, "#/replica/" + enc(name)], ["Proposals", "#/replica/" + enc(name) + "/proposals"]);
   const list = await guard(() => api("/api/replicas/" + enc(name) + "/proposals"));
-  show(h("h1", {}, name), tabs(name, "proposals"),
+  if (!showIf(here, h("h1", {}, name), tabs(name, "proposals"),
     h("div", { class: "panel" }, list.length === 0 ? h("p", { class: "muted" }, "No proposals yet (kairos propose).") :
       h("table", { id: "proposals" },
         h("thead", {}, h("tr", {}, ["Proposal", "Author", "Timeline", "Base", "Status", "Reviews", "Check", "Prediction"].map((t) => h("th", {}, t)))),
@@ -564,11 +576,12 @@ async function proposals(name) {
           h("td", {}, (p.approvals || []).map((a) => "✓ " + (a.party || a)).join(", "), (p.rejections || []).length ? " ✕ " + p.rejections.map((r) => r.party || r).join(", ") : "",
             (p.interference || []).length ? h("div", { class: "badge warn" }, "interferes") : null),
           h("td", {}, p.check ? h("span", { class: "badge " + (p.check.passed ? "good" : "bad") }, p.check.passed ? "passed" : "failed") : "—"),
-          h("td", {}, confidenceBadge(p.prediction))))))));
+          h("td", {}, confidenceBadge(p.prediction))))))))) return;
   view = (event) => { if (event.replica === name && ["proposal", "review", "approval", "commit", "sandbox", "prediction", "interference"].includes(event.event)) debounce("proposals", () => proposals(name), 300); };
 }
 
 async function whatIf(name, id) {
+  const here = location.hash;
   crumbs(["Replicas", "#/"], [name, "#/replica/" + enc(name)], ["Proposals", "#/replica/" + enc(name) + "/proposals"], [short(id), location.hash]);
   const started = performance.now();
   const [proposal, list] = await guard(() => Promise.all([
@@ -663,8 +676,8 @@ async function whatIf(name, id) {
     toast(verdict + " recorded", "good");
   }
 
-  show(h("h1", {}, "What if: " + (proposal.title || short(proposal.id))), tabs(name, "proposals"),
-    h("div", { class: "grid3" }, h("div", {}, h("div", { class: "grid2" }, left, right), actions), predictionPanel));
+  if (!showIf(here, h("h1", {}, "What if: " + (proposal.title || short(proposal.id))), tabs(name, "proposals"),
+    h("div", { class: "grid3" }, h("div", {}, h("div", { class: "grid2" }, left, right), actions), predictionPanel))) return;
   window.kairosTimings.whatIf = { ms: performance.now() - started };
   view = (event) => {
     if (event.replica === name && event.details && event.details.proposal === proposal.id && ["commit", "review", "approval"].includes(event.event)) {
