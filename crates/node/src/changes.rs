@@ -231,19 +231,14 @@ pub async fn forget(
     Ok(Json(report).into_response())
 }
 
-#[utoipa::path(post, path = "/api/replicas/{name}/proposals", request_body = ProposeRequest, params(("name" = String, Path, description = "Replica")), responses(
-    (status = 201, description = "Validated against its base and stored"), (status = 400, description = "Not a proposal", body = ErrorBody),
-    (status = 422, description = "An op is invalid (the message names it)", body = ErrorBody)))]
-pub async fn create_proposal(
-    State(shared): State<Arc<Shared>>,
-    Extension(acting): Extension<Acting>,
-    Path(name): Path<String>,
-    payload: Result<Json<ProposeRequest>, JsonRejection>,
-) -> Result<Response, ApiError> {
-    let mut request = json_input(payload)?;
-    let party = party(&acting, request.party.take())?;
+/// The party a proposal request acts as, with the document's author checked: a token's
+/// party proposes (or validates) as itself, never as another author.
+fn proposing(
+    acting: &Acting,
+    mut request: ProposeRequest,
+) -> Result<(ProposeRequest, String), ApiError> {
+    let party = party(acting, request.party.take())?;
     if acting.is_party() {
-        // A token's party proposes as itself.
         if !request.document.author.is_empty() && request.document.author != party {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -256,6 +251,19 @@ pub async fn create_proposal(
         }
         request.document.author = party.clone();
     }
+    Ok((request, party))
+}
+
+#[utoipa::path(post, path = "/api/replicas/{name}/proposals", request_body = ProposeRequest, params(("name" = String, Path, description = "Replica")), responses(
+    (status = 201, description = "Validated against its base and stored"), (status = 400, description = "Not a proposal", body = ErrorBody),
+    (status = 422, description = "An op is invalid (the message names it)", body = ErrorBody)))]
+pub async fn create_proposal(
+    State(shared): State<Arc<Shared>>,
+    Extension(acting): Extension<Acting>,
+    Path(name): Path<String>,
+    payload: Result<Json<ProposeRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let (request, party) = proposing(&acting, json_input(payload)?)?;
     let proposal: ProposalJson = blocking(&shared, name.clone(), move |shared, _| {
         Ok(shared.service().propose(
             &name,
@@ -277,11 +285,7 @@ pub async fn validate_proposal(
     Path(name): Path<String>,
     payload: Result<Json<ProposeRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let mut request = json_input(payload)?;
-    let party = party(&acting, request.party.take())?;
-    if acting.is_party() {
-        request.document.author = party.clone();
-    }
+    let (request, party) = proposing(&acting, json_input(payload)?)?;
     let proposal: ProposalJson = blocking(&shared, name.clone(), move |shared, _| {
         Ok(shared.service().validate_proposal(
             &name,
