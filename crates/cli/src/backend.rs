@@ -24,6 +24,8 @@ use serde::de::DeserializeOwned;
 /// Responses larger than this are refused (a listing of a very large state is far smaller).
 const RESPONSE_BYTES_MAX: u64 = 1 << 30;
 
+// One backend per process, moved nowhere: the size of the store handle costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Backend {
     Direct {
         store: Store,
@@ -182,6 +184,30 @@ impl Backend {
             Backend::Node { base, agent, .. } => Ok((base, agent)),
             Backend::Direct { .. } => bail!("this request needs a node (--node URL)"),
         }
+    }
+
+    /// `GET path` on the node, its JSON answer (cluster administration).
+    pub fn node_get_json(&self, path: &str) -> Result<serde_json::Value> {
+        if matches!(self, Backend::Direct { .. }) {
+            bail!(
+                "kairos cluster talks to a running node: start one (kairos up) or give --node URL"
+            );
+        }
+        self.get(path, &[])
+    }
+
+    /// `POST path` with `body` on the node, its JSON answer (cluster administration).
+    pub fn node_post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        if matches!(self, Backend::Direct { .. }) {
+            bail!(
+                "kairos cluster talks to a running node: start one (kairos up) or give --node URL"
+            );
+        }
+        self.post(path, Some(body))
     }
 
     /// The party a request to the node names, if it names one.

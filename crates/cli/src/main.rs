@@ -70,6 +70,11 @@ enum Command {
     /// and tokens
     #[command(subcommand)]
     Party(PartyCommand),
+    /// Run nodes as one cluster (openraft): form it, join and leave it, see its members,
+    /// leader and replica placement, move the leadership. Talks to a running node
+    /// (--node URL, or the node on the data directory)
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Capture the current state of a replica as a new frame (always stored; a node's own
     /// interval and file-change captures store one only when the state changed)
     Capture(CaptureArgs),
@@ -844,6 +849,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     data_dir.display()
                 );
             }
+            if config.cluster.is_some()
+                && (creates
+                    || changes
+                    || matches!(
+                        cli.command,
+                        Command::Party(_) | Command::Replica(_) | Command::Timeline(_)
+                    ))
+                && data_dir.join("raft").join("cluster.json").exists()
+            {
+                bail!(
+                    "{} belongs to a cluster member: changes go through a running node (kairos up, then this command with --node URL)",
+                    data_dir.display()
+                );
+            }
             let mut backend = Backend::direct(&data_dir, &config.store, config.limits)?;
             backend.set_retention_default(config.retention.default);
             if adopts {
@@ -861,6 +880,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         | Command::Man { .. } => Ok(ExitCode::SUCCESS),
         Command::Replica(command) => replica(&backend, command),
         Command::Party(command) => party_command(&backend, command, &party),
+        Command::Cluster(command) => cluster_command(&backend, command),
         Command::Capture(args) => capture_command(&backend, args),
         Command::History(args) => history_command(&backend, args),
         Command::Show(args) => show_command(&backend, args),
@@ -1881,6 +1901,79 @@ fn up(
     // Export what is buffered before leaving, even when the node failed.
     telemetry.shutdown();
     result?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Make the node the first member of a new cluster (its configuration needs a
+    /// [cluster] section; a node without one is a cluster of its own already)
+    Init {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the node (started with an empty data directory and its own cluster.node_id)
+    /// a member of the cluster a member of which answers at ADDR
+    Join {
+        /// Any member's API URL, e.g. http://127.0.0.1:7701 [default: each of
+        /// cluster.peers in turn]
+        address: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a member from the cluster (the node asked, by default)
+    Leave {
+        /// The member's id
+        node: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Members, leader, term, commit index, each member's lag and process, where each
+    /// replica's watcher runs
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make another member the leader
+    TransferLeader {
+        /// The member's id
+        node: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn cluster_command(backend: &Backend, command: ClusterCommand) -> Result<ExitCode> {
+    let (answer, json) = match command {
+        ClusterCommand::Init { json } => (
+            backend.node_post_json("/api/cluster/init", &serde_json::json!({}))?,
+            json,
+        ),
+        ClusterCommand::Join { address, json } => (
+            backend.node_post_json(
+                "/api/cluster/join",
+                &serde_json::json!({ "address": address }),
+            )?,
+            json,
+        ),
+        ClusterCommand::Leave { node, json } => (
+            backend.node_post_json("/api/cluster/leave", &serde_json::json!({ "node": node }))?,
+            json,
+        ),
+        ClusterCommand::Status { json } => (backend.node_get_json("/api/cluster")?, json),
+        ClusterCommand::TransferLeader { node, json } => (
+            backend.node_post_json(
+                "/api/cluster/transfer-leader",
+                &serde_json::json!({ "node": node }),
+            )?,
+            json,
+        ),
+    };
+    if json {
+        print_json(&answer)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    print!("{}", output::cluster_status(&answer));
     Ok(ExitCode::SUCCESS)
 }
 

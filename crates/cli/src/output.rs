@@ -788,3 +788,46 @@ pub fn print_proposals(proposals: &[kairos_ops::review::ProposalListJson]) -> Re
     }
     Ok(())
 }
+
+/// `kairos cluster status` as text: one line for the cluster, one per member, one per
+/// placed replica.
+pub fn cluster_status(answer: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let text = |value: &serde_json::Value| match value {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(text) => text.clone(),
+        other => other.to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "cluster {}  leader {}  term {}  commit index {}",
+        text(&answer["cluster_id"]),
+        text(&answer["leader"]),
+        text(&answer["term"]),
+        text(&answer["commit_index"]),
+    );
+    let _ = writeln!(
+        out,
+        "{:<6} {:<11} {:>6} {:>8}  API",
+        "NODE", "STATE", "LAG", "PID"
+    );
+    for member in answer["members"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<6} {:<11} {:>6} {:>8}  {}",
+            text(&member["id"]),
+            text(&member["state"]),
+            text(&member["lag"]),
+            text(&member["pid"]),
+            text(&member["api"]),
+        );
+    }
+    if let Some(placement) = answer["placement"].as_object().filter(|p| !p.is_empty()) {
+        let _ = writeln!(out, "placement:");
+        for (replica, node) in placement {
+            let _ = writeln!(out, "  {replica} -> node {}", text(node));
+        }
+    }
+    out
+}

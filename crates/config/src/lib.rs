@@ -53,7 +53,35 @@ pub struct Config {
     pub replicas: Vec<ReplicaDefinition>,
     /// Outgoing webhooks (`[[webhook]]`), each delivered on its own.
     pub webhooks: Vec<WebhookConfig>,
+    /// Membership of a cluster (`[cluster]`): `None` makes the node a cluster of one of
+    /// its own, formed at start.
+    pub cluster: Option<ClusterConfig>,
 }
+
+/// How the node takes part in a cluster (`[cluster]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// This member's id, unique in the cluster (1 and up).
+    pub node_id: u64,
+    /// The URL other members and the CLI reach this node's API at (default: the address
+    /// it listens on).
+    pub advertise: Option<String>,
+    /// Other members' API URLs, asked in turn by `kairos cluster join` without an address.
+    pub peers: Vec<String>,
+    /// On how many members a frame's objects must be for the frame to count as durable.
+    pub replication: u32,
+    /// The members' shared secret (from `secret_file`, or `$KAIROS_CLUSTER_SECRET`):
+    /// every request between members carries it. Without one, members accept requests
+    /// from other members only on loopback.
+    pub secret: Option<String>,
+    /// Heartbeat interval and election timeout (the timeout is drawn between it and
+    /// twice it).
+    pub heartbeat: Duration,
+    pub election_timeout: Duration,
+}
+
+/// The shortest cluster secret accepted.
+pub const CLUSTER_SECRET_BYTES_MIN: usize = 16;
 
 /// An outgoing webhook: the events it is told of, POSTed to its URL and signed with its
 /// secret, retried with exponential backoff.
@@ -330,6 +358,128 @@ struct RawConfig {
     replica: Vec<RawReplica>,
     #[serde(default)]
     webhook: Vec<RawWebhook>,
+    cluster: Option<RawCluster>,
+    /// `$KAIROS_CLUSTER_SECRET` (the secret when no `cluster.secret_file` is given).
+    #[serde(skip)]
+    cluster_secret_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCluster {
+    node_id: u64,
+    advertise: String,
+    peers: Vec<String>,
+    replication: u32,
+    secret_file: Option<PathBuf>,
+    heartbeat: String,
+    election_timeout: String,
+}
+
+impl Default for RawCluster {
+    fn default() -> RawCluster {
+        RawCluster {
+            node_id: 1,
+            advertise: String::new(),
+            peers: Vec::new(),
+            replication: 2,
+            secret_file: None,
+            heartbeat: "100ms".into(),
+            election_timeout: "500ms".into(),
+        }
+    }
+}
+
+fn is_http_url(text: &str) -> bool {
+    text.strip_prefix("http://")
+        .or_else(|| text.strip_prefix("https://"))
+        .is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace))
+}
+
+fn cluster(
+    raw: Option<RawCluster>,
+    base_dir: &Path,
+    source_name: &str,
+    secret_env: Option<String>,
+) -> Result<Option<ClusterConfig>, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    let key_error = |key: &str, reason: String| ConfigError::Key {
+        source_name: source_name.to_string(),
+        key: format!("cluster.{key}"),
+        reason,
+    };
+    if raw.node_id == 0 {
+        return Err(key_error("node_id", "node ids start at 1".into()));
+    }
+    if !raw.advertise.is_empty() && !is_http_url(&raw.advertise) {
+        return Err(key_error(
+            "advertise",
+            format!("{:?} is not an http:// or https:// URL", raw.advertise),
+        ));
+    }
+    if let Some(peer) = raw.peers.iter().find(|peer| !is_http_url(peer)) {
+        return Err(key_error(
+            "peers",
+            format!("{peer:?} is not an http:// or https:// URL"),
+        ));
+    }
+    if raw.replication == 0 || raw.replication > 16 {
+        return Err(key_error(
+            "replication",
+            format!("{} is not between 1 and 16", raw.replication),
+        ));
+    }
+    let heartbeat = duration(source_name, "cluster.heartbeat", &raw.heartbeat)?;
+    let election_timeout = duration(
+        source_name,
+        "cluster.election_timeout",
+        &raw.election_timeout,
+    )?;
+    if heartbeat < Duration::from_millis(10) || heartbeat > Duration::from_secs(10) {
+        return Err(key_error(
+            "heartbeat",
+            format!("{heartbeat:?} is not between 10ms and 10s"),
+        ));
+    }
+    if election_timeout < heartbeat * 3 || election_timeout > Duration::from_secs(60) {
+        return Err(key_error(
+            "election_timeout",
+            format!("{election_timeout:?} is not between 3 heartbeats and 60s"),
+        ));
+    }
+    let secret = match (&raw.secret_file, secret_env) {
+        (Some(path), _) => {
+            let path = base_dir.join(path);
+            let text = std::fs::read_to_string(&path).map_err(|error| {
+                key_error("secret_file", format!("{}: {error}", path.display()))
+            })?;
+            Some(text.trim().to_string())
+        }
+        (None, Some(secret)) => Some(secret.trim().to_string()),
+        (None, None) => None,
+    };
+    if let Some(secret) = &secret
+        && (secret.len() < CLUSTER_SECRET_BYTES_MIN
+            || !secret.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err(key_error(
+            "secret_file",
+            format!(
+                "the secret must be at least {CLUSTER_SECRET_BYTES_MIN} printable characters without spaces"
+            ),
+        ));
+    }
+    Ok(Some(ClusterConfig {
+        node_id: raw.node_id,
+        advertise: Some(raw.advertise).filter(|advertise| !advertise.is_empty()),
+        peers: raw.peers,
+        replication: raw.replication,
+        secret,
+        heartbeat,
+        election_timeout,
+    }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -567,7 +717,7 @@ impl Default for RawTelemetry {
         RawTelemetry {
             otlp_endpoint: String::new(),
             service_name: "kairos".into(),
-            log: "info".into(),
+            log: "info,openraft=warn".into(),
         }
     }
 }
@@ -753,6 +903,7 @@ pub fn load(
             }
         })?;
     webhook_secrets(&mut raw.webhook, &environment, &source_name)?;
+    raw.cluster_secret_env = environment.get("KAIROS_CLUSTER_SECRET").cloned();
     validate(raw, &base_dir, &source_name)
 }
 
@@ -1294,7 +1445,9 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
     }
     let nats = nats(raw.nats, base_dir, source_name)?;
     let webhooks = webhooks(raw.webhook, source_name)?;
+    let cluster = cluster(raw.cluster, base_dir, source_name, raw.cluster_secret_env)?;
     Ok(Config {
+        cluster,
         webhooks,
         store,
         retention,

@@ -142,6 +142,11 @@ impl From<CatalogError> for ApiError {
             CatalogError::Version { .. } | CatalogError::Invalid(_) => {
                 ApiError::bad_request("bad_command", message)
             }
+            CatalogError::Unavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cluster_unavailable",
+                message,
+            ),
             CatalogError::Store(error) => error.into(),
         }
     }
@@ -526,6 +531,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
             post(crate::predictor::suggest),
         )
         .route("/api/parties", get(list_parties).post(add_party))
+        .route("/api/cluster", get(crate::cluster::status))
+        .route("/api/cluster/init", post(crate::cluster::init))
+        .route("/api/cluster/join", post(crate::cluster::join))
+        .route("/api/cluster/leave", post(crate::cluster::leave))
+        .route(
+            "/api/cluster/transfer-leader",
+            post(crate::cluster::transfer_leader),
+        )
         .route("/api/parties/{party}", axum::routing::delete(revoke_party))
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -672,10 +685,7 @@ async fn add_replica(
         .supervisor()
         .ok_or_else(|| ApiError::busy("the node is starting or stopping"))?;
     let started = supervisor
-        .call(
-            |reply| SupervisorMsg::Watch(replica.clone(), reply),
-            Some(Duration::from_secs(10)),
-        )
+        .call(SupervisorMsg::Watch, Some(Duration::from_secs(10)))
         .await
         .map_err(|error| ApiError::internal(format!("starting the watcher: {error}")))?;
     match started {

@@ -88,6 +88,7 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
         // Removes only what nothing kept needs, store-wide.
         (&Method::POST, ["", "api", "gc"]) => Some(Role::Committer),
         (&Method::GET, ["", "api", "stats"]) => Some(Role::Viewer),
+        (&Method::GET, ["", "api", "cluster"]) => Some(Role::Viewer),
         // A party sees the events of its replicas only (the handler filters).
         (&Method::GET, ["", "api", "events"]) => Some(Role::Viewer),
         (_, ["", "api", "parties", ..]) => Some(Role::Admin),

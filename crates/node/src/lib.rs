@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod changes;
+pub mod cluster;
 pub mod events;
 pub mod gc;
 pub mod nats;
@@ -70,6 +71,8 @@ pub enum NodeError {
     Listen { address: SocketAddr, reason: String },
     #[error("{0}")]
     Tls(String),
+    #[error("the cluster: {0}")]
+    Cluster(String),
     #[error("starting the actors: {0}")]
     Actors(String),
     #[error("serving the API: {0}")]
@@ -157,6 +160,8 @@ pub struct Shared {
     pub publish_latencies_ms: Mutex<std::collections::VecDeque<f64>>,
     /// Each webhook as the status endpoint shows it, by name.
     webhook_statuses: Mutex<std::collections::BTreeMap<String, crate::wire::WebhookStatusJson>>,
+    /// The node's part in its cluster (set once its log started).
+    pub cluster: OnceLock<Arc<cluster::Cluster>>,
 }
 
 impl Shared {
@@ -391,14 +396,6 @@ pub async fn run(
         path: config.node.data_dir.display().to_string(),
         reason: error.to_string(),
     })?;
-    for replica in &config.replicas {
-        store
-            .put_replica(replica)
-            .map_err(|error| NodeError::Replica {
-                name: replica.name.clone(),
-                reason: error.to_string(),
-            })?;
-    }
     let tls = match &config.node.tls {
         Some(files) => {
             Some(serve::tls_config(files).map_err(|error| NodeError::Tls(error.to_string()))?)
@@ -456,7 +453,67 @@ pub async fn run(
         last_change: Mutex::new(None),
         publish_latencies_ms: Mutex::new(std::collections::VecDeque::new()),
         webhook_statuses: Mutex::default(),
+        cluster: OnceLock::new(),
     });
+    let reachable_url = {
+        let reachable = if listen.ip().is_unspecified() {
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), listen.port())
+        } else {
+            listen
+        };
+        format!("{scheme}://{reachable}")
+    };
+    let cluster = cluster::start(&shared.store, &shared.config, &reachable_url)
+        .await
+        .map_err(NodeError::Cluster)?;
+    let _ = shared.cluster.set(cluster.clone());
+    shared
+        .store
+        .route_commands(Some(Arc::new(cluster::ThroughLog(cluster.clone()))));
+    shared
+        .store
+        .fetch_missing_from(Some(cluster::object_source(&cluster)));
+    if cluster.configured {
+        // A member registers its replicas once the cluster has a leader (it may have to
+        // be initialized or joined first).
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let Some(cluster) = shared.cluster.get().cloned() else {
+                return;
+            };
+            while cluster
+                .wait_for_leader(std::time::Duration::from_secs(3600))
+                .await
+                .is_none()
+            {}
+            let registering = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                for replica in &registering.config.replicas {
+                    if let Err(error) = registering.store.put_replica(replica) {
+                        tracing::error!(replica = %replica.name, %error, "registering a configured replica");
+                    }
+                }
+                changes::recover_commits(&registering);
+            })
+            .await;
+        });
+    } else {
+        let registering = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            for replica in &registering.config.replicas {
+                registering
+                    .store
+                    .put_replica(replica)
+                    .map_err(|error| NodeError::Replica {
+                        name: replica.name.clone(),
+                        reason: error.to_string(),
+                    })?;
+            }
+            Ok::<(), NodeError>(())
+        })
+        .await
+        .map_err(|error| NodeError::Actors(error.to_string()))??;
+    }
     {
         let changes = shared.changes.clone();
         let watcher = Arc::downgrade(&shared);
@@ -480,7 +537,7 @@ pub async fn run(
         let shared = shared.clone();
         tokio::task::spawn_blocking(move || shared.refresh_figures());
     }
-    {
+    if !cluster.configured {
         let shared = shared.clone();
         let _ = tokio::task::spawn_blocking(move || changes::recover_commits(&shared)).await;
     }
@@ -490,7 +547,11 @@ pub async fn run(
             .map_err(|error| NodeError::Actors(error.to_string()))?;
     let _ = shared.supervisor.set(supervisor.clone());
     let retention = tokio::spawn(apply_retention(shared.clone()));
-    let app = api::router(shared.clone());
+    if cluster.configured {
+        nats_tasks.push(tokio::spawn(cluster::place_replicas(shared.clone())));
+        nats_tasks.push(tokio::spawn(cluster::reconcile_on_change(shared.clone())));
+    }
+    let app = cluster::peer_router(shared.clone()).merge(api::router(shared.clone()));
     let marker = shared.config.node.data_dir.join(NODE_MARKER_FILE);
     let reachable = if listen.ip().is_unspecified() {
         SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), listen.port())
@@ -538,5 +599,14 @@ pub async fn run(
     // the store is still open (the size gauge holds it weakly).
     let metrics = shared.metrics.clone();
     let _ = tokio::task::spawn_blocking(move || metrics.flush()).await;
+    // The log holds the store (its state machine) and the store the log (its route):
+    // both let go, and what the state machine applied is made durable.
+    shared.store.route_commands(None);
+    shared.store.fetch_missing_from(None);
+    let _ = cluster.raft.shutdown().await;
+    let _ = shared
+        .store
+        .kv()
+        .commit(kairos_store::kv::WriteBatch::new());
     served.map_err(|error| NodeError::Serve(error.to_string()))
 }

@@ -15,12 +15,59 @@ use crate::watcher::{self, WatcherActor};
 pub struct SupervisorActor;
 
 pub enum SupervisorMsg {
-    /// Start watching a replica just added to the store.
-    Watch(ReplicaDefinition, RpcReplyPort<Result<(), String>>),
+    /// Start watching a replica just added to the store (when it is placed here).
+    Watch(RpcReplyPort<Result<(), String>>),
+    /// The catalog changed: start a snapshotter for each new replica, and run a watcher
+    /// exactly for the replicas placed on this node.
+    Reconcile,
 }
 
 pub struct SupervisorState {
     shared: Arc<Shared>,
+    /// The watchers running here, by replica.
+    watchers: std::collections::HashMap<String, ActorRef<crate::watcher::WatcherMsg>>,
+    snapshotters: std::collections::HashSet<String>,
+}
+
+/// Whether this node runs `replica`'s watcher: the replica is placed here, or nothing
+/// placed it yet and this node is a cluster of its own.
+fn watched_here(shared: &Shared, replica: &str) -> bool {
+    let Some(cluster) = shared.cluster.get() else {
+        return true;
+    };
+    let placed = kairos_cluster::placements(&shared.store)
+        .ok()
+        .and_then(|placements| placements.get(replica).map(|p| p.node));
+    match placed {
+        Some(node) => node == Some(cluster.id),
+        None => cluster.members().len() <= 1,
+    }
+}
+
+async fn reconcile(
+    myself: &ActorRef<SupervisorMsg>,
+    state: &mut SupervisorState,
+) -> Result<(), ActorProcessingErr> {
+    let replicas = state.shared.store.replicas()?;
+    for replica in replicas {
+        if state.snapshotters.insert(replica.name.clone()) {
+            start_snapshotter(myself, &state.shared, &replica.name).await?;
+        }
+        let here = watched_here(&state.shared, &replica.name);
+        let running = state.watchers.contains_key(&replica.name);
+        if here && !running {
+            let name = replica.name.clone();
+            let watcher = start_watcher(myself, &state.shared, replica).await?;
+            state.watchers.insert(name, watcher);
+        } else if !here
+            && running
+            && let Some(watcher) = state.watchers.remove(&replica.name)
+        {
+            tracing::info!(replica = %replica.name, "the replica is placed on another node: its watcher stops here");
+            watcher.stop(Some("placed on another node".into()));
+        }
+    }
+    Ok(())
 }
 
 impl Actor for SupervisorActor {
@@ -34,11 +81,13 @@ impl Actor for SupervisorActor {
         shared: Arc<Shared>,
     ) -> Result<SupervisorState, ActorProcessingErr> {
         start_predictor(&myself, &shared).await?;
-        for replica in shared.store.replicas()? {
-            start_snapshotter(&myself, &shared, &replica.name).await?;
-            start_watcher(&myself, &shared, replica).await?;
-        }
-        Ok(SupervisorState { shared })
+        let mut state = SupervisorState {
+            shared,
+            watchers: Default::default(),
+            snapshotters: Default::default(),
+        };
+        reconcile(&myself, &mut state).await?;
+        Ok(state)
     }
 
     async fn handle(
@@ -48,14 +97,16 @@ impl Actor for SupervisorActor {
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            SupervisorMsg::Watch(replica, reply) => {
-                let result = async {
-                    start_snapshotter(&myself, &state.shared, &replica.name).await?;
-                    start_watcher(&myself, &state.shared, replica).await
-                }
-                .await
-                .map_err(|error: ActorProcessingErr| error.to_string());
+            SupervisorMsg::Watch(reply) => {
+                let result = reconcile(&myself, state)
+                    .await
+                    .map_err(|error: ActorProcessingErr| error.to_string());
                 let _ = reply.send(result);
+            }
+            SupervisorMsg::Reconcile => {
+                if let Err(error) = reconcile(&myself, state).await {
+                    tracing::warn!(%error, "starting or stopping watchers after a catalog change");
+                }
             }
         }
         Ok(())
@@ -77,8 +128,12 @@ impl Actor for SupervisorActor {
             } else if let Some(replica) = name.strip_prefix("snapshotter:") {
                 start_snapshotter(&myself, &state.shared, replica).await?;
             } else if let Some(replica) = name.strip_prefix("watcher:") {
-                let definition = state.shared.store.replica(replica)?;
-                start_watcher(&myself, &state.shared, definition).await?;
+                state.watchers.remove(replica);
+                if watched_here(&state.shared, replica) {
+                    let definition = state.shared.store.replica(replica)?;
+                    let watcher = start_watcher(&myself, &state.shared, definition).await?;
+                    state.watchers.insert(replica.to_string(), watcher);
+                }
             }
         }
         Ok(())
@@ -120,13 +175,13 @@ async fn start_watcher(
     myself: &ActorRef<SupervisorMsg>,
     shared: &Arc<Shared>,
     replica: ReplicaDefinition,
-) -> Result<(), ActorProcessingErr> {
-    Actor::spawn_linked(
+) -> Result<ActorRef<crate::watcher::WatcherMsg>, ActorProcessingErr> {
+    let (watcher, _) = Actor::spawn_linked(
         Some(watcher::name(&replica.name)),
         WatcherActor,
         (shared.clone(), replica),
         myself.get_cell(),
     )
     .await?;
-    Ok(())
+    Ok(watcher)
 }

@@ -153,6 +153,9 @@ pub enum CatalogError {
     Version { version: u16, supported: u16 },
     #[error("catalog command: {0}")]
     Invalid(String),
+    /// The cluster cannot take the command now (no leader, no quorum, a peer unreachable).
+    #[error("the cluster cannot take the command now: {0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }

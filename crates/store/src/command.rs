@@ -946,6 +946,67 @@ impl Store {
     /// concurrent writer that moves a key the command read makes it re-apply on the new
     /// view, where its guards decide again (a second commit then finds the first pending).
     pub fn submit(&self, command: &Command) -> Result<Applied, CatalogError> {
+        let log = self
+            .command_log
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match log {
+            Some(log) => log.submit(command),
+            None => self.submit_here(command),
+        }
+    }
+
+    /// Applies one entry of the replicated log: the command (if any) with `extra` puts
+    /// (the log position applied) in the same batch, committed without a flush of its
+    /// own unless `durable` (the log the entry comes from is durable). A command the
+    /// catalog refuses is the entry's outcome (every member refuses it alike), and the
+    /// extra puts are still committed; only a failure to read or write the store is `Err`.
+    #[allow(clippy::type_complexity)]
+    pub fn apply_entry(
+        &self,
+        command: Option<&Command>,
+        extra: &[(Vec<u8>, Vec<u8>)],
+        durable: bool,
+    ) -> Result<Result<Applied, CatalogError>, StoreError> {
+        for _ in 0..SUBMIT_ATTEMPTS_MAX {
+            let reader = self.reader()?;
+            let planned = match command.map(|command| apply(reader.snapshot(), command)) {
+                Some(Ok(planned)) => Ok(planned),
+                Some(Err(CatalogError::Store(error))) => return Err(error),
+                Some(Err(refused)) => Err(refused),
+                None => Ok(Planned {
+                    batch: WriteBatch::new(),
+                    applied: Applied::default(),
+                }),
+            };
+            drop(reader);
+            let (mut batch, outcome) = match planned {
+                Ok(planned) => (planned.batch, Ok(planned.applied)),
+                Err(refused) => (WriteBatch::new(), Err(refused)),
+            };
+            for (key, value) in extra {
+                batch.put(key.clone(), value.clone())?;
+            }
+            batch.durable = durable;
+            match self.kv().commit(batch) {
+                Ok(()) => {
+                    if outcome.is_ok() {
+                        self.changed();
+                    }
+                    return Ok(outcome);
+                }
+                Err(KvError::Conflict { .. }) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(StoreError::Kv(KvError::Io(
+            "a log entry's keys kept changing under it".into(),
+        )))
+    }
+
+    /// Commits a command on this store, whatever log is configured.
+    pub fn submit_here(&self, command: &Command) -> Result<Applied, CatalogError> {
         let mut conflict = None;
         for _ in 0..SUBMIT_ATTEMPTS_MAX {
             let reader = self.reader()?;

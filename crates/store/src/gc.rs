@@ -551,33 +551,8 @@ impl Marker {
             };
             let unreadable = |error: StoreError| damaged(format!("{} {hash}", kind.name()), error);
             match kind {
-                ObjectKind::Root => {
-                    let root: RootNode = reader.node(&hash, kind).map_err(unreadable)?;
-                    stack.push((Hash(root.files), Some(ObjectKind::Dir)));
-                    stack.push((Hash(root.runtime), Some(ObjectKind::Runtime)));
-                }
-                ObjectKind::Dir => match reader.node::<DirNode>(&hash, kind).map_err(unreadable)? {
-                    DirNode::Index { pages } => {
-                        stack.extend(
-                            pages
-                                .iter()
-                                .map(|page| (Hash(page.node), Some(ObjectKind::Dir))),
-                        );
-                    }
-                    DirNode::Leaf { entries } => {
-                        for entry in entries {
-                            push_children(&entry.body, &mut stack);
-                        }
-                    }
-                },
-                ObjectKind::ChunkList => {
-                    let list: ChunkList = reader.node(&hash, kind).map_err(unreadable)?;
-                    let child = if list.level == 0 {
-                        ObjectKind::Chunk
-                    } else {
-                        ObjectKind::ChunkList
-                    };
-                    stack.extend(list.items.iter().map(|item| (Hash(item.hash), Some(child))));
+                ObjectKind::Root | ObjectKind::Dir | ObjectKind::ChunkList => {
+                    stack.extend(reader.children(&hash, kind).map_err(unreadable)?);
                 }
                 ObjectKind::Blob | ObjectKind::Chunk | ObjectKind::Runtime | ObjectKind::Config => {
                     if !reader.has_object(&hash)? {
@@ -591,6 +566,50 @@ impl Marker {
             self.live.insert(hash);
         }
         Ok(())
+    }
+}
+
+impl Reader<'_> {
+    /// The objects a tree object (a root, a directory node, a chunk list) refers to, with
+    /// their kinds; none for the others.
+    pub fn children(
+        &self,
+        hash: &Hash,
+        kind: ObjectKind,
+    ) -> Result<Vec<(Hash, Option<ObjectKind>)>, StoreError> {
+        let mut out = Vec::new();
+        match kind {
+            ObjectKind::Root => {
+                let root: RootNode = self.node(hash, kind)?;
+                out.push((Hash(root.files), Some(ObjectKind::Dir)));
+                out.push((Hash(root.runtime), Some(ObjectKind::Runtime)));
+            }
+            ObjectKind::Dir => match self.node::<DirNode>(hash, kind)? {
+                DirNode::Index { pages } => {
+                    out.extend(
+                        pages
+                            .iter()
+                            .map(|page| (Hash(page.node), Some(ObjectKind::Dir))),
+                    );
+                }
+                DirNode::Leaf { entries } => {
+                    for entry in entries {
+                        push_children(&entry.body, &mut out);
+                    }
+                }
+            },
+            ObjectKind::ChunkList => {
+                let list: ChunkList = self.node(hash, kind)?;
+                let child = if list.level == 0 {
+                    ObjectKind::Chunk
+                } else {
+                    ObjectKind::ChunkList
+                };
+                out.extend(list.items.iter().map(|item| (Hash(item.hash), Some(child))));
+            }
+            ObjectKind::Blob | ObjectKind::Chunk | ObjectKind::Runtime | ObjectKind::Config => {}
+        }
+        Ok(out)
     }
 }
 

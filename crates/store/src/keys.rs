@@ -134,6 +134,26 @@ pub fn audit(replica: &str, seq: u64) -> Vec<u8> {
     replica_record(AUDIT, replica, &seq.to_be_bytes())
 }
 
+/// This store's position in the cluster's replicated log (`R/applied`, `R/membership`,
+/// `R/installing`): local to each member, never replicated.
+pub const RAFT: &[u8] = b"R/";
+/// Where each replica's watcher runs in a cluster: `L/<replica>` holds the node id.
+pub const PLACEMENT: &[u8] = b"L/";
+
+pub fn placement(replica: &str) -> Vec<u8> {
+    [PLACEMENT, replica.as_bytes()].concat()
+}
+
+/// Whether the cluster's log replicates `key`: every catalog key but this node's
+/// dictionaries (each node encodes its objects itself), predictor models (each node
+/// learns from the replicated outcomes) and its own log position.
+pub fn is_replicated(key: &[u8]) -> bool {
+    crate::catalog_copy::is_catalog_key(key)
+        && ![DICTIONARY, DICTIONARY_VERSION, MODEL, MODEL_PART, RAFT]
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
+}
+
 pub const PARTY: &[u8] = b"y/";
 pub const PARTY_TOKEN: &[u8] = b"Y/";
 

@@ -59,5 +59,7 @@ pub use command::{Applied, Change, Command, RecordBody, RecordFamily, SYSTEM_PAR
 pub use feed::{FeedBatch, FeedCursor, FeedEvent};
 pub use gc::{GcError, GcOptions, GcReport, StoreFigures};
 pub use object::ObjectKind;
-pub use store::{ObjectWriter, Overlay, Reader, Store, StoreError, WriteStats};
+pub use store::{
+    CommandLog, ObjectSource, ObjectWriter, Overlay, Reader, Store, StoreError, WriteStats,
+};
 pub use verify::VerifyReport;

@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 
 use kairos_core::{FdbLocation, Hash, StoreBackend};
 
+use crate::catalog::CatalogError;
 use crate::keys;
 use crate::kv::{KvBackend, KvError, KvSnapshot, WriteBatch, scan_prefix};
 use crate::object::{self, CodecError, Dictionary, ObjectKind};
@@ -94,6 +95,33 @@ pub struct Store {
     pub(crate) gate: Arc<crate::gc::Gate>,
     /// Called after every catalog command this handle commits (see [`Store::on_change`]).
     listeners: Arc<RwLock<Vec<ChangeListener>>>,
+    /// Where commands go when the catalog is replicated (see [`Store::route_commands`]).
+    pub(crate) command_log: Arc<RwLock<Option<Arc<dyn CommandLog>>>>,
+    /// Where objects missing here are fetched from (see [`Store::fetch_missing_from`]).
+    object_source: Arc<RwLock<Option<Arc<dyn ObjectSource>>>>,
+}
+
+/// The replicated log that catalog commands go through when the node is a cluster member:
+/// [`Store::submit`] hands it the command, and it answers once the command is applied on
+/// this node (by the log's state machine, through [`Store::apply_entry`]).
+pub trait CommandLog: Send + Sync {
+    fn submit(
+        &self,
+        command: &crate::command::Command,
+    ) -> std::result::Result<crate::command::Applied, CatalogError>;
+}
+
+/// Objects this store lacks, fetched elsewhere (the cluster's peers) by hash. The source
+/// returns each object's content; the store checks it against the hash and keeps a copy.
+pub trait ObjectSource: Send + Sync {
+    /// The objects asked for that the source has, and with `closure` the objects below
+    /// them (as many as the source sends at once).
+    #[allow(clippy::type_complexity)]
+    fn fetch(
+        &self,
+        wanted: &[(Hash, ObjectKind)],
+        closure: bool,
+    ) -> std::result::Result<Vec<(Hash, ObjectKind, Vec<u8>)>, String>;
 }
 
 /// A function told that the catalog changed (it must return quickly: it runs on the
@@ -173,6 +201,19 @@ impl Store {
             .push(listener);
     }
 
+    fn has_object_source(&self) -> bool {
+        self.object_source
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Tells the change listeners that the catalog changed underneath (a cluster member
+    /// installed a snapshot of it).
+    pub fn catalog_replaced(&self) {
+        self.changed();
+    }
+
     pub(crate) fn changed(&self) {
         for listener in self
             .listeners
@@ -217,7 +258,72 @@ impl Store {
             nodes: Mutex::new(NodeCache::default()),
             gate: Arc::default(),
             listeners: Arc::default(),
+            command_log: Arc::default(),
+            object_source: Arc::default(),
         }
+    }
+
+    /// Another handle on the same store (same backend, writers' gate, listeners, command
+    /// log and object source; caches of its own).
+    pub fn share(&self) -> Store {
+        Store {
+            kv: self.kv.clone(),
+            dictionaries: RwLock::new(HashMap::new()),
+            nodes: Mutex::new(NodeCache::default()),
+            gate: self.gate.clone(),
+            listeners: self.listeners.clone(),
+            command_log: self.command_log.clone(),
+            object_source: self.object_source.clone(),
+        }
+    }
+
+    /// From now on [`Store::submit`] hands every command to `log` (the cluster's
+    /// replicated log) instead of committing it here; `None` goes back to committing here.
+    pub fn route_commands(&self, log: Option<Arc<dyn CommandLog>>) {
+        *self.command_log.write().unwrap_or_else(|p| p.into_inner()) = log;
+    }
+
+    /// From now on an object missing here is asked of `source` (checked against its
+    /// hash and kept) before the read fails.
+    pub fn fetch_missing_from(&self, source: Option<Arc<dyn ObjectSource>>) {
+        *self
+            .object_source
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = source;
+    }
+
+    /// Fetches missing objects from the object source (if any) and stores them here;
+    /// returns the contents fetched (the source may send more than was asked: the
+    /// objects below those asked for), each checked against its hash and kind.
+    pub fn fetch_missing(
+        &self,
+        wanted: &[(Hash, ObjectKind)],
+        closure: bool,
+    ) -> Result<Vec<(Hash, ObjectKind, Vec<u8>)>> {
+        let source = self
+            .object_source
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(source) = source else {
+            return Ok(Vec::new());
+        };
+        let fetched = source
+            .fetch(wanted, closure)
+            .map_err(|problem| KvError::Io(format!("fetching objects from peers: {problem}")))?;
+        let writer = self.object_writer_without_dictionary()?;
+        for (hash, kind, raw) in &fetched {
+            if object::object_hash(*kind, raw) != *hash {
+                return Err(StoreError::BadNode {
+                    hash: *hash,
+                    kind: kind.name(),
+                    problem: "a peer sent content that does not match its hash".into(),
+                });
+            }
+            writer.put_hashed(*hash, *kind, raw)?;
+        }
+        writer.finish()?;
+        Ok(fetched)
     }
 
     pub fn kv(&self) -> &Arc<dyn KvBackend> {
@@ -399,8 +505,25 @@ impl Reader<'_> {
                 return Ok(raw.as_ref().clone());
             }
         }
-        let value = self.stored_value(hash, kind)?;
-        let raw = self.decode(hash, kind, &value)?;
+        let raw = match self.stored_value(hash, kind) {
+            Ok(value) => self.decode(hash, kind, &value)?,
+            Err(StoreError::MissingObject { .. }) if self.store.has_object_source() => {
+                let fetched = self.store.fetch_missing(&[(*hash, kind)], true)?;
+                match fetched
+                    .into_iter()
+                    .find(|(found, found_kind, _)| found == hash && *found_kind == kind)
+                {
+                    Some((_, _, raw)) => raw,
+                    None => {
+                        return Err(StoreError::MissingObject {
+                            hash: *hash,
+                            kind: kind.name(),
+                        });
+                    }
+                }
+            }
+            Err(error) => return Err(error),
+        };
         if cacheable {
             self.store
                 .nodes

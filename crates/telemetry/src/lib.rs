@@ -338,6 +338,18 @@ pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>, tracestat
     }
 }
 
+/// The W3C `traceparent` of `span`'s trace, to send with a request to another node (a
+/// Raft RPC, an object fetch) so that its spans join the same trace; `None` when the span
+/// is not traced.
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    use opentelemetry::propagation::TextMapPropagator;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry_sdk::propagation::TraceContextPropagator::new()
+        .inject_context(&span.context(), &mut carrier);
+    carrier.remove("traceparent")
+}
+
 #[cfg(test)]
 mod tests {
     use opentelemetry::metrics::MeterProvider as _;

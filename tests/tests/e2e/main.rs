@@ -6,6 +6,7 @@
 mod bisect;
 mod catalog;
 mod changes;
+mod cluster;
 mod corruption;
 mod forget;
 mod forget_attacks;

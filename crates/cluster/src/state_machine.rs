@@ -1,0 +1,436 @@
+//! The catalog as the log's state machine. Each entry is applied to the store by
+//! [`Store::apply_entry`] with the entry's log id in the same batch (`R/applied`), so what
+//! the store holds and the position it claims never disagree. Batches are committed without
+//! a flush of their own: the log is durable, and a crash replays the entries after the
+//! last flushed position. A snapshot is the replicated part of the catalog
+//! ([`keys::is_replicated`]) at one applied position.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{Cursor, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use kairos_store::kv::{KvSnapshot, WriteBatch, prefix_end};
+use kairos_store::{Applied, CatalogError, Store, keys};
+use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder};
+
+use crate::{
+    Entry, LogId, Node, NodeId, Placement, Request, Response, SnapshotData, StorageError,
+    StoredMembership, TypeConfig, io_error,
+};
+
+const APPLIED: &[u8] = b"R/applied";
+const MEMBERSHIP: &[u8] = b"R/membership";
+/// Set while a snapshot is being installed: the store's catalog is then neither the old
+/// one nor the new one, and the install is redone from the saved snapshot on start.
+const INSTALLING: &[u8] = b"R/installing";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"KRSNAP01";
+/// Bytes of keys and values per batch when a snapshot is installed.
+const INSTALL_BATCH_BYTES: usize = 4 << 20;
+/// Outcomes kept for submitters that have not collected theirs.
+const OUTCOMES_KEPT: usize = 8192;
+
+/// The outcome of each recently applied entry, by log index, for the member's own
+/// submitters: the command's full result (its frame, its audit entries) or its refusal.
+#[derive(Default)]
+pub struct Outcomes {
+    kept: Mutex<(BTreeMap<u64, Outcome>, VecDeque<u64>)>,
+}
+
+/// What a command did, or why the catalog refused it.
+pub type Outcome = Result<Applied, CatalogError>;
+/// A saved snapshot: its description and its data.
+type SavedSnapshot = (SnapshotMeta<NodeId, Node>, Vec<u8>);
+
+impl Outcomes {
+    fn put(&self, index: u64, outcome: Result<Applied, CatalogError>) {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        kept.0.insert(index, outcome);
+        kept.1.push_back(index);
+        while kept.1.len() > OUTCOMES_KEPT {
+            if let Some(old) = kept.1.pop_front() {
+                kept.0.remove(&old);
+            }
+        }
+    }
+
+    /// The outcome of the entry at `index` (once: it is handed over).
+    pub fn take(&self, index: u64) -> Option<Result<Applied, CatalogError>> {
+        self.kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .remove(&index)
+    }
+}
+
+pub struct StateMachine {
+    store: Store,
+    outcomes: Arc<Outcomes>,
+    dir: PathBuf,
+}
+
+fn storage(verb: ErrorVerb, error: impl std::fmt::Display) -> StorageError {
+    io_error(ErrorSubject::StateMachine, verb, error)
+}
+
+fn snapshot_paths(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join("snapshot.json"), dir.join("snapshot.bin"))
+}
+
+impl StateMachine {
+    /// The state machine over `store`, with snapshots kept in `dir`. A snapshot install a
+    /// crash interrupted is finished first.
+    pub fn open(store: Store, dir: &Path) -> Result<StateMachine, String> {
+        std::fs::create_dir_all(dir).map_err(|error| format!("{}: {error}", dir.display()))?;
+        let machine = StateMachine {
+            store,
+            outcomes: Arc::default(),
+            dir: dir.to_path_buf(),
+        };
+        if machine
+            .store
+            .reader()
+            .and_then(|reader| reader.get(INSTALLING))
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {
+            let (meta, data) = machine
+                .saved_snapshot()
+                .map_err(|e| e.to_string())?
+                .ok_or("a snapshot install was interrupted and its snapshot file is gone")?;
+            let pairs = decode(&data).map_err(|e| format!("the saved snapshot: {e}"))?;
+            machine.install(&meta, pairs).map_err(|e| e.to_string())?;
+        }
+        Ok(machine)
+    }
+
+    pub fn outcomes(&self) -> Arc<Outcomes> {
+        self.outcomes.clone()
+    }
+
+    fn saved_snapshot(&self) -> Result<Option<SavedSnapshot>, StorageError> {
+        let (meta_path, data_path) = snapshot_paths(&self.dir);
+        let Ok(meta) = std::fs::read(&meta_path) else {
+            return Ok(None);
+        };
+        let meta = serde_json::from_slice(&meta).map_err(|e| storage(ErrorVerb::Read, e))?;
+        let data = std::fs::read(&data_path).map_err(|e| storage(ErrorVerb::Read, e))?;
+        Ok(Some((meta, data)))
+    }
+
+    /// Replaces the replicated catalog by `pairs` and moves the applied position to the
+    /// snapshot's.
+    fn install(
+        &self,
+        meta: &SnapshotMeta<NodeId, Node>,
+        pairs: BTreeMap<Vec<u8>, Vec<u8>>,
+    ) -> Result<(), StorageError> {
+        let write = |e: &dyn std::fmt::Display| storage(ErrorVerb::Write, e);
+        let mut marker = WriteBatch::new();
+        marker
+            .put(INSTALLING.to_vec(), b"1".to_vec())
+            .map_err(|e| write(&e))?;
+        self.store.kv().commit(marker).map_err(|e| write(&e))?;
+        let reader = self.store.reader().map_err(|e| write(&e))?;
+        let mut stale = Vec::new();
+        for_each_replicated(reader.snapshot(), |key, value| {
+            if pairs.get(key).map(Vec::as_slice) != Some(value) {
+                stale.push(key.to_vec());
+            }
+            Ok(())
+        })
+        .map_err(|e| write(&e))?;
+        drop(reader);
+        let mut batch = WriteBatch::deferred();
+        let mut bytes = 0usize;
+        let flush = |batch: &mut WriteBatch, bytes: &mut usize| -> Result<(), StorageError> {
+            let full = std::mem::replace(batch, WriteBatch::deferred());
+            *bytes = 0;
+            self.store.kv().commit(full).map_err(|e| write(&e))
+        };
+        for key in stale {
+            bytes += key.len();
+            batch.delete(key).map_err(|e| write(&e))?;
+            if bytes > INSTALL_BATCH_BYTES {
+                flush(&mut batch, &mut bytes)?;
+            }
+        }
+        for (key, value) in pairs {
+            bytes += key.len() + value.len();
+            batch.put(key, value).map_err(|e| write(&e))?;
+            if bytes > INSTALL_BATCH_BYTES {
+                flush(&mut batch, &mut bytes)?;
+            }
+        }
+        flush(&mut batch, &mut bytes)?;
+        let mut last = WriteBatch::new();
+        let applied = serde_json::to_vec(&meta.last_log_id).map_err(|e| write(&e))?;
+        let membership = serde_json::to_vec(&meta.last_membership).map_err(|e| write(&e))?;
+        last.put(APPLIED.to_vec(), applied).map_err(|e| write(&e))?;
+        last.put(MEMBERSHIP.to_vec(), membership)
+            .map_err(|e| write(&e))?;
+        last.delete(INSTALLING.to_vec()).map_err(|e| write(&e))?;
+        self.store.kv().commit(last).map_err(|e| write(&e))?;
+        self.store.catalog_replaced();
+        Ok(())
+    }
+
+    /// Builds a snapshot of the replicated catalog at the applied position.
+    fn build(&self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let read = |e: &dyn std::fmt::Display| storage(ErrorVerb::Read, e);
+        let reader = self.store.reader().map_err(|e| read(&e))?;
+        let view = reader.snapshot();
+        let (last_log_id, last_membership) = applied_in(view)?;
+        let mut encoder = zstd::Encoder::new(Vec::new(), 3).map_err(|e| read(&e))?;
+        encoder.write_all(SNAPSHOT_MAGIC).map_err(|e| read(&e))?;
+        let mut count = 0u64;
+        for_each_replicated(view, |key, value| {
+            count += 1;
+            for part in [key, value] {
+                encoder
+                    .write_all(&(part.len() as u32).to_le_bytes())
+                    .and_then(|()| encoder.write_all(part))
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })
+        .map_err(|e| read(&e))?;
+        drop(reader);
+        let data = encoder.finish().map_err(|e| read(&e))?;
+        let snapshot_id = match &last_log_id {
+            Some(id) => format!("{}-{}-{count}", id.leader_id, id.index),
+            None => format!("empty-{count}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id,
+            last_membership,
+            snapshot_id,
+        };
+        self.save(&meta, &data)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+
+    /// Keeps a snapshot in the snapshot directory (written aside, synced, renamed).
+    fn save(&self, meta: &SnapshotMeta<NodeId, Node>, data: &[u8]) -> Result<(), StorageError> {
+        let write = |e: &dyn std::fmt::Display| storage(ErrorVerb::Write, e);
+        let (meta_path, data_path) = snapshot_paths(&self.dir);
+        let meta_bytes = serde_json::to_vec(meta).map_err(|e| write(&e))?;
+        for (path, bytes) in [(&data_path, data), (&meta_path, meta_bytes.as_slice())] {
+            let aside = path.with_extension("new");
+            let mut file = std::fs::File::create(&aside).map_err(|e| write(&e))?;
+            file.write_all(bytes)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| write(&e))?;
+            std::fs::rename(&aside, path).map_err(|e| write(&e))?;
+        }
+        if let Ok(dir) = std::fs::File::open(&self.dir) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+}
+
+/// The applied position and membership recorded in a view of the store.
+fn applied_in(view: &dyn KvSnapshot) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+    let read = |e: &dyn std::fmt::Display| storage(ErrorVerb::Read, e);
+    let applied = match view.get(APPLIED).map_err(|e| read(&e))? {
+        Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| read(&e))?,
+        None => None,
+    };
+    let membership = match view.get(MEMBERSHIP).map_err(|e| read(&e))? {
+        Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| read(&e))?,
+        None => StoredMembership::default(),
+    };
+    Ok((applied, membership))
+}
+
+/// Calls `each` with every replicated key and value of `view`, in key order, skipping the
+/// object index, segments and every other local family by their prefixes.
+fn for_each_replicated(
+    view: &dyn KvSnapshot,
+    mut each: impl FnMut(&[u8], &[u8]) -> Result<(), String>,
+) -> Result<(), String> {
+    const PAGE: usize = 1024;
+    let mut start: Vec<u8> = Vec::new();
+    let mut included = true;
+    loop {
+        let bound = if included {
+            std::ops::Bound::Included(start.as_slice())
+        } else {
+            std::ops::Bound::Excluded(start.as_slice())
+        };
+        let page = view
+            .scan(bound, std::ops::Bound::Unbounded, PAGE, false)
+            .map_err(|e| e.to_string())?;
+        let full = page.len() == PAGE;
+        let mut jumped = false;
+        for (key, value) in &page {
+            if keys::is_replicated(key) {
+                each(key, value)?;
+                continue;
+            }
+            // A local family: go past its whole prefix (`x/`) at once.
+            let prefix = &key[..key.len().min(2)];
+            match prefix_end(prefix) {
+                Some(end) => {
+                    start = end;
+                    included = true;
+                    jumped = true;
+                }
+                None => return Ok(()),
+            }
+            break;
+        }
+        if jumped {
+            continue;
+        }
+        match page.last() {
+            Some((last, _)) if full => {
+                start = last.clone();
+                included = false;
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// The pairs of a snapshot's data, checked whole before anything is installed.
+fn decode(data: &[u8]) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, String> {
+    let mut raw = Vec::new();
+    zstd::Decoder::new(data)
+        .and_then(|mut decoder| decoder.read_to_end(&mut raw))
+        .map_err(|e| format!("not a catalog snapshot: {e}"))?;
+    let Some(mut rest) = raw.strip_prefix(SNAPSHOT_MAGIC.as_slice()) else {
+        return Err("not a catalog snapshot (bad magic)".into());
+    };
+    let mut pairs = BTreeMap::new();
+    let take = |rest: &mut &[u8]| -> Result<Vec<u8>, String> {
+        let (len, tail) = rest
+            .split_first_chunk::<4>()
+            .ok_or("a catalog snapshot cut short")?;
+        let len = u32::from_le_bytes(*len) as usize;
+        let part = tail.get(..len).ok_or("a catalog snapshot cut short")?;
+        *rest = &tail[len..];
+        Ok(part.to_vec())
+    };
+    while !rest.is_empty() {
+        let key = take(&mut rest)?;
+        let value = take(&mut rest)?;
+        if !keys::is_replicated(&key) {
+            return Err(format!(
+                "a catalog snapshot holds a key that is not replicated: {}",
+                kairos_store::kv::printable(&key)
+            ));
+        }
+        pairs.insert(key, value);
+    }
+    Ok(pairs)
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        self.build()
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let reader = self
+            .store
+            .reader()
+            .map_err(|e| storage(ErrorVerb::Read, e))?;
+        applied_in(reader.snapshot())
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let write = |e: &dyn std::fmt::Display| storage(ErrorVerb::Write, e);
+        let mut responses = Vec::new();
+        for entry in entries {
+            let mut extra = vec![(
+                APPLIED.to_vec(),
+                serde_json::to_vec(&Some(entry.log_id)).map_err(|e| write(&e))?,
+            )];
+            let mut command = None;
+            match &entry.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Normal(Request::Command(c)) => command = Some(c.as_ref()),
+                EntryPayload::Normal(Request::Place {
+                    replica,
+                    node,
+                    reason,
+                    time,
+                }) => {
+                    let placement = Placement {
+                        node: *node,
+                        reason: reason.clone(),
+                        time: *time,
+                    };
+                    extra.push((
+                        keys::placement(replica),
+                        serde_json::to_vec(&placement).map_err(|e| write(&e))?,
+                    ));
+                }
+                EntryPayload::Membership(membership) => {
+                    let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
+                    extra.push((
+                        MEMBERSHIP.to_vec(),
+                        serde_json::to_vec(&stored).map_err(|e| write(&e))?,
+                    ));
+                }
+            }
+            let outcome = self
+                .store
+                .apply_entry(command, &extra, true)
+                .map_err(|e| write(&e))?;
+            responses.push(Response {
+                refused: outcome.as_ref().err().map(ToString::to_string),
+            });
+            if command.is_some() {
+                self.outcomes.put(entry.log_id.index, outcome);
+            }
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        StateMachine {
+            store: self.store.share(),
+            outcomes: self.outcomes.clone(),
+            dir: self.dir.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Node>,
+        snapshot: Box<SnapshotData>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let pairs = decode(&data).map_err(|e| storage(ErrorVerb::Read, e))?;
+        // Saved first: a crash during the install redoes it from this copy.
+        self.save(meta, &data)?;
+        self.install(meta, pairs)
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        Ok(self.saved_snapshot()?.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}

@@ -1,0 +1,1330 @@
+//! The node's part in its cluster (see `kairos-cluster`): the replicated log started with
+//! the node, catalog commands routed through it, objects fetched from peers, the routes
+//! members call each other on (`/cluster/...`, authenticated by the members' shared
+//! secret) and the admin routes (`/api/cluster...`, a party's token).
+//!
+//! Without a `[cluster]` section the node forms a cluster of one at start: the same log
+//! and state machine, no peers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use kairos_cluster::network::{CLUSTER_HEADER, PeerError};
+use kairos_cluster::objects::{ObjectRequest, PeerObjects};
+use kairos_cluster::{
+    LogStore, Network, Node, NodeId, Outcomes, PeerClient, Raft, Request as LogRequest,
+    StateMachine,
+};
+use kairos_store::kv::WriteBatch;
+use kairos_store::{Applied, CatalogError, Command, CommandLog, Store};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use serde::{Deserialize, Serialize};
+
+use crate::Shared;
+use crate::api::ApiError;
+
+/// How long a command waits for the cluster (a leader, a majority) before it fails.
+const SUBMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request between members (a batch of log entries, a snapshot chunk).
+const PEER_BODY_BYTES_MAX: usize = 64 << 20;
+/// How long a member waits for another's answer to `hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// What this node keeps of its cluster beside the log: which cluster it belongs to and
+/// under which id (a data directory never changes either).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ClusterFile {
+    cluster_id: String,
+    node_id: NodeId,
+}
+
+pub struct Cluster {
+    pub raft: Raft,
+    pub id: NodeId,
+    pub advertise: String,
+    pub client: PeerClient,
+    cluster_id: Arc<RwLock<Option<String>>>,
+    outcomes: Arc<Outcomes>,
+    pub log: LogStore,
+    secret: Option<String>,
+    runtime: tokio::runtime::Handle,
+    file: PathBuf,
+    /// Whether the configuration has a `[cluster]` section (a cluster of one otherwise).
+    pub configured: bool,
+    pub replication: u32,
+}
+
+/// Starts the log of the node whose store is `store`.
+pub async fn start(
+    store: &Store,
+    config: &kairos_config::Config,
+    reachable: &str,
+) -> Result<Arc<Cluster>, String> {
+    let section = config.cluster.clone();
+    let id = section.as_ref().map_or(1, |c| c.node_id);
+    let advertise = section
+        .as_ref()
+        .and_then(|c| c.advertise.clone())
+        .unwrap_or_else(|| reachable.to_string());
+    let dir = config.node.data_dir.join("raft");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let file = dir.join("cluster.json");
+    let known: Option<ClusterFile> = match std::fs::read(&file) {
+        Ok(bytes) => Some(
+            serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{}: not a cluster file: {e}", file.display()))?,
+        ),
+        Err(_) => None,
+    };
+    if let Some(known) = &known
+        && known.node_id != id
+    {
+        return Err(format!(
+            "the data directory belongs to node {} of cluster {}, and the configuration says cluster.node_id = {id}",
+            known.node_id, known.cluster_id
+        ));
+    }
+    let cluster_id = Arc::new(RwLock::new(known.map(|k| k.cluster_id)));
+    let flushing = store.share();
+    let log = LogStore::open(
+        &dir.join("log.redb"),
+        Arc::new(move || {
+            flushing
+                .kv()
+                .commit(WriteBatch::new())
+                .map_err(|e| e.to_string())
+        }),
+    )?;
+    let machine = StateMachine::open(store.share(), &dir)?;
+    let outcomes = machine.outcomes();
+    let (heartbeat, election) = section.as_ref().map_or(
+        (Duration::from_millis(100), Duration::from_millis(500)),
+        |c| (c.heartbeat, c.election_timeout),
+    );
+    let raft_config = openraft::Config {
+        cluster_name: "kairos".into(),
+        heartbeat_interval: heartbeat.as_millis() as u64,
+        election_timeout_min: election.as_millis() as u64,
+        election_timeout_max: 2 * election.as_millis() as u64,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
+        max_in_snapshot_log_to_keep: 1000,
+        install_snapshot_timeout: 10_000,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| format!("the cluster's timing: {e}"))?;
+    let secret = section.as_ref().and_then(|c| c.secret.clone());
+    let client = PeerClient::new(secret.clone(), cluster_id.clone());
+    let raft = Raft::new(
+        id,
+        Arc::new(raft_config),
+        Network {
+            client: client.clone(),
+        },
+        log.clone(),
+        machine,
+    )
+    .await
+    .map_err(|e| format!("starting the cluster's log: {e}"))?;
+    let cluster = Arc::new(Cluster {
+        raft,
+        id,
+        advertise,
+        client,
+        cluster_id,
+        outcomes,
+        log,
+        secret,
+        runtime: tokio::runtime::Handle::current(),
+        file,
+        configured: section.is_some(),
+        replication: section.as_ref().map_or(1, |c| c.replication),
+    });
+    if !cluster.configured {
+        cluster.become_single().await?;
+    } else if cluster.voters() == BTreeSet::from([id]) {
+        let _ = cluster.raft.trigger().elect().await;
+    }
+    Ok(cluster)
+}
+
+/// A new cluster id: 16 random bytes, in hex.
+fn new_cluster_id() -> String {
+    let mut bytes = [0u8; 16];
+    if let Ok(mut random) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut random, &mut bytes);
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mixed = blake3_like(&bytes, stamp ^ u128::from(std::process::id()));
+    mixed.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn blake3_like(bytes: &[u8; 16], salt: u128) -> [u8; 16] {
+    let hash = kairos_core::Hash::of(0, &[bytes.as_slice(), &salt.to_le_bytes()].concat());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&hash.as_bytes()[..16]);
+    out
+}
+
+impl Cluster {
+    pub fn cluster_id(&self) -> Option<String> {
+        self.cluster_id
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_cluster_id(&self, cluster_id: &str) -> Result<(), String> {
+        let text = serde_json::to_vec_pretty(&ClusterFile {
+            cluster_id: cluster_id.to_string(),
+            node_id: self.id,
+        })
+        .map_err(|e| e.to_string())?;
+        let aside = self.file.with_extension("new");
+        std::fs::write(&aside, text)
+            .and_then(|()| std::fs::File::open(&aside)?.sync_all())
+            .and_then(|()| std::fs::rename(&aside, &self.file))
+            .map_err(|e| format!("{}: {e}", self.file.display()))?;
+        *self.cluster_id.write().unwrap_or_else(|p| p.into_inner()) = Some(cluster_id.to_string());
+        Ok(())
+    }
+
+    /// Forms a cluster of one (or, if it is one already, makes its address current).
+    async fn become_single(&self) -> Result<(), String> {
+        if !self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            self.init().await?;
+        }
+        let _ = self.raft.trigger().elect().await;
+        self.wait_for_leader(Duration::from_secs(10)).await;
+        let members = self.members();
+        if members
+            .get(&self.id)
+            .is_some_and(|node| node.addr != self.advertise)
+            && members.len() == 1
+        {
+            let nodes = BTreeMap::from([(self.id, Node::new(self.advertise.clone()))]);
+            self.raft
+                .change_membership(ChangeMembers::SetNodes(nodes), false)
+                .await
+                .map_err(|e| format!("updating this node's address: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Makes this node the first member of a new cluster.
+    async fn init(&self) -> Result<String, String> {
+        let cluster_id = self.cluster_id().unwrap_or_else(new_cluster_id);
+        self.set_cluster_id(&cluster_id)?;
+        let members = BTreeMap::from([(self.id, Node::new(self.advertise.clone()))]);
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| format!("forming the cluster: {e}"))?;
+        Ok(cluster_id)
+    }
+
+    /// Waits until some member leads (at most `timeout`); the leader's id.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Option<NodeId> {
+        let wait = self.raft.wait(Some(timeout));
+        wait.metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .ok()
+            .and_then(|m| m.current_leader)
+    }
+
+    /// Every member (voters and learners) with its address.
+    pub fn members(&self) -> BTreeMap<NodeId, Node> {
+        let metrics = self.raft.metrics().borrow().clone();
+        metrics
+            .membership_config
+            .nodes()
+            .map(|(id, node)| (*id, node.clone()))
+            .collect()
+    }
+
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// The other members' addresses, the leader first.
+    pub fn peer_addresses(&self) -> Vec<String> {
+        let leader = self.raft.metrics().borrow().current_leader;
+        let mut peers: Vec<(bool, String)> = self
+            .members()
+            .into_iter()
+            .filter(|(id, _)| *id != self.id)
+            .map(|(id, node)| (Some(id) != leader, node.addr))
+            .collect();
+        peers.sort();
+        peers.into_iter().map(|(_, addr)| addr).collect()
+    }
+
+    fn leader_address(&self) -> Option<(NodeId, String)> {
+        let leader = self.raft.metrics().borrow().current_leader?;
+        let address = self.members().get(&leader)?.addr.clone();
+        Some((leader, address))
+    }
+
+    /// Appends `request` to the log (through the leader, wherever it is) and waits until
+    /// this node applied it; the entry's index.
+    pub async fn append(&self, request: LogRequest) -> Result<u64, CatalogError> {
+        let deadline = tokio::time::Instant::now() + SUBMIT_TIMEOUT;
+        let mut last_problem = String::from(
+            "no member leads (an election is under way, or too few members are reachable for a majority)",
+        );
+        loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                return Err(CatalogError::Unavailable(format!(
+                    "{last_problem}; tried for {}s",
+                    SUBMIT_TIMEOUT.as_secs()
+                )));
+            }
+            let written =
+                tokio::time::timeout(remaining, self.raft.client_write(request.clone())).await;
+            let index = match written {
+                Err(_) => {
+                    return Err(CatalogError::Unavailable(
+                        "the leader could not reach a majority in time; the command may still take effect".into(),
+                    ));
+                }
+                Ok(Ok(response)) => response.log_id.index,
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
+                    match forward.leader_node {
+                        Some(leader) if forward.leader_id != Some(self.id) => {
+                            match self
+                                .client
+                                .post_async::<_, Appended>(
+                                    &leader.addr,
+                                    "/cluster/submit",
+                                    request.clone(),
+                                    remaining,
+                                )
+                                .await
+                            {
+                                Ok(appended) => appended.index,
+                                Err(problem) => {
+                                    last_problem = problem.to_string();
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                    continue;
+                                }
+                            }
+                        }
+                        _ => {
+                            tokio::time::sleep(Duration::from_millis(25)).await;
+                            continue;
+                        }
+                    }
+                }
+                Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(error)))) => {
+                    return Err(CatalogError::Unavailable(error.to_string()));
+                }
+                Ok(Err(RaftError::Fatal(error))) => {
+                    return Err(CatalogError::Unavailable(format!(
+                        "this node's log stopped: {error}"
+                    )));
+                }
+            };
+            let remaining = deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .max(Duration::from_secs(1));
+            self.raft
+                .wait(Some(remaining))
+                .applied_index_at_least(Some(index), "the command applied here")
+                .await
+                .map_err(|e| {
+                    CatalogError::Unavailable(format!(
+                        "the command was accepted (entry {index}) but not applied here in time: {e}"
+                    ))
+                })?;
+            return Ok(index);
+        }
+    }
+
+    /// Submits a catalog command through the log; its outcome as applied here.
+    pub async fn submit(&self, command: Command) -> Result<Applied, CatalogError> {
+        let index = self.append(LogRequest::Command(Box::new(command))).await?;
+        self.outcomes.take(index).unwrap_or_else(|| {
+            Err(CatalogError::Unavailable(format!(
+                "the outcome of entry {index} was not kept"
+            )))
+        })
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Appended {
+    index: u64,
+}
+
+/// Routes a store's commands through the cluster's log.
+pub struct ThroughLog(pub Arc<Cluster>);
+
+impl CommandLog for ThroughLog {
+    fn submit(&self, command: &Command) -> Result<Applied, CatalogError> {
+        let cluster = self.0.clone();
+        let command = command.clone();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        self.0.runtime.spawn(async move {
+            let _ = sender.send(cluster.submit(command).await);
+        });
+        let wait = || receiver.recv();
+        let received = match tokio::runtime::Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        };
+        received.unwrap_or_else(|_| Err(CatalogError::Unavailable("the node is stopping".into())))
+    }
+}
+
+/// What members answer `hello` with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    pub cluster_id: Option<String>,
+    pub node_id: NodeId,
+    pub api: String,
+    pub pid: u32,
+    pub leader: Option<NodeId>,
+    pub members: BTreeMap<NodeId, String>,
+}
+
+fn hello_of(cluster: &Cluster) -> Hello {
+    Hello {
+        cluster_id: cluster.cluster_id(),
+        node_id: cluster.id,
+        api: cluster.advertise.clone(),
+        pid: std::process::id(),
+        leader: cluster.raft.metrics().borrow().current_leader,
+        members: cluster
+            .members()
+            .into_iter()
+            .map(|(id, node)| (id, node.addr))
+            .collect(),
+    }
+}
+
+fn cluster_of(shared: &Shared) -> Result<Arc<Cluster>, ApiError> {
+    shared
+        .cluster
+        .get()
+        .cloned()
+        .ok_or_else(|| ApiError::busy("the node's cluster log is starting"))
+}
+
+fn unavailable(message: impl Into<String>) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "cluster_unavailable",
+        message,
+    )
+}
+
+fn peer_error(error: PeerError) -> ApiError {
+    match error {
+        PeerError::Refused {
+            status, message, ..
+        } => ApiError::new(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+            "peer_refused",
+            message,
+        ),
+        other => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "peer_unreachable",
+            other.to_string(),
+        ),
+    }
+}
+
+/// The routes members call each other on, behind the members' secret.
+pub fn peer_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/cluster/raft/append", post(raft_append))
+        .route("/cluster/raft/vote", post(raft_vote))
+        .route("/cluster/raft/snapshot", post(raft_snapshot))
+        .route("/cluster/submit", post(peer_submit))
+        .route("/cluster/objects", post(peer_objects))
+        .route("/cluster/hello", post(peer_hello))
+        .route("/cluster/add", post(peer_add))
+        .route("/cluster/remove", post(peer_remove))
+        .route("/cluster/view", post(peer_view))
+        .route("/cluster/elect", post(peer_elect))
+        .route("/cluster/campaign", post(peer_campaign))
+        .layer(axum::extract::DefaultBodyLimit::max(PEER_BODY_BYTES_MAX))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            peer_auth,
+        ))
+        .with_state(shared)
+}
+
+/// Members prove membership with the shared secret (without one, only loopback peers
+/// are accepted) and name the cluster they belong to; a request for another cluster is
+/// refused by name.
+async fn peer_auth(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let Some(cluster) = shared.cluster.get().cloned() else {
+        return unavailable("the node's cluster log is starting").into_response();
+    };
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    match (&cluster.secret, bearer) {
+        (Some(secret), Some(given)) if constant_time_eq(secret.as_bytes(), given.as_bytes()) => {}
+        (Some(_), _) => {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "not_a_member",
+                "requests between members need the cluster's secret (cluster.secret_file or $KAIROS_CLUSTER_SECRET)",
+            )
+            .into_response();
+        }
+        (None, _) if !shared.listen.ip().is_loopback() => {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "not_a_member",
+                "this node listens beyond loopback and has no cluster secret: members are not accepted (set cluster.secret_file)",
+            )
+            .into_response();
+        }
+        (None, _) => {}
+    }
+    let theirs = request
+        .headers()
+        .get(CLUSTER_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_string);
+    let path = request.uri().path().to_string();
+    let ours = cluster.cluster_id();
+    match (&ours, &theirs) {
+        (Some(ours), Some(theirs)) if ours != theirs => {
+            return ApiError::new(
+                StatusCode::CONFLICT,
+                "wrong_cluster",
+                format!("this node belongs to cluster {ours}, not to cluster {theirs}"),
+            )
+            .into_response();
+        }
+        (None, _) if path.starts_with("/cluster/raft/") => {
+            return ApiError::new(
+                StatusCode::CONFLICT,
+                "not_joined",
+                "this node has not joined a cluster (kairos cluster join ADDR)",
+            )
+            .into_response();
+        }
+        _ => {}
+    }
+    let span = tracing::debug_span!("cluster.peer", path = %path);
+    let traceparent = request
+        .headers()
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_string);
+    kairos_telemetry::continue_trace(&span, traceparent.as_deref(), None);
+    tracing::Instrument::instrument(next.run(request), span).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn raft_append(
+    State(shared): State<Arc<Shared>>,
+    Json(rpc): Json<openraft::raft::AppendEntriesRequest<kairos_cluster::TypeConfig>>,
+) -> Result<Response, ApiError> {
+    let cluster = cluster_of(&shared)?;
+    Ok(Json(cluster.raft.append_entries(rpc).await).into_response())
+}
+
+async fn raft_vote(
+    State(shared): State<Arc<Shared>>,
+    Json(rpc): Json<openraft::raft::VoteRequest<NodeId>>,
+) -> Result<Response, ApiError> {
+    let cluster = cluster_of(&shared)?;
+    Ok(Json(cluster.raft.vote(rpc).await).into_response())
+}
+
+async fn raft_snapshot(
+    State(shared): State<Arc<Shared>>,
+    Json(rpc): Json<openraft::raft::InstallSnapshotRequest<kairos_cluster::TypeConfig>>,
+) -> Result<Response, ApiError> {
+    let cluster = cluster_of(&shared)?;
+    Ok(Json(cluster.raft.install_snapshot(rpc).await).into_response())
+}
+
+/// A member's entry, appended here because this member leads.
+async fn peer_submit(
+    State(shared): State<Arc<Shared>>,
+    Json(request): Json<LogRequest>,
+) -> Result<Json<Appended>, ApiError> {
+    let cluster = cluster_of(&shared)?;
+    match tokio::time::timeout(SUBMIT_TIMEOUT, cluster.raft.client_write(request)).await {
+        Ok(Ok(response)) => Ok(Json(Appended {
+            index: response.log_id.index,
+        })),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "not_leader",
+            "this member no longer leads; ask again",
+        )),
+        Ok(Err(error)) => Err(unavailable(error.to_string())),
+        Err(_) => Err(unavailable(
+            "the leader could not reach a majority in time; the command may still take effect",
+        )),
+    }
+}
+
+async fn peer_objects(
+    State(shared): State<Arc<Shared>>,
+    Json(request): Json<ObjectRequest>,
+) -> Result<Response, ApiError> {
+    let store = shared.store.share();
+    let bytes =
+        tokio::task::spawn_blocking(move || kairos_cluster::objects::answer(&store, &request))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|message| ApiError::bad_request("bad_object_request", message))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+async fn peer_hello(State(shared): State<Arc<Shared>>) -> Result<Json<Hello>, ApiError> {
+    let cluster = cluster_of(&shared)?;
+    Ok(Json(hello_of(&cluster)))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddMember {
+    id: NodeId,
+    api: String,
+}
+
+/// Adds a member (on the leader): as a learner until it caught up, then as a voter.
+async fn peer_add(
+    State(shared): State<Arc<Shared>>,
+    Json(add): Json<AddMember>,
+) -> Result<Json<Hello>, ApiError> {
+    let cluster = cluster_of(&shared)?;
+    if let Some(existing) = cluster.members().get(&add.id)
+        && existing.addr != add.api
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "duplicate_node_id",
+            format!(
+                "node id {} is already a member, at {}: give the new node another cluster.node_id",
+                add.id, existing.addr
+            ),
+        ));
+    }
+    if let Some((id, _)) = cluster
+        .members()
+        .into_iter()
+        .find(|(id, node)| node.addr == add.api && *id != add.id)
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "duplicate_address",
+            format!("{} is already member {id}", add.api),
+        ));
+    }
+    cluster
+        .raft
+        .add_learner(add.id, Node::new(add.api.clone()), true)
+        .await
+        .map_err(|e| leader_error(&cluster, e.to_string()))?;
+    cluster
+        .raft
+        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([add.id])), false)
+        .await
+        .map_err(|e| leader_error(&cluster, e.to_string()))?;
+    Ok(Json(hello_of(&cluster)))
+}
+
+fn leader_error(cluster: &Cluster, problem: String) -> ApiError {
+    match cluster.leader_address() {
+        Some((id, address)) if id != cluster.id => ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "not_leader",
+            format!("member {id} leads ({address}): {problem}"),
+        ),
+        _ => unavailable(problem),
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveMember {
+    id: NodeId,
+}
+
+async fn peer_remove(
+    State(shared): State<Arc<Shared>>,
+    Json(remove): Json<RemoveMember>,
+) -> Result<Json<Hello>, ApiError> {
+    let cluster = cluster_of(&shared)?;
+    remove_here(&cluster, remove.id).await?;
+    Ok(Json(hello_of(&cluster)))
+}
+
+async fn remove_here(cluster: &Cluster, id: NodeId) -> Result<(), ApiError> {
+    if !cluster.members().contains_key(&id) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_member",
+            format!("node {id} is not a member"),
+        ));
+    }
+    let voters = cluster.voters();
+    if voters.contains(&id) {
+        if voters.len() == 1 {
+            return Err(ApiError::bad_request(
+                "last_member",
+                format!("node {id} is the cluster's only voter; it cannot leave"),
+            ));
+        }
+        cluster
+            .raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| leader_error(cluster, e.to_string()))?;
+    }
+    cluster
+        .raft
+        .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+        .await
+        .map_err(|e| leader_error(cluster, e.to_string()))?;
+    Ok(())
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Elect {
+    /// Whether this member may campaign.
+    #[serde(default)]
+    elect: Option<bool>,
+    /// Whether this member, leading, sends heartbeats.
+    #[serde(default)]
+    heartbeat: Option<bool>,
+    /// Both come back on by themselves after this long.
+    #[serde(default)]
+    for_ms: u64,
+}
+
+async fn peer_elect(
+    State(shared): State<Arc<Shared>>,
+    Json(elect): Json<Elect>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let cluster = cluster_of(&shared)?;
+    set_elect(&cluster, elect.elect, elect.heartbeat, elect.for_ms);
+    Ok(Json(serde_json::json!({"ok": true})))
+}
+
+fn set_elect(cluster: &Arc<Cluster>, elect: Option<bool>, heartbeat: Option<bool>, for_ms: u64) {
+    if let Some(elect) = elect {
+        cluster.raft.runtime_config().elect(elect);
+    }
+    if let Some(heartbeat) = heartbeat {
+        cluster.raft.runtime_config().heartbeat(heartbeat);
+    }
+    if elect == Some(false) || heartbeat == Some(false) {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(for_ms.clamp(1, 30_000))).await;
+            cluster.raft.runtime_config().elect(true);
+            cluster.raft.runtime_config().heartbeat(true);
+        });
+    }
+}
+
+/// Tells member `id` at `address` (this node when it is `id`) to stop or resume
+/// campaigning and heartbeats.
+async fn tell_elect(
+    cluster: &Arc<Cluster>,
+    id: NodeId,
+    address: &str,
+    elect: Option<bool>,
+    heartbeat: Option<bool>,
+    for_ms: u64,
+) {
+    if id == cluster.id {
+        set_elect(cluster, elect, heartbeat, for_ms);
+        return;
+    }
+    let body = serde_json::json!({ "elect": elect, "heartbeat": heartbeat, "for_ms": for_ms });
+    let _ = cluster
+        .client
+        .post_async::<_, serde_json::Value>(address, "/cluster/elect", body, HELLO_TIMEOUT)
+        .await;
+}
+
+/// Campaigns until this member leads (a leadership transfer's target).
+async fn peer_campaign(State(shared): State<Arc<Shared>>) -> Result<Json<Hello>, ApiError> {
+    let cluster = cluster_of(&shared)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline {
+        if cluster.raft.metrics().borrow().state == ServerState::Leader {
+            return Ok(Json(hello_of(&cluster)));
+        }
+        let _ = cluster.raft.trigger().elect().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(unavailable(
+        "this member did not win an election within 5 s",
+    ))
+}
+
+/// The cluster as `kairos cluster status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatusJson {
+    pub cluster_id: Option<String>,
+    /// The member that answered.
+    pub node_id: NodeId,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    /// The last entry applied by the member that answered (the leader when one is
+    /// known: its applied index is the commit index).
+    pub commit_index: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub members: Vec<MemberJson>,
+    /// Where each replica's watcher runs (member id), as the catalog records it.
+    pub placement: BTreeMap<String, Option<NodeId>>,
+    /// On how many members a frame's objects must be to count as durable.
+    pub replication: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberJson {
+    pub id: NodeId,
+    pub api: String,
+    pub pid: Option<u32>,
+    /// `leader`, `follower`, `learner` or `unreachable`.
+    pub state: String,
+    /// Entries behind the leader (known on the leader).
+    pub lag: Option<u64>,
+}
+
+async fn view(shared: &Shared, cluster: &Arc<Cluster>) -> ClusterStatusJson {
+    let metrics = cluster.raft.metrics().borrow().clone();
+    let voters = cluster.voters();
+    let mut members = Vec::new();
+    for (id, node) in cluster.members() {
+        let hello = if id == cluster.id {
+            Some(hello_of(cluster))
+        } else {
+            cluster
+                .client
+                .post_async::<_, Hello>(
+                    &node.addr,
+                    "/cluster/hello",
+                    serde_json::json!({}),
+                    HELLO_TIMEOUT,
+                )
+                .await
+                .ok()
+        };
+        let lag = metrics.replication.as_ref().and_then(|replication| {
+            let matched = replication.get(&id)?.map_or(0, |log_id| log_id.index);
+            Some(metrics.last_log_index.unwrap_or(0).saturating_sub(matched))
+        });
+        let state = if hello.is_none() {
+            "unreachable"
+        } else if Some(id) == metrics.current_leader {
+            "leader"
+        } else if voters.contains(&id) {
+            "follower"
+        } else {
+            "learner"
+        };
+        members.push(MemberJson {
+            id,
+            api: node.addr,
+            pid: hello.map(|hello| hello.pid),
+            state: state.into(),
+            lag,
+        });
+    }
+    let placement = kairos_cluster::placements(&shared.store)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(replica, placement)| (replica, placement.node))
+        .collect();
+    ClusterStatusJson {
+        cluster_id: cluster.cluster_id(),
+        node_id: cluster.id,
+        leader: metrics.current_leader,
+        term: metrics.current_term,
+        commit_index: metrics.last_applied.map(|log_id| log_id.index),
+        last_log_index: metrics.last_log_index,
+        members,
+        placement,
+        replication: cluster.replication,
+    }
+}
+
+async fn peer_view(State(shared): State<Arc<Shared>>) -> Result<Json<ClusterStatusJson>, ApiError> {
+    let cluster = cluster_of(&shared)?;
+    Ok(Json(view(&shared, &cluster).await))
+}
+
+/// `GET /api/cluster`: the leader's view when a leader answers, this member's otherwise.
+pub async fn status(
+    State(shared): State<Arc<Shared>>,
+) -> Result<Json<ClusterStatusJson>, ApiError> {
+    let cluster = cluster_of(&shared)?;
+    if let Some((leader, address)) = cluster.leader_address()
+        && leader != cluster.id
+        && let Ok(view) = cluster
+            .client
+            .post_async::<_, ClusterStatusJson>(
+                &address,
+                "/cluster/view",
+                serde_json::json!({}),
+                Duration::from_secs(5),
+            )
+            .await
+    {
+        return Ok(Json(view));
+    }
+    Ok(Json(view(&shared, &cluster).await))
+}
+
+/// `POST /api/cluster/init`: makes this node the first member of a new cluster.
+pub async fn init(State(shared): State<Arc<Shared>>) -> Result<Json<ClusterStatusJson>, ApiError> {
+    let cluster = cluster_of(&shared)?;
+    if cluster
+        .raft
+        .is_initialized()
+        .await
+        .map_err(|e| unavailable(e.to_string()))?
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_initialized",
+            format!(
+                "this node is already a member of cluster {}",
+                cluster.cluster_id().unwrap_or_default()
+            ),
+        ));
+    }
+    cluster.init().await.map_err(unavailable)?;
+    cluster.wait_for_leader(Duration::from_secs(5)).await;
+    Ok(Json(view(&shared, &cluster).await))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// Any member's API URL (default: each of `cluster.peers` in turn).
+    #[serde(default)]
+    pub address: Option<String>,
+}
+
+/// `POST /api/cluster/join`: joins the cluster a member of which answers at `address`.
+pub async fn join(
+    State(shared): State<Arc<Shared>>,
+    Json(request): Json<JoinRequest>,
+) -> Result<Json<ClusterStatusJson>, ApiError> {
+    let cluster = cluster_of(&shared)?;
+    if !cluster.configured {
+        return Err(ApiError::bad_request(
+            "not_configured",
+            "this node runs as a cluster of its own (no [cluster] section in its configuration): give it cluster.node_id and start it again to join",
+        ));
+    }
+    let addresses: Vec<String> = match request.address {
+        Some(address) => vec![address],
+        None => shared
+            .config
+            .cluster
+            .as_ref()
+            .map(|c| c.peers.clone())
+            .unwrap_or_default(),
+    };
+    if addresses.is_empty() {
+        return Err(ApiError::bad_request(
+            "no_address",
+            "name a member to join (kairos cluster join ADDR) or list them in cluster.peers",
+        ));
+    }
+    let mut problems = Vec::new();
+    for address in addresses {
+        match join_at(&cluster, &address).await {
+            Ok(()) => return Ok(Json(view(&shared, &cluster).await)),
+            Err(error) => problems.push(format!("{address}: {}", error.message)),
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "join_failed",
+        problems.join("; "),
+    ))
+}
+
+async fn join_at(cluster: &Arc<Cluster>, address: &str) -> Result<(), ApiError> {
+    let hello: Hello = cluster
+        .client
+        .post_async(
+            address,
+            "/cluster/hello",
+            serde_json::json!({}),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(peer_error)?;
+    let Some(their_id) = hello.cluster_id.clone() else {
+        return Err(ApiError::bad_request(
+            "not_a_cluster",
+            format!("{address} is not in a cluster yet (run kairos cluster init there)"),
+        ));
+    };
+    if let Some(ours) = cluster.cluster_id()
+        && ours != their_id
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "wrong_cluster",
+            format!("this node belongs to cluster {ours}; {address} to cluster {their_id}"),
+        ));
+    }
+    if hello.members.get(&cluster.id) == Some(&cluster.advertise) {
+        return Ok(());
+    }
+    if cluster
+        .raft
+        .is_initialized()
+        .await
+        .map_err(|e| unavailable(e.to_string()))?
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_initialized",
+            "this node already holds a cluster's log; a node joins with an empty data directory",
+        ));
+    }
+    if let Some(existing) = hello.members.get(&cluster.id) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "duplicate_node_id",
+            format!(
+                "node id {} is already a member, at {existing}: give this node another cluster.node_id",
+                cluster.id
+            ),
+        ));
+    }
+    cluster
+        .set_cluster_id(&their_id)
+        .map_err(ApiError::internal)?;
+    let leader = hello
+        .leader
+        .and_then(|id| hello.members.get(&id).cloned())
+        .unwrap_or_else(|| address.to_string());
+    let add = AddMember {
+        id: cluster.id,
+        api: cluster.advertise.clone(),
+    };
+    let mut target = leader;
+    for _ in 0..3 {
+        match cluster
+            .client
+            .post_async::<_, Hello>(
+                &target,
+                "/cluster/add",
+                add.clone(),
+                Duration::from_secs(120),
+            )
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(PeerError::Refused {
+                status: 421,
+                message,
+                ..
+            }) => {
+                match message
+                    .split_once('(')
+                    .and_then(|(_, rest)| rest.split_once(')'))
+                {
+                    Some((address, _)) => target = address.to_string(),
+                    None => return Err(unavailable(message)),
+                }
+            }
+            Err(error) => return Err(peer_error(error)),
+        }
+    }
+    Err(unavailable(
+        "the leader kept changing while joining; try again",
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberRequest {
+    /// The member (default: the node asked).
+    #[serde(default)]
+    pub node: Option<NodeId>,
+}
+
+/// Runs `path` with `body` on the leader (here if this node leads).
+async fn on_leader<T: serde::de::DeserializeOwned + Send + 'static>(
+    cluster: &Arc<Cluster>,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<Option<T>, ApiError> {
+    match cluster.leader_address() {
+        Some((leader, _)) if leader == cluster.id => Ok(None),
+        Some((_, address)) => cluster
+            .client
+            .post_async(&address, path, body, Duration::from_secs(60))
+            .await
+            .map(Some)
+            .map_err(peer_error),
+        None => Err(unavailable("no member leads right now; try again")),
+    }
+}
+
+/// `POST /api/cluster/leave`: removes a member (this node by default).
+pub async fn leave(
+    State(shared): State<Arc<Shared>>,
+    Json(request): Json<MemberRequest>,
+) -> Result<Json<ClusterStatusJson>, ApiError> {
+    let cluster = cluster_of(&shared)?;
+    let id = request.node.unwrap_or(cluster.id);
+    let body = serde_json::json!({ "id": id });
+    if on_leader::<Hello>(&cluster, "/cluster/remove", body)
+        .await?
+        .is_none()
+    {
+        remove_here(&cluster, id).await?;
+    }
+    Ok(Json(view(&shared, &cluster).await))
+}
+
+/// `POST /api/cluster/transfer-leader`: makes `node` the leader. The others stop
+/// campaigning for a few seconds, the leader stops its heartbeats, and the target
+/// campaigns until it wins.
+pub async fn transfer_leader(
+    State(shared): State<Arc<Shared>>,
+    Json(request): Json<MemberRequest>,
+) -> Result<Json<ClusterStatusJson>, ApiError> {
+    let cluster = cluster_of(&shared)?;
+    let target = request.node.unwrap_or(cluster.id);
+    let members = cluster.members();
+    let Some(target_node) = members.get(&target) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_member",
+            format!("node {target} is not a member"),
+        ));
+    };
+    if !cluster.voters().contains(&target) {
+        return Err(ApiError::bad_request(
+            "not_a_voter",
+            format!("node {target} is a learner; only voters lead"),
+        ));
+    }
+    let Some((leader, _)) = cluster.leader_address() else {
+        return Err(unavailable("no member leads right now; try again"));
+    };
+    if leader == target {
+        return Ok(Json(view(&shared, &cluster).await));
+    }
+    let hold_ms = 5_000u64;
+    for (id, node) in &members {
+        if *id != target {
+            tell_elect(&cluster, *id, &node.addr, Some(false), None, hold_ms).await;
+        }
+    }
+    let leader_address = members
+        .get(&leader)
+        .map(|n| n.addr.clone())
+        .unwrap_or_default();
+    tell_elect(
+        &cluster,
+        leader,
+        &leader_address,
+        None,
+        Some(false),
+        hold_ms,
+    )
+    .await;
+    let won = cluster
+        .client
+        .post_async::<_, Hello>(
+            &target_node.addr,
+            "/cluster/campaign",
+            serde_json::json!({}),
+            Duration::from_secs(8),
+        )
+        .await;
+    for (id, node) in &members {
+        tell_elect(&cluster, *id, &node.addr, Some(true), Some(true), 0).await;
+    }
+    won.map_err(peer_error)?;
+    Ok(Json(view(&shared, &cluster).await))
+}
+
+/// Fetches objects this node lacks from the other members.
+pub fn object_source(cluster: &Arc<Cluster>) -> Arc<PeerObjects> {
+    let weak = Arc::downgrade(cluster);
+    Arc::new(PeerObjects {
+        client: cluster.client.clone(),
+        peers: Arc::new(move || {
+            weak.upgrade()
+                .map(|c| c.peer_addresses())
+                .unwrap_or_default()
+        }),
+    })
+}
+
+/// How long a member goes unanswered before the leader moves its replicas elsewhere.
+pub const PLACEMENT_GRACE: Duration = Duration::from_secs(3);
+
+/// The leader's placement loop: every replica is placed on a live voter (the one with
+/// the fewest replicas), and moved when its member leaves or stops answering for
+/// [`PLACEMENT_GRACE`]; each move is an entry of the log, with its reason.
+pub async fn place_replicas(shared: Arc<Shared>) {
+    let mut last_seen: BTreeMap<NodeId, tokio::time::Instant> = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(cluster) = shared.cluster.get().cloned() else {
+            continue;
+        };
+        if cluster.raft.metrics().borrow().state != ServerState::Leader {
+            last_seen.clear();
+            continue;
+        }
+        let now = tokio::time::Instant::now();
+        let members = cluster.members();
+        for (id, node) in &members {
+            let answered = *id == cluster.id
+                || cluster
+                    .client
+                    .post_async::<_, Hello>(
+                        &node.addr,
+                        "/cluster/hello",
+                        serde_json::json!({}),
+                        HELLO_TIMEOUT,
+                    )
+                    .await
+                    .is_ok();
+            if answered {
+                last_seen.insert(*id, now);
+            } else {
+                last_seen.entry(*id).or_insert(now);
+            }
+        }
+        last_seen.retain(|id, _| members.contains_key(id));
+        let live: Vec<NodeId> = cluster
+            .voters()
+            .into_iter()
+            .filter(|id| {
+                last_seen
+                    .get(id)
+                    .is_some_and(|seen| now.duration_since(*seen) < PLACEMENT_GRACE)
+            })
+            .collect();
+        if live.is_empty() {
+            continue;
+        }
+        let store = shared.store.share();
+        let Ok(Ok((replicas, placements))) = tokio::task::spawn_blocking(move || {
+            Ok::<_, String>((
+                store.replicas().map_err(|e| e.to_string())?,
+                kairos_cluster::placements(&store).map_err(|e| e.to_string())?,
+            ))
+        })
+        .await
+        else {
+            continue;
+        };
+        let mut load: BTreeMap<NodeId, usize> = live.iter().map(|id| (*id, 0)).collect();
+        for placement in placements.values() {
+            if let Some(count) = placement.node.and_then(|node| load.get_mut(&node)) {
+                *count += 1;
+            }
+        }
+        for replica in replicas {
+            let current = placements.get(&replica.name).and_then(|p| p.node);
+            let reason = match current {
+                None => "not placed yet".to_string(),
+                Some(node) if !members.contains_key(&node) => {
+                    format!("node {node} left the cluster")
+                }
+                Some(node) if !live.contains(&node) => format!(
+                    "node {node} did not answer for {} s",
+                    PLACEMENT_GRACE.as_secs()
+                ),
+                Some(_) => continue,
+            };
+            let Some(target) = load
+                .iter()
+                .min_by_key(|(id, count)| (**count, **id))
+                .map(|(id, _)| *id)
+            else {
+                continue;
+            };
+            tracing::info!(replica = %replica.name, node = target, %reason, "placing the replica");
+            let placed = cluster
+                .append(LogRequest::Place {
+                    replica: replica.name.clone(),
+                    node: Some(target),
+                    reason,
+                    time: kairos_core::Instant::now(),
+                })
+                .await;
+            match placed {
+                Ok(_) => {
+                    if let Some(count) = load.get_mut(&target) {
+                        *count += 1;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(replica = %replica.name, %error, "placing the replica");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Tells the supervisor to start or stop watchers whenever the catalog changes (a
+/// replica added, a placement moved), at most every 200 ms.
+pub async fn reconcile_on_change(shared: Arc<Shared>) {
+    let mut changes = shared.changes.subscribe();
+    while changes.changed().await.is_ok() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        changes.borrow_and_update();
+        if let Some(supervisor) = shared.supervisor() {
+            let _ = supervisor.cast(crate::supervisor::SupervisorMsg::Reconcile);
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! Kairos nodes as one cluster, as `deploy/local-cluster` starts it: three `kairos up`
+//! processes on 127.0.0.1, .2 and .3 whose catalog is one openraft log. A frame captured
+//! through one member restores byte-identical from another (its objects fetched from
+//! peers); killing the leader with -9 during a stream of commands loses no acknowledged
+//! command, a new leader takes over and the dead member's replica is placed elsewhere;
+//! a node with the wrong secret or an id already taken is refused by name.
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kairos_tests::{Kairos, Node, kairos_bin, tree_listing, wait_for};
+use serde_json::{Value, json};
+
+/// `deploy/local-cluster DIR 3`, stopped (SIGTERM: it stops its nodes) when dropped.
+struct LocalCluster {
+    script: Child,
+    urls: Vec<String>,
+}
+
+impl LocalCluster {
+    fn start(dir: &Path, replicas: Option<&Path>) -> LocalCluster {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local-cluster");
+        let mut command = Command::new("bash");
+        command
+            .arg(&script)
+            .arg(dir)
+            .arg("3")
+            .env("KAIROS_BIN", kairos_bin())
+            .env_remove("KAIROS_NODE")
+            .env_remove("KAIROS_DATA_DIR")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(replicas) = replicas {
+            command.env("KAIROS_CLUSTER_REPLICAS", replicas);
+        }
+        let mut script = command.spawn().expect("deploy/local-cluster starts");
+        let mut stdout = std::io::BufReader::new(script.stdout.take().unwrap());
+        let mut urls = Vec::new();
+        for _ in 0..3 {
+            let mut line = String::new();
+            stdout.read_line(&mut line).unwrap();
+            assert!(
+                line.starts_with("http://127.0.0."),
+                "the script printed {line:?}"
+            );
+            urls.push(line.trim().to_string());
+        }
+        LocalCluster { script, urls }
+    }
+
+    fn status(&self, url: &str) -> Option<Value> {
+        let mut response = Node::agent()
+            .get(format!("{url}/api/cluster"))
+            .call()
+            .ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.body_mut().read_json().ok()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) takes only a pid and a signal number; no memory is shared with the callee.
+        unsafe { libc::kill(self.script.id() as i32, libc::SIGTERM) };
+        let _ = self.script.wait();
+    }
+}
+
+fn post(url: &str, body: &Value) -> (u16, Value) {
+    let mut response = Node::agent().post(url).send_json(body).unwrap();
+    let status = response.status().as_u16();
+    (
+        status,
+        response.body_mut().read_json().unwrap_or(Value::Null),
+    )
+}
+
+fn get(url: &str) -> (u16, Value) {
+    let mut response = Node::agent().get(url).call().unwrap();
+    let status = response.status().as_u16();
+    (
+        status,
+        response.body_mut().read_json().unwrap_or(Value::Null),
+    )
+}
+
+#[test]
+fn a_frame_captured_through_one_member_restores_byte_identical_from_another() {
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("service");
+    std::fs::create_dir_all(root.join("conf")).unwrap();
+    std::fs::write(root.join("conf/app.conf"), "workers = 4\nport = 8080\n").unwrap();
+    std::fs::write(root.join("big.bin"), kairos_tests::bytes(7, 3 << 20)).unwrap();
+    for i in 0..50 {
+        std::fs::write(root.join(format!("file-{i}.txt")), format!("file {i}\n")).unwrap();
+    }
+    let cluster = LocalCluster::start(&work.path().join("cluster"), None);
+    let status = cluster.status(&cluster.urls[0]).expect("a status");
+    assert!(status["leader"].is_u64(), "{status}");
+    assert_eq!(status["members"].as_array().unwrap().len(), 3, "{status}");
+    // Registered through member 2, captured through member 3, read and restored
+    // through member 1.
+    let (code, body) = post(
+        &format!("{}/api/replicas", cluster.urls[1]),
+        &json!({"name": "web", "root": root, "capture_interval": "1h"}),
+    );
+    assert_eq!(code, 201, "{body}");
+    let captured = wait_for("member 3 to capture", Duration::from_secs(20), || {
+        let (code, body) = post(
+            &format!("{}/api/replicas/web/capture", cluster.urls[2]),
+            &json!({}),
+        );
+        (code == 200 || code == 201).then_some(body)
+    });
+    let frame = captured["frame"].as_str().expect("a frame id").to_string();
+    let history = wait_for("the frame on member 1", Duration::from_secs(10), || {
+        let (code, body) = get(&format!("{}/api/replicas/web/history", cluster.urls[0]));
+        (code == 200 && body.to_string().contains(&frame)).then_some(body)
+    });
+    assert!(history.to_string().contains(&frame));
+    let out = work.path().join("restored");
+    let kairos = Kairos::new();
+    kairos.ok([
+        "--node",
+        cluster.urls[0].as_str(),
+        "restore",
+        "web",
+        "--at",
+        &frame[..12],
+        "--into",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(tree_listing(&root), tree_listing(&out));
+    // The status names the leader, every member's process, and where `web` is watched.
+    let status = wait_for("web placed", Duration::from_secs(10), || {
+        let status = cluster.status(&cluster.urls[2])?;
+        status["placement"]["web"].is_u64().then_some(status)
+    });
+    for member in status["members"].as_array().unwrap() {
+        assert!(member["pid"].is_u64(), "{status}");
+        assert!(
+            ["leader", "follower"].contains(&member["state"].as_str().unwrap()),
+            "{status}"
+        );
+    }
+    let text = kairos.ok(["--node", cluster.urls[1].as_str(), "cluster", "status"]);
+    let text = String::from_utf8(text).unwrap();
+    assert!(
+        text.contains("leader") && text.contains("web -> node"),
+        "{text}"
+    );
+}
+
+#[test]
+fn killing_the_leader_loses_no_acknowledged_command_and_its_replica_moves() {
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("service");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("app.conf"), "x = 1\n").unwrap();
+    let cluster = LocalCluster::start(&work.path().join("cluster"), None);
+    let (code, body) = post(
+        &format!("{}/api/replicas", cluster.urls[0]),
+        &json!({"name": "web", "root": root, "capture_interval": "1h"}),
+    );
+    assert_eq!(code, 201, "{body}");
+    let status = wait_for("a leader and web placed", Duration::from_secs(20), || {
+        let status = cluster.status(&cluster.urls[0])?;
+        (status["leader"].is_u64() && status["placement"]["web"].is_u64()).then_some(status)
+    });
+    let leader = status["leader"].as_u64().unwrap();
+    let leader_pid = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == leader)
+        .unwrap()["pid"]
+        .as_u64()
+        .unwrap();
+    let survivors: Vec<&String> = cluster
+        .urls
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i as u64 + 1 != leader)
+        .map(|(_, url)| url)
+        .collect();
+    // Timelines forked through a follower, one after the other; the leader is killed
+    // after the tenth. Every fork acknowledged (201) must exist afterwards.
+    wait_for(
+        "a capture through a follower",
+        Duration::from_secs(20),
+        || {
+            let (code, _) = post(
+                &format!("{}/api/replicas/web/capture", survivors[0]),
+                &json!({}),
+            );
+            (code == 200 || code == 201).then_some(())
+        },
+    );
+    let mut acknowledged = Vec::new();
+    let mut killed_at = None;
+    for i in 0..40 {
+        if i == 10 {
+            // SAFETY: kill(2) takes only a pid and a signal number.
+            unsafe { libc::kill(leader_pid as i32, libc::SIGKILL) };
+            killed_at = Some(Instant::now());
+        }
+        let name = format!("t{i}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (code, body) = post(
+                &format!("{}/api/replicas/web/timelines", survivors[0]),
+                &json!({"name": name, "at": "latest"}),
+            );
+            if code == 201 {
+                acknowledged.push(name.clone());
+                break;
+            }
+            if code == 409 && body.to_string().contains("already exists") {
+                // Taken by an earlier attempt whose answer was lost: it counts.
+                acknowledged.push(name.clone());
+                break;
+            }
+            assert!(
+                code == 503 && Instant::now() < deadline,
+                "fork {name}: {code} {body}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let failover = killed_at.unwrap().elapsed();
+    let status = wait_for("a new leader", Duration::from_secs(10), || {
+        let status = cluster.status(survivors[0])?;
+        (status["leader"].is_u64() && status["leader"] != leader).then_some(status)
+    });
+    assert_ne!(status["leader"], leader);
+    for url in &survivors {
+        let (code, body) = get(&format!("{url}/api/replicas/web/timelines"));
+        assert_eq!(code, 200, "{body}");
+        for name in &acknowledged {
+            assert!(
+                body.to_string().contains(&format!("\"{name}\"")),
+                "{url} lacks {name}: {body}"
+            );
+        }
+    }
+    // The killed member's replicas go to a live member.
+    let moved = wait_for("web re-placed", Duration::from_secs(20), || {
+        let status = cluster.status(survivors[0])?;
+        let node = status["placement"]["web"].as_u64()?;
+        (node != leader).then_some(node)
+    });
+    assert_ne!(moved, leader);
+    eprintln!("forks: 40 acknowledged; leader killed, all 40 done {failover:?} later");
+}
+
+#[test]
+fn a_member_of_another_cluster_or_with_a_taken_id_is_refused_by_name() {
+    let work = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(&work.path().join("cluster"), None);
+    let secret = std::fs::read_to_string(work.path().join("cluster/secret")).unwrap();
+    let start = |id: u64, secret: &str, name: &str| {
+        let dir = work.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("secret"), secret).unwrap();
+        let config = format!(
+            "[cluster]\nnode_id = {id}\nsecret_file = \"{}\"\n",
+            dir.join("secret").display()
+        );
+        Node::start(&config, &dir.join("data"))
+    };
+    // An id already taken (2), with the right secret.
+    let twin = start(2, &secret, "twin");
+    let (code, body) = post(
+        &format!("{}/api/cluster/join", twin.url),
+        &json!({"address": cluster.urls[0]}),
+    );
+    assert_eq!(code, 502, "{body}");
+    assert!(body.to_string().contains("already a member"), "{body}");
+    // The wrong secret.
+    let stranger = start(7, "a-secret-of-another-cluster-000", "stranger");
+    let (code, body) = post(
+        &format!("{}/api/cluster/join", stranger.url),
+        &json!({"address": cluster.urls[0]}),
+    );
+    assert_eq!(code, 502, "{body}");
+    assert!(body.to_string().contains("secret"), "{body}");
+    // A raft request naming another cluster is refused by name.
+    let mut response = Node::agent()
+        .post(format!("{}/cluster/raft/vote", cluster.urls[0]))
+        .header("authorization", format!("Bearer {}", secret.trim()))
+        .header("kairos-cluster", "0000another0000")
+        .send_json(json!({}))
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 409);
+    let body: Value = response.body_mut().read_json().unwrap();
+    assert!(
+        body.to_string().contains("not to cluster 0000another0000"),
+        "{body}"
+    );
+    // Without the secret, nothing between members is accepted.
+    let (code, body) = post(&format!("{}/cluster/hello", cluster.urls[0]), &json!({}));
+    assert_eq!(code, 401, "{body}");
+    // The cluster is unharmed.
+    let status = cluster.status(&cluster.urls[1]).unwrap();
+    assert_eq!(status["members"].as_array().unwrap().len(), 3, "{status}");
+}
