@@ -1924,7 +1924,8 @@ enum ClusterCommand {
     /// Remove a member from the cluster (the node asked, by default)
     Leave {
         /// The member's id
-        node: Option<u64>,
+        #[arg(value_name = "NODE")]
+        member: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -1937,7 +1938,8 @@ enum ClusterCommand {
     /// Make another member the leader
     TransferLeader {
         /// The member's id
-        node: u64,
+        #[arg(value_name = "NODE")]
+        member: u64,
         #[arg(long)]
         json: bool,
     },
@@ -1956,15 +1958,15 @@ fn cluster_command(backend: &Backend, command: ClusterCommand) -> Result<ExitCod
             )?,
             json,
         ),
-        ClusterCommand::Leave { node, json } => (
-            backend.node_post_json("/api/cluster/leave", &serde_json::json!({ "node": node }))?,
+        ClusterCommand::Leave { member, json } => (
+            backend.node_post_json("/api/cluster/leave", &serde_json::json!({ "node": member }))?,
             json,
         ),
         ClusterCommand::Status { json } => (backend.node_get_json("/api/cluster")?, json),
-        ClusterCommand::TransferLeader { node, json } => (
+        ClusterCommand::TransferLeader { member, json } => (
             backend.node_post_json(
                 "/api/cluster/transfer-leader",
-                &serde_json::json!({ "node": node }),
+                &serde_json::json!({ "node": member }),
             )?,
             json,
         ),

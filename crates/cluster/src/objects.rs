@@ -239,3 +239,84 @@ pub fn complete_frame(store: &Store, root: &Hash) -> Result<Completion, StoreErr
             .sum::<u64>();
     }
 }
+
+/// Which of the catalog's frames are whole on this member (every object below their
+/// root here), as the last pass found.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ObjectHealth {
+    /// Frames in the catalog.
+    pub frames: u64,
+    /// Frames not whole here, and the first of them (at most [`MISSING_LISTED_MAX`]).
+    pub missing_count: u64,
+    pub missing: Vec<Hash>,
+    /// Objects and bytes fetched from peers since the node started.
+    pub fetched: u64,
+    pub fetched_bytes: u64,
+}
+
+/// Frames a health report names, at most.
+pub const MISSING_LISTED_MAX: usize = 1000;
+
+/// Keeps every frame of the catalog whole on this member: each pass checks the frames
+/// not yet known whole and fetches what they lack from peers.
+#[derive(Default)]
+pub struct Replicator {
+    whole: std::sync::Mutex<HashSet<Hash>>,
+    health: std::sync::Mutex<ObjectHealth>,
+}
+
+impl Replicator {
+    /// One pass over the catalog's frames; with `fetch`, missing objects are fetched.
+    pub fn pass(&self, store: &Store, fetch: bool) -> Result<ObjectHealth, StoreError> {
+        let reader = store.reader()?;
+        let mut frames = Vec::new();
+        for (_, value) in reader.scan_prefix(kairos_store::keys::FRAME)? {
+            if let Ok(record) = serde_json::from_slice::<kairos_store::FrameRecord>(&value) {
+                frames.push((record.id, record.root));
+            }
+        }
+        drop(reader);
+        let mut health = ObjectHealth {
+            frames: frames.len() as u64,
+            ..self.health()
+        };
+        health.missing.clear();
+        health.missing_count = 0;
+        let mut whole = self.whole.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let present: HashSet<Hash> = frames.iter().map(|(id, _)| *id).collect();
+        whole.retain(|id| present.contains(id));
+        for (id, root) in frames {
+            if whole.contains(&id) {
+                continue;
+            }
+            let complete = if fetch {
+                let completion = complete_frame(store, &root)?;
+                health.fetched += completion.fetched;
+                health.fetched_bytes += completion.fetched_bytes;
+                completion.complete
+            } else {
+                let reader = store.reader()?;
+                missing_below(&reader, &root, 1)?.is_empty()
+            };
+            if complete {
+                whole.insert(id);
+            } else {
+                health.missing_count += 1;
+                if health.missing.len() < MISSING_LISTED_MAX {
+                    health.missing.push(id);
+                }
+            }
+        }
+        *self.whole.lock().unwrap_or_else(|p| p.into_inner()) = whole;
+        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = health.clone();
+        Ok(health)
+    }
+
+    /// What the last pass found.
+    pub fn health(&self) -> ObjectHealth {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}

@@ -69,6 +69,9 @@ pub struct StateMachine {
     store: Store,
     outcomes: Arc<Outcomes>,
     dir: PathBuf,
+    /// Held while a snapshot is saved: the builder (its own task) and an install may
+    /// save at the same time.
+    saving: Arc<Mutex<()>>,
 }
 
 fn storage(verb: ErrorVerb, error: impl std::fmt::Display) -> StorageError {
@@ -88,6 +91,7 @@ impl StateMachine {
             store,
             outcomes: Arc::default(),
             dir: dir.to_path_buf(),
+            saving: Arc::default(),
         };
         if machine
             .store
@@ -220,8 +224,17 @@ impl StateMachine {
         let write = |e: &dyn std::fmt::Display| storage(ErrorVerb::Write, e);
         let (meta_path, data_path) = snapshot_paths(&self.dir);
         let meta_bytes = serde_json::to_vec(meta).map_err(|e| write(&e))?;
+        let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
+        // A newer snapshot saved meanwhile stays.
+        if let Ok(Some((saved, _))) = self.saved_snapshot()
+            && saved.last_log_id > meta.last_log_id
+        {
+            return Ok(());
+        }
         for (path, bytes) in [(&data_path, data), (&meta_path, meta_bytes.as_slice())] {
-            let aside = path.with_extension("new");
+            let mut aside = path.clone().into_os_string();
+            aside.push(".new");
+            let aside = PathBuf::from(aside);
             let mut file = std::fs::File::create(&aside).map_err(|e| write(&e))?;
             file.write_all(bytes)
                 .and_then(|()| file.sync_all())
@@ -408,6 +421,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             store: self.store.share(),
             outcomes: self.outcomes.clone(),
             dir: self.dir.clone(),
+            saving: self.saving.clone(),
         }
     }
 
@@ -428,6 +442,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         Ok(self.saved_snapshot()?.map(|(meta, data)| Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),

@@ -78,6 +78,9 @@ pub struct ClusterConfig {
     /// twice it).
     pub heartbeat: Duration,
     pub election_timeout: Duration,
+    /// A snapshot of the catalog is taken every this many log entries, and the log
+    /// entries it covers are dropped (keeping this many).
+    pub snapshot_every: u64,
 }
 
 /// The shortest cluster secret accepted.
@@ -374,6 +377,7 @@ struct RawCluster {
     secret_file: Option<PathBuf>,
     heartbeat: String,
     election_timeout: String,
+    snapshot_every: u64,
 }
 
 impl Default for RawCluster {
@@ -386,6 +390,7 @@ impl Default for RawCluster {
             secret_file: None,
             heartbeat: "100ms".into(),
             election_timeout: "500ms".into(),
+            snapshot_every: 5000,
         }
     }
 }
@@ -471,7 +476,17 @@ fn cluster(
             ),
         ));
     }
+    if !(10..=10_000_000).contains(&raw.snapshot_every) {
+        return Err(key_error(
+            "snapshot_every",
+            format!(
+                "{} is not between 10 and 10000000 entries",
+                raw.snapshot_every
+            ),
+        ));
+    }
     Ok(Some(ClusterConfig {
+        snapshot_every: raw.snapshot_every,
         node_id: raw.node_id,
         advertise: Some(raw.advertise).filter(|advertise| !advertise.is_empty()),
         peers: raw.peers,

@@ -61,6 +61,8 @@ pub struct Cluster {
     /// Whether the configuration has a `[cluster]` section (a cluster of one otherwise).
     pub configured: bool,
     pub replication: u32,
+    /// Keeps the catalog's frames whole on this member (objects fetched from peers).
+    pub replicator: Arc<kairos_cluster::objects::Replicator>,
 }
 
 /// Starts the log of the node whose store is `store`.
@@ -106,17 +108,17 @@ pub async fn start(
     )?;
     let machine = StateMachine::open(store.share(), &dir)?;
     let outcomes = machine.outcomes();
-    let (heartbeat, election) = section.as_ref().map_or(
-        (Duration::from_millis(100), Duration::from_millis(500)),
-        |c| (c.heartbeat, c.election_timeout),
+    let (heartbeat, election, snapshot_every) = section.as_ref().map_or(
+        (Duration::from_millis(100), Duration::from_millis(500), 5000),
+        |c| (c.heartbeat, c.election_timeout, c.snapshot_every),
     );
     let raft_config = openraft::Config {
         cluster_name: "kairos".into(),
         heartbeat_interval: heartbeat.as_millis() as u64,
         election_timeout_min: election.as_millis() as u64,
         election_timeout_max: 2 * election.as_millis() as u64,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
-        max_in_snapshot_log_to_keep: 1000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
+        max_in_snapshot_log_to_keep: snapshot_every.min(1000),
         install_snapshot_timeout: 10_000,
         ..Default::default()
     }
@@ -148,6 +150,7 @@ pub async fn start(
         file,
         configured: section.is_some(),
         replication: section.as_ref().map_or(1, |c| c.replication),
+        replicator: Arc::default(),
     });
     if !cluster.configured {
         cluster.become_single().await?;
@@ -410,20 +413,30 @@ pub struct Hello {
     pub pid: u32,
     pub leader: Option<NodeId>,
     pub members: BTreeMap<NodeId, String>,
+    /// The last entry this member applied, and the last its snapshot covers.
+    #[serde(default)]
+    pub applied: Option<u64>,
+    #[serde(default)]
+    pub snapshot: Option<u64>,
 }
 
 fn hello_of(cluster: &Cluster) -> Hello {
+    // One copy of the figures: a second read of the watch while the first is held would
+    // wait behind the log's writer, which waits for the first.
+    let metrics = cluster.raft.metrics().borrow().clone();
     Hello {
         cluster_id: cluster.cluster_id(),
         node_id: cluster.id,
         api: cluster.advertise.clone(),
         pid: std::process::id(),
-        leader: cluster.raft.metrics().borrow().current_leader,
-        members: cluster
-            .members()
-            .into_iter()
-            .map(|(id, node)| (id, node.addr))
+        leader: metrics.current_leader,
+        members: metrics
+            .membership_config
+            .nodes()
+            .map(|(id, node)| (*id, node.addr.clone()))
             .collect(),
+        applied: metrics.last_applied.map(|id| id.index),
+        snapshot: metrics.snapshot.map(|id| id.index),
     }
 }
 
@@ -469,6 +482,7 @@ pub fn peer_router(shared: Arc<Shared>) -> Router {
         .route("/cluster/submit", post(peer_submit))
         .route("/cluster/objects", post(peer_objects))
         .route("/cluster/hello", post(peer_hello))
+        .route("/cluster/health", post(peer_health))
         .route("/cluster/add", post(peer_add))
         .route("/cluster/remove", post(peer_remove))
         .route("/cluster/view", post(peer_view))
@@ -616,6 +630,13 @@ async fn peer_objects(
 async fn peer_hello(State(shared): State<Arc<Shared>>) -> Result<Json<Hello>, ApiError> {
     let cluster = cluster_of(&shared)?;
     Ok(Json(hello_of(&cluster)))
+}
+
+async fn peer_health(
+    State(shared): State<Arc<Shared>>,
+) -> Result<Json<kairos_cluster::objects::ObjectHealth>, ApiError> {
+    let cluster = cluster_of(&shared)?;
+    Ok(Json(cluster.replicator.health()))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -817,6 +838,18 @@ pub struct ClusterStatusJson {
     pub placement: BTreeMap<String, Option<NodeId>>,
     /// On how many members a frame's objects must be to count as durable.
     pub replication: u32,
+    /// How many of the catalog's frames are whole on at least `replication` members.
+    pub objects: ObjectsJson,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ObjectsJson {
+    pub frames: u64,
+    /// Frames whole on at least `replication` reachable members.
+    pub durable: u64,
+    /// Frames whole on fewer (the first 20).
+    pub under_replicated_count: u64,
+    pub under_replicated: Vec<kairos_core::Hash>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -828,17 +861,23 @@ pub struct MemberJson {
     pub state: String,
     /// Entries behind the leader (known on the leader).
     pub lag: Option<u64>,
+    /// Frames of the catalog not whole on this member (its objects still to fetch).
+    pub frames_missing: Option<u64>,
+    /// The last entry the member applied, and the last its latest snapshot covers.
+    pub applied: Option<u64>,
+    pub snapshot: Option<u64>,
 }
 
 async fn view(shared: &Shared, cluster: &Arc<Cluster>) -> ClusterStatusJson {
     let metrics = cluster.raft.metrics().borrow().clone();
     let voters = cluster.voters();
     let mut members = Vec::new();
+    let mut healths = Vec::new();
     for (id, node) in cluster.members() {
-        let hello = if id == cluster.id {
-            Some(hello_of(cluster))
+        let (hello, health) = if id == cluster.id {
+            (Some(hello_of(cluster)), Some(cluster.replicator.health()))
         } else {
-            cluster
+            let hello = cluster
                 .client
                 .post_async::<_, Hello>(
                     &node.addr,
@@ -847,8 +886,26 @@ async fn view(shared: &Shared, cluster: &Arc<Cluster>) -> ClusterStatusJson {
                     HELLO_TIMEOUT,
                 )
                 .await
-                .ok()
+                .ok();
+            let health = match hello {
+                Some(_) => cluster
+                    .client
+                    .post_async::<_, kairos_cluster::objects::ObjectHealth>(
+                        &node.addr,
+                        "/cluster/health",
+                        serde_json::json!({}),
+                        HELLO_TIMEOUT,
+                    )
+                    .await
+                    .ok(),
+                None => None,
+            };
+            (hello, health)
         };
+        let frames_missing = health.as_ref().map(|h| h.missing_count);
+        if let Some(health) = health {
+            healths.push(health);
+        }
         let lag = metrics.replication.as_ref().and_then(|replication| {
             let matched = replication.get(&id)?.map_or(0, |log_id| log_id.index);
             Some(metrics.last_log_index.unwrap_or(0).saturating_sub(matched))
@@ -865,11 +922,15 @@ async fn view(shared: &Shared, cluster: &Arc<Cluster>) -> ClusterStatusJson {
         members.push(MemberJson {
             id,
             api: node.addr,
-            pid: hello.map(|hello| hello.pid),
+            pid: hello.as_ref().map(|hello| hello.pid),
+            applied: hello.as_ref().and_then(|hello| hello.applied),
+            snapshot: hello.as_ref().and_then(|hello| hello.snapshot),
             state: state.into(),
             lag,
+            frames_missing,
         });
     }
+    let objects = durability(cluster, &healths);
     let placement = kairos_cluster::placements(&shared.store)
         .unwrap_or_default()
         .into_iter()
@@ -885,6 +946,55 @@ async fn view(shared: &Shared, cluster: &Arc<Cluster>) -> ClusterStatusJson {
         members,
         placement,
         replication: cluster.replication,
+        objects,
+    }
+}
+
+/// How many frames are whole on at least `replication` of the members that reported.
+fn durability(cluster: &Cluster, healths: &[kairos_cluster::objects::ObjectHealth]) -> ObjectsJson {
+    let frames = healths.iter().map(|h| h.frames).max().unwrap_or(0);
+    let mut lacking: BTreeMap<kairos_core::Hash, usize> = BTreeMap::new();
+    for health in healths {
+        for id in &health.missing {
+            *lacking.entry(*id).or_default() += 1;
+        }
+    }
+    let required = cluster.replication.min(cluster.members().len() as u32) as usize;
+    let under: Vec<kairos_core::Hash> = lacking
+        .iter()
+        .filter(|(_, lacking)| healths.len().saturating_sub(**lacking) < required)
+        .map(|(id, _)| *id)
+        .collect();
+    let under_count = if healths.len() < required {
+        frames
+    } else {
+        under.len() as u64
+    };
+    ObjectsJson {
+        frames,
+        durable: frames.saturating_sub(under_count),
+        under_replicated_count: under_count,
+        under_replicated: under.into_iter().take(20).collect(),
+    }
+}
+
+/// Keeps every frame of the catalog whole on this member: a pass after each change of
+/// the catalog (at most every 500 ms) and every 5 s.
+pub async fn replicate_objects(shared: Arc<Shared>) {
+    let mut changes = shared.changes.subscribe();
+    loop {
+        let _ = tokio::time::timeout(Duration::from_secs(5), changes.changed()).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        changes.borrow_and_update();
+        let Some(cluster) = shared.cluster.get().cloned() else {
+            continue;
+        };
+        let store = shared.store.share();
+        let replicator = cluster.replicator.clone();
+        let passed = tokio::task::spawn_blocking(move || replicator.pass(&store, true)).await;
+        if let Ok(Err(error)) = passed {
+            tracing::warn!(%error, "fetching the objects of frames this member lacks");
+        }
     }
 }
 
@@ -1021,11 +1131,12 @@ async fn join_at(cluster: &Arc<Cluster>, address: &str) -> Result<(), ApiError> 
         .is_initialized()
         .await
         .map_err(|e| unavailable(e.to_string()))?
+        && cluster.cluster_id().as_deref() != Some(their_id.as_str())
     {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "already_initialized",
-            "this node already holds a cluster's log; a node joins with an empty data directory",
+            "this node already holds another cluster's log; a node joins with an empty data directory",
         ));
     }
     if let Some(existing) = hello.members.get(&cluster.id) {

@@ -550,6 +550,7 @@ pub async fn run(
     if cluster.configured {
         nats_tasks.push(tokio::spawn(cluster::place_replicas(shared.clone())));
         nats_tasks.push(tokio::spawn(cluster::reconcile_on_change(shared.clone())));
+        nats_tasks.push(tokio::spawn(cluster::replicate_objects(shared.clone())));
     }
     let app = cluster::peer_router(shared.clone()).merge(api::router(shared.clone()));
     let marker = shared.config.node.data_dir.join(NODE_MARKER_FILE);

@@ -6,6 +6,7 @@
 //! a node with the wrong secret or an id already taken is refused by name.
 
 use std::io::BufRead;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,6 +31,7 @@ impl LocalCluster {
             .env("KAIROS_BIN", kairos_bin())
             .env_remove("KAIROS_NODE")
             .env_remove("KAIROS_DATA_DIR")
+            .process_group(0)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(replicas) = replicas {
@@ -64,8 +66,20 @@ impl LocalCluster {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
+        // The script and its nodes are one process group: asked to stop, then, if any of
+        // them still runs after 10 s, killed.
+        let group = -(self.script.id() as i32);
         // SAFETY: kill(2) takes only a pid and a signal number; no memory is shared with the callee.
-        unsafe { libc::kill(self.script.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(group, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.script.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(group, libc::SIGKILL) };
         let _ = self.script.wait();
     }
 }
@@ -307,4 +321,263 @@ fn a_member_of_another_cluster_or_with_a_taken_id_is_refused_by_name() {
     // The cluster is unharmed.
     let status = cluster.status(&cluster.urls[1]).unwrap();
     assert_eq!(status["members"].as_array().unwrap().len(), 3, "{status}");
+}
+
+/// A member started again by hand in its directory under the cluster's (as the script
+/// started it), killed when dropped.
+struct Restarted(Child);
+
+impl Restarted {
+    fn start(cluster_dir: &Path, member: u64) -> Restarted {
+        let dir = cluster_dir.join(format!("node-{member}"));
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(dir.join("log"))
+            .unwrap();
+        let child = Command::new(kairos_bin())
+            .args(["--config", "kairos.toml", "up"])
+            .current_dir(&dir)
+            .env_remove("KAIROS_NODE")
+            .env_remove("KAIROS_DATA_DIR")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Restarted(child)
+    }
+}
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Forks timeline `name` of `web` through `url`, retrying while the cluster has no
+/// leader; whether it was acknowledged.
+fn fork(url: &str, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = post(
+            &format!("{url}/api/replicas/web/timelines"),
+            &json!({"name": name, "at": "latest"}),
+        );
+        if code == 201 || (code == 409 && body.to_string().contains("already exists")) {
+            return;
+        }
+        assert!(
+            code == 503 && Instant::now() < deadline,
+            "fork {name}: {code} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The timelines of `web` as a member lists them (`None` while it does not answer).
+fn timelines(url: &str) -> Option<String> {
+    let mut response = Node::agent()
+        .get(format!("{url}/api/replicas/web/timelines"))
+        .call()
+        .ok()?;
+    if response.status().as_u16() != 200 {
+        return None;
+    }
+    response.body_mut().read_to_string().ok()
+}
+
+fn pid_of(status: &Value, member: u64) -> i32 {
+    status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == member)
+        .unwrap()["pid"]
+        .as_u64()
+        .unwrap() as i32
+}
+
+/// A cluster with `web` registered and captured once; its status.
+fn with_web(cluster: &LocalCluster, root: &Path) -> Value {
+    std::fs::create_dir_all(root).unwrap();
+    std::fs::write(root.join("app.conf"), "x = 1\n").unwrap();
+    let (code, body) = post(
+        &format!("{}/api/replicas", cluster.urls[0]),
+        &json!({"name": "web", "root": root, "capture_interval": "1h"}),
+    );
+    assert_eq!(code, 201, "{body}");
+    wait_for("a first capture", Duration::from_secs(20), || {
+        let (code, _) = post(
+            &format!("{}/api/replicas/web/capture", cluster.urls[0]),
+            &json!({}),
+        );
+        (code == 200 || code == 201).then_some(())
+    });
+    wait_for("a leader", Duration::from_secs(10), || {
+        let status = cluster.status(&cluster.urls[0])?;
+        status["leader"].is_u64().then_some(status)
+    })
+}
+
+#[test]
+fn a_member_that_missed_more_than_the_log_keeps_catches_up_from_a_snapshot() {
+    let work = tempfile::tempdir().unwrap();
+    let cluster_dir = work.path().join("cluster");
+    let cluster = {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local-cluster");
+        let mut command = Command::new("bash");
+        command
+            .arg(&script)
+            .arg(&cluster_dir)
+            .arg("3")
+            .env("KAIROS_BIN", kairos_bin())
+            .env("KAIROS_CLUSTER_SETTINGS", "snapshot_every = 20")
+            .env_remove("KAIROS_NODE")
+            .env_remove("KAIROS_DATA_DIR")
+            .process_group(0)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut script = command.spawn().unwrap();
+        let mut stdout = std::io::BufReader::new(script.stdout.take().unwrap());
+        let urls = (0..3)
+            .map(|_| {
+                let mut line = String::new();
+                stdout.read_line(&mut line).unwrap();
+                line.trim().to_string()
+            })
+            .collect();
+        LocalCluster { script, urls }
+    };
+    let status = with_web(&cluster, &work.path().join("service"));
+    let leader = status["leader"].as_u64().unwrap();
+    // A follower stops; 60 commands go by (three snapshots' worth); it starts again.
+    let away = (1..=3).find(|id| *id != leader).unwrap();
+    let here = (1..=3).find(|id| *id != leader && *id != away).unwrap();
+    // SAFETY: kill(2) takes only a pid and a signal number.
+    unsafe { libc::kill(pid_of(&status, away), libc::SIGKILL) };
+    for i in 0..60 {
+        fork(&cluster.urls[here as usize - 1], &format!("s{i}"));
+    }
+    let _restarted = Restarted::start(&cluster_dir, away);
+    let url = cluster.urls[away as usize - 1].clone();
+    wait_for("the member to catch up", Duration::from_secs(30), || {
+        let listed = timelines(&url)?;
+        (0..60)
+            .all(|i| listed.contains(&format!("\"s{i}\"")))
+            .then_some(())
+    });
+    let status = wait_for("the status of the member", Duration::from_secs(10), || {
+        let status = cluster.status(&url)?;
+        let member = status["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["id"] == away)?
+            .clone();
+        (member["state"] == "follower").then_some(member)
+    });
+    assert!(status["snapshot"].as_u64().is_some(), "{status}");
+}
+
+#[test]
+fn a_member_removed_and_added_again_catches_up() {
+    let work = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(&work.path().join("cluster"), None);
+    with_web(&cluster, &work.path().join("service"));
+    let kairos = Kairos::new();
+    let answer = kairos.json([
+        "--node",
+        cluster.urls[0].as_str(),
+        "cluster",
+        "leave",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(answer["members"].as_array().unwrap().len(), 2, "{answer}");
+    for i in 0..10 {
+        fork(&cluster.urls[0], &format!("r{i}"));
+    }
+    // Member 3 no longer takes part: what it shows stops at its removal.
+    let answer = kairos.json([
+        "--node",
+        cluster.urls[2].as_str(),
+        "cluster",
+        "join",
+        cluster.urls[1].as_str(),
+        "--json",
+    ]);
+    assert_eq!(answer["members"].as_array().unwrap().len(), 3, "{answer}");
+    wait_for("member 3 to catch up", Duration::from_secs(20), || {
+        let listed = timelines(&cluster.urls[2])?;
+        (0..10)
+            .all(|i| listed.contains(&format!("\"r{i}\"")))
+            .then_some(())
+    });
+    // An unknown member is named.
+    let refused = kairos.fails(["--node", cluster.urls[0].as_str(), "cluster", "leave", "9"]);
+    assert!(refused.contains("node 9 is not a member"), "{refused}");
+}
+
+#[test]
+fn a_paused_leader_yields_one_leader_and_loses_no_acknowledged_command() {
+    let work = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(&work.path().join("cluster"), None);
+    let status = with_web(&cluster, &work.path().join("service"));
+    let leader = status["leader"].as_u64().unwrap();
+    let pid = pid_of(&status, leader);
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let url = cluster.urls[follower as usize - 1].clone();
+    // The leader stops answering anyone (as if cut off), the others go on, then it
+    // comes back and must follow.
+    // SAFETY: kill(2) takes only a pid and a signal number.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    for i in 0..15 {
+        fork(&url, &format!("p{i}"));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    for i in 15..20 {
+        fork(&cluster.urls[leader as usize - 1], &format!("p{i}"));
+    }
+    let agreed = wait_for("one leader seen by all", Duration::from_secs(20), || {
+        let views: Vec<Value> = cluster
+            .urls
+            .iter()
+            .map(|url| {
+                let (_, hello) = get_hello(url, &work.path().join("cluster/secret"));
+                hello
+            })
+            .collect();
+        let leaders: std::collections::BTreeSet<String> =
+            views.iter().map(|v| v["leader"].to_string()).collect();
+        (leaders.len() == 1 && !leaders.contains("null")).then_some(views)
+    });
+    assert_ne!(agreed[0]["leader"], leader, "{agreed:?}");
+    for url in &cluster.urls {
+        wait_for(
+            "every fork on every member",
+            Duration::from_secs(20),
+            || {
+                let listed = timelines(url)?;
+                (0..20)
+                    .all(|i| listed.contains(&format!("\"p{i}\"")))
+                    .then_some(())
+            },
+        );
+    }
+}
+
+/// A member's own `hello` (its own idea of the leader), asked with the members' secret.
+fn get_hello(url: &str, secret: &Path) -> (u16, Value) {
+    let secret = std::fs::read_to_string(secret).unwrap();
+    let mut response = Node::agent()
+        .post(format!("{url}/cluster/hello"))
+        .header("authorization", format!("Bearer {}", secret.trim()))
+        .send_json(json!({}))
+        .unwrap();
+    let status = response.status().as_u16();
+    (
+        status,
+        response.body_mut().read_json().unwrap_or(Value::Null),
+    )
 }
