@@ -180,7 +180,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.put_meta(COMMITTED, &committed, ErrorSubject::Store)
+        // Not flushed on its own: a hint for the next start (it becomes durable with the
+        // next append or vote), never needed for safety.
+        let write =
+            |error: &dyn std::fmt::Display| io_error(ErrorSubject::Store, ErrorVerb::Write, error);
+        let bytes = serde_json::to_vec(&committed).map_err(|e| write(&e))?;
+        let mut txn = self.db.begin_write().map_err(|e| write(&e))?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| write(&e))?;
+        {
+            let mut table = txn.open_table(META).map_err(|e| write(&e))?;
+            table
+                .insert(COMMITTED, bytes.as_slice())
+                .map_err(|e| write(&e))?;
+        }
+        txn.commit().map_err(|e| write(&e))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {

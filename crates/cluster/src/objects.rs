@@ -21,7 +21,8 @@ use crate::network::PeerClient;
 pub const ANSWER_BYTES_MAX: u64 = 32 << 20;
 /// Objects named in one request, at most.
 pub const WANTED_MAX: usize = 100_000;
-const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// A peer that does not answer a batch within this is skipped for the next one.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A request for objects.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -369,7 +369,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let write = |e: &dyn std::fmt::Display| storage(ErrorVerb::Write, e);
         let mut responses = Vec::new();
-        for entry in entries {
+        // One flush for all the entries handed over at once (group commit): the last
+        // entry's batch is durable, and with it every batch before it. A crash before it
+        // loses none of them (they are in the log and applied again at start), and
+        // nothing is answered before it.
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let last = entries.len().saturating_sub(1);
+        for (position, entry) in entries.into_iter().enumerate() {
             let mut extra = vec![(
                 APPLIED.to_vec(),
                 serde_json::to_vec(&Some(entry.log_id)).map_err(|e| write(&e))?,
@@ -404,7 +410,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             let outcome = self
                 .store
-                .apply_entry(command, &extra, true)
+                .apply_entry(command, &extra, position == last)
                 .map_err(|e| write(&e))?;
             responses.push(Response {
                 refused: outcome.as_ref().err().map(ToString::to_string),
@@ -443,7 +449,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(self.saved_snapshot()?.map(|(meta, data)| Snapshot {
+        let saved = match self.saved_snapshot() {
+            Ok(saved) => saved,
+            Err(error) => {
+                tracing::warn!(%error, "the saved catalog snapshot is unreadable; a new one will be built");
+                return Ok(None);
+            }
+        };
+        let Some((meta, data)) = saved else {
+            return Ok(None);
+        };
+        // Never sent damaged: a snapshot that does not decode is built again instead.
+        if let Err(problem) = decode(&data) {
+            tracing::warn!(%problem, "the saved catalog snapshot is damaged; a new one will be built");
+            return Ok(None);
+        }
+        Ok(Some(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         }))

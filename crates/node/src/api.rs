@@ -305,7 +305,7 @@ impl From<crate::snapshotter::CaptureFailure> for ApiError {
                 CaptureFailureKind::Corrupt => {
                     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store_corrupt", message)
                 }
-                CaptureFailureKind::Other => {
+                CaptureFailureKind::Other | CaptureFailureKind::HeadMoved => {
                     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "capture_failed", message)
                 }
             },
@@ -705,17 +705,58 @@ async fn capture(
     State(shared): State<Arc<Shared>>,
     Path(name): Path<String>,
 ) -> Result<Json<CaptureJson>, ApiError> {
-    let Some(snapshotter) = shared.snapshotter(&name) else {
-        return Err(CatalogError::UnknownReplica(name).into());
+    let snapshotter = match shared.snapshotter(&name) {
+        Some(snapshotter) => snapshotter,
+        None => {
+            // A replica registered through another cluster member: this member catches
+            // up with the leader's commit and starts its snapshotter first.
+            if let Some(cluster) = shared.cluster.get() {
+                cluster.catch_up(Duration::from_secs(5)).await;
+            }
+            if let Some(supervisor) = shared.supervisor() {
+                let _ = supervisor
+                    .call(SupervisorMsg::Watch, Some(Duration::from_secs(10)))
+                    .await;
+            }
+            shared
+                .snapshotter(&name)
+                .ok_or_else(|| ApiError::from(CatalogError::UnknownReplica(name.clone())))?
+        }
     };
     let cause = tracing::Span::current();
-    match snapshotter
-        .call(
-            |reply| SnapshotterMsg::Capture(Some(reply), cause),
-            Some(CAPTURE_WAIT),
-        )
-        .await
-    {
+    // In a cluster another member's watcher may store a frame while this capture reads:
+    // the capture is taken again from the new head (a few times at most).
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let answer = snapshotter
+            .call(
+                |reply| SnapshotterMsg::Capture(Some(reply), cause.clone()),
+                Some(CAPTURE_WAIT),
+            )
+            .await;
+        if let Ok(ractor::rpc::CallResult::Success(Err(
+            crate::snapshotter::CaptureFailure::Failed {
+                kind: crate::snapshotter::CaptureFailureKind::HeadMoved,
+                ..
+            },
+        ))) = &answer
+            && attempts < 5
+        {
+            continue;
+        }
+        return capture_answer(&name, answer);
+    }
+}
+
+fn capture_answer(
+    name: &str,
+    answer: Result<
+        ractor::rpc::CallResult<Result<CaptureJson, crate::snapshotter::CaptureFailure>>,
+        ractor::MessagingErr<SnapshotterMsg>,
+    >,
+) -> Result<Json<CaptureJson>, ApiError> {
+    match answer {
         Ok(ractor::rpc::CallResult::Success(result)) => Ok(Json(result?)),
         Ok(_) => Err(ApiError::busy(format!(
             "replica {name:?}: the capture did not finish in time"

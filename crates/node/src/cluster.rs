@@ -36,6 +36,8 @@ use crate::api::ApiError;
 const SUBMIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request between members (a batch of log entries, a snapshot chunk).
 const PEER_BODY_BYTES_MAX: usize = 64 << 20;
+/// How long a joining member has to catch up with the log before it is refused.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a member waits for another's answer to `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_millis(800);
 
@@ -63,6 +65,10 @@ pub struct Cluster {
     pub replication: u32,
     /// Keeps the catalog's frames whole on this member (objects fetched from peers).
     pub replicator: Arc<kairos_cluster::objects::Replicator>,
+    /// Set while this member hands its leadership over: it appends nothing meanwhile
+    /// (an entry it replicated would renew the followers' lease and keep them from
+    /// voting for the new leader).
+    transferring: std::sync::atomic::AtomicBool,
 }
 
 /// Starts the log of the node whose store is `store`.
@@ -136,7 +142,13 @@ pub async fn start(
         machine,
     )
     .await
-    .map_err(|e| format!("starting the cluster's log: {e}"))?;
+    .map_err(|e| {
+        format!(
+            "starting the cluster's log from {} (raft/log.redb, raft/snapshot.*): {e}; if these files are damaged, remove this member from another one (kairos cluster leave {id}), move {} aside and join again",
+            dir.display(),
+            dir.display()
+        )
+    })?;
     let cluster = Arc::new(Cluster {
         raft,
         id,
@@ -151,6 +163,7 @@ pub async fn start(
         configured: section.is_some(),
         replication: section.as_ref().map_or(1, |c| c.replication),
         replicator: Arc::default(),
+        transferring: std::sync::atomic::AtomicBool::new(false),
     });
     if !cluster.configured {
         cluster.become_single().await?;
@@ -290,10 +303,37 @@ impl Cluster {
         Some((leader, address))
     }
 
+    /// Waits (at most `timeout`) until this member applied what the leader had applied
+    /// when asked: what any member acknowledged before is then visible here.
+    pub async fn catch_up(&self, timeout: Duration) {
+        let Some((leader, address)) = self.leader_address() else {
+            return;
+        };
+        if leader == self.id {
+            let _ = tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await;
+            return;
+        }
+        let Ok(hello) = self
+            .client
+            .post_async::<_, Hello>(&address, "/cluster/hello", serde_json::json!({}), timeout)
+            .await
+        else {
+            return;
+        };
+        if let Some(index) = hello.applied {
+            let _ = self
+                .raft
+                .wait(Some(timeout))
+                .applied_index_at_least(Some(index), "the leader's commit")
+                .await;
+        }
+    }
+
     /// Appends `request` to the log (through the leader, wherever it is) and waits until
     /// this node applied it; the entry's index.
     pub async fn append(&self, request: LogRequest) -> Result<u64, CatalogError> {
         let deadline = tokio::time::Instant::now() + SUBMIT_TIMEOUT;
+        self.hold_while_transferring(deadline).await;
         let mut last_problem = String::from(
             "no member leads (an election is under way, or too few members are reachable for a majority)",
         );
@@ -374,6 +414,17 @@ impl Cluster {
                 "the outcome of entry {index} was not kept"
             )))
         })
+    }
+}
+
+impl Cluster {
+    /// Waits while this member hands its leadership over (at most until `deadline`).
+    async fn hold_while_transferring(&self, deadline: tokio::time::Instant) {
+        while self.transferring.load(std::sync::atomic::Ordering::SeqCst)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -598,6 +649,9 @@ async fn peer_submit(
     Json(request): Json<LogRequest>,
 ) -> Result<Json<Appended>, ApiError> {
     let cluster = cluster_of(&shared)?;
+    cluster
+        .hold_while_transferring(tokio::time::Instant::now() + SUBMIT_TIMEOUT)
+        .await;
     match tokio::time::timeout(SUBMIT_TIMEOUT, cluster.raft.client_write(request)).await {
         Ok(Ok(response)) => Ok(Json(Appended {
             index: response.log_id.index,
@@ -675,11 +729,60 @@ async fn peer_add(
             format!("{} is already member {id}", add.api),
         ));
     }
-    cluster
-        .raft
-        .add_learner(add.id, Node::new(add.api.clone()), true)
+    // The new member must answer at the address it gives, as the node it says it is.
+    let hello: Hello = cluster
+        .client
+        .post_async(
+            &add.api,
+            "/cluster/hello",
+            serde_json::json!({}),
+            Duration::from_secs(5),
+        )
         .await
-        .map_err(|e| leader_error(&cluster, e.to_string()))?;
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unreachable_member",
+                format!(
+                    "the leader cannot reach node {} at {}: {e}",
+                    add.id, add.api
+                ),
+            )
+        })?;
+    if hello.node_id != add.id {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "wrong_member",
+            format!(
+                "{} answers as node {}, not node {}",
+                add.api, hello.node_id, add.id
+            ),
+        ));
+    }
+    match tokio::time::timeout(
+        CATCH_UP_TIMEOUT,
+        cluster
+            .raft
+            .add_learner(add.id, Node::new(add.api.clone()), true),
+    )
+    .await
+    {
+        Ok(added) => {
+            added.map_err(|e| leader_error(&cluster, e.to_string()))?;
+        }
+        Err(_) => {
+            // Not a voter yet: taken out again, so it never counts towards a majority.
+            let _ = cluster
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([add.id])), false)
+                .await;
+            return Err(unavailable(format!(
+                "node {} did not catch up with the log within {} s; it was not added",
+                add.id,
+                CATCH_UP_TIMEOUT.as_secs()
+            )));
+        }
+    }
     cluster
         .raft
         .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([add.id])), false)
@@ -720,6 +823,16 @@ async fn remove_here(cluster: &Cluster, id: NodeId) -> Result<(), ApiError> {
             StatusCode::NOT_FOUND,
             "unknown_member",
             format!("node {id} is not a member"),
+        ));
+    }
+    if id == cluster.id {
+        // openraft 0.9 cannot take its own leader out of the membership.
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "leader_leaving",
+            format!(
+                "node {id} leads: move the leadership first (kairos cluster transfer-leader NODE), then remove it"
+            ),
         ));
     }
     let voters = cluster.voters();
@@ -773,6 +886,9 @@ fn set_elect(cluster: &Arc<Cluster>, elect: Option<bool>, heartbeat: Option<bool
     }
     if let Some(heartbeat) = heartbeat {
         cluster.raft.runtime_config().heartbeat(heartbeat);
+        cluster
+            .transferring
+            .store(!heartbeat, std::sync::atomic::Ordering::SeqCst);
     }
     if elect == Some(false) || heartbeat == Some(false) {
         let cluster = cluster.clone();
@@ -780,6 +896,9 @@ fn set_elect(cluster: &Arc<Cluster>, elect: Option<bool>, heartbeat: Option<bool
             tokio::time::sleep(Duration::from_millis(for_ms.clamp(1, 30_000))).await;
             cluster.raft.runtime_config().elect(true);
             cluster.raft.runtime_config().heartbeat(true);
+            cluster
+                .transferring
+                .store(false, std::sync::atomic::Ordering::SeqCst);
         });
     }
 }
@@ -808,7 +927,7 @@ async fn tell_elect(
 /// Campaigns until this member leads (a leadership transfer's target).
 async fn peer_campaign(State(shared): State<Arc<Shared>>) -> Result<Json<Hello>, ApiError> {
     let cluster = cluster_of(&shared)?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while tokio::time::Instant::now() < deadline {
         if cluster.raft.metrics().borrow().state == ServerState::Leader {
             return Ok(Json(hello_of(&cluster)));
@@ -817,7 +936,7 @@ async fn peer_campaign(State(shared): State<Arc<Shared>>) -> Result<Json<Hello>,
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(unavailable(
-        "this member did not win an election within 5 s",
+        "this member did not win an election within 10 s",
     ))
 }
 
@@ -1083,6 +1202,15 @@ pub async fn join(
             "name a member to join (kairos cluster join ADDR) or list them in cluster.peers",
         ));
     }
+    if let Some(bad) = addresses
+        .iter()
+        .find(|a| !(a.starts_with("http://") || a.starts_with("https://")) || a.len() < 10)
+    {
+        return Err(ApiError::bad_request(
+            "bad_address",
+            format!("{bad:?} is not a member's API URL (http://HOST:PORT)"),
+        ));
+    }
     let mut problems = Vec::new();
     for address in addresses {
         match join_at(&cluster, &address).await {
@@ -1266,7 +1394,7 @@ pub async fn transfer_leader(
     if leader == target {
         return Ok(Json(view(&shared, &cluster).await));
     }
-    let hold_ms = 5_000u64;
+    let hold_ms = 12_000u64;
     for (id, node) in &members {
         if *id != target {
             tell_elect(&cluster, *id, &node.addr, Some(false), None, hold_ms).await;
@@ -1291,7 +1419,7 @@ pub async fn transfer_leader(
             &target_node.addr,
             "/cluster/campaign",
             serde_json::json!({}),
-            Duration::from_secs(8),
+            Duration::from_secs(12),
         )
         .await;
     for (id, node) in &members {

@@ -30,6 +30,8 @@ pub enum CaptureFailureKind {
     RootUnreadable,
     /// The store is damaged.
     Corrupt,
+    /// Another capture (on another cluster member) stored a frame first.
+    HeadMoved,
     Other,
 }
 
@@ -44,6 +46,9 @@ impl From<kairos_capture::CaptureError> for CaptureFailure {
                 CaptureFailureKind::RootUnreadable
             }
             CaptureError::Store(error) if error.is_corruption() => CaptureFailureKind::Corrupt,
+            CaptureError::Catalog(kairos_store::CatalogError::HeadMoved { .. }) => {
+                CaptureFailureKind::HeadMoved
+            }
             _ => CaptureFailureKind::Other,
         };
         CaptureFailure::Failed {

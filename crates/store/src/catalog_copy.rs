@@ -205,6 +205,16 @@ pub struct CatalogCopyWriter {
     file_bytes: u64,
     /// An append failed: the copy must be rewritten before it is trusted again.
     stale: bool,
+    /// Records of batches committed without a flush, written with the next durable one:
+    /// the copy on disk never holds what a crash takes back from the store.
+    pending: Vec<u8>,
+}
+
+impl Drop for CatalogCopyWriter {
+    fn drop(&mut self) {
+        // The store closing makes its last commits durable: so are their records here.
+        let _ = self.flush();
+    }
 }
 
 impl CatalogCopyWriter {
@@ -225,6 +235,7 @@ impl CatalogCopyWriter {
             compacted_bytes,
             file_bytes,
             stale: false,
+            pending: Vec::new(),
         })
     }
 
@@ -236,6 +247,7 @@ impl CatalogCopyWriter {
             compacted_bytes: 0,
             file_bytes: 0,
             stale: true,
+            pending: Vec::new(),
         }
     }
 
@@ -279,12 +291,9 @@ impl CatalogCopyWriter {
         sequence: u64,
         durable: bool,
     ) -> Result<(), KvError> {
-        if mutations.is_empty() || self.stale {
+        if mutations.is_empty() || self.stale || self.file.is_none() {
             return Ok(());
         }
-        let Some(file) = self.file.as_mut() else {
-            return Ok(());
-        };
         let mut payload = Vec::new();
         for mutation in mutations {
             match mutation {
@@ -296,13 +305,34 @@ impl CatalogCopyWriter {
         payload.extend_from_slice(&sequence.to_be_bytes());
         let mut record = Vec::with_capacity(payload.len() + 36);
         frame_record(&mut record, &payload);
-        let io = |error: std::io::Error| KvError::Io(format!("{}: {error}", self.path.display()));
-        file.write_all(&record).map_err(io)?;
+        self.pending.extend_from_slice(&record);
         if durable {
-            file.sync_data().map_err(io)?;
+            self.flush()?;
         }
-        self.file_bytes += record.len() as u64;
         Ok(())
+    }
+
+    /// Writes and syncs the records of batches committed without a flush (a durable
+    /// commit made them durable in the store).
+    pub fn flush(&mut self) -> Result<(), KvError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let Some(file) = self.file.as_mut() else {
+            self.pending.clear();
+            return Ok(());
+        };
+        let io = |error: std::io::Error| KvError::Io(format!("{}: {error}", self.path.display()));
+        let result = file
+            .write_all(&self.pending)
+            .and_then(|()| file.sync_data())
+            .map_err(io);
+        if result.is_err() {
+            self.stale = true;
+        }
+        self.file_bytes += self.pending.len() as u64;
+        self.pending.clear();
+        result
     }
 
     /// Replaces the copy with `pairs` (the whole catalog) at catalog sequence `sequence`:
@@ -313,6 +343,7 @@ impl CatalogCopyWriter {
         sequence: u64,
     ) -> Result<(), KvError> {
         let io = |error: std::io::Error| KvError::Io(format!("{}: {error}", self.path.display()));
+        self.pending.clear();
         let mut body = Vec::new();
         let mut payload = vec![OP_SEQUENCE];
         payload.extend_from_slice(&sequence.to_be_bytes());
@@ -381,6 +412,11 @@ mod tests {
         writer
             .append(&[&delete, &put(b"f/2", b"two")], 6, false)
             .unwrap();
+        // A batch committed without a flush reaches the copy with the next flush (a
+        // crash before it takes the batch back from the store too).
+        let before = read(&path).unwrap().unwrap();
+        assert_eq!((before.records, before.sequence), (2, 5));
+        writer.flush().unwrap();
         let read = read(&path).unwrap().unwrap();
         assert_eq!(read.records, 3);
         assert_eq!(read.sequence, 6);

@@ -791,7 +791,14 @@ impl KvBackend for RedbBackend {
             .as_ref()
             .filter(|_| !catalog_mutations.is_empty())
         else {
-            return self.commit_guarded(&batch, false).map(drop);
+            self.commit_guarded(&batch, false)?;
+            if batch.durable
+                && let Some(copy) = &self.catalog_copy
+            {
+                // What earlier catalog batches committed without a flush is durable now.
+                let _ = copy.lock().unwrap_or_else(|p| p.into_inner()).flush();
+            }
+            return Ok(());
         };
         // Catalog commits hold the copy's lock, so the copy records them in commit order.
         let mut copy = copy.lock().unwrap_or_else(|p| p.into_inner());

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 struct LocalCluster {
     script: Child,
     urls: Vec<String>,
+    dir: std::path::PathBuf,
 }
 
 impl LocalCluster {
@@ -49,7 +50,11 @@ impl LocalCluster {
             );
             urls.push(line.trim().to_string());
         }
-        LocalCluster { script, urls }
+        LocalCluster {
+            script,
+            urls,
+            dir: dir.to_path_buf(),
+        }
     }
 
     fn status(&self, url: &str) -> Option<Value> {
@@ -66,6 +71,18 @@ impl LocalCluster {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What each member logged last, to see why.
+            for member in 1..=3 {
+                let log = std::fs::read_to_string(self.dir.join(format!("node-{member}/log")))
+                    .unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!("--- node {member}, last lines of its log:");
+                for line in &lines[lines.len().saturating_sub(25)..] {
+                    eprintln!("{line}");
+                }
+            }
+        }
         // The script and its nodes are one process group: asked to stop, then, if any of
         // them still runs after 10 s, killed.
         let group = -(self.script.id() as i32);
@@ -123,13 +140,12 @@ fn a_frame_captured_through_one_member_restores_byte_identical_from_another() {
         &json!({"name": "web", "root": root, "capture_interval": "1h"}),
     );
     assert_eq!(code, 201, "{body}");
-    let captured = wait_for("member 3 to capture", Duration::from_secs(20), || {
-        let (code, body) = post(
-            &format!("{}/api/replicas/web/capture", cluster.urls[2]),
-            &json!({}),
-        );
-        (code == 200 || code == 201).then_some(body)
-    });
+    // At once: member 3 catches up with what member 2 acknowledged.
+    let (code, captured) = post(
+        &format!("{}/api/replicas/web/capture", cluster.urls[2]),
+        &json!({}),
+    );
+    assert!(code == 200 || code == 201, "{code} {captured}");
     let frame = captured["frame"].as_str().expect("a frame id").to_string();
     let history = wait_for("the frame on member 1", Duration::from_secs(10), || {
         let (code, body) = get(&format!("{}/api/replicas/web/history", cluster.urls[0]));
@@ -160,6 +176,21 @@ fn a_frame_captured_through_one_member_restores_byte_identical_from_another() {
             ["leader", "follower"].contains(&member["state"].as_str().unwrap()),
             "{status}"
         );
+    }
+    // Captures through every member at the same instant all store or find a frame:
+    // one that loses the race to another member's takes it again.
+    std::fs::write(root.join("conf/app.conf"), "workers = 8\n").unwrap();
+    let answers: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..9)
+            .map(|i| {
+                let url = format!("{}/api/replicas/web/capture", cluster.urls[i % 3]);
+                scope.spawn(move || post(&url, &json!({})))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (code, body) in &answers {
+        assert!(*code == 200 || *code == 201, "{code} {body}");
     }
     let text = kairos.ok(["--node", cluster.urls[1].as_str(), "cluster", "status"]);
     let text = String::from_utf8(text).unwrap();
@@ -214,6 +245,22 @@ fn killing_the_leader_loses_no_acknowledged_command_and_its_replica_moves() {
             (code == 200 || code == 201).then_some(())
         },
     );
+    // Status asked of every member all along (two nested reads of the log's figures
+    // once locked a member up).
+    let polling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let pollers: Vec<_> = cluster
+        .urls
+        .iter()
+        .map(|url| {
+            let url = url.clone();
+            let polling = polling.clone();
+            std::thread::spawn(move || {
+                while polling.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = Node::agent().get(format!("{url}/api/cluster")).call();
+                }
+            })
+        })
+        .collect();
     let mut acknowledged = Vec::new();
     let mut killed_at = None;
     for i in 0..40 {
@@ -246,6 +293,10 @@ fn killing_the_leader_loses_no_acknowledged_command_and_its_replica_moves() {
         }
     }
     let failover = killed_at.unwrap().elapsed();
+    polling.store(false, std::sync::atomic::Ordering::Relaxed);
+    for poller in pollers {
+        poller.join().unwrap();
+    }
     let status = wait_for("a new leader", Duration::from_secs(10), || {
         let status = cluster.status(survivors[0])?;
         (status["leader"].is_u64() && status["leader"] != leader).then_some(status)
@@ -294,6 +345,27 @@ fn a_member_of_another_cluster_or_with_a_taken_id_is_refused_by_name() {
     );
     assert_eq!(code, 502, "{body}");
     assert!(body.to_string().contains("already a member"), "{body}");
+    // An address nobody answers at.
+    let dir = work.path().join("elsewhere");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("secret"), &secret).unwrap();
+    let elsewhere = Node::start(
+        &format!(
+            "[cluster]\nnode_id = 8\nadvertise = \"http://127.0.0.1:1\"\nsecret_file = \"{}\"\n",
+            dir.join("secret").display()
+        ),
+        &dir.join("data"),
+    );
+    let (code, body) = post(
+        &format!("{}/api/cluster/join", elsewhere.url),
+        &json!({"address": cluster.urls[0]}),
+    );
+    assert_eq!(code, 502, "{body}");
+    assert!(
+        body.to_string()
+            .contains("cannot reach node 8 at http://127.0.0.1:1"),
+        "{body}"
+    );
     // The wrong secret.
     let stranger = start(7, "a-secret-of-another-cluster-000", "stranger");
     let (code, body) = post(
@@ -447,7 +519,11 @@ fn a_member_that_missed_more_than_the_log_keeps_catches_up_from_a_snapshot() {
                 line.trim().to_string()
             })
             .collect();
-        LocalCluster { script, urls }
+        LocalCluster {
+            script,
+            urls,
+            dir: cluster_dir.clone(),
+        }
     };
     let status = with_web(&cluster, &work.path().join("service"));
     let leader = status["leader"].as_u64().unwrap();
@@ -516,6 +592,54 @@ fn a_member_removed_and_added_again_catches_up() {
     // An unknown member is named.
     let refused = kairos.fails(["--node", cluster.urls[0].as_str(), "cluster", "leave", "9"]);
     assert!(refused.contains("node 9 is not a member"), "{refused}");
+    // The leader does not leave: the leadership moves first.
+    let status = cluster.status(&cluster.urls[0]).unwrap();
+    let leader = status["leader"].as_u64().unwrap();
+    let refused = kairos.fails([
+        "--node",
+        cluster.urls[0].as_str(),
+        "cluster",
+        "leave",
+        &leader.to_string(),
+    ]);
+    assert!(refused.contains("move the leadership first"), "{refused}");
+    let target = (1..=3).find(|id| *id != leader).unwrap();
+    let moved = kairos.json([
+        "--node",
+        cluster.urls[0].as_str(),
+        "cluster",
+        "transfer-leader",
+        &target.to_string(),
+        "--json",
+    ]);
+    assert_eq!(moved["leader"], target, "{moved}");
+    wait_for(
+        "every member to follow the new leader",
+        Duration::from_secs(10),
+        || {
+            cluster
+                .urls
+                .iter()
+                .all(|url| {
+                    cluster
+                        .status(url)
+                        .is_some_and(|status| status["leader"] == target)
+                })
+                .then_some(())
+        },
+    );
+    kairos.ok([
+        "--node",
+        cluster.urls[0].as_str(),
+        "cluster",
+        "leave",
+        &leader.to_string(),
+    ]);
+    let status = wait_for("two members", Duration::from_secs(10), || {
+        let status = cluster.status(&cluster.urls[target as usize - 1])?;
+        (status["members"].as_array()?.len() == 2).then_some(status)
+    });
+    assert_eq!(status["leader"], target, "{status}");
 }
 
 #[test]

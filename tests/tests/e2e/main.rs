@@ -8,6 +8,7 @@ mod catalog;
 mod changes;
 mod cluster;
 mod corruption;
+mod deploy_files;
 mod forget;
 mod forget_attacks;
 mod foundation;
