@@ -321,3 +321,43 @@ impl Replicator {
             .clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_answers_round_trip_and_garbage_is_named() {
+        let store_dir = tempfile::tempdir().unwrap();
+        let store = Store::open(store_dir.path()).unwrap();
+        let writer = store.object_writer_without_dictionary().unwrap();
+        let blob = writer.put(ObjectKind::Blob, b"hello").unwrap();
+        writer.finish().unwrap();
+        let request = ObjectRequest {
+            want: vec![(blob, ObjectKind::Blob as u8), (Hash::of(9, b"absent"), 2)],
+            closure: false,
+            max_bytes: None,
+        };
+        let bytes = answer(&store, &request).unwrap();
+        let objects = decode_answer(&bytes).unwrap();
+        assert_eq!(objects, vec![(blob, ObjectKind::Blob, b"hello".to_vec())]);
+        assert!(
+            decode_answer(&bytes[..bytes.len() - 1])
+                .unwrap_err()
+                .contains("cut short")
+        );
+        let mut wrong_kind = bytes.clone();
+        wrong_kind[32] = 99;
+        assert!(
+            decode_answer(&wrong_kind)
+                .unwrap_err()
+                .contains("unknown kind 99")
+        );
+        let too_many = ObjectRequest {
+            want: vec![(blob, 2); WANTED_MAX + 1],
+            closure: false,
+            max_bytes: None,
+        };
+        assert!(answer(&store, &too_many).unwrap_err().contains("at most"));
+    }
+}

@@ -470,3 +470,95 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kairos_store::kv::WriteBatch;
+
+    use super::*;
+
+    fn store_with(pairs: &[(&[u8], &[u8])]) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut batch = WriteBatch::new();
+        for (key, value) in pairs {
+            batch.put(key.to_vec(), value.to_vec()).unwrap();
+        }
+        store.kv().commit(batch).unwrap();
+        (dir, store)
+    }
+
+    fn replicated(store: &Store) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        let reader = store.reader().unwrap();
+        let mut out = BTreeMap::new();
+        for_each_replicated(reader.snapshot(), |key, value| {
+            out.insert(key.to_vec(), value.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_snapshot_holds_the_replicated_catalog_and_installs_it_elsewhere_whole() {
+        let (_a, source) = store_with(&[
+            (b"r/web", b"{}"),
+            (b"h/web\0main", b"head"),
+            (b"o/0123", b"an object index entry"),
+            (b"d/\0\0\0\0\0\0\0\x01", b"a dictionary of this node"),
+            (b"y/ops", b"{\"role\":\"admin\"}"),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let machine = StateMachine::open(source.share(), dir.path()).unwrap();
+        let snapshot = machine.build().unwrap();
+        let data = snapshot.snapshot.into_inner();
+        let pairs = decode(&data).unwrap();
+        let keys: Vec<&[u8]> = pairs.keys().map(Vec::as_slice).collect();
+        assert_eq!(keys, vec![&b"h/web\0main"[..], b"r/web", b"y/ops"]);
+        // Installed on a member whose catalog differs: the replicated keys become the
+        // snapshot's, its own local keys stay.
+        let (_b, target) = store_with(&[
+            (b"r/old", b"{}"),
+            (b"h/web\0main", b"another head"),
+            (b"d/\0\0\0\0\0\0\0\x07", b"its own dictionary"),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let other = StateMachine::open(target.share(), dir.path()).unwrap();
+        other.install(&snapshot.meta, pairs.clone()).unwrap();
+        assert_eq!(replicated(&target), pairs);
+        let reader = target.reader().unwrap();
+        assert!(reader.get(b"d/\0\0\0\0\0\0\0\x07").unwrap().is_some());
+        assert!(reader.get(INSTALLING).unwrap().is_none());
+    }
+
+    #[test]
+    fn damaged_snapshots_are_refused_before_anything_is_installed() {
+        let (_a, source) = store_with(&[(b"r/web", b"{}")]);
+        let dir = tempfile::tempdir().unwrap();
+        let machine = StateMachine::open(source.share(), dir.path()).unwrap();
+        let data = machine.build().unwrap().snapshot.into_inner();
+        assert!(
+            decode(b"not zstd at all")
+                .unwrap_err()
+                .contains("not a catalog snapshot")
+        );
+        let mut flipped = data.clone();
+        let middle = flipped.len() / 2;
+        flipped[middle] ^= 0x55;
+        assert!(decode(&flipped).is_err());
+        // A snapshot naming a local key (an object index entry) is refused by name.
+        let mut raw = SNAPSHOT_MAGIC.to_vec();
+        for part in [&b"o/0123"[..], b"x"] {
+            raw.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            raw.extend_from_slice(part);
+        }
+        let encoded = zstd::encode_all(raw.as_slice(), 1).unwrap();
+        assert!(decode(&encoded).unwrap_err().contains("not replicated"));
+        // Cut short.
+        let mut raw = SNAPSHOT_MAGIC.to_vec();
+        raw.extend_from_slice(&100u32.to_le_bytes());
+        raw.extend_from_slice(b"r/");
+        let encoded = zstd::encode_all(raw.as_slice(), 1).unwrap();
+        assert!(decode(&encoded).unwrap_err().contains("cut short"));
+    }
+}
