@@ -8,6 +8,9 @@
 //! `KAIROS_RAFT_SEEDS=N` runs N seeds (CI runs a few), `KAIROS_RAFT_SEED=S` one; a
 //! failure names its seed.
 
+// openraft's RPC and write errors are what its network trait and `client_write` return.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
