@@ -1912,8 +1912,9 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Make the node (started with an empty data directory and its own cluster.node_id)
-    /// a member of the cluster a member of which answers at ADDR
+    /// Make the node (started with an empty data directory and its own cluster.node_id,
+    /// or a member that left this cluster) a member of the cluster a member of which
+    /// answers at ADDR; the leader first checks it answers at its cluster.advertise
     Join {
         /// Any member's API URL, e.g. http://127.0.0.1:7701 [default: each of
         /// cluster.peers in turn]
@@ -1921,7 +1922,8 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a member from the cluster (the node asked, by default)
+    /// Remove a member from the cluster (the node asked, by default); the leader is
+    /// refused until another member leads (transfer-leader)
     Leave {
         /// The member's id
         #[arg(value_name = "NODE")]
