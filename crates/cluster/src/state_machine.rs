@@ -114,12 +114,22 @@ impl StateMachine {
         self.outcomes.clone()
     }
 
-    fn saved_snapshot(&self) -> Result<Option<SavedSnapshot>, StorageError> {
-        let (meta_path, data_path) = snapshot_paths(&self.dir);
+    /// The description of the saved snapshot, if any (its data left unread).
+    fn saved_meta(&self) -> Result<Option<SnapshotMeta<NodeId, Node>>, StorageError> {
+        let (meta_path, _) = snapshot_paths(&self.dir);
         let Ok(meta) = std::fs::read(&meta_path) else {
             return Ok(None);
         };
-        let meta = serde_json::from_slice(&meta).map_err(|e| storage(ErrorVerb::Read, e))?;
+        serde_json::from_slice(&meta)
+            .map(Some)
+            .map_err(|e| storage(ErrorVerb::Read, e))
+    }
+
+    fn saved_snapshot(&self) -> Result<Option<SavedSnapshot>, StorageError> {
+        let Some(meta) = self.saved_meta()? else {
+            return Ok(None);
+        };
+        let (_, data_path) = snapshot_paths(&self.dir);
         let data = std::fs::read(&data_path).map_err(|e| storage(ErrorVerb::Read, e))?;
         Ok(Some((meta, data)))
     }
@@ -226,7 +236,7 @@ impl StateMachine {
         let meta_bytes = serde_json::to_vec(meta).map_err(|e| write(&e))?;
         let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         // A newer snapshot saved meanwhile stays.
-        if let Ok(Some((saved, _))) = self.saved_snapshot()
+        if let Ok(Some(saved)) = self.saved_meta()
             && saved.last_log_id > meta.last_log_id
         {
             return Ok(());

@@ -179,18 +179,13 @@ fn new_cluster_id() -> String {
     if let Ok(mut random) = std::fs::File::open("/dev/urandom") {
         let _ = std::io::Read::read_exact(&mut random, &mut bytes);
     }
+    // The time and pid too, should /dev/urandom be unreadable.
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let mixed = blake3_like(&bytes, stamp ^ u128::from(std::process::id()));
-    mixed.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn blake3_like(bytes: &[u8; 16], salt: u128) -> [u8; 16] {
-    let hash = kairos_core::Hash::of(0, &[bytes.as_slice(), &salt.to_le_bytes()].concat());
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&hash.as_bytes()[..16]);
-    out
+        .map_or(0, |d| d.as_nanos())
+        ^ u128::from(std::process::id());
+    let hash = kairos_core::Hash::of(0, &[bytes.as_slice(), &stamp.to_le_bytes()].concat());
+    hash.to_hex()[..32].to_string()
 }
 
 impl Cluster {
@@ -469,6 +464,9 @@ pub struct Hello {
     pub applied: Option<u64>,
     #[serde(default)]
     pub snapshot: Option<u64>,
+    /// Which frames are whole here (see `Replicator`).
+    #[serde(default)]
+    pub objects: kairos_cluster::objects::ObjectHealth,
 }
 
 fn hello_of(cluster: &Cluster) -> Hello {
@@ -488,6 +486,7 @@ fn hello_of(cluster: &Cluster) -> Hello {
             .collect(),
         applied: metrics.last_applied.map(|id| id.index),
         snapshot: metrics.snapshot.map(|id| id.index),
+        objects: cluster.replicator.health(),
     }
 }
 
@@ -533,7 +532,6 @@ pub fn peer_router(shared: Arc<Shared>) -> Router {
         .route("/cluster/submit", post(peer_submit))
         .route("/cluster/objects", post(peer_objects))
         .route("/cluster/hello", post(peer_hello))
-        .route("/cluster/health", post(peer_health))
         .route("/cluster/add", post(peer_add))
         .route("/cluster/remove", post(peer_remove))
         .route("/cluster/view", post(peer_view))
@@ -684,13 +682,6 @@ async fn peer_objects(
 async fn peer_hello(State(shared): State<Arc<Shared>>) -> Result<Json<Hello>, ApiError> {
     let cluster = cluster_of(&shared)?;
     Ok(Json(hello_of(&cluster)))
-}
-
-async fn peer_health(
-    State(shared): State<Arc<Shared>>,
-) -> Result<Json<kairos_cluster::objects::ObjectHealth>, ApiError> {
-    let cluster = cluster_of(&shared)?;
-    Ok(Json(cluster.replicator.health()))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -993,10 +984,10 @@ async fn view(shared: &Shared, cluster: &Arc<Cluster>) -> ClusterStatusJson {
     let mut members = Vec::new();
     let mut healths = Vec::new();
     for (id, node) in cluster.members() {
-        let (hello, health) = if id == cluster.id {
-            (Some(hello_of(cluster)), Some(cluster.replicator.health()))
+        let hello = if id == cluster.id {
+            Some(hello_of(cluster))
         } else {
-            let hello = cluster
+            cluster
                 .client
                 .post_async::<_, Hello>(
                     &node.addr,
@@ -1005,25 +996,11 @@ async fn view(shared: &Shared, cluster: &Arc<Cluster>) -> ClusterStatusJson {
                     HELLO_TIMEOUT,
                 )
                 .await
-                .ok();
-            let health = match hello {
-                Some(_) => cluster
-                    .client
-                    .post_async::<_, kairos_cluster::objects::ObjectHealth>(
-                        &node.addr,
-                        "/cluster/health",
-                        serde_json::json!({}),
-                        HELLO_TIMEOUT,
-                    )
-                    .await
-                    .ok(),
-                None => None,
-            };
-            (hello, health)
+                .ok()
         };
-        let frames_missing = health.as_ref().map(|h| h.missing_count);
-        if let Some(health) = health {
-            healths.push(health);
+        let frames_missing = hello.as_ref().map(|h| h.objects.missing_count);
+        if let Some(hello) = &hello {
+            healths.push(hello.objects.clone());
         }
         let lag = metrics.replication.as_ref().and_then(|replication| {
             let matched = replication.get(&id)?.map_or(0, |log_id| log_id.index);
