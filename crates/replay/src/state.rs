@@ -268,32 +268,38 @@ pub fn write_content(
     let io = |error: std::io::Error| ContentError::Io(error.to_string());
     match content {
         Content::Empty => Ok(0),
-        Content::Blob { hash } => {
-            let bytes = reader.object(&Hash(*hash), ObjectKind::Blob)?;
-            out.write_all(&bytes).map_err(io)?;
-            Ok(bytes.len() as u64)
-        }
+        Content::Blob { hash } => reader
+            .with_object(&Hash(*hash), ObjectKind::Blob, |bytes| {
+                out.write_all(bytes).map(|()| bytes.len() as u64)
+            })?
+            .map_err(io),
         Content::Chunks { list, .. } => {
             let mut written = 0;
             for chunk in reader.chunks(&Hash(*list))? {
-                let bytes = reader.object(&Hash(chunk.hash), ObjectKind::Chunk)?;
-                if bytes.len() as u64 != chunk.bytes {
-                    return Err(ContentError::Replay(
-                        StoreError::BadNode {
-                            hash: Hash(*list),
-                            kind: ObjectKind::ChunkList.name(),
-                            problem: format!(
-                                "chunk {} has {} bytes, the list says {}",
-                                Hash(chunk.hash),
-                                bytes.len(),
-                                chunk.bytes
-                            ),
-                        }
-                        .into(),
-                    ));
+                let length = reader.with_object(&Hash(chunk.hash), ObjectKind::Chunk, |bytes| {
+                    if bytes.len() as u64 != chunk.bytes {
+                        return Err(bytes.len());
+                    }
+                    Ok(out.write_all(bytes))
+                })?;
+                match length {
+                    Ok(done) => done.map_err(io)?,
+                    Err(length) => {
+                        return Err(ContentError::Replay(
+                            StoreError::BadNode {
+                                hash: Hash(*list),
+                                kind: ObjectKind::ChunkList.name(),
+                                problem: format!(
+                                    "chunk {} has {length} bytes, the list says {}",
+                                    Hash(chunk.hash),
+                                    chunk.bytes
+                                ),
+                            }
+                            .into(),
+                        ));
+                    }
                 }
-                out.write_all(&bytes).map_err(io)?;
-                written += bytes.len() as u64;
+                written += chunk.bytes;
             }
             Ok(written)
         }

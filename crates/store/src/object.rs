@@ -229,13 +229,32 @@ pub fn needed_dictionary(value: &[u8]) -> Option<u64> {
     }
 }
 
-/// Decodes a stored value and checks that it is the object `hash` of `kind`.
-pub fn decode(
-    hash: Hash,
-    kind: ObjectKind,
-    value: &[u8],
-    dictionary: Option<&Dictionary>,
-) -> Result<Vec<u8>, CodecError> {
+/// The content of a value stored uncompressed, checked as [`decode`] checks it, without
+/// a copy; `None` for a compressed value (decode it).
+pub fn stored_raw(hash: Hash, kind: ObjectKind, value: &[u8]) -> Result<Option<&[u8]>, CodecError> {
+    if value.len() < HEADER_BYTES || value[2] != CODEC_RAW {
+        return Ok(None);
+    }
+    check_header(hash, kind, value)?;
+    let raw = &value[HEADER_BYTES..];
+    let raw_len = u32::from_le_bytes(value[3..7].try_into().unwrap_or([0; 4])) as usize;
+    if raw.len() != raw_len {
+        return Err(CodecError::Corrupt {
+            hash,
+            problem: format!("holds {} bytes where its header says {raw_len}", raw.len()),
+        });
+    }
+    if object_hash(kind, raw) != hash {
+        return Err(CodecError::Corrupt {
+            hash,
+            problem: "content does not match its hash".into(),
+        });
+    }
+    Ok(Some(raw))
+}
+
+/// Checks a value's length, format version and kind.
+fn check_header(hash: Hash, kind: ObjectKind, value: &[u8]) -> Result<(), CodecError> {
     let corrupt = |problem: String| CodecError::Corrupt { hash, problem };
     if value.len() < HEADER_BYTES {
         return Err(corrupt(format!(
@@ -257,6 +276,18 @@ pub fn decode(
         }
         None => return Err(corrupt(format!("unknown object kind {}", value[1]))),
     }
+    Ok(())
+}
+
+/// Decodes a stored value and checks that it is the object `hash` of `kind`.
+pub fn decode(
+    hash: Hash,
+    kind: ObjectKind,
+    value: &[u8],
+    dictionary: Option<&Dictionary>,
+) -> Result<Vec<u8>, CodecError> {
+    let corrupt = |problem: String| CodecError::Corrupt { hash, problem };
+    check_header(hash, kind, value)?;
     let raw_len = u32::from_le_bytes(value[3..7].try_into().unwrap_or([0; 4])) as usize;
     if raw_len > OBJECT_RAW_BYTES_MAX {
         return Err(corrupt(format!("claims {raw_len} bytes, over the limit")));
@@ -313,6 +344,27 @@ mod tests {
             let at = at % value.len();
             value[at] ^= 1 << bit;
             prop_assert!(decode(hash, ObjectKind::Chunk, &value, None).is_err());
+        }
+
+        /// The copy-free read of a value stored uncompressed sees what `decode` sees and
+        /// refuses what it refuses: a flipped byte anywhere, or the wrong kind.
+        #[test]
+        fn stored_raw_agrees_with_decode(raw in proptest::collection::vec(any::<u8>(), 1..2048), at in any::<usize>(), bit in 0u8..8) {
+            // Random bytes do not compress: stored raw.
+            let hash = object_hash(ObjectKind::Chunk, &raw);
+            let mut value = encode(ObjectKind::Chunk, &raw, 3, None);
+            if value[2] == CODEC_RAW {
+                prop_assert_eq!(stored_raw(hash, ObjectKind::Chunk, &value).unwrap(), Some(raw.as_slice()));
+                prop_assert!(stored_raw(hash, ObjectKind::Blob, &value).is_err());
+                let at = at % value.len();
+                value[at] ^= 1 << bit;
+                let damaged = stored_raw(hash, ObjectKind::Chunk, &value);
+                // A flip of the codec byte makes it a compressed value (left to decode).
+                prop_assert!(damaged.is_err() || damaged.unwrap().is_none());
+                prop_assert!(decode(hash, ObjectKind::Chunk, &value, None).is_err());
+            } else {
+                prop_assert_eq!(stored_raw(hash, ObjectKind::Chunk, &value).unwrap(), None);
+            }
         }
     }
 

@@ -546,6 +546,31 @@ impl Reader<'_> {
         self.gather(hash, kind, &index)
     }
 
+    /// Hands the content of an object to `use_bytes` without copying it where it can: an
+    /// object stored uncompressed is checked against its hash and lent from the stored
+    /// value (restore writes it straight into the file). Otherwise as [`Reader::object`].
+    pub fn with_object<R>(
+        &self,
+        hash: &Hash,
+        kind: ObjectKind,
+        use_bytes: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R> {
+        if self.overlay.is_some() || is_tree_node(kind) {
+            return Ok(use_bytes(&self.object(hash, kind)?));
+        }
+        let value = match self.stored_value(hash, kind) {
+            Ok(value) => value,
+            Err(StoreError::MissingObject { .. }) if self.store.has_object_source() => {
+                return Ok(use_bytes(&self.object(hash, kind)?));
+            }
+            Err(error) => return Err(error),
+        };
+        match object::stored_raw(*hash, kind, &value)? {
+            Some(raw) => Ok(use_bytes(raw)),
+            None => Ok(use_bytes(&self.decode(hash, kind, &value)?)),
+        }
+    }
+
     /// The encoded value an index entry points at.
     pub fn gather(&self, hash: &Hash, kind: ObjectKind, index: &[u8]) -> Result<Vec<u8>> {
         let bad = |problem: String| StoreError::BadNode {
@@ -554,6 +579,19 @@ impl Reader<'_> {
             problem,
         };
         let parts = pack::decode_index(index).map_err(bad)?;
+        if let [part] = parts.as_slice() {
+            // One part (most objects): the slice read is the value, no second copy.
+            let segment = keys::segment(&part.segment);
+            return self
+                .snapshot
+                .get_slice(&segment, part.offset as usize, part.len as usize)?
+                .ok_or_else(|| {
+                    bad(format!(
+                        "segment {} is missing or shorter than its index says",
+                        crate::kv::printable(&part.segment)
+                    ))
+                });
+        }
         let mut value = Vec::with_capacity(parts.iter().map(|p| p.len as usize).sum());
         for part in parts {
             let segment = keys::segment(&part.segment);
