@@ -59,6 +59,22 @@ pub enum Request {
         reason: String,
         time: kairos_core::Instant,
     },
+    /// Requests that arrived together on the leader, one entry for all of them: applied
+    /// in order, each as if it were an entry of its own (its outcome is kept by the
+    /// entry's index and its position here). openraft 0.9 syncs its log once per client
+    /// write; a batch makes a burst of commands cost one sync instead of one each.
+    Batch { requests: Vec<Request> },
+}
+
+impl Request {
+    /// The requests an entry carries, in order (one unless it is a batch; a batch inside a
+    /// batch is not made, and is applied flat if a peer sent one).
+    pub fn parts(&self) -> Vec<&Request> {
+        match self {
+            Request::Batch { requests } => requests.iter().flat_map(Request::parts).collect(),
+            single => vec![single],
+        }
+    }
 }
 
 /// What applying an entry answered: the command's refusal, if the catalog refused it.

@@ -21,6 +21,10 @@ use crate::{
 };
 
 const APPLIED: &[u8] = b"R/applied";
+/// The last part applied of a batch entry (its index and position), written with each
+/// part: a crash in the middle of a batch re-applies the entry from the log at start,
+/// and the parts already applied are skipped instead of applied twice.
+const APPLIED_PART: &[u8] = b"R/applied-part";
 const MEMBERSHIP: &[u8] = b"R/membership";
 /// Set while a snapshot is being installed: the store's catalog is then neither the old
 /// one nor the new one, and the install is redone from the saved snapshot on start.
@@ -35,7 +39,7 @@ const OUTCOMES_KEPT: usize = 8192;
 /// submitters: the command's full result (its frame, its audit entries) or its refusal.
 #[derive(Default)]
 pub struct Outcomes {
-    kept: Mutex<(BTreeMap<u64, Outcome>, VecDeque<u64>)>,
+    kept: Mutex<(BTreeMap<(u64, u32), Outcome>, VecDeque<(u64, u32)>)>,
 }
 
 /// What a command did, or why the catalog refused it.
@@ -44,10 +48,10 @@ pub type Outcome = Result<Applied, CatalogError>;
 type SavedSnapshot = (SnapshotMeta<NodeId, Node>, Vec<u8>);
 
 impl Outcomes {
-    fn put(&self, index: u64, outcome: Result<Applied, CatalogError>) {
+    fn put(&self, at: (u64, u32), outcome: Result<Applied, CatalogError>) {
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        kept.0.insert(index, outcome);
-        kept.1.push_back(index);
+        kept.0.insert(at, outcome);
+        kept.1.push_back(at);
         while kept.1.len() > OUTCOMES_KEPT {
             if let Some(old) = kept.1.pop_front() {
                 kept.0.remove(&old);
@@ -55,13 +59,14 @@ impl Outcomes {
         }
     }
 
-    /// The outcome of the entry at `index` (once: it is handed over).
-    pub fn take(&self, index: u64) -> Option<Result<Applied, CatalogError>> {
+    /// The outcome of the request at `position` of the entry at `index` (0 for an entry
+    /// that is not a batch), once: it is handed over.
+    pub fn take(&self, index: u64, position: u32) -> Option<Result<Applied, CatalogError>> {
         self.kept
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .0
-            .remove(&index)
+            .remove(&(index, position))
     }
 }
 
@@ -361,6 +366,19 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     }
 }
 
+impl StateMachine {
+    /// The last part applied of the batch entry at `index`, if a crash interrupted it.
+    fn applied_part(&self, index: u64) -> Result<Option<u32>, StorageError> {
+        let read = |e: &dyn std::fmt::Display| storage(ErrorVerb::Read, e);
+        let reader = self.store.reader().map_err(|e| read(&e))?;
+        let Some(bytes) = reader.get(APPLIED_PART).map_err(|e| read(&e))? else {
+            return Ok(None);
+        };
+        let (at, part): (u64, u32) = serde_json::from_slice(&bytes).map_err(|e| read(&e))?;
+        Ok((at == index).then_some(part))
+    }
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
@@ -386,48 +404,88 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let last = entries.len().saturating_sub(1);
         for (position, entry) in entries.into_iter().enumerate() {
-            let mut extra = vec![(
-                APPLIED.to_vec(),
-                serde_json::to_vec(&Some(entry.log_id)).map_err(|e| write(&e))?,
-            )];
-            let mut command = None;
-            match &entry.payload {
-                EntryPayload::Blank => {}
-                EntryPayload::Normal(Request::Command(c)) => command = Some(c.as_ref()),
-                EntryPayload::Normal(Request::Place {
-                    replica,
-                    node,
-                    reason,
-                    time,
-                }) => {
-                    let placement = Placement {
-                        node: *node,
-                        reason: reason.clone(),
-                        time: *time,
-                    };
-                    extra.push((
-                        keys::placement(replica),
-                        serde_json::to_vec(&placement).map_err(|e| write(&e))?,
-                    ));
-                }
-                EntryPayload::Membership(membership) => {
+            let applied = serde_json::to_vec(&Some(entry.log_id)).map_err(|e| write(&e))?;
+            let parts: Vec<&Request> = match &entry.payload {
+                EntryPayload::Normal(request) => request.parts(),
+                _ => Vec::new(),
+            };
+            let batch = matches!(&entry.payload, EntryPayload::Normal(Request::Batch { .. }));
+            if parts.is_empty() {
+                // A blank entry, a membership, or an empty batch: only its position.
+                let mut extra = vec![(APPLIED.to_vec(), applied)];
+                if let EntryPayload::Membership(membership) = &entry.payload {
                     let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
                     extra.push((
                         MEMBERSHIP.to_vec(),
                         serde_json::to_vec(&stored).map_err(|e| write(&e))?,
                     ));
                 }
+                // Without a command there is nothing to refuse: only its write can fail.
+                let _nothing_to_refuse = self
+                    .store
+                    .apply_entry(None, &extra, position == last)
+                    .map_err(|e| write(&e))?;
+                responses.push(Response::default());
+                continue;
             }
-            let outcome = self
-                .store
-                .apply_entry(command, &extra, position == last)
-                .map_err(|e| write(&e))?;
-            responses.push(Response {
-                refused: outcome.as_ref().err().map(ToString::to_string),
-            });
-            if command.is_some() {
-                self.outcomes.put(entry.log_id.index, outcome);
+            // Parts of this entry a crash interrupted after they were applied.
+            let done = if batch {
+                self.applied_part(entry.log_id.index)?
+            } else {
+                None
+            };
+            let mut refused = None;
+            let count = parts.len();
+            for (part, request) in parts.into_iter().enumerate() {
+                if done.is_some_and(|done| part as u32 <= done) {
+                    continue;
+                }
+                let final_part = part + 1 == count;
+                let mut extra = Vec::new();
+                if final_part {
+                    extra.push((APPLIED.to_vec(), applied.clone()));
+                }
+                if batch {
+                    extra.push((
+                        APPLIED_PART.to_vec(),
+                        serde_json::to_vec(&(entry.log_id.index, part as u32))
+                            .map_err(|e| write(&e))?,
+                    ));
+                }
+                let mut command = None;
+                match request {
+                    Request::Command(c) => command = Some(c.as_ref()),
+                    Request::Place {
+                        replica,
+                        node,
+                        reason,
+                        time,
+                    } => {
+                        let placement = Placement {
+                            node: *node,
+                            reason: reason.clone(),
+                            time: *time,
+                        };
+                        extra.push((
+                            keys::placement(replica),
+                            serde_json::to_vec(&placement).map_err(|e| write(&e))?,
+                        ));
+                    }
+                    Request::Batch { .. } => {}
+                }
+                let outcome = self
+                    .store
+                    .apply_entry(command, &extra, final_part && position == last)
+                    .map_err(|e| write(&e))?;
+                if refused.is_none() {
+                    refused = outcome.as_ref().err().map(ToString::to_string);
+                }
+                if command.is_some() {
+                    self.outcomes
+                        .put((entry.log_id.index, part as u32), outcome);
+                }
             }
+            responses.push(Response { refused });
         }
         Ok(responses)
     }
@@ -507,6 +565,95 @@ mod tests {
         })
         .unwrap();
         out
+    }
+
+    fn register(name: &str) -> Request {
+        let definition = serde_json::from_value(serde_json::json!({
+            "name": name,
+            "root": format!("/srv/{name}"),
+            "capture_interval_ms": 1000,
+        }))
+        .unwrap();
+        Request::Command(Box::new(kairos_store::Command {
+            version: kairos_store::command::COMMAND_VERSION,
+            time: kairos_core::Instant(1),
+            replica: name.into(),
+            timeline: "main".into(),
+            party: "ops".into(),
+            change: kairos_store::Change::RegisterReplica {
+                definition,
+                replace: false,
+            },
+            audit: Vec::new(),
+            reviews_seen: None,
+        }))
+    }
+
+    fn entry(index: u64, request: Request) -> Entry {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(request),
+        }
+    }
+
+    /// A batch applies each request as its own entry would (outcomes by position, a
+    /// refusal of one part leaves the others), and a batch a crash interrupted is applied
+    /// again from where it stopped: the parts already applied are not applied twice.
+    #[tokio::test]
+    async fn a_batch_is_applied_part_by_part_and_resumed_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let snapshots = tempfile::tempdir().unwrap();
+        let mut machine = StateMachine::open(store.share(), snapshots.path()).unwrap();
+        let outcomes = machine.outcomes();
+        let batch = Request::Batch {
+            requests: vec![register("a"), register("b"), register("a")],
+        };
+        let responses = machine.apply(vec![entry(1, batch)]).await.unwrap();
+        assert!(outcomes.take(1, 0).unwrap().is_ok());
+        assert!(outcomes.take(1, 1).unwrap().is_ok());
+        let refused = outcomes.take(1, 2).unwrap().unwrap_err().to_string();
+        assert_eq!(responses[0].refused.as_deref(), Some(refused.as_str()));
+        let (applied, _) = machine.applied_state().await.unwrap();
+        assert_eq!(applied.map(|id| id.index), Some(1));
+
+        // A crash after the first part of entry 2: its change and its part marker are
+        // stored, the entry's position is not (the log applies it again at start).
+        let Request::Command(first) = register("c") else {
+            unreachable!()
+        };
+        let mut interrupted =
+            kairos_store::command::apply(store.reader().unwrap().snapshot(), &first)
+                .unwrap()
+                .batch;
+        interrupted
+            .put(
+                APPLIED_PART.to_vec(),
+                serde_json::to_vec(&(2u64, 0u32)).unwrap(),
+            )
+            .unwrap();
+        store.kv().commit(interrupted).unwrap();
+        let batch = Request::Batch {
+            requests: vec![register("c"), register("d")],
+        };
+        let responses = machine.apply(vec![entry(2, batch)]).await.unwrap();
+        assert_eq!(responses[0].refused, None, "c was not registered twice");
+        assert!(
+            outcomes.take(2, 0).is_none(),
+            "the part applied before the crash is skipped"
+        );
+        assert!(outcomes.take(2, 1).unwrap().is_ok());
+        let (applied, _) = machine.applied_state().await.unwrap();
+        assert_eq!(applied.map(|id| id.index), Some(2));
+        let reader = store.reader().unwrap();
+        for name in ["a", "b", "c", "d"] {
+            assert!(
+                reader
+                    .get(&kairos_store::keys::replica(name))
+                    .unwrap()
+                    .is_some()
+            );
+        }
     }
 
     #[test]

@@ -271,12 +271,35 @@ async fn run_seed(seed: u64, steps: usize) {
         let roll = rng.random_range(0..100);
         let target: NodeId = rng.random_range(1..=3);
         if roll < 60 {
-            let name = format!("r{step}");
-            let request = Request::Place {
-                replica: name.clone(),
-                node: Some(target),
-                reason: format!("seed {seed} step {step}"),
-                time: kairos_core::Instant(step as i64),
+            // One placement, or a batch of up to three (as the leader gathers them).
+            let parts = if rng.random_range(0..3) == 0 {
+                rng.random_range(2..=3)
+            } else {
+                1
+            };
+            let names: Vec<String> = (0..parts)
+                .map(|part| {
+                    if parts == 1 {
+                        format!("r{step}")
+                    } else {
+                        format!("r{step}-{part}")
+                    }
+                })
+                .collect();
+            let name = names.join("+");
+            let mut requests: Vec<Request> = names
+                .iter()
+                .map(|replica| Request::Place {
+                    replica: replica.clone(),
+                    node: Some(target),
+                    reason: format!("seed {seed} step {step}"),
+                    time: kairos_core::Instant(step as i64),
+                })
+                .collect();
+            let request = if parts == 1 {
+                requests.remove(0)
+            } else {
+                Request::Batch { requests }
             };
             let Some(raft) = leader(&members, &router) else {
                 log.push(format!("{step}: write {name}: no leader"));
@@ -286,7 +309,7 @@ async fn run_seed(seed: u64, steps: usize) {
             match tokio::time::timeout(Duration::from_secs(2), raft.client_write(request)).await {
                 Ok(Ok(_)) => {
                     log.push(format!("{step}: write {name}: acknowledged"));
-                    acknowledged.push(name);
+                    acknowledged.extend(names);
                 }
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
                     log.push(format!("{step}: write {name}: not the leader any more"));

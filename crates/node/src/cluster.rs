@@ -69,6 +69,83 @@ pub struct Cluster {
     /// (an entry it replicated would renew the followers' lease and keep them from
     /// voting for the new leader).
     transferring: std::sync::atomic::AtomicBool,
+    /// Requests for the log, gathered into batches (see [`batch_writes`]).
+    writes: tokio::sync::mpsc::UnboundedSender<PendingWrite>,
+}
+
+/// Requests appended as one entry at most.
+const BATCH_REQUESTS_MAX: usize = 512;
+/// Entries being appended at once: while they are, new requests gather into the next.
+const WRITES_IN_FLIGHT: usize = 4;
+
+/// A request waiting to be appended, and where its position in the log goes.
+type PendingWrite = (
+    LogRequest,
+    tokio::sync::oneshot::Sender<Result<(u64, u32), WriteFailure>>,
+);
+
+/// Why the leader did not append a request (the part of openraft's error a waiter needs).
+#[derive(Debug, Clone)]
+enum WriteFailure {
+    /// This member does not lead: the leader it knows of, if any.
+    NotLeader(Option<(NodeId, String)>),
+    Unavailable(String),
+}
+
+/// Appends what members ask for, gathered: the requests that arrive while earlier entries
+/// are being appended become one entry ([`LogRequest::Batch`]). openraft 0.9 syncs its log
+/// once per client write, one write after another; gathered, a burst of commands costs
+/// one sync, and each request's outcome is found by the entry's index and its position.
+async fn batch_writes(raft: Raft, mut queue: tokio::sync::mpsc::UnboundedReceiver<PendingWrite>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(WRITES_IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut pending = vec![first];
+        while pending.len() < BATCH_REQUESTS_MAX {
+            match queue.try_recv() {
+                Ok(more) => pending.push(more),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let (mut requests, waiters): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
+            let request = if requests.len() == 1 {
+                requests.swap_remove(0)
+            } else {
+                LogRequest::Batch { requests }
+            };
+            let result = raft
+                .client_write(request)
+                .await
+                .map_err(|error| match error {
+                    RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+                        WriteFailure::NotLeader(
+                            forward
+                                .leader_id
+                                .zip(forward.leader_node.map(|node| node.addr)),
+                        )
+                    }
+                    RaftError::APIError(ClientWriteError::ChangeMembershipError(error)) => {
+                        WriteFailure::Unavailable(error.to_string())
+                    }
+                    RaftError::Fatal(error) => {
+                        WriteFailure::Unavailable(format!("this node's log stopped: {error}"))
+                    }
+                });
+            for (position, waiter) in waiters.into_iter().enumerate() {
+                let _ = waiter.send(
+                    result
+                        .as_ref()
+                        .map(|response| (response.log_id.index, position as u32))
+                        .map_err(Clone::clone),
+                );
+            }
+        });
+    }
 }
 
 /// Starts the log of the node whose store is `store`.
@@ -149,7 +226,10 @@ pub async fn start(
             dir.display()
         )
     })?;
+    let (writes, queue) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(batch_writes(raft.clone(), queue));
     let cluster = Arc::new(Cluster {
+        writes,
         raft,
         id,
         advertise,
@@ -324,9 +404,21 @@ impl Cluster {
         }
     }
 
+    /// Appends `request` here, gathered with others into one entry when several arrive
+    /// at once (this member must lead): the entry's index and the request's position.
+    async fn write(&self, request: LogRequest) -> Result<(u64, u32), WriteFailure> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        if self.writes.send((request, answer)).is_err() {
+            return Err(WriteFailure::Unavailable("the node is stopping".into()));
+        }
+        answered
+            .await
+            .unwrap_or_else(|_| Err(WriteFailure::Unavailable("the node is stopping".into())))
+    }
+
     /// Appends `request` to the log (through the leader, wherever it is) and waits until
-    /// this node applied it; the entry's index.
-    pub async fn append(&self, request: LogRequest) -> Result<u64, CatalogError> {
+    /// this node applied it; the entry's index and the request's position in it.
+    pub async fn append(&self, request: LogRequest) -> Result<(u64, u32), CatalogError> {
         let deadline = tokio::time::Instant::now() + SUBMIT_TIMEOUT;
         self.hold_while_transferring(deadline).await;
         let mut last_problem = String::from(
@@ -340,51 +432,42 @@ impl Cluster {
                     SUBMIT_TIMEOUT.as_secs()
                 )));
             }
-            let written =
-                tokio::time::timeout(remaining, self.raft.client_write(request.clone())).await;
-            let index = match written {
+            let written = tokio::time::timeout(remaining, self.write(request.clone())).await;
+            let at = match written {
                 Err(_) => {
                     return Err(CatalogError::Unavailable(
                         "the leader could not reach a majority in time; the command may still take effect".into(),
                     ));
                 }
-                Ok(Ok(response)) => response.log_id.index,
-                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
-                    match forward.leader_node {
-                        Some(leader) if forward.leader_id != Some(self.id) => {
-                            match self
-                                .client
-                                .post_async::<_, Appended>(
-                                    &leader.addr,
-                                    "/cluster/submit",
-                                    request.clone(),
-                                    remaining,
-                                )
-                                .await
-                            {
-                                Ok(appended) => appended.index,
-                                Err(problem) => {
-                                    last_problem = problem.to_string();
-                                    tokio::time::sleep(Duration::from_millis(50)).await;
-                                    continue;
-                                }
-                            }
-                        }
-                        _ => {
-                            tokio::time::sleep(Duration::from_millis(25)).await;
+                Ok(Ok(at)) => at,
+                Ok(Err(WriteFailure::NotLeader(Some((leader, address))))) if leader != self.id => {
+                    match self
+                        .client
+                        .post_async::<_, Appended>(
+                            &address,
+                            "/cluster/submit",
+                            request.clone(),
+                            remaining,
+                        )
+                        .await
+                    {
+                        Ok(appended) => (appended.index, appended.position),
+                        Err(problem) => {
+                            last_problem = problem.to_string();
+                            tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
                         }
                     }
                 }
-                Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(error)))) => {
-                    return Err(CatalogError::Unavailable(error.to_string()));
+                Ok(Err(WriteFailure::NotLeader(_))) => {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                    continue;
                 }
-                Ok(Err(RaftError::Fatal(error))) => {
-                    return Err(CatalogError::Unavailable(format!(
-                        "this node's log stopped: {error}"
-                    )));
+                Ok(Err(WriteFailure::Unavailable(problem))) => {
+                    return Err(CatalogError::Unavailable(problem));
                 }
             };
+            let index = at.0;
             let remaining = deadline
                 .saturating_duration_since(tokio::time::Instant::now())
                 .max(Duration::from_secs(1));
@@ -397,16 +480,16 @@ impl Cluster {
                         "the command was accepted (entry {index}) but not applied here in time: {e}"
                     ))
                 })?;
-            return Ok(index);
+            return Ok(at);
         }
     }
 
     /// Submits a catalog command through the log; its outcome as applied here.
     pub async fn submit(&self, command: Command) -> Result<Applied, CatalogError> {
-        let index = self.append(LogRequest::Command(Box::new(command))).await?;
-        self.outcomes.take(index).unwrap_or_else(|| {
+        let (index, position) = self.append(LogRequest::Command(Box::new(command))).await?;
+        self.outcomes.take(index, position).unwrap_or_else(|| {
             Err(CatalogError::Unavailable(format!(
-                "the outcome of entry {index} was not kept"
+                "the outcome of entry {index} (request {position}) was not kept"
             )))
         })
     }
@@ -426,6 +509,9 @@ impl Cluster {
 #[derive(Debug, Serialize, Deserialize)]
 struct Appended {
     index: u64,
+    /// The request's position in the entry (a batch), 0 for an entry of its own.
+    #[serde(default)]
+    position: u32,
 }
 
 /// Routes a store's commands through the cluster's log.
@@ -650,16 +736,20 @@ async fn peer_submit(
     cluster
         .hold_while_transferring(tokio::time::Instant::now() + SUBMIT_TIMEOUT)
         .await;
-    match tokio::time::timeout(SUBMIT_TIMEOUT, cluster.raft.client_write(request)).await {
-        Ok(Ok(response)) => Ok(Json(Appended {
-            index: response.log_id.index,
-        })),
-        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(ApiError::new(
+    if matches!(request, LogRequest::Batch { .. }) {
+        return Err(ApiError::bad_request(
+            "batch_not_accepted",
+            "a member sends one request at a time; the leader gathers them into batches",
+        ));
+    }
+    match tokio::time::timeout(SUBMIT_TIMEOUT, cluster.write(request)).await {
+        Ok(Ok((index, position))) => Ok(Json(Appended { index, position })),
+        Ok(Err(WriteFailure::NotLeader(_))) => Err(ApiError::new(
             StatusCode::MISDIRECTED_REQUEST,
             "not_leader",
             "this member no longer leads; ask again",
         )),
-        Ok(Err(error)) => Err(unavailable(error.to_string())),
+        Ok(Err(WriteFailure::Unavailable(problem))) => Err(unavailable(problem)),
         Err(_) => Err(unavailable(
             "the leader could not reach a majority in time; the command may still take effect",
         )),
