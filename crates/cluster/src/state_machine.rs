@@ -39,16 +39,18 @@ const OUTCOMES_KEPT: usize = 8192;
 /// submitters: the command's full result (its frame, its audit entries) or its refusal.
 #[derive(Default)]
 pub struct Outcomes {
-    kept: Mutex<(BTreeMap<(u64, u32), Outcome>, VecDeque<(u64, u32)>)>,
+    kept: Mutex<(BTreeMap<RequestAt, Outcome>, VecDeque<RequestAt>)>,
 }
 
+/// Where a request is in the log: its entry's index and its position in the entry.
+type RequestAt = (u64, u32);
 /// What a command did, or why the catalog refused it.
 pub type Outcome = Result<Applied, CatalogError>;
 /// A saved snapshot: its description and its data.
 type SavedSnapshot = (SnapshotMeta<NodeId, Node>, Vec<u8>);
 
 impl Outcomes {
-    fn put(&self, at: (u64, u32), outcome: Result<Applied, CatalogError>) {
+    fn put(&self, at: RequestAt, outcome: Result<Applied, CatalogError>) {
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
         kept.0.insert(at, outcome);
         kept.1.push_back(at);

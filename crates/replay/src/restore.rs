@@ -74,6 +74,9 @@ pub fn restore(
     options: &RestoreOptions<'_>,
 ) -> Result<RestoreReport, ReplayError> {
     let started = Clock::now();
+    if let Some(file) = store.local_file() {
+        check_not_over_store(into, &file, options.force)?;
+    }
     let excludes = build_globs(&options.exclude).map_err(|reason| target_error(into, reason))?;
     // Into an empty target (and not --force, which keeps the per-file replacement a live
     // root needs), files are created in place: nobody reads a directory that did not hold
@@ -250,6 +253,69 @@ pub fn restore(
     apply_meta(into, &view.root.files_meta, is_root)?;
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// A restore never writes over the store it reads: a target that is the store's data
+/// directory or holds it is refused, and with `force` (which removes what the frame lacks)
+/// so is a target inside it.
+fn check_not_over_store(into: &Path, store_file: &Path, force: bool) -> Result<(), ReplayError> {
+    let Some(data) = store_file
+        .parent()
+        .and_then(|dir| std::fs::canonicalize(dir).ok())
+    else {
+        return Ok(());
+    };
+    let target = resolved(into);
+    if data.starts_with(&target) {
+        return Err(target_error(
+            into,
+            format!(
+                "holds the store's data directory {} (a restore there would overwrite the store it reads)",
+                data.display()
+            ),
+        ));
+    }
+    if force && target.starts_with(&data) {
+        return Err(target_error(
+            into,
+            format!(
+                "is inside the store's data directory {} (--force would remove the store's files)",
+                data.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `path` with symlinks and `..` resolved as far as it exists; the rest appended as is.
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|dir| dir.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
+    };
+    for ancestor in absolute.ancestors() {
+        if let Ok(real) = std::fs::canonicalize(ancestor) {
+            let mut out = real;
+            for part in absolute
+                .strip_prefix(ancestor)
+                .unwrap_or(Path::new(""))
+                .components()
+            {
+                match part {
+                    std::path::Component::ParentDir => {
+                        out.pop();
+                    }
+                    std::path::Component::Normal(name) => out.push(name),
+                    _ => {}
+                }
+            }
+            return out;
+        }
+    }
+    absolute
 }
 
 fn build_globs(patterns: &[String]) -> Result<GlobSet, String> {

@@ -209,6 +209,12 @@ pub trait KvBackend: Send + Sync {
     /// key range).
     fn size_bytes(&self) -> Result<u64, KvError>;
 
+    /// The local file the backend keeps its data in, if it is one (a restore refuses a
+    /// target that would write over the directory holding it).
+    fn local_file(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+
     /// Damage the backend's own structure check finds (pages, commit slots, tables), each
     /// naming what is damaged; empty when intact or when the backend has no such check.
     fn check_structure(&self) -> Result<Vec<String>, KvError> {

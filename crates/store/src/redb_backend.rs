@@ -757,6 +757,10 @@ impl KvSnapshot for RedbSnapshot {
 }
 
 impl KvBackend for RedbBackend {
+    fn local_file(&self) -> Option<PathBuf> {
+        Some(self.health.path.clone())
+    }
+
     fn snapshot(&self) -> Result<Box<dyn KvSnapshot>, KvError> {
         let table = self.health.guard(
             || "opening a read transaction".into(),

@@ -251,6 +251,11 @@ impl Store {
         }
     }
 
+    /// The local file the store keeps its data in (`None` for a remote backend).
+    pub fn local_file(&self) -> Option<std::path::PathBuf> {
+        self.kv.local_file()
+    }
+
     pub fn with_backend(kv: Arc<dyn KvBackend>) -> Store {
         Store {
             kv,

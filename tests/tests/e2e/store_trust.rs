@@ -258,3 +258,63 @@ fn an_empty_store_file_is_damage_not_a_new_store() {
         1
     );
 }
+
+/// A restore never writes over the store it reads (a hostile review found `--force` into
+/// the directory holding the data directory removing the store and exiting 0): a target
+/// that is the data directory or holds it is refused by name, with or without `--force`,
+/// and so is `--force` into a directory inside it; the store keeps every frame.
+#[test]
+fn a_restore_over_its_own_store_is_refused_and_the_store_keeps_its_frames() {
+    let service = tempfile::tempdir().unwrap();
+    write(service.path(), "a.txt", "one\n");
+    let parent = tempfile::tempdir().unwrap();
+    let data = parent.path().join("data");
+    let kairos = Kairos::at(&data);
+    kairos.ok([
+        "replica",
+        "add",
+        "web",
+        "--root",
+        service.path().to_str().unwrap(),
+    ]);
+    kairos.ok(["capture", "web"]);
+    let inside = data.join("out");
+    let through_dots = parent.path().join("missing/../data");
+    let cases: [(&Path, bool, &str); 6] = [
+        (parent.path(), true, "holds the store's data directory"),
+        (parent.path(), false, "holds the store's data directory"),
+        (&data, true, "holds the store's data directory"),
+        (&data, false, "holds the store's data directory"),
+        (&through_dots, true, "holds the store's data directory"),
+        (&inside, true, "is inside the store's data directory"),
+    ];
+    for (into, force, named) in cases {
+        let mut args = vec![
+            "restore",
+            "web",
+            "--at",
+            "latest",
+            "--into",
+            into.to_str().unwrap(),
+        ];
+        if force {
+            args.push("--force");
+        }
+        let error = kairos.fails(args);
+        assert!(error.contains(named), "{into:?} force={force}: {error}");
+    }
+    assert!(data.join("kairos.redb").is_file());
+    assert_eq!(frames(&kairos.json(["history", "web", "--json"])).len(), 1);
+    let report = kairos.json(["verify", "--json"]);
+    assert_eq!(report["ok"], true, "{report}");
+    // Without --force, a new directory inside the data directory only adds files.
+    kairos.ok([
+        "restore",
+        "web",
+        "--at",
+        "latest",
+        "--into",
+        inside.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(inside.join("a.txt")).unwrap(), b"one\n");
+}
