@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
@@ -705,24 +706,33 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn raft_append(
     State(shared): State<Arc<Shared>>,
-    Json(rpc): Json<openraft::raft::AppendEntriesRequest<kairos_cluster::TypeConfig>>,
+    payload: Result<
+        Json<openraft::raft::AppendEntriesRequest<kairos_cluster::TypeConfig>>,
+        JsonRejection,
+    >,
 ) -> Result<Response, ApiError> {
+    let rpc = crate::api::json_input(payload)?;
     let cluster = cluster_of(&shared)?;
     Ok(Json(cluster.raft.append_entries(rpc).await).into_response())
 }
 
 async fn raft_vote(
     State(shared): State<Arc<Shared>>,
-    Json(rpc): Json<openraft::raft::VoteRequest<NodeId>>,
+    payload: Result<Json<openraft::raft::VoteRequest<NodeId>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let rpc = crate::api::json_input(payload)?;
     let cluster = cluster_of(&shared)?;
     Ok(Json(cluster.raft.vote(rpc).await).into_response())
 }
 
 async fn raft_snapshot(
     State(shared): State<Arc<Shared>>,
-    Json(rpc): Json<openraft::raft::InstallSnapshotRequest<kairos_cluster::TypeConfig>>,
+    payload: Result<
+        Json<openraft::raft::InstallSnapshotRequest<kairos_cluster::TypeConfig>>,
+        JsonRejection,
+    >,
 ) -> Result<Response, ApiError> {
+    let rpc = crate::api::json_input(payload)?;
     let cluster = cluster_of(&shared)?;
     Ok(Json(cluster.raft.install_snapshot(rpc).await).into_response())
 }
@@ -730,8 +740,9 @@ async fn raft_snapshot(
 /// A member's entry, appended here because this member leads.
 async fn peer_submit(
     State(shared): State<Arc<Shared>>,
-    Json(request): Json<LogRequest>,
+    payload: Result<Json<LogRequest>, JsonRejection>,
 ) -> Result<Json<Appended>, ApiError> {
+    let request = crate::api::json_input(payload)?;
     let cluster = cluster_of(&shared)?;
     cluster
         .hold_while_transferring(tokio::time::Instant::now() + SUBMIT_TIMEOUT)
@@ -758,8 +769,9 @@ async fn peer_submit(
 
 async fn peer_objects(
     State(shared): State<Arc<Shared>>,
-    Json(request): Json<ObjectRequest>,
+    payload: Result<Json<ObjectRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let request = crate::api::json_input(payload)?;
     let store = shared.store.share();
     let bytes =
         tokio::task::spawn_blocking(move || kairos_cluster::objects::answer(&store, &request))
@@ -784,8 +796,9 @@ struct AddMember {
 /// Adds a member (on the leader): as a learner until it caught up, then as a voter.
 async fn peer_add(
     State(shared): State<Arc<Shared>>,
-    Json(add): Json<AddMember>,
+    payload: Result<Json<AddMember>, JsonRejection>,
 ) -> Result<Json<Hello>, ApiError> {
+    let add = crate::api::json_input(payload)?;
     let cluster = cluster_of(&shared)?;
     if let Some(existing) = cluster.members().get(&add.id)
         && existing.addr != add.api
@@ -891,8 +904,9 @@ struct RemoveMember {
 
 async fn peer_remove(
     State(shared): State<Arc<Shared>>,
-    Json(remove): Json<RemoveMember>,
+    payload: Result<Json<RemoveMember>, JsonRejection>,
 ) -> Result<Json<Hello>, ApiError> {
+    let remove = crate::api::json_input(payload)?;
     let cluster = cluster_of(&shared)?;
     remove_here(&cluster, remove.id).await?;
     Ok(Json(hello_of(&cluster)))
@@ -954,8 +968,9 @@ struct Elect {
 
 async fn peer_elect(
     State(shared): State<Arc<Shared>>,
-    Json(elect): Json<Elect>,
+    payload: Result<Json<Elect>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let elect = crate::api::json_input(payload)?;
     let cluster = cluster_of(&shared)?;
     set_elect(&cluster, elect.elect, elect.heartbeat, elect.for_ms);
     Ok(Json(serde_json::json!({"ok": true})))
@@ -1245,8 +1260,9 @@ pub struct JoinRequest {
 /// `POST /api/cluster/join`: joins the cluster a member of which answers at `address`.
 pub async fn join(
     State(shared): State<Arc<Shared>>,
-    Json(request): Json<JoinRequest>,
+    payload: Result<Json<JoinRequest>, JsonRejection>,
 ) -> Result<Json<ClusterStatusJson>, ApiError> {
+    let request = crate::api::json_input(payload)?;
     let cluster = cluster_of(&shared)?;
     if !cluster.configured {
         return Err(ApiError::bad_request(
@@ -1418,8 +1434,9 @@ async fn on_leader<T: serde::de::DeserializeOwned + Send + 'static>(
 /// `POST /api/cluster/leave`: removes a member (this node by default).
 pub async fn leave(
     State(shared): State<Arc<Shared>>,
-    Json(request): Json<MemberRequest>,
+    payload: Result<Json<MemberRequest>, JsonRejection>,
 ) -> Result<Json<ClusterStatusJson>, ApiError> {
+    let request = crate::api::json_input(payload)?;
     let cluster = cluster_of(&shared)?;
     let id = request.node.unwrap_or(cluster.id);
     let body = serde_json::json!({ "id": id });
@@ -1437,8 +1454,9 @@ pub async fn leave(
 /// campaigns until it wins.
 pub async fn transfer_leader(
     State(shared): State<Arc<Shared>>,
-    Json(request): Json<MemberRequest>,
+    payload: Result<Json<MemberRequest>, JsonRejection>,
 ) -> Result<Json<ClusterStatusJson>, ApiError> {
+    let request = crate::api::json_input(payload)?;
     let cluster = cluster_of(&shared)?;
     let target = request.node.unwrap_or(cluster.id);
     let members = cluster.members();

@@ -74,10 +74,11 @@ pub fn restore(
     options: &RestoreOptions<'_>,
 ) -> Result<RestoreReport, ReplayError> {
     let started = Clock::now();
+    let mut exclude = options.exclude.clone();
     if let Some(file) = store.local_file() {
-        check_not_over_store(into, &file, options.force)?;
+        exclude.extend(keep_store_out(into, &file, options.force)?);
     }
-    let excludes = build_globs(&options.exclude).map_err(|reason| target_error(into, reason))?;
+    let excludes = build_globs(&exclude).map_err(|reason| target_error(into, reason))?;
     // Into an empty target (and not --force, which keeps the per-file replacement a live
     // root needs), files are created in place: nobody reads a directory that did not hold
     // them, so the temporary name, the rename and the look at what is there are saved.
@@ -256,21 +257,23 @@ pub fn restore(
 }
 
 /// A restore never writes over the store it reads: a target that is the store's data
-/// directory or holds it is refused, and with `force` (which removes what the frame lacks)
-/// so is a target inside it.
-fn check_not_over_store(into: &Path, store_file: &Path, force: bool) -> Result<(), ReplayError> {
+/// directory is refused, and so is a target inside it with `force` (which removes what
+/// the frame lacks). A target that holds it (a live root with `./.kairos` in it, or a
+/// parent directory) gets it excluded: neither written nor removed. Returns the globs to
+/// exclude.
+fn keep_store_out(into: &Path, store_file: &Path, force: bool) -> Result<Vec<String>, ReplayError> {
     let Some(data) = store_file
         .parent()
         .and_then(|dir| std::fs::canonicalize(dir).ok())
     else {
-        return Ok(());
+        return Ok(Vec::new());
     };
     let target = resolved(into);
-    if data.starts_with(&target) {
+    if target == data {
         return Err(target_error(
             into,
             format!(
-                "holds the store's data directory {} (a restore there would overwrite the store it reads)",
+                "is the store's data directory {} (a restore there would overwrite the store it reads)",
                 data.display()
             ),
         ));
@@ -284,7 +287,20 @@ fn check_not_over_store(into: &Path, store_file: &Path, force: bool) -> Result<(
             ),
         ));
     }
-    Ok(())
+    let Ok(inside) = data.strip_prefix(&target) else {
+        return Ok(Vec::new());
+    };
+    let Some(relative) = inside.to_str() else {
+        return Err(target_error(
+            into,
+            format!(
+                "holds the store's data directory {} under a name that is not UTF-8",
+                data.display()
+            ),
+        ));
+    };
+    let escaped = globset::escape(relative);
+    Ok(vec![escaped.clone(), format!("{escaped}/**")])
 }
 
 /// `path` with symlinks and `..` resolved as far as it exists; the rest appended as is.

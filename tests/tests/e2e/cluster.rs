@@ -390,6 +390,47 @@ fn a_member_of_another_cluster_or_with_a_taken_id_is_refused_by_name() {
     // Without the secret, nothing between members is accepted.
     let (code, body) = post(&format!("{}/cluster/hello", cluster.urls[0]), &json!({}));
     assert_eq!(code, 401, "{body}");
+    // Bad bodies are answered as every other error (JSON, named), between members and on
+    // the admin API; a batch is made by the leader, never taken from a member.
+    let status = cluster.status(&cluster.urls[0]).unwrap();
+    let leader_url = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|member| member["id"] == status["leader"])
+        .map(|member| member["api"].as_str().unwrap().to_string())
+        .unwrap_or_else(|| panic!("a leader: {status}"));
+    let cluster_id = status["cluster_id"].as_str().unwrap().to_string();
+    for (path, body, code, named) in [
+        ("/cluster/submit", "{not json", 400, "bad_body"),
+        ("/cluster/submit", "[1, 2]", 400, "bad_body"),
+        (
+            "/cluster/submit",
+            r#"{"kind": "batch", "requests": []}"#,
+            400,
+            "batch_not_accepted",
+        ),
+        ("/cluster/raft/append", "{}", 400, "bad_body"),
+    ] {
+        let mut response = Node::agent()
+            .post(format!("{leader_url}{path}"))
+            .header("authorization", format!("Bearer {}", secret.trim()))
+            .header("kairos-cluster", cluster_id.as_str())
+            .header("content-type", "application/json")
+            .send(body)
+            .unwrap();
+        assert_eq!(response.status().as_u16(), code, "{path} {body}");
+        let answer: Value = response.body_mut().read_json().unwrap();
+        assert_eq!(answer["error"]["code"], named, "{path} {body}: {answer}");
+    }
+    let mut response = Node::agent()
+        .post(format!("{}/api/cluster/join", cluster.urls[0]))
+        .header("content-type", "application/json")
+        .send("{\"address\": ")
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let answer: Value = response.body_mut().read_json().unwrap();
+    assert_eq!(answer["error"]["code"], "bad_body", "{answer}");
     // The cluster is unharmed.
     let status = cluster.status(&cluster.urls[1]).unwrap();
     assert_eq!(status["members"].as_array().unwrap().len(), 3, "{status}");
