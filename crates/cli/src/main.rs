@@ -362,12 +362,15 @@ struct RestoreArgs {
     /// The instant to restore (a SPEC, see `kairos show --help`)
     #[arg(long, allow_hyphen_values = true)]
     at: String,
-    /// The directory to write; it must be empty or absent unless --force is given
+    /// The directory to write; it must be empty or absent unless --force is given.
+    /// Never the store's data directory (nor, with --force, a directory inside it); a
+    /// directory that holds the data directory is restored around it, which stays untouched
     #[arg(long)]
     into: PathBuf,
     /// Replace what a non-empty target holds: afterwards it equals the frame (paths
-    /// matching the replica's excludes are left alone; files whose size and
-    /// modification time match the frame are kept, as rsync's quick check does)
+    /// matching the replica's excludes, and the store's data directory, are left alone;
+    /// files whose size and modification time match the frame are kept, as rsync's quick
+    /// check does)
     #[arg(long)]
     force: bool,
     #[arg(long)]
