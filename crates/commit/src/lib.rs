@@ -709,9 +709,7 @@ impl Committer<'_> {
         // The store's own directory inside the root is neither removed nor rewritten.
         let mut exclude = self.replica.exclude.clone();
         for inside in protected_inside(&self.replica.root, &self.protected) {
-            let escaped = globset::escape(&inside);
-            exclude.push(escaped.clone());
-            exclude.push(format!("{escaped}/**"));
+            exclude.extend(kairos_replay::restore::directory_globs(&inside));
         }
         kairos_replay::restore(
             self.store,

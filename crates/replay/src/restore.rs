@@ -299,8 +299,14 @@ fn keep_store_out(into: &Path, store_file: &Path, force: bool) -> Result<Vec<Str
             ),
         ));
     };
+    Ok(directory_globs(relative))
+}
+
+/// Exclude globs that leave the directory `relative` (to the target) and everything in it
+/// out of a restore.
+pub fn directory_globs(relative: &str) -> Vec<String> {
     let escaped = globset::escape(relative);
-    Ok(vec![escaped.clone(), format!("{escaped}/**")])
+    vec![format!("{escaped}/**"), escaped]
 }
 
 /// `path` with symlinks and `..` resolved as far as it exists; the rest appended as is.

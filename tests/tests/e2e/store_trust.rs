@@ -288,33 +288,22 @@ fn a_restore_over_its_own_store_is_refused_and_the_store_keeps_its_frames() {
         (&through_dots, false, "is the store's data directory"),
         (&inside, true, "is inside the store's data directory"),
     ];
-    for (into, force, named) in cases {
-        let mut args = vec![
-            "restore",
-            "web",
-            "--at",
-            "latest",
-            "--into",
-            into.to_str().unwrap(),
-        ];
+    let restore = |into: &Path, force: bool| {
+        let mut args = vec!["restore", "web", "--at", "latest", "--into"];
+        args.push(into.to_str().unwrap());
         if force {
             args.push("--force");
         }
-        let error = kairos.fails(args);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    for (into, force, named) in cases {
+        let error = kairos.fails(restore(into, force));
         assert!(error.contains(named), "{into:?} force={force}: {error}");
     }
     // Into the directory that holds the data directory, with --force: the frame's files
     // are written, what the frame lacks is removed, the data directory is left alone.
     write(parent.path(), "stray.txt", "not in the frame\n");
-    kairos.ok([
-        "restore",
-        "web",
-        "--at",
-        "latest",
-        "--into",
-        parent.path().to_str().unwrap(),
-        "--force",
-    ]);
+    kairos.ok(restore(parent.path(), true));
     assert_eq!(
         std::fs::read(parent.path().join("a.txt")).unwrap(),
         b"one\n"
@@ -324,13 +313,6 @@ fn a_restore_over_its_own_store_is_refused_and_the_store_keeps_its_frames() {
     assert_eq!(frames(&kairos.json(["history", "web", "--json"])).len(), 1);
     assert!(kairos.json(["verify", "--json"])["ok"].as_bool().unwrap());
     // Without --force, a new directory inside the data directory only adds files.
-    kairos.ok([
-        "restore",
-        "web",
-        "--at",
-        "latest",
-        "--into",
-        inside.to_str().unwrap(),
-    ]);
+    kairos.ok(restore(&inside, false));
     assert_eq!(std::fs::read(inside.join("a.txt")).unwrap(), b"one\n");
 }
