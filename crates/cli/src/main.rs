@@ -1878,15 +1878,15 @@ fn up(
         .build()
         .context("starting the async runtime")?;
     let result = runtime.block_on(async {
-        let shutdown = async {
-            let interrupt = tokio::signal::ctrl_c();
-            let Ok(mut terminate) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            else {
-                return;
-            };
+        use tokio::signal::unix::{SignalKind, signal};
+        // Installed before the node starts (and says where it listens): a SIGTERM or
+        // SIGINT that arrives at once is a clean stop, never the default's abrupt exit.
+        let interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+        let terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+        let shutdown = async move {
+            let (mut interrupt, mut terminate) = (interrupt, terminate);
             tokio::select! {
-                _ = interrupt => {}
+                _ = interrupt.recv() => {}
                 _ = terminate.recv() => {}
             }
             tracing::info!("stopping: finishing captures in flight");
@@ -1899,7 +1899,8 @@ fn up(
             },
             shutdown,
         )
-        .await
+        .await?;
+        anyhow::Ok(())
     });
     // Export what is buffered before leaving, even when the node failed.
     telemetry.shutdown();

@@ -64,7 +64,17 @@ pub enum Request {
     /// entry's index and its position here). openraft 0.9 syncs its log once per client
     /// write; a batch makes a burst of commands cost one sync instead of one each.
     Batch { requests: Vec<Request> },
+    /// A request its member may send more than once (a forward retried after the leader
+    /// died between appending it and answering): applied the first time its `id` is seen,
+    /// and answered with that first outcome after. Ids are kept for the last
+    /// [`REQUESTS_REMEMBERED`] entries of the log.
+    Once { id: String, request: Box<Request> },
 }
+
+/// How many entries back the log remembers the ids of the requests it applied. A member
+/// sends a request again within its submit timeout, while a new leader is elected: few
+/// entries are appended meanwhile.
+pub const REQUESTS_REMEMBERED: u64 = 4096;
 
 impl Request {
     /// The requests an entry carries, in order (one unless it is a batch; a batch inside a

@@ -16,8 +16,8 @@ use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder};
 
 use crate::{
-    Entry, LogId, Node, NodeId, Placement, Request, Response, SnapshotData, StorageError,
-    StoredMembership, TypeConfig, io_error,
+    Entry, LogId, Node, NodeId, Placement, REQUESTS_REMEMBERED, Request, Response, SnapshotData,
+    StorageError, StoredMembership, TypeConfig, io_error,
 };
 
 const APPLIED: &[u8] = b"R/applied";
@@ -32,6 +32,11 @@ const INSTALLING: &[u8] = b"R/installing";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"KRSNAP01";
 /// Bytes of keys and values per batch when a snapshot is installed.
 const INSTALL_BATCH_BYTES: usize = 4 << 20;
+/// A key written (`Some`) or deleted (`None`) with an entry.
+type KeyChange = (Vec<u8>, Option<Vec<u8>>);
+/// Request ids forgotten per entry at most: more than an entry can add (a batch holds at
+/// most 512 requests), so the remembered ids stay within [`REQUESTS_REMEMBERED`] entries.
+const FORGET_PER_ENTRY: usize = 1024;
 /// Outcomes kept for submitters that have not collected theirs.
 const OUTCOMES_KEPT: usize = 8192;
 
@@ -381,6 +386,46 @@ impl StateMachine {
     }
 }
 
+impl StateMachine {
+    /// Where the request `id` was applied, if the log still remembers it.
+    fn applied_request(&self, id: &str) -> Result<Option<(u64, u32)>, String> {
+        let reader = self.store.reader().map_err(|e| e.to_string())?;
+        let Some(bytes) = reader.get(&keys::request(id)).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("request {id}: {e}"))
+    }
+
+    /// Deletes of the request ids applied more than [`REQUESTS_REMEMBERED`] entries
+    /// before `index` (at most as many as one entry can add, and a little more, so the
+    /// list never grows without bound and no entry does much of this work).
+    fn requests_to_forget(&self, index: u64) -> Result<Vec<KeyChange>, String> {
+        let Some(before) = index.checked_sub(REQUESTS_REMEMBERED) else {
+            return Ok(Vec::new());
+        };
+        let reader = self.store.reader().map_err(|e| e.to_string())?;
+        let start = keys::REQUEST_ORDER.to_vec();
+        let end = keys::request_order(before, 0);
+        let old = reader
+            .snapshot()
+            .scan(
+                std::ops::Bound::Included(start.as_slice()),
+                std::ops::Bound::Excluded(end.as_slice()),
+                FORGET_PER_ENTRY,
+                false,
+            )
+            .map_err(|e| e.to_string())?;
+        let mut deletes = Vec::with_capacity(2 * old.len());
+        for (order, id) in old {
+            deletes.push((keys::request(&String::from_utf8_lossy(&id)), None));
+            deletes.push((order, None));
+        }
+        Ok(deletes)
+    }
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
@@ -414,12 +459,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let batch = matches!(&entry.payload, EntryPayload::Normal(Request::Batch { .. }));
             if parts.is_empty() {
                 // A blank entry, a membership, or an empty batch: only its position.
-                let mut extra = vec![(APPLIED.to_vec(), applied)];
+                let mut extra = vec![(APPLIED.to_vec(), Some(applied))];
                 if let EntryPayload::Membership(membership) = &entry.payload {
                     let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
                     extra.push((
                         MEMBERSHIP.to_vec(),
-                        serde_json::to_vec(&stored).map_err(|e| write(&e))?,
+                        Some(serde_json::to_vec(&stored).map_err(|e| write(&e))?),
                     ));
                 }
                 // Without a command there is nothing to refuse: only its write can fail.
@@ -436,22 +481,58 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             } else {
                 None
             };
+            let index = entry.log_id.index;
             let mut refused = None;
             let count = parts.len();
             for (part, request) in parts.into_iter().enumerate() {
                 if done.is_some_and(|done| part as u32 <= done) {
                     continue;
                 }
+                let at = (index, part as u32);
                 let final_part = part + 1 == count;
                 let mut extra = Vec::new();
                 if final_part {
-                    extra.push((APPLIED.to_vec(), applied.clone()));
+                    extra.push((APPLIED.to_vec(), Some(applied.clone())));
+                    // Ids of requests too far back to be sent again are forgotten, by
+                    // every member alike (the same log, the same keys).
+                    extra.extend(self.requests_to_forget(index).map_err(|e| write(&e))?);
                 }
                 if batch {
                     extra.push((
                         APPLIED_PART.to_vec(),
-                        serde_json::to_vec(&(entry.log_id.index, part as u32))
-                            .map_err(|e| write(&e))?,
+                        Some(serde_json::to_vec(&at).map_err(|e| write(&e))?),
+                    ));
+                }
+                let (id, request) = match request {
+                    Request::Once { id, request } => (Some(id.as_str()), request.as_ref()),
+                    request => (None, request),
+                };
+                if let Some(id) = id {
+                    if let Some(first) = self.applied_request(id).map_err(|e| write(&e))? {
+                        // Sent again: nothing is applied, and the answer is the first one.
+                        let _nothing_to_refuse = self
+                            .store
+                            .apply_entry(None, &extra, final_part && position == last)
+                            .map_err(|e| write(&e))?;
+                        let outcome = self.outcomes.take(first.0, first.1).unwrap_or(Err(
+                            CatalogError::AlreadyApplied {
+                                index: first.0,
+                                position: first.1,
+                            },
+                        ));
+                        if refused.is_none() {
+                            refused = outcome.as_ref().err().map(ToString::to_string);
+                        }
+                        self.outcomes.put(at, outcome);
+                        continue;
+                    }
+                    extra.push((
+                        keys::request(id),
+                        Some(serde_json::to_vec(&at).map_err(|e| write(&e))?),
+                    ));
+                    extra.push((
+                        keys::request_order(at.0, at.1),
+                        Some(id.as_bytes().to_vec()),
                     ));
                 }
                 let mut command = None;
@@ -470,10 +551,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         };
                         extra.push((
                             keys::placement(replica),
-                            serde_json::to_vec(&placement).map_err(|e| write(&e))?,
+                            Some(serde_json::to_vec(&placement).map_err(|e| write(&e))?),
                         ));
                     }
-                    Request::Batch { .. } => {}
+                    // Not made (a batch holds single requests, an id names one).
+                    Request::Batch { .. } | Request::Once { .. } => {}
                 }
                 let outcome = self
                     .store
@@ -482,9 +564,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 if refused.is_none() {
                     refused = outcome.as_ref().err().map(ToString::to_string);
                 }
-                if command.is_some() {
-                    self.outcomes
-                        .put((entry.log_id.index, part as u32), outcome);
+                if command.is_some() || id.is_some() {
+                    self.outcomes.put(at, outcome);
                 }
             }
             responses.push(Response { refused });
@@ -596,6 +677,82 @@ mod tests {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
             payload: EntryPayload::Normal(request),
         }
+    }
+
+    fn once(id: &str, request: Request) -> Request {
+        Request::Once {
+            id: id.into(),
+            request: Box::new(request),
+        }
+    }
+
+    /// A request sent again under the same id (its leader died before answering) is not
+    /// applied again, alone or in a batch: the second answer is the first one, or, once
+    /// that was handed over, a refusal that says the request was applied; ids are
+    /// forgotten once the log is far enough past them.
+    #[tokio::test]
+    async fn a_request_sent_again_is_applied_once_and_answered_as_the_first_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let snapshots = tempfile::tempdir().unwrap();
+        let mut machine = StateMachine::open(store.share(), snapshots.path()).unwrap();
+        let outcomes = machine.outcomes();
+        let responses = machine
+            .apply(vec![entry(1, once("aa", register("a")))])
+            .await
+            .unwrap();
+        assert_eq!(responses[0].refused, None);
+        // Sent again, alone and inside a batch: without the id it would be refused as a
+        // replica that exists (applied twice).
+        let responses = machine
+            .apply(vec![
+                entry(2, once("aa", register("a"))),
+                entry(
+                    3,
+                    Request::Batch {
+                        requests: vec![once("bb", register("b")), once("aa", register("a"))],
+                    },
+                ),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(responses[0].refused, None, "the first answer, moved");
+        assert!(outcomes.take(1, 0).is_none(), "moved to the second sending");
+        assert!(outcomes.take(2, 0).unwrap().is_ok());
+        assert!(outcomes.take(3, 0).unwrap().is_ok());
+        let again = outcomes.take(3, 1).unwrap().unwrap_err().to_string();
+        assert!(
+            again.contains("applied already (log entry 1, request 0)"),
+            "{again}"
+        );
+        assert_eq!(responses[1].refused.as_deref(), Some(again.as_str()));
+
+        // The log moves on: ids further back than it remembers are forgotten, a few per
+        // entry, and then the same id is a new request.
+        let mut index = 4;
+        while index < REQUESTS_REMEMBERED + 6 {
+            machine
+                .apply(vec![entry(index, register(&format!("r{index}")))])
+                .await
+                .unwrap();
+            index += 1;
+        }
+        let reader = store.reader().unwrap();
+        assert_eq!(reader.get(&keys::request("aa")).unwrap(), None);
+        assert_eq!(reader.get(&keys::request("bb")).unwrap(), None);
+        assert_eq!(reader.get(&keys::request_order(1, 0)).unwrap(), None);
+        drop(reader);
+        let responses = machine
+            .apply(vec![entry(index, once("aa", register("a")))])
+            .await
+            .unwrap();
+        assert!(
+            responses[0]
+                .refused
+                .as_deref()
+                .is_some_and(|r| r.contains("already exists")),
+            "{responses:?}"
+        );
     }
 
     /// A batch applies each request as its own entry would (outcomes by position, a

@@ -256,6 +256,9 @@ async fn run_seed(seed: u64, steps: usize) {
         .await
         .unwrap();
     let mut acknowledged = Vec::new();
+    // Acknowledged placements by id, and where and when each was first placed.
+    let mut sent: Vec<(String, String)> = Vec::new();
+    let mut first_time: BTreeMap<String, (NodeId, i64)> = BTreeMap::new();
     let mut leaders: BTreeMap<u64, BTreeSet<NodeId>> = BTreeMap::new();
     let mut log = Vec::new();
     for step in 0..steps {
@@ -270,7 +273,35 @@ async fn run_seed(seed: u64, steps: usize) {
         }
         let roll = rng.random_range(0..100);
         let target: NodeId = rng.random_range(1..=3);
-        if roll < 60 {
+        if roll < 12 && !sent.is_empty() {
+            // An acknowledged placement sent again under its id (as a member does when
+            // its leader died before answering), elsewhere and later: the log must not
+            // apply it again.
+            let (id, replica) = sent[rng.random_range(0..sent.len())].clone();
+            let request = Request::Once {
+                id: id.clone(),
+                request: Box::new(Request::Place {
+                    replica: replica.clone(),
+                    node: Some(target),
+                    reason: format!("seed {seed} step {step}, sent again"),
+                    time: kairos_core::Instant(step as i64),
+                }),
+            };
+            let Some(raft) = leader(&members, &router) else {
+                log.push(format!("{step}: send {replica} again: no leader"));
+                continue;
+            };
+            let answer =
+                tokio::time::timeout(Duration::from_secs(2), raft.client_write(request)).await;
+            log.push(format!(
+                "{step}: send {replica} ({id}) again: {}",
+                if matches!(answer, Ok(Ok(_))) {
+                    "acknowledged"
+                } else {
+                    "not answered"
+                }
+            ));
+        } else if roll < 60 {
             // One placement, or a batch of up to three (as the leader gathers them).
             let parts = if rng.random_range(0..3) == 0 {
                 rng.random_range(2..=3)
@@ -289,11 +320,15 @@ async fn run_seed(seed: u64, steps: usize) {
             let name = names.join("+");
             let mut requests: Vec<Request> = names
                 .iter()
-                .map(|replica| Request::Place {
-                    replica: replica.clone(),
-                    node: Some(target),
-                    reason: format!("seed {seed} step {step}"),
-                    time: kairos_core::Instant(step as i64),
+                .enumerate()
+                .map(|(part, replica)| Request::Once {
+                    id: format!("{step:08x}{part:02x}"),
+                    request: Box::new(Request::Place {
+                        replica: replica.clone(),
+                        node: Some(target),
+                        reason: format!("seed {seed} step {step}"),
+                        time: kairos_core::Instant(step as i64),
+                    }),
                 })
                 .collect();
             let request = if parts == 1 {
@@ -309,6 +344,10 @@ async fn run_seed(seed: u64, steps: usize) {
             match tokio::time::timeout(Duration::from_secs(2), raft.client_write(request)).await {
                 Ok(Ok(_)) => {
                     log.push(format!("{step}: write {name}: acknowledged"));
+                    for (part, replica) in names.iter().enumerate() {
+                        sent.push((format!("{step:08x}{part:02x}"), replica.clone()));
+                        first_time.insert(replica.clone(), (target, step as i64));
+                    }
                     acknowledged.extend(names);
                 }
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
@@ -396,6 +435,13 @@ async fn run_seed(seed: u64, steps: usize) {
             assert!(
                 placed.contains_key(name),
                 "member {id} lacks acknowledged {name}; {}",
+                context()
+            );
+            let (node, time) = first_time[name];
+            assert_eq!(
+                (placed[name].node, placed[name].time.0),
+                (Some(node), time),
+                "member {id}: {name} was applied again when sent again; {}",
                 context()
             );
         }

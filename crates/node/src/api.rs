@@ -142,6 +142,9 @@ impl From<CatalogError> for ApiError {
             CatalogError::Version { .. } | CatalogError::Invalid(_) => {
                 ApiError::bad_request("bad_command", message)
             }
+            CatalogError::AlreadyApplied { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "already_applied", message)
+            }
             CatalogError::Unavailable(_) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "cluster_unavailable",

@@ -254,8 +254,8 @@ pub async fn start(
     Ok(cluster)
 }
 
-/// A new cluster id: 16 random bytes, in hex.
-fn new_cluster_id() -> String {
+/// A new id (a cluster's, a request's): 16 random bytes, in hex.
+fn random_id() -> String {
     let mut bytes = [0u8; 16];
     if let Ok(mut random) = std::fs::File::open("/dev/urandom") {
         let _ = std::io::Read::read_exact(&mut random, &mut bytes);
@@ -321,7 +321,7 @@ impl Cluster {
 
     /// Makes this node the first member of a new cluster.
     async fn init(&self) -> Result<String, String> {
-        let cluster_id = self.cluster_id().unwrap_or_else(new_cluster_id);
+        let cluster_id = self.cluster_id().unwrap_or_else(random_id);
         self.set_cluster_id(&cluster_id)?;
         let members = BTreeMap::from([(self.id, Node::new(self.advertise.clone()))]);
         self.raft
@@ -420,6 +420,12 @@ impl Cluster {
     /// Appends `request` to the log (through the leader, wherever it is) and waits until
     /// this node applied it; the entry's index and the request's position in it.
     pub async fn append(&self, request: LogRequest) -> Result<(u64, u32), CatalogError> {
+        // One id for every time it is sent: a forward retried after its leader died
+        // between appending and answering is applied once.
+        let request = LogRequest::Once {
+            id: random_id(),
+            request: Box::new(request),
+        };
         let deadline = tokio::time::Instant::now() + SUBMIT_TIMEOUT;
         self.hold_while_transferring(deadline).await;
         let mut last_problem = String::from(
@@ -747,10 +753,27 @@ async fn peer_submit(
     cluster
         .hold_while_transferring(tokio::time::Instant::now() + SUBMIT_TIMEOUT)
         .await;
-    if matches!(request, LogRequest::Batch { .. }) {
+    let nested = match &request {
+        LogRequest::Once { request, .. } => {
+            matches!(
+                **request,
+                LogRequest::Batch { .. } | LogRequest::Once { .. }
+            )
+        }
+        _ => false,
+    };
+    if matches!(request, LogRequest::Batch { .. }) || nested {
         return Err(ApiError::bad_request(
             "batch_not_accepted",
-            "a member sends one request at a time; the leader gathers them into batches",
+            "a member sends one request at a time (with an id, one command or placement); the leader gathers them into batches",
+        ));
+    }
+    if let LogRequest::Once { id, .. } = &request
+        && (id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(ApiError::bad_request(
+            "bad_request_id",
+            format!("a request id is 1 to 64 hexadecimal digits, not {id:?}"),
         ));
     }
     match tokio::time::timeout(SUBMIT_TIMEOUT, cluster.write(request)).await {

@@ -153,6 +153,12 @@ pub enum CatalogError {
     Version { version: u16, supported: u16 },
     #[error("catalog command: {0}")]
     Invalid(String),
+    /// A request sent again (its first answer was lost with the leader) that the log had
+    /// applied already, and whose first outcome this member no longer holds.
+    #[error(
+        "this request was applied already (log entry {index}, request {position}); what it did is in the catalog, but its answer is no longer held: read the catalog to see it"
+    )]
+    AlreadyApplied { index: u64, position: u32 },
     /// The cluster cannot take the command now (no leader, no quorum, a peer unreachable).
     #[error("the cluster cannot take the command now: {0}")]
     Unavailable(String),

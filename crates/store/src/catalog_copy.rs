@@ -10,6 +10,13 @@
 //! appended (and fsynced when the batch is durable). Reading replays the records in order;
 //! a record cut short at the end (a crash while appending) ends the log quietly, a record
 //! whose checksum fails is reported as damage.
+//!
+//! The copy is written ahead of the store: a durable batch's record (and the records of the
+//! batches committed without a flush before it) is fsynced before the store commits it, so
+//! a process killed at any instant leaves a copy that holds at least what the store made
+//! durable. What it holds beyond — records of batches the store never made durable, with a
+//! catalog sequence past the store's — is left out when the copy is read against the store,
+//! and cut off when the store is next opened for writing.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -66,10 +73,21 @@ pub struct CatalogCopyRead {
     pub problem: Option<String>,
     /// The last record was cut short (an append interrupted by a crash; not damage).
     pub torn_tail: bool,
+    /// Records past the sequence the copy was read up to (written ahead of a store commit
+    /// a crash took back; not damage), left out.
+    pub ahead: u64,
+    /// Bytes of the file that hold the records replayed (the header included).
+    pub valid_bytes: u64,
 }
 
 /// Reads the catalog copy at `path`; `Ok(None)` when there is none.
 pub fn read(path: &Path) -> Result<Option<CatalogCopyRead>, KvError> {
+    read_through(path, None)
+}
+
+/// Reads the catalog copy at `path` up to the store's catalog sequence `through` (records
+/// past it were written ahead of commits the store never made durable).
+pub fn read_through(path: &Path, through: Option<u64>) -> Result<Option<CatalogCopyRead>, KvError> {
     let mut bytes = Vec::new();
     match File::open(path) {
         Ok(mut file) => file
@@ -78,10 +96,10 @@ pub fn read(path: &Path) -> Result<Option<CatalogCopyRead>, KvError> {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(KvError::Io(format!("{}: {error}", path.display()))),
     };
-    Ok(Some(parse(&bytes)))
+    Ok(Some(parse(&bytes, through)))
 }
 
-fn parse(bytes: &[u8]) -> CatalogCopyRead {
+fn parse(bytes: &[u8], through: Option<u64>) -> CatalogCopyRead {
     let mut read = CatalogCopyRead::default();
     if bytes.len() < HEADER_BYTES as usize || &bytes[..8] != MAGIC {
         read.problem = Some("the header is damaged".into());
@@ -118,24 +136,63 @@ fn parse(bytes: &[u8]) -> CatalogCopyRead {
             ));
             break;
         }
-        if let Err(problem) = apply_payload(payload, &mut read.pairs, &mut read.sequence) {
-            read.problem = Some(format!(
-                "record {} at byte {at} is malformed: {problem}",
-                read.records + 1
-            ));
+        let (mutations, sequence) = match decode_payload(payload) {
+            Ok(decoded) => decoded,
+            Err(problem) => {
+                read.problem = Some(format!(
+                    "record {} at byte {at} is malformed: {problem}",
+                    read.records + 1
+                ));
+                break;
+            }
+        };
+        if let (Some(sequence), Some(through)) = (sequence, through)
+            && sequence > through
+        {
+            // Written ahead of a commit the store does not hold: this and what follows.
+            read.ahead = 1 + count_records(&bytes[at + 4 + len + CHECKSUM_BYTES..]);
             break;
+        }
+        for (key, value) in mutations {
+            match value {
+                Some(value) => read.pairs.insert(key, value),
+                None => read.pairs.remove(&key),
+            };
+        }
+        if let Some(sequence) = sequence {
+            read.sequence = sequence;
         }
         read.records += 1;
         at += 4 + len + CHECKSUM_BYTES;
+        read.valid_bytes = at as u64;
+    }
+    if read.records == 0 {
+        read.valid_bytes = HEADER_BYTES;
     }
     read
 }
 
-fn apply_payload(
-    payload: &[u8],
-    pairs: &mut BTreeMap<Vec<u8>, Vec<u8>>,
-    sequence: &mut u64,
-) -> Result<(), String> {
+/// How many whole records `bytes` holds (read no further than their lengths).
+fn count_records(mut bytes: &[u8]) -> u64 {
+    let mut count = 0;
+    while let Some(len) = bytes
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    {
+        let Some(rest) = bytes.get(4 + len + CHECKSUM_BYTES..) else {
+            break;
+        };
+        count += 1;
+        bytes = rest;
+    }
+    count
+}
+
+/// A mutation: a key and its new value (`None`: deleted).
+type Decoded = (Vec<(Vec<u8>, Option<Vec<u8>>)>, Option<u64>);
+
+/// A record's mutations and the catalog sequence after it, if it says.
+fn decode_payload(payload: &[u8]) -> Result<Decoded, String> {
     let mut at = 0;
     let mut take = |len: usize| -> Result<&[u8], String> {
         let slice = payload
@@ -166,16 +223,7 @@ fn apply_payload(
             other => return Err(format!("unknown operation {other}")),
         }
     }
-    for (key, value) in mutations {
-        match value {
-            Some(value) => pairs.insert(key, value),
-            None => pairs.remove(&key),
-        };
-    }
-    if let Some(new_sequence) = new_sequence {
-        *sequence = new_sequence;
-    }
-    Ok(())
+    Ok((mutations, new_sequence))
 }
 
 fn encode_mutation(out: &mut Vec<u8>, key: &[u8], value: Option<&[u8]>) {
@@ -219,8 +267,12 @@ impl Drop for CatalogCopyWriter {
 
 impl CatalogCopyWriter {
     /// Opens the copy at `path` for appending; `None` if it is missing or its header is
-    /// unreadable (the caller then rewrites it from the store).
-    pub fn open(path: &Path) -> Option<CatalogCopyWriter> {
+    /// unreadable (the caller then rewrites it from the store). With the store's catalog
+    /// sequence `store_sequence`, what a crash left past the store's last durable commit
+    /// (records written ahead of it, a record cut short) is cut off first, so that new
+    /// records follow the ones the store holds. A copy with damage inside is left whole
+    /// for `kairos verify` to name.
+    pub fn open(path: &Path, store_sequence: Option<u64>) -> Option<CatalogCopyWriter> {
         let mut file = OpenOptions::new().read(true).append(true).open(path).ok()?;
         let mut header = [0u8; HEADER_BYTES as usize];
         file.read_exact(&mut header).ok()?;
@@ -228,7 +280,22 @@ impl CatalogCopyWriter {
             return None;
         }
         let compacted_bytes = u64::from_le_bytes(header[8..16].try_into().ok()?);
-        let file_bytes = file.metadata().ok()?.len();
+        let mut file_bytes = file.metadata().ok()?.len();
+        if let Some(store_sequence) = store_sequence {
+            let mut bytes = Vec::new();
+            let mut reading = File::open(path).ok()?;
+            reading.read_to_end(&mut bytes).ok()?;
+            let read = parse(&bytes, Some(store_sequence));
+            if read.problem.is_none()
+                && (read.ahead > 0 || read.torn_tail)
+                && read.valid_bytes >= compacted_bytes
+            {
+                let writable = OpenOptions::new().write(true).open(path).ok()?;
+                writable.set_len(read.valid_bytes).ok()?;
+                writable.sync_all().ok()?;
+                file_bytes = read.valid_bytes;
+            }
+        }
         Some(CatalogCopyWriter {
             path: path.to_path_buf(),
             file: Some(file),
@@ -237,6 +304,17 @@ impl CatalogCopyWriter {
             stale: false,
             pending: Vec::new(),
         })
+    }
+
+    /// Marks the copy as no longer to be trusted until it is rewritten from the store (a
+    /// record was written ahead of a commit that then failed).
+    pub fn mark_stale(&mut self) {
+        self.stale = true;
+    }
+
+    /// Whether records of batches committed without a flush wait in memory.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
     }
 
     /// A writer whose first action must be a rewrite.
@@ -423,7 +501,7 @@ mod tests {
         assert!(read.problem.is_none() && !read.torn_tail);
         let keys: Vec<&[u8]> = read.pairs.keys().map(Vec::as_slice).collect();
         assert_eq!(keys, vec![&b"f/1"[..], b"f/2", b"h/web\0main"]);
-        let reopened = CatalogCopyWriter::open(&path).unwrap();
+        let reopened = CatalogCopyWriter::open(&path, None).unwrap();
         assert!(!reopened.needs_rewrite());
     }
 
@@ -446,5 +524,62 @@ mod tests {
         assert!(damaged.problem.unwrap().contains("checksum"));
         assert!(!is_catalog_key(b"o/abc") && !is_catalog_key(b"s/1") && is_catalog_key(b"f/1"));
         assert!(!is_catalog_key(b"n/web\0\0abcdefgh"));
+    }
+
+    /// Records written ahead of store commits a crash took back (sequences past the
+    /// store's) are left out when read against the store and cut off when it is opened for
+    /// writing, as is a record cut short: what is appended next reads back whole.
+    #[test]
+    fn records_ahead_of_the_store_and_a_cut_tail_are_cut_off_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.catalog-copy");
+        let mut writer = CatalogCopyWriter::missing(&path);
+        writer.rewrite([(&b"r/web"[..], &b"{}"[..])], 7).unwrap();
+        writer.append(&[&put(b"f/1", b"one")], 8, true).unwrap();
+        // Written ahead of commits 9 and 10, which the store never made durable.
+        writer.append(&[&put(b"f/2", b"two")], 9, false).unwrap();
+        writer.append(&[&put(b"f/3", b"three")], 10, true).unwrap();
+        drop(writer);
+        let against = read_through(&path, Some(8)).unwrap().unwrap();
+        assert_eq!(
+            (against.records, against.sequence, against.ahead),
+            (2, 8, 2)
+        );
+        assert!(against.problem.is_none());
+        assert!(!against.pairs.contains_key(&b"f/2"[..]));
+        let everything = read(&path).unwrap().unwrap();
+        assert_eq!((everything.sequence, everything.ahead), (10, 0));
+
+        // The store holds 8: the copy is cut back to it, and commit 9 (another change)
+        // follows it.
+        let whole = std::fs::read(&path).unwrap();
+        let mut writer = CatalogCopyWriter::open(&path, Some(8)).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() < whole.len() as u64);
+        writer.append(&[&put(b"f/9", b"nine")], 9, true).unwrap();
+        drop(writer);
+        let read_back = read_through(&path, Some(9)).unwrap().unwrap();
+        assert_eq!((read_back.sequence, read_back.ahead), (9, 0));
+        let keys: Vec<&[u8]> = read_back.pairs.keys().map(Vec::as_slice).collect();
+        assert_eq!(keys, vec![&b"f/1"[..], b"f/9", b"r/web"]);
+
+        // A record cut short by a crash is cut off too: an append after it reads back.
+        let whole = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &whole[..whole.len() - 7]).unwrap();
+        let mut writer = CatalogCopyWriter::open(&path, Some(8)).unwrap();
+        writer.append(&[&put(b"f/10", b"ten")], 9, true).unwrap();
+        drop(writer);
+        let read_back = read_through(&path, Some(9)).unwrap().unwrap();
+        assert!(read_back.problem.is_none() && !read_back.torn_tail);
+        assert_eq!(read_back.records, 3);
+        assert!(read_back.pairs.contains_key(&b"f/10"[..]));
+        assert!(!read_back.pairs.contains_key(&b"f/9"[..]));
+
+        // Damage inside is left whole, for verify to name.
+        let mut flipped = std::fs::read(&path).unwrap();
+        let length = flipped.len();
+        flipped[length - 40] ^= 0x40;
+        std::fs::write(&path, &flipped).unwrap();
+        let _writer = CatalogCopyWriter::open(&path, Some(8)).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), flipped);
     }
 }

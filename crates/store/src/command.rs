@@ -952,21 +952,28 @@ impl Store {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         match log {
-            Some(log) => log.submit(command),
+            Some(log) => {
+                // The log outlives this store's commits made without a flush (the objects
+                // of the frame this command may record): they are made durable first, so
+                // no crash leaves an entry in the log that names objects the store lost.
+                self.kv().sync()?;
+                log.submit(command)
+            }
             None => self.submit_here(command),
         }
     }
 
     /// Applies one entry of the replicated log: the command (if any) with `extra` puts
-    /// (the log position applied) in the same batch, committed without a flush of its
-    /// own unless `durable` (the log the entry comes from is durable). A command the
-    /// catalog refuses is the entry's outcome (every member refuses it alike), and the
-    /// extra puts are still committed; only a failure to read or write the store is `Err`.
+    /// (the log position applied; `None` deletes the key) in the same batch, committed
+    /// without a flush of its own unless `durable` (the log the entry comes from is
+    /// durable). A command the catalog refuses is the entry's outcome (every member
+    /// refuses it alike), and the extra keys are still written; only a failure to read or
+    /// write the store is `Err`.
     #[allow(clippy::type_complexity)]
     pub fn apply_entry(
         &self,
         command: Option<&Command>,
-        extra: &[(Vec<u8>, Vec<u8>)],
+        extra: &[(Vec<u8>, Option<Vec<u8>>)],
         durable: bool,
     ) -> Result<Result<Applied, CatalogError>, StoreError> {
         for _ in 0..SUBMIT_ATTEMPTS_MAX {
@@ -986,7 +993,10 @@ impl Store {
                 Err(refused) => (WriteBatch::new(), Err(refused)),
             };
             for (key, value) in extra {
-                batch.put(key.clone(), value.clone())?;
+                match value {
+                    Some(value) => batch.put(key.clone(), value.clone())?,
+                    None => batch.delete(key.clone())?,
+                }
             }
             batch.durable = durable;
             match self.kv().commit(batch) {

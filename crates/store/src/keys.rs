@@ -144,6 +144,21 @@ pub fn placement(replica: &str) -> Vec<u8> {
     [PLACEMENT, replica.as_bytes()].concat()
 }
 
+/// Requests the cluster's log applied, by the id their member gave them (`i/<id>` holds
+/// the entry's index and the request's position in it): a request a member sends again
+/// (its leader died before answering) is not applied twice. Replicated, and pruned by
+/// every member alike as the log moves on (`I/<index><position>` lists them in order).
+pub const REQUEST: &[u8] = b"i/";
+pub const REQUEST_ORDER: &[u8] = b"I/";
+
+pub fn request(id: &str) -> Vec<u8> {
+    [REQUEST, id.as_bytes()].concat()
+}
+
+pub fn request_order(index: u64, position: u32) -> Vec<u8> {
+    [REQUEST_ORDER, &index.to_be_bytes(), &position.to_be_bytes()].concat()
+}
+
 /// Whether the cluster's log replicates `key`: every catalog key but this node's
 /// dictionaries (each node encodes its objects itself), predictor models (each node
 /// learns from the replicated outcomes) and its own log position.

@@ -209,6 +209,12 @@ pub trait KvBackend: Send + Sync {
     /// key range).
     fn size_bytes(&self) -> Result<u64, KvError>;
 
+    /// Makes every batch committed so far durable (those committed without a flush too).
+    /// A backend whose every commit is durable (FoundationDB) has nothing to do.
+    fn sync(&self) -> Result<(), KvError> {
+        Ok(())
+    }
+
     /// The local file the backend keeps its data in, if it is one (a restore refuses a
     /// target that would write over the directory holding it).
     fn local_file(&self) -> Option<std::path::PathBuf> {

@@ -214,8 +214,16 @@ impl RedbBackend {
         }
         let writer = match existing {
             Existing::New => CatalogCopyWriter::missing(&copy_path),
-            Existing::Store { .. } => CatalogCopyWriter::open(&copy_path)
-                .unwrap_or_else(|| CatalogCopyWriter::missing(&copy_path)),
+            Existing::Store { .. } => {
+                // The store's sequence, unless the store is known to be damaged (its copy is
+                // then what repair reads, and is left whole).
+                let sequence = recorded_damage(path)
+                    .is_none()
+                    .then(|| backend.catalog_sequence().ok())
+                    .flatten();
+                CatalogCopyWriter::open(&copy_path, sequence)
+                    .unwrap_or_else(|| CatalogCopyWriter::missing(&copy_path))
+            }
         };
         let mut backend = backend;
         backend.catalog_copy = Some(Mutex::new(writer));
@@ -357,6 +365,10 @@ impl RedbBackend {
     /// (its two-phase commit), never a partial state.
     pub fn compact(mut self) -> Result<u64, KvError> {
         self.refuse_writes_if_damaged()?;
+        // Compaction commits durably: the copy's pending records go first.
+        if let Some(copy) = &self.catalog_copy {
+            copy.lock().unwrap_or_else(|p| p.into_inner()).flush()?;
+        }
         let health = self.health.clone();
         let database = &mut *self.database;
         health.guard(
@@ -404,8 +416,14 @@ impl RedbBackend {
     }
 
     /// Commits `batch`; with `sequence`, also advances the catalog sequence in the same
-    /// transaction and returns its new value.
-    fn commit_guarded(&self, batch: &WriteBatch, sequence: bool) -> Result<Option<u64>, KvError> {
+    /// transaction, calls `ahead` with its new value just before the commit (to write the
+    /// catalog copy's record first), and returns it.
+    fn commit_guarded(
+        &self,
+        batch: &WriteBatch,
+        sequence: bool,
+        ahead: &mut dyn FnMut(u64),
+    ) -> Result<Option<u64>, KvError> {
         self.health.guard(
             || "committing a batch".into(),
             || {
@@ -455,6 +473,9 @@ impl RedbBackend {
                     meta.insert(CATALOG_SEQUENCE, current + 1)
                         .map_err(|error| self.health.storage(error))?;
                     next = Some(current + 1);
+                }
+                if let Some(next) = next {
+                    ahead(next);
                 }
                 txn.commit().map_err(|error| self.commit_error(error))?;
                 self.unsynced.store(!batch.durable, Ordering::Release);
@@ -795,23 +816,58 @@ impl KvBackend for RedbBackend {
             .as_ref()
             .filter(|_| !catalog_mutations.is_empty())
         else {
-            self.commit_guarded(&batch, false)?;
-            if batch.durable
-                && let Some(copy) = &self.catalog_copy
-            {
-                // What earlier catalog batches committed without a flush is durable now.
-                let _ = copy.lock().unwrap_or_else(|p| p.into_inner()).flush();
+            if !batch.durable {
+                self.commit_guarded(&batch, false, &mut |_| {})?;
+                return Ok(());
             }
+            // This commit makes earlier catalog batches committed without a flush durable
+            // too: their records reach the copy first (held, so none slips in between).
+            let mut copy = self
+                .catalog_copy
+                .as_ref()
+                .map(|copy| copy.lock().unwrap_or_else(|p| p.into_inner()));
+            if let Some(copy) = copy.as_mut() {
+                let _ = copy.flush();
+            }
+            self.commit_guarded(&batch, false, &mut |_| {})?;
             return Ok(());
         };
         // Catalog commits hold the copy's lock, so the copy records them in commit order.
         let mut copy = copy.lock().unwrap_or_else(|p| p.into_inner());
-        let sequence = self.commit_guarded(&batch, true)?.unwrap_or(0);
-        // The batch is committed: a failure to append leaves the copy stale (rewritten from
-        // the store just below, or by the next catalog change), never fails the commit.
-        let _ = copy.append(&catalog_mutations, sequence, batch.durable);
+        let written_ahead = batch.durable;
+        let committed = self.commit_guarded(&batch, true, &mut |sequence| {
+            // Durable: the record (and the pending ones) is on disk before the store
+            // commits, so no crash leaves the copy behind what the store made durable. A
+            // failure to write leaves the copy stale, never fails the commit.
+            if written_ahead {
+                let _ = copy.append(&catalog_mutations, sequence, true);
+            }
+        });
+        let sequence = match committed {
+            Ok(sequence) => sequence.unwrap_or(0),
+            Err(error) => {
+                if written_ahead {
+                    // The record of a commit that did not happen: rewritten from the store
+                    // before the copy is trusted again (or cut off at the next open).
+                    copy.mark_stale();
+                }
+                return Err(error);
+            }
+        };
+        if !written_ahead {
+            // Kept in memory, written ahead of the next durable commit.
+            let _ = copy.append(&catalog_mutations, sequence, false);
+        }
         if copy.needs_rewrite() {
             let _ = self.rewrite_copy(&mut copy);
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), KvError> {
+        if self.unsynced.load(Ordering::Acquire) {
+            // An empty durable batch: the copy's pending records, then the store.
+            self.commit(WriteBatch::new())?;
         }
         Ok(())
     }
@@ -844,11 +900,19 @@ impl KvBackend for RedbBackend {
         let Some(copy) = &self.catalog_copy else {
             return Ok(None);
         };
-        let copy = copy.lock().unwrap_or_else(|p| p.into_inner());
+        let mut copy = copy.lock().unwrap_or_else(|p| p.into_inner());
+        if copy.has_pending() {
+            // Catalog batches committed without a flush (a running node's) have their
+            // records in memory only: write them, then make the store durable up to them,
+            // so that the file compared holds what the store holds.
+            copy.flush()?;
+            self.commit_guarded(&WriteBatch::new(), false, &mut |_| {})?;
+        }
+        let sequence = self.catalog_sequence()?;
         Ok(Some(CatalogComparison {
             catalog: self.catalog_pairs()?,
-            sequence: self.catalog_sequence()?,
-            copy: catalog_copy::read(copy.path())?,
+            sequence,
+            copy: catalog_copy::read_through(copy.path(), Some(sequence))?,
         }))
     }
 
@@ -901,7 +965,11 @@ impl Drop for RedbBackend {
         if self.unsynced.load(Ordering::Acquire) {
             // Non-durable commits (object batches, runtime series samples) reach the disk
             // with the next durable one: make one now, empty, so that closing the handle
-            // leaves a file that opens without recovery.
+            // leaves a file that opens without recovery. The catalog copy's records of
+            // such commits go first.
+            if let Some(copy) = &self.catalog_copy {
+                let _ = copy.lock().unwrap_or_else(|p| p.into_inner()).flush();
+            }
             let _ = catch_panic(|| {
                 if let Ok(txn) = database.begin_write() {
                     let _ = txn.commit();

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kairos_tests::{Kairos, frames, tree_listing};
+use kairos_tests::{Kairos, Node, frames, tree_listing};
 use serde_json::Value;
 
 /// What `tree_listing` returns: path -> (kind, mode, content or link target).
@@ -315,4 +315,78 @@ fn a_restore_over_its_own_store_is_refused_and_the_store_keeps_its_frames() {
     // Without --force, a new directory inside the data directory only adds files.
     kairos.ok(restore(&inside, false));
     assert_eq!(std::fs::read(inside.join("a.txt")).unwrap(), b"one\n");
+}
+
+/// A node killed (-9) at any instant of its start or of a stream of captures and forks
+/// leaves a store that verifies clean, its catalog copy matching (the copy is written ahead
+/// of each durable commit, never behind it), and the next node starts and takes writes. A
+/// node stopped (SIGTERM) the instant it says where it listens stops cleanly.
+#[test]
+fn a_node_killed_at_any_instant_leaves_a_store_that_verifies_and_its_copy_matches() {
+    let service = tempfile::tempdir().unwrap();
+    let root = service.path().join("web");
+    write(&root, "etc/app.conf", "port = 1\n");
+    let kairos = Kairos::new();
+    let root_text = root.to_str().unwrap();
+    kairos.ok([
+        "replica",
+        "add",
+        "web",
+        "--root",
+        root_text,
+        "--capture-interval",
+        "1h",
+    ]);
+    kairos.ok(["capture", "web"]);
+    for round in 0..8u64 {
+        let mut node = Node::start("", kairos.data_dir());
+        if round == 0 {
+            assert!(
+                node.stop(),
+                "a SIGTERM at once is a clean stop: {:?}",
+                node.log
+            );
+        } else {
+            let url = node.url.clone();
+            let root = root.clone();
+            let writer = std::thread::spawn(move || {
+                for i in 0.. {
+                    write(&root, "etc/app.conf", &format!("port = {round}{i}\n"));
+                    let capture = Node::agent()
+                        .post(format!("{url}/api/replicas/web/capture"))
+                        .send_json(serde_json::json!({}));
+                    let fork = Node::agent()
+                        .post(format!("{url}/api/replicas/web/timelines"))
+                        .send_json(
+                            serde_json::json!({"name": format!("t{round}-{i}"), "at": "latest"}),
+                        );
+                    if capture.is_err() || fork.is_err() {
+                        return;
+                    }
+                }
+            });
+            // Killed at a different instant each round: while it starts, or amid writes.
+            std::thread::sleep(std::time::Duration::from_millis(round * round * 23 % 400));
+            // SAFETY: kill(2) takes only a pid and a signal number.
+            unsafe { libc::kill(node.child.id() as i32, libc::SIGKILL) };
+            let _ = node.child.wait();
+            writer.join().unwrap();
+        }
+        let out = kairos.run(["verify", "--json"]);
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        assert_eq!(report["ok"], true, "round {round}: {report}");
+        assert_eq!(report["catalog_copy"], "matches", "round {round}: {report}");
+    }
+    let node = Node::start("", kairos.data_dir());
+    let (code, body) = {
+        let mut response = Node::agent()
+            .post(format!("{}/api/replicas/web/capture", node.url))
+            .send_json(serde_json::json!({}))
+            .unwrap();
+        (
+            response.status().as_u16(),
+            response.body_mut().read_to_string().unwrap(),
+        )
+    };
+    assert!(code == 200 || code == 201, "{code} {body}");
 }
