@@ -193,14 +193,19 @@ pub async fn start(
     let machine = StateMachine::open(store.share(), &dir)?;
     let outcomes = machine.outcomes();
     let (heartbeat, election, snapshot_every) = section.as_ref().map_or(
-        (Duration::from_millis(100), Duration::from_millis(500), 5000),
+        (Duration::from_millis(100), Duration::from_millis(400), 5000),
         |c| (c.heartbeat, c.election_timeout, c.snapshot_every),
     );
+    // openraft 0.9 makes a follower that heard from a leader wait the leader's lease
+    // (`election_timeout_max`) and then its own drawn timeout before it stands: failover
+    // is their sum. A range of half the timeout still keeps two followers from standing
+    // at the same instant (loopback and LAN round trips are milliseconds).
+    let election_ms = election.as_millis() as u64;
     let raft_config = openraft::Config {
         cluster_name: "kairos".into(),
         heartbeat_interval: heartbeat.as_millis() as u64,
-        election_timeout_min: election.as_millis() as u64,
-        election_timeout_max: 2 * election.as_millis() as u64,
+        election_timeout_min: election_ms,
+        election_timeout_max: election_ms + election_ms / 2,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
         max_in_snapshot_log_to_keep: snapshot_every.min(1000),
         install_snapshot_timeout: 10_000,
