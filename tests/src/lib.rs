@@ -10,6 +10,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+pub mod proxy;
 /// The `kairos` binary built from this workspace (`KAIROS_BIN` overrides).
 pub mod services;
 

@@ -1935,8 +1935,9 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Members, leader, term, commit index, each member's lag and process, where each
-    /// replica's watcher runs
+    /// Members, leader, term, commit index, each member's lag, process and clock (how far
+    /// it is from this member's, with a warning past a second), where each replica's
+    /// watcher runs
     Status {
         #[arg(long)]
         json: bool,

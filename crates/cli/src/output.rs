@@ -809,17 +809,21 @@ pub fn cluster_status(answer: &serde_json::Value) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<6} {:<11} {:>6} {:>8}  API",
-        "NODE", "STATE", "LAG", "PID"
+        "{:<6} {:<11} {:>6} {:>8} {:>9}  API",
+        "NODE", "STATE", "LAG", "PID", "CLOCK"
     );
     for member in answer["members"].as_array().into_iter().flatten() {
+        let clock = member["clock_offset_ms"]
+            .as_i64()
+            .map_or("-".to_string(), |ms| format!("{:+.1}s", ms as f64 / 1000.0));
         let _ = writeln!(
             out,
-            "{:<6} {:<11} {:>6} {:>8}  {}",
+            "{:<6} {:<11} {:>6} {:>8} {:>9}  {}",
             text(&member["id"]),
             text(&member["state"]),
             text(&member["lag"]),
             text(&member["pid"]),
+            clock,
             text(&member["api"]),
         );
     }
@@ -828,6 +832,9 @@ pub fn cluster_status(answer: &serde_json::Value) -> String {
         for (replica, node) in placement {
             let _ = writeln!(out, "  {replica} -> node {}", text(node));
         }
+    }
+    for warning in answer["clock_warnings"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "warning: {}", text(warning));
     }
     out
 }

@@ -21,6 +21,9 @@ use crate::{Node, NodeId, TypeConfig};
 
 /// The header naming the cluster a request is for.
 pub const CLUSTER_HEADER: &str = "kairos-cluster";
+/// The header naming the member that sends a request (for the receiver's logs and for
+/// anything between members that routes by sender, such as a test's partition proxy).
+pub const NODE_HEADER: &str = "kairos-node";
 /// Largest answer read from a peer (a snapshot chunk, a batch of objects).
 const ANSWER_BYTES_MAX: u64 = 256 << 20;
 
@@ -45,10 +48,16 @@ pub struct PeerClient {
     agent: ureq::Agent,
     secret: Option<Arc<str>>,
     cluster_id: Arc<RwLock<Option<String>>>,
+    /// The member sending.
+    from: NodeId,
 }
 
 impl PeerClient {
-    pub fn new(secret: Option<String>, cluster_id: Arc<RwLock<Option<String>>>) -> PeerClient {
+    pub fn new(
+        from: NodeId,
+        secret: Option<String>,
+        cluster_id: Arc<RwLock<Option<String>>>,
+    ) -> PeerClient {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(2)))
@@ -60,6 +69,7 @@ impl PeerClient {
             agent,
             secret: secret.map(Into::into),
             cluster_id,
+            from,
         }
     }
 
@@ -109,6 +119,7 @@ impl PeerClient {
         if let Some(id) = self.cluster_id() {
             request = request.header(CLUSTER_HEADER, id);
         }
+        request = request.header(NODE_HEADER, self.from.to_string());
         if let Some(traceparent) = kairos_telemetry::traceparent_of(&tracing::Span::current()) {
             request = request.header("traceparent", traceparent);
         }

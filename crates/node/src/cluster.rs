@@ -214,7 +214,7 @@ pub async fn start(
     .validate()
     .map_err(|e| format!("the cluster's timing: {e}"))?;
     let secret = section.as_ref().and_then(|c| c.secret.clone());
-    let client = PeerClient::new(secret.clone(), cluster_id.clone());
+    let client = PeerClient::new(id, secret.clone(), cluster_id.clone());
     let raft = Raft::new(
         id,
         Arc::new(raft_config),
@@ -556,6 +556,13 @@ pub struct Hello {
     pub api: String,
     pub pid: u32,
     pub leader: Option<NodeId>,
+    /// The term this member is in (with `leader`, read at one instant).
+    #[serde(default)]
+    pub term: u64,
+    /// This member's wall clock when it answered (ms since the Unix epoch): members compare
+    /// it with theirs to find a clock that disagrees.
+    #[serde(default)]
+    pub clock_ms: Option<i64>,
     pub members: BTreeMap<NodeId, String>,
     /// The last entry this member applied, and the last its snapshot covers.
     #[serde(default)]
@@ -577,6 +584,8 @@ fn hello_of(cluster: &Cluster) -> Hello {
         api: cluster.advertise.clone(),
         pid: std::process::id(),
         leader: metrics.current_leader,
+        term: metrics.current_term,
+        clock_ms: Some(wall_clock_ms()),
         members: metrics
             .membership_config
             .nodes()
@@ -586,6 +595,35 @@ fn hello_of(cluster: &Cluster) -> Hello {
         snapshot: metrics.snapshot.map(|id| id.index),
         objects: cluster.replicator.health(),
     }
+}
+
+/// This host's wall clock, in ms since the Unix epoch.
+fn wall_clock_ms() -> i64 {
+    kairos_core::Instant::now().0 / 1_000_000
+}
+
+/// A clock further apart than this from the asking member's is reported.
+pub const CLOCK_SKEW_WARN_MS: i64 = 1000;
+/// The leader logs a member's clock as apart from its own at most this often.
+const CLOCK_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// How far `hello`'s clock is ahead of this one (negative: behind), from a request sent at
+/// `sent_ms` and answered at `received_ms` (the answer taken as made half-way, as NTP does).
+fn clock_offset_ms(hello: &Hello, sent_ms: i64, received_ms: i64) -> Option<i64> {
+    hello
+        .clock_ms
+        .map(|theirs| theirs - (sent_ms + (received_ms - sent_ms) / 2))
+}
+
+/// What to say of a member whose clock is `offset_ms` apart from `asker`'s.
+fn clock_warning(member: NodeId, asker: NodeId, offset_ms: i64) -> Option<String> {
+    (offset_ms.abs() > CLOCK_SKEW_WARN_MS).then(|| {
+        format!(
+            "member {member}'s clock is {:.1} s {} member {asker}'s: frames it captures carry its own time (time specs resolve by a frame's recorded time, so they may land out of order); set its clock right (NTP)",
+            offset_ms.abs() as f64 / 1000.0,
+            if offset_ms > 0 { "ahead of" } else { "behind" }
+        )
+    })
 }
 
 fn cluster_of(shared: &Shared) -> Result<Arc<Cluster>, ApiError> {
@@ -780,6 +818,32 @@ async fn peer_submit(
             "bad_request_id",
             format!("a request id is 1 to 64 hexadecimal digits, not {id:?}"),
         ));
+    }
+    let single = match &request {
+        LogRequest::Once { request, .. } => request.as_ref(),
+        single => single,
+    };
+    if let LogRequest::Place { replica, node, .. } = single {
+        // A placement names a member (or none) and a replica the catalog knows.
+        if let Some(node) = node
+            && !cluster.members().contains_key(node)
+        {
+            return Err(ApiError::bad_request(
+                "unknown_member",
+                format!("member {node} is not in the cluster; a replica is placed on a member"),
+            ));
+        }
+        let known = shared
+            .store
+            .reader()
+            .and_then(|reader| reader.get(&kairos_store::keys::replica(replica)))
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        if known.is_none() {
+            return Err(ApiError::bad_request(
+                "unknown_replica",
+                format!("no replica {replica:?} to place (see `kairos replica list`)"),
+            ));
+        }
     }
     match tokio::time::timeout(SUBMIT_TIMEOUT, cluster.write(request)).await {
         Ok(Ok((index, position))) => Ok(Json(Appended { index, position })),
@@ -1083,6 +1147,9 @@ pub struct ClusterStatusJson {
     pub replication: u32,
     /// How many of the catalog's frames are whole on at least `replication` members.
     pub objects: ObjectsJson,
+    /// Members whose clock is more than a second apart from the answering member's.
+    #[serde(default)]
+    pub clock_warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -1109,6 +1176,10 @@ pub struct MemberJson {
     /// The last entry the member applied, and the last its latest snapshot covers.
     pub applied: Option<u64>,
     pub snapshot: Option<u64>,
+    /// How far the member's clock is ahead of the answering member's (ms; negative:
+    /// behind), measured over one request.
+    #[serde(default)]
+    pub clock_offset_ms: Option<i64>,
 }
 
 async fn view(shared: &Shared, cluster: &Arc<Cluster>) -> ClusterStatusJson {
@@ -1116,7 +1187,9 @@ async fn view(shared: &Shared, cluster: &Arc<Cluster>) -> ClusterStatusJson {
     let voters = cluster.voters();
     let mut members = Vec::new();
     let mut healths = Vec::new();
+    let mut clock_warnings = Vec::new();
     for (id, node) in cluster.members() {
+        let sent_ms = wall_clock_ms();
         let hello = if id == cluster.id {
             Some(hello_of(cluster))
         } else {
@@ -1131,6 +1204,16 @@ async fn view(shared: &Shared, cluster: &Arc<Cluster>) -> ClusterStatusJson {
                 .await
                 .ok()
         };
+        let clock_offset_ms = match &hello {
+            Some(_) if id == cluster.id => Some(0),
+            Some(hello) => clock_offset_ms(hello, sent_ms, wall_clock_ms()),
+            None => None,
+        };
+        if let Some(warning) =
+            clock_offset_ms.and_then(|offset| clock_warning(id, cluster.id, offset))
+        {
+            clock_warnings.push(warning);
+        }
         let frames_missing = hello.as_ref().map(|h| h.objects.missing_count);
         if let Some(hello) = &hello {
             healths.push(hello.objects.clone());
@@ -1157,6 +1240,7 @@ async fn view(shared: &Shared, cluster: &Arc<Cluster>) -> ClusterStatusJson {
             state: state.into(),
             lag,
             frames_missing,
+            clock_offset_ms,
         });
     }
     let objects = durability(cluster, &healths);
@@ -1176,6 +1260,7 @@ async fn view(shared: &Shared, cluster: &Arc<Cluster>) -> ClusterStatusJson {
         placement,
         replication: cluster.replication,
         objects,
+        clock_warnings,
     }
 }
 
@@ -1563,6 +1648,8 @@ pub const PLACEMENT_GRACE: Duration = Duration::from_secs(3);
 /// [`PLACEMENT_GRACE`]; each move is an entry of the log, with its reason.
 pub async fn place_replicas(shared: Arc<Shared>) {
     let mut last_seen: BTreeMap<NodeId, tokio::time::Instant> = BTreeMap::new();
+    // When the leader last logged each member's clock as apart from its own.
+    let mut clock_warned: BTreeMap<NodeId, tokio::time::Instant> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1577,8 +1664,9 @@ pub async fn place_replicas(shared: Arc<Shared>) {
         let now = tokio::time::Instant::now();
         let members = cluster.members();
         for (id, node) in &members {
-            let answered = *id == cluster.id
-                || cluster
+            let sent_ms = wall_clock_ms();
+            let answered = *id == cluster.id || {
+                let hello = cluster
                     .client
                     .post_async::<_, Hello>(
                         &node.addr,
@@ -1586,8 +1674,19 @@ pub async fn place_replicas(shared: Arc<Shared>) {
                         serde_json::json!({}),
                         HELLO_TIMEOUT,
                     )
-                    .await
-                    .is_ok();
+                    .await;
+                if let Ok(hello) = &hello
+                    && let Some(warning) = clock_offset_ms(hello, sent_ms, wall_clock_ms())
+                        .and_then(|offset| clock_warning(*id, cluster.id, offset))
+                    && clock_warned
+                        .get(id)
+                        .is_none_or(|at| now.duration_since(*at) >= CLOCK_WARN_EVERY)
+                {
+                    tracing::warn!(member = id, "{warning}");
+                    clock_warned.insert(*id, now);
+                }
+                hello.is_ok()
+            };
             if answered {
                 last_seen.insert(*id, now);
             } else {

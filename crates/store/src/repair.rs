@@ -52,6 +52,9 @@ const REBUILD_DIR: &str = "repair.tmp";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CatalogSource {
+    /// The store verified but for its catalog copy: the copy was rewritten from the
+    /// store, and nothing else changed.
+    Store,
     /// The catalog copy was intact and is the whole catalog.
     Copy,
     /// The copy was missing or damaged: the old file's catalog, completed by the copy.
@@ -110,12 +113,25 @@ pub fn repair(data_dir: &Path) -> Result<RepairReport> {
     if !path.exists() && !copy_path.exists() {
         return Err(KvError::Io(format!("{}: no store to repair", path.display())).into());
     }
-    let damage = damage_found(&path)?;
+    let (damage, copy_only) = damage_found(&path)?;
     if damage.is_empty() {
         return Ok(report);
     }
     report.needed = true;
     report.damage = damage;
+    if copy_only {
+        // The store is intact and is the authority: only the copy is rewritten (a rebuild
+        // from the copy would drop what the store holds past it).
+        let store = Store::open(data_dir)?;
+        store.kv().rewrite_catalog_copy()?;
+        let verified = store.verify()?;
+        if verified.ok {
+            report.catalog_source = Some(CatalogSource::Store);
+            report.frames_kept = verified.frames;
+            return Ok(report);
+        }
+        report.damage.extend(verified.problems);
+    }
     let rebuild_dir = data_dir.join(REBUILD_DIR);
     let io =
         |what: &Path, error: std::io::Error| KvError::Io(format!("{}: {error}", what.display()));
@@ -150,26 +166,36 @@ pub fn repair(data_dir: &Path) -> Result<RepairReport> {
 }
 
 /// What is wrong with the store at `path`: redb's structure check, then (if the file opens)
-/// a full `verify`. Empty when the store is intact.
-fn damage_found(path: &Path) -> Result<Vec<String>> {
+/// a full `verify`. Empty when the store is intact; with whether the catalog copy is the
+/// only thing wrong (the store itself verifies).
+fn damage_found(path: &Path) -> Result<(Vec<String>, bool)> {
     if !path.exists() {
-        return Ok(vec![format!(
-            "store {}: the file is missing",
-            path.display()
-        )]);
+        return Ok((
+            vec![format!("store {}: the file is missing", path.display())],
+            false,
+        ));
     }
     let structure = redb_check::check_structure(path, crate::redb_backend::TABLE_NAME);
     if !structure.problems.is_empty() {
-        return Ok(structure.problems);
+        return Ok((structure.problems, false));
     }
     let data_dir = path.parent().unwrap_or(Path::new("."));
     let store = match Store::open(data_dir) {
         Ok(store) => store,
-        Err(error) if error.is_corruption() => return Ok(vec![error.to_string()]),
+        Err(error) if error.is_corruption() => return Ok((vec![error.to_string()], false)),
         Err(error) => return Err(error),
     };
     let verified = store.verify()?;
-    Ok(verified.problems)
+    // The comparison with the copy adds one problem, after every other check. A copy
+    // behind the store, damaged or missing is the copy's fault; a copy at the store's own
+    // sequence that disagrees with it is the store's (the copy is then what is trusted).
+    let copy_only = verified.problems_count == 1
+        && verified.catalog_copy == crate::verify::CatalogCopyState::Differs
+        && verified.problems.first().is_some_and(|problem| {
+            problem.starts_with("catalog copy is behind the store")
+                || problem.starts_with("catalog copy: ")
+        });
+    Ok((verified.problems, copy_only))
 }
 
 /// Copies every object that verifies into `rebuilt`, found through redb where it can

@@ -51,9 +51,6 @@ pub enum CatalogCopyState {
     None,
     /// The copy holds exactly the store's catalog.
     Matches,
-    /// The copy was one catalog change behind (a crash between the store's commit and the
-    /// copy's append) or unwritten, and was rewritten from the intact store.
-    Refreshed,
     /// The copy is damaged or disagrees with the store (listed as a problem).
     Differs,
 }
@@ -214,24 +211,26 @@ impl Store {
             report.catalog_copy = CatalogCopyState::Matches;
             return Ok(());
         }
-        // One change behind is the crash window between the store's commit and the copy's
-        // append; an intact store is then the authority and the copy is rewritten from it.
-        let lagging = copy.sequence + 1 == sequence || copy.records == 0;
-        if lagging && report.problems_count == 0 {
-            self.kv().rewrite_catalog_copy()?;
-            report.catalog_copy = CatalogCopyState::Refreshed;
-            return Ok(());
-        }
+        // The copy is written ahead of every durable commit: no crash leaves it behind the
+        // store, so a copy behind (records cut from its end) or apart is damage, named.
+        let first = differing
+            .first()
+            .map(|key| format!(", the first {}", crate::kv::printable(key)))
+            .unwrap_or_default();
         report.catalog_copy = CatalogCopyState::Differs;
-        report.problem(format!(
-            "catalog copy (sequence {}) and store (sequence {sequence}) differ at {} keys{}",
-            copy.sequence,
-            differing.len(),
-            differing
-                .first()
-                .map(|key| format!(", the first {}", crate::kv::printable(key)))
-                .unwrap_or_default()
-        ));
+        if copy.sequence < sequence && report.problems_count == 0 {
+            report.problem(format!(
+                "catalog copy is behind the store (its sequence {} < the store's {sequence}; {} keys differ{first}): records are missing from its end; the store itself verifies, and `kairos repair` rewrites the copy from it",
+                copy.sequence,
+                differing.len(),
+            ));
+        } else {
+            report.problem(format!(
+                "catalog copy (sequence {}) and store (sequence {sequence}) differ at {} keys{first}",
+                copy.sequence,
+                differing.len(),
+            ));
+        }
         Ok(())
     }
 

@@ -390,3 +390,67 @@ fn a_node_killed_at_any_instant_leaves_a_store_that_verifies_and_its_copy_matche
     };
     assert!(code == 200 || code == 201, "{code} {body}");
 }
+
+/// Records cut from the end of the catalog copy (the store intact) are named by `verify`
+/// as the copy being behind, never refreshed in silence, and `repair` rewrites the copy
+/// from the store: every frame and fork stays.
+#[test]
+fn a_copy_cut_short_is_named_and_repair_keeps_every_frame_the_store_holds() {
+    let service = tempfile::tempdir().unwrap();
+    let root = service.path().join("web");
+    let kairos = Kairos::new();
+    let root_text = root.to_str().unwrap();
+    write(&root, "a", "0\n");
+    kairos.ok([
+        "replica",
+        "add",
+        "web",
+        "--root",
+        root_text,
+        "--capture-interval",
+        "1h",
+    ]);
+    for i in 1..=3 {
+        write(&root, "a", &format!("{i}\n"));
+        kairos.ok(["capture", "web"]);
+        kairos.ok([
+            "timeline",
+            "fork",
+            &format!("f{i}"),
+            "--replica",
+            "web",
+            "--at",
+            "latest",
+        ]);
+    }
+    let history = kairos.json(["history", "web", "--json"]);
+    let copy = kairos.data_dir().join("kairos.catalog-copy");
+    for cut in [1u64, 800] {
+        let length = std::fs::metadata(&copy).unwrap().len();
+        let file = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
+        file.set_len(length - cut).unwrap();
+        drop(file);
+        let out = kairos.run(["verify", "--json"]);
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["ok"], false, "cut {cut}: {report}");
+        assert!(
+            report["problems"][0]
+                .as_str()
+                .unwrap()
+                .starts_with("catalog copy is behind the store"),
+            "cut {cut}: {report}"
+        );
+        let repaired = kairos.json(["repair", "--json"]);
+        assert_eq!(repaired["catalog_source"], "store", "cut {cut}: {repaired}");
+        assert_eq!(repaired["frames_lost"], serde_json::json!([]), "{repaired}");
+        let report = kairos.json(["verify", "--json"]);
+        assert_eq!(report["catalog_copy"], "matches", "cut {cut}: {report}");
+        assert_eq!(kairos.json(["history", "web", "--json"]), history);
+        let timelines = kairos
+            .json(["timeline", "list", "web", "--json"])
+            .to_string();
+        for fork in ["f1", "f2", "f3"] {
+            assert!(timelines.contains(fork), "cut {cut}: {timelines}");
+        }
+    }
+}
