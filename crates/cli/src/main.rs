@@ -76,7 +76,8 @@ enum Command {
     #[command(subcommand)]
     Cluster(ClusterCommand),
     /// Capture the current state of a replica as a new frame (always stored; a node's own
-    /// interval and file-change captures store one only when the state changed)
+    /// interval and file-change captures store one only when the state changed). Through
+    /// a cluster member, it answers once the frame is on `cluster.replication` members
     Capture(CaptureArgs),
     /// List the frames of a replica, oldest first
     History(HistoryArgs),
@@ -1083,6 +1084,18 @@ fn capture_command(backend: &Backend, CaptureArgs { name, json }: CaptureArgs) -
         );
         for note in &report.notes {
             println!("  note {}: {}", note.path, note.message);
+        }
+        if let Some(durable) = &report.durable {
+            println!(
+                "  on {} of the {} members it must be on{}",
+                durable.copies,
+                durable.required,
+                if durable.durable {
+                    ""
+                } else {
+                    " (not durable yet: the others did not answer in time)"
+                }
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -313,6 +313,14 @@ impl Replicator {
         Ok(health)
     }
 
+    /// Records `frame` as whole here (its objects were just completed).
+    pub fn mark_whole(&self, frame: Hash) {
+        self.whole
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(frame);
+    }
+
     /// What the last pass found.
     pub fn health(&self) -> ObjectHealth {
         self.health

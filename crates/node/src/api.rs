@@ -748,9 +748,33 @@ async fn capture(
         {
             continue;
         }
-        return capture_answer(&name, answer);
+        let Json(mut captured) = capture_answer(&name, answer)?;
+        // In a cluster that keeps frames on several members, the answer waits until the
+        // new frame's objects are on enough of them (or says how many hold it).
+        if let Some(cluster) = shared.cluster.get()
+            && cluster.configured
+            && cluster.replication > 1
+            && captured.recorded
+        {
+            let frame = captured.frame.frame;
+            let store = shared.store.share();
+            let root = tokio::task::spawn_blocking(move || store.frame(&frame).map(|f| f.root))
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))??;
+            let copies = cluster.hold_durable(frame, root, DURABLE_WAIT).await;
+            captured.durable = Some(kairos_ops::wire::DurableJson {
+                copies,
+                required: cluster.replication,
+                durable: copies >= cluster.replication,
+            });
+        }
+        return Ok(Json(captured));
     }
 }
+
+/// How long a capture in a cluster waits for its frame to be on `cluster.replication`
+/// members before it answers with how many hold it.
+const DURABLE_WAIT: Duration = Duration::from_secs(10);
 
 fn capture_answer(
     name: &str,

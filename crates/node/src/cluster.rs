@@ -667,6 +667,7 @@ pub fn peer_router(shared: Arc<Shared>) -> Router {
         .route("/cluster/raft/snapshot", post(raft_snapshot))
         .route("/cluster/submit", post(peer_submit))
         .route("/cluster/objects", post(peer_objects))
+        .route("/cluster/hold", post(peer_hold))
         .route("/cluster/hello", post(peer_hello))
         .route("/cluster/add", post(peer_add))
         .route("/cluster/remove", post(peer_remove))
@@ -856,6 +857,102 @@ async fn peer_submit(
         Err(_) => Err(unavailable(
             "the leader could not reach a majority in time; the command may still take effect",
         )),
+    }
+}
+
+/// Frames a member asks another to make whole at once, at most.
+const HOLD_FRAMES_MAX: usize = 64;
+
+/// Frames (id and root) a member asks another to make whole here now.
+#[derive(Debug, Serialize, Deserialize)]
+struct HoldRequest {
+    frames: Vec<(kairos_core::Hash, kairos_core::Hash)>,
+}
+
+/// Whether each frame asked is whole on the member that answers.
+#[derive(Debug, Serialize, Deserialize)]
+struct HoldAnswer {
+    whole: Vec<bool>,
+}
+
+/// `POST /cluster/hold`: fetches now what this member lacks of the frames named (from the
+/// members that have them) and says which are whole here.
+async fn peer_hold(
+    State(shared): State<Arc<Shared>>,
+    payload: Result<Json<HoldRequest>, JsonRejection>,
+) -> Result<Json<HoldAnswer>, ApiError> {
+    let request = crate::api::json_input(payload)?;
+    if request.frames.len() > HOLD_FRAMES_MAX {
+        return Err(ApiError::bad_request(
+            "too_many_frames",
+            format!(
+                "{} frames asked at once; at most {HOLD_FRAMES_MAX}",
+                request.frames.len()
+            ),
+        ));
+    }
+    let cluster = cluster_of(&shared)?;
+    let store = shared.store.share();
+    let whole = tokio::task::spawn_blocking(move || {
+        request
+            .frames
+            .iter()
+            .map(|(frame, root)| {
+                let complete = kairos_cluster::objects::complete_frame(&store, root)
+                    .is_ok_and(|completion| completion.complete);
+                if complete {
+                    cluster.replicator.mark_whole(*frame);
+                }
+                complete
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(HoldAnswer { whole }))
+}
+
+impl Cluster {
+    /// Makes the frame `frame` (root `root`), captured here, whole on `cluster.replication`
+    /// members, this one included: the others are asked to fetch it now, and the answer
+    /// comes once enough of them hold it, or at `timeout`. How many members hold it.
+    pub async fn hold_durable(
+        &self,
+        frame: kairos_core::Hash,
+        root: kairos_core::Hash,
+        timeout: Duration,
+    ) -> u32 {
+        if self.replication <= 1 {
+            return 1;
+        }
+        let mut asks = tokio::task::JoinSet::new();
+        for address in self.peer_addresses() {
+            let client = self.client.clone();
+            asks.spawn(async move {
+                client
+                    .post_async::<_, HoldAnswer>(
+                        &address,
+                        "/cluster/hold",
+                        HoldRequest {
+                            frames: vec![(frame, root)],
+                        },
+                        timeout,
+                    )
+                    .await
+                    .is_ok_and(|answer| answer.whole.first() == Some(&true))
+            });
+        }
+        let mut copies = 1;
+        let deadline = tokio::time::Instant::now() + timeout;
+        while copies < self.replication {
+            match tokio::time::timeout_at(deadline, asks.join_next()).await {
+                Ok(Some(Ok(true))) => copies += 1,
+                Ok(Some(_)) => {}
+                // Every member answered, or the time is up.
+                Ok(None) | Err(_) => break,
+            }
+        }
+        copies
     }
 }
 

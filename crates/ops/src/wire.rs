@@ -64,6 +64,19 @@ pub struct CaptureJson {
     pub processes: u64,
     pub dictionary_trained: Option<u32>,
     pub notes: Vec<NoteJson>,
+    /// In a cluster that keeps frames on more than one member: on how many members the
+    /// frame's objects are when the capture answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durable: Option<DurableJson>,
+}
+
+/// How many members hold a captured frame whole, of the `cluster.replication` it needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DurableJson {
+    pub copies: u32,
+    pub required: u32,
+    /// `copies >= required`: the frame outlives the loss of any `required - 1` members.
+    pub durable: bool,
 }
 
 impl From<&CaptureReport> for CaptureJson {
@@ -85,6 +98,7 @@ impl From<&CaptureReport> for CaptureJson {
                     message: message.clone(),
                 })
                 .collect(),
+            durable: None,
         }
     }
 }
