@@ -247,13 +247,18 @@ impl Node {
 
     /// [`Node::start`] with these environment variables set for the node.
     pub fn start_with_env(config: &str, data_dir: &Path, env: &[(&str, &str)]) -> Node {
+        Node::start_on(config, data_dir, env, "127.0.0.1:0")
+    }
+
+    /// [`Node::start_with_env`] listening on `listen` (an address a configuration names).
+    pub fn start_on(config: &str, data_dir: &Path, env: &[(&str, &str)], listen: &str) -> Node {
         use std::io::BufRead;
         let config_path = data_dir.with_extension("toml");
         std::fs::write(&config_path, config).expect("config written");
         let mut child = Command::new(kairos_bin())
             .args(["up", "--config"])
             .arg(&config_path)
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["--listen", listen, "--data-dir"])
             .arg(data_dir)
             .env_remove("KAIROS_DATA_DIR")
             .env_remove("KAIROS_NODE")

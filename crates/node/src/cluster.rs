@@ -1042,6 +1042,9 @@ async fn peer_add(
             ),
         ));
     }
+    if !cluster.members().contains_key(&add.id) {
+        start_from_a_snapshot(&cluster).await;
+    }
     match tokio::time::timeout(
         CATCH_UP_TIMEOUT,
         cluster
@@ -1072,6 +1075,58 @@ async fn peer_add(
         .await
         .map_err(|e| leader_error(&cluster, e.to_string()))?;
     Ok(Json(hello_of(&cluster)))
+}
+
+/// Makes a member that joins start from a snapshot of the whole catalog rather than from a
+/// replay of the log: a store can hold what never went through the log (written while its
+/// node ran alone, before the cluster formed), and only a snapshot carries it. A snapshot
+/// is built at the applied position and the log is purged up to it; should the purge not
+/// happen in time (a replication in flight holds it), the member replays the log instead,
+/// and a warning says so.
+async fn start_from_a_snapshot(cluster: &Cluster) {
+    let Some(applied) = cluster.raft.metrics().borrow().last_applied else {
+        return;
+    };
+    let wait = Duration::from_secs(20);
+    let built = async {
+        cluster
+            .raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| e.to_string())?;
+        cluster
+            .raft
+            .wait(Some(wait))
+            .metrics(
+                |m| m.snapshot.is_some_and(|s| s.index >= applied.index),
+                "a snapshot of the catalog",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        cluster
+            .raft
+            .trigger()
+            .purge_log(applied.index)
+            .await
+            .map_err(|e| e.to_string())?;
+        cluster
+            .raft
+            .wait(Some(wait))
+            .metrics(
+                |m| m.purged.is_some_and(|p| p.index >= applied.index),
+                "the log purged up to the snapshot",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<(), String>(())
+    };
+    if let Err(problem) = built.await {
+        tracing::warn!(
+            %problem,
+            "the member that joins replays the log instead of starting from a snapshot: what this store held before the cluster formed may not reach it"
+        );
+    }
 }
 
 fn leader_error(cluster: &Cluster, problem: String) -> ApiError {
@@ -1593,7 +1648,18 @@ async fn join_at(cluster: &Arc<Cluster>, address: &str) -> Result<(), ApiError> 
             )
             .await
         {
-            Ok(_) => return Ok(()),
+            Ok(hello) => {
+                // Answered once this member applied what the leader had when it added it
+                // (its own membership among it).
+                if let Some(index) = hello.applied {
+                    let _ = cluster
+                        .raft
+                        .wait(Some(Duration::from_secs(20)))
+                        .applied_index_at_least(Some(index), "the leader's commit")
+                        .await;
+                }
+                return Ok(());
+            }
             Err(PeerError::Refused {
                 status: 421,
                 message,

@@ -919,6 +919,96 @@ fn a_leader_cut_off_by_the_network_yields_one_leader_and_loses_no_acknowledged_c
     );
 }
 
+/// A node that ran alone holds what never went through a cluster's log (replicas, frames,
+/// parties written directly): when it forms a cluster, every member that joins starts from
+/// a snapshot of its whole catalog, so all of it is on every member.
+#[test]
+fn what_a_node_held_before_the_cluster_formed_reaches_every_member_that_joins() {
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("service");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("app.conf"), "x = 1\n").unwrap();
+    let first = Kairos::at(&work.path().join("node-1"));
+    let root_text = root.to_str().unwrap();
+    first.ok([
+        "replica",
+        "add",
+        "web",
+        "--root",
+        root_text,
+        "--capture-interval",
+        "1h",
+    ]);
+    first.ok(["capture", "web"]);
+    first.ok(["party", "add", "alice", "--role", "viewer"]);
+    let admin: Value = first.json(["party", "add", "ops", "--role", "admin", "--json"]);
+    let token = admin["token"].as_str().unwrap().to_string();
+    let frames = first.json(["history", "web", "--json"]);
+    std::fs::write(
+        work.path().join("secret"),
+        "a-shared-secret-of-the-members\n",
+    )
+    .unwrap();
+    let ports = [kairos_tests::free_port(), kairos_tests::free_port()];
+    let config = |id: usize| {
+        format!(
+            "[cluster]\nnode_id = {id}\nadvertise = \"http://127.0.0.1:{}\"\nsecret_file = \"{}\"\n",
+            ports[id - 1],
+            work.path().join("secret").display()
+        )
+    };
+    let listen = |id: usize| format!("127.0.0.1:{}", ports[id - 1]);
+    let node_1 = Node::start_on(&config(1), &work.path().join("node-1"), &[], &listen(1));
+    let kairos = Kairos::new();
+    let with_token = ["--token", token.as_str(), "--node"];
+    kairos.ok([&with_token[..], &[node_1.url.as_str(), "cluster", "init"]].concat());
+    let node_2 = Node::start_on(&config(2), &work.path().join("node-2"), &[], &listen(2));
+    kairos.ok([
+        &with_token[..],
+        &[node_2.url.as_str(), "cluster", "join", node_1.url.as_str()],
+    ]
+    .concat());
+    let asked = [
+        &with_token[..],
+        &[node_2.url.as_str(), "history", "web", "--json"],
+    ]
+    .concat();
+    let history = wait_for(
+        "web's frames on the member that joined",
+        Duration::from_secs(20),
+        || {
+            let out = kairos.run(&asked);
+            out.status
+                .success()
+                .then(|| serde_json::from_slice::<Value>(&out.stdout).unwrap())
+        },
+    );
+    assert_eq!(history, frames);
+    let parties = kairos.json(
+        [
+            &with_token[..],
+            &[node_2.url.as_str(), "party", "list", "--json"],
+        ]
+        .concat(),
+    );
+    assert!(parties.to_string().contains("alice"), "{parties}");
+    let out = work.path().join("restored");
+    kairos.ok([
+        &with_token[..],
+        &[
+            node_2.url.as_str(),
+            "restore",
+            "web",
+            "--at",
+            "latest",
+            "--into",
+            out.to_str().unwrap(),
+        ],
+    ]
+    .concat());
+    assert_eq!(tree_listing(&root), tree_listing(&out));
+}
+
 /// A capture through a member answers once its frame's objects are on
 /// `cluster.replication` members (2 of 3 by default): that member killed (-9) right after
 /// the answer, the frame still restores byte-identical from each of the others.
