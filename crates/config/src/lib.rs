@@ -182,6 +182,9 @@ pub struct NodeConfig {
     pub replay_concurrency_max: usize,
     /// Replay requests waiting for a slot before the API answers 503.
     pub replay_queue_max: usize,
+    /// Sandboxes this node runs at once before, in a cluster, it hands more to a member
+    /// with a free slot (default: the host's cores).
+    pub sandbox_slots: usize,
     /// File changes within this window are captured together.
     pub capture_debounce: Duration,
     /// Requests queued for one replica's snapshotter before callers are told to retry.
@@ -533,6 +536,7 @@ struct RawNode {
     request_body_bytes_max: usize,
     replay_concurrency_max: usize,
     replay_queue_max: usize,
+    sandbox_slots: Option<usize>,
     capture_debounce: String,
     snapshotter_mailbox_max: usize,
     store_cache_bytes: usize,
@@ -556,6 +560,7 @@ impl Default for RawNode {
             request_body_bytes_max: 1 << 20,
             replay_concurrency_max: 64,
             replay_queue_max: 1024,
+            sandbox_slots: None,
             capture_debounce: "200ms".into(),
             snapshotter_mailbox_max: 64,
             store_cache_bytes: 64 << 20,
@@ -1204,6 +1209,7 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             raw.node.replay_concurrency_max,
         ),
         ("node.replay_queue_max", raw.node.replay_queue_max),
+        ("node.sandbox_slots", raw.node.sandbox_slots.unwrap_or(1)),
         (
             "node.snapshotter_mailbox_max",
             raw.node.snapshotter_mailbox_max,
@@ -1215,6 +1221,9 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             return Err(key_error(key, "must be at least 1".into()));
         }
     }
+    let sandbox_slots = raw.node.sandbox_slots.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
     let capture_debounce = duration(
         source_name,
         "node.capture_debounce",
@@ -1480,6 +1489,7 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
             request_body_bytes_max: raw.node.request_body_bytes_max,
             replay_concurrency_max: raw.node.replay_concurrency_max,
             replay_queue_max: raw.node.replay_queue_max,
+            sandbox_slots,
             capture_debounce,
             snapshotter_mailbox_max: raw.node.snapshotter_mailbox_max,
             store_cache_bytes: raw.node.store_cache_bytes,

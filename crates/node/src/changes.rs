@@ -367,9 +367,46 @@ pub async fn sandbox_proposal(
     State(shared): State<Arc<Shared>>,
     Extension(acting): Extension<Acting>,
     Path((name, id)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
     payload: Result<Json<SandboxRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_input(payload)?;
+    let cluster = shared.cluster.get().filter(|c| c.configured).cloned();
+    // Counted before deciding, so that requests at the same instant see each other.
+    let (mut running, before) = Running::start(&shared.sandboxes_running);
+    // In a cluster, a sandbox asked of a member whose slots are all taken runs on the
+    // member with the most free ones (never handed on twice).
+    if let Some(cluster) = &cluster
+        && before >= shared.config.node.sandbox_slots
+        && !headers.contains_key(crate::cluster::FORWARDED_BY)
+        && let Some((member, address)) = cluster.member_with_a_free_sandbox_slot().await
+    {
+        // Not run here: not counted here.
+        drop(running);
+        let forwarded = forward_sandbox(cluster.id, &address, &name, &id, &headers, &request);
+        let answer = forwarded.await;
+        running = Running::start(&shared.sandboxes_running).0;
+        match answer {
+            Ok((status, body)) => {
+                let mut response = (
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+                    .into_response();
+                if let Ok(value) = member.to_string().parse() {
+                    response
+                        .headers_mut()
+                        .insert(crate::cluster::SANDBOX_MEMBER, value);
+                }
+                return Ok(response);
+            }
+            // The member could not be reached: the sandbox runs here after all.
+            Err(problem) => {
+                tracing::warn!(member, %problem, "handing a sandbox to another member");
+            }
+        }
+    }
     let party = party(&acting, request.party)?;
     let report = blocking(&shared, name.clone(), move |shared, _| {
         let report = shared.service().sandbox(
@@ -385,8 +422,85 @@ pub async fn sandbox_proposal(
         Ok(report)
     })
     .await?;
-    Ok(Json(report).into_response())
+    drop(running);
+    let mut response = Json(report).into_response();
+    if let Some(cluster) = &cluster
+        && let Ok(value) = cluster.id.to_string().parse()
+    {
+        response
+            .headers_mut()
+            .insert(crate::cluster::SANDBOX_MEMBER, value);
+    }
+    Ok(response)
 }
+
+/// Counts a sandbox as running while it lives.
+struct Running(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Running {
+    /// Counts one more; with how many ran before it.
+    fn start(count: &Arc<std::sync::atomic::AtomicUsize>) -> (Running, usize) {
+        let before = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        (Running(count.clone()), before)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Asks the member at `address` to run the sandbox, with the caller's own credentials (a
+/// party is a party on every member); its status and answer.
+async fn forward_sandbox(
+    from: kairos_cluster::NodeId,
+    address: &str,
+    name: &str,
+    id: &str,
+    headers: &axum::http::HeaderMap,
+    request: &SandboxRequest,
+) -> Result<(u16, Vec<u8>), String> {
+    let url = format!(
+        "{}/api/replicas/{name}/proposals/{id}/sandbox",
+        address.trim_end_matches('/')
+    );
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_string);
+    let body = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(2)))
+            .timeout_global(Some(SANDBOX_FORWARD_TIMEOUT))
+            .build()
+            .into();
+        let mut sent = agent
+            .post(&url)
+            .header("content-type", "application/json")
+            .header(crate::cluster::FORWARDED_BY, from.to_string());
+        if let Some(authorization) = authorization {
+            sent = sent.header("authorization", authorization);
+        }
+        let mut response = sent.send(&body[..]).map_err(|e| format!("{url}: {e}"))?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_vec()
+            .map_err(|e| format!("{url}: reading the answer: {e}"))?;
+        Ok((status, bytes))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// How long a member waits for a sandbox it handed to another (checks have their own
+/// timeouts, well within this).
+const SANDBOX_FORWARD_TIMEOUT: Duration = Duration::from_secs(3600);
 
 #[utoipa::path(get, path = "/api/replicas/{name}/proposals/{id}/preview", params(("name" = String, Path, description = "Replica"), ("id" = String, Path, description = "Proposal id prefix"), ("ops" = Option<String>, Query, description = "1-based op indexes, comma-separated (all when absent)")), responses(
     (status = 200, description = "What the sandbox would hold (diff) and the prediction for it; nothing is stored"), (status = 404, description = "Unknown proposal", body = ErrorBody)))]

@@ -563,6 +563,9 @@ pub struct Hello {
     /// it with theirs to find a clock that disagrees.
     #[serde(default)]
     pub clock_ms: Option<i64>,
+    /// The sandboxes it runs, of its slots (members hand sandboxes to one with a free one).
+    #[serde(default)]
+    pub sandboxes: Option<SandboxLoad>,
     pub members: BTreeMap<NodeId, String>,
     /// The last entry this member applied, and the last its snapshot covers.
     #[serde(default)]
@@ -586,6 +589,7 @@ fn hello_of(cluster: &Cluster) -> Hello {
         leader: metrics.current_leader,
         term: metrics.current_term,
         clock_ms: Some(wall_clock_ms()),
+        sandboxes: None,
         members: metrics
             .membership_config
             .nodes()
@@ -972,7 +976,61 @@ async fn peer_objects(
 
 async fn peer_hello(State(shared): State<Arc<Shared>>) -> Result<Json<Hello>, ApiError> {
     let cluster = cluster_of(&shared)?;
-    Ok(Json(hello_of(&cluster)))
+    let mut hello = hello_of(&cluster);
+    hello.sandboxes = Some(SandboxLoad {
+        running: shared
+            .sandboxes_running
+            .load(std::sync::atomic::Ordering::SeqCst) as u32,
+        slots: shared.config.node.sandbox_slots as u32,
+    });
+    Ok(Json(hello))
+}
+
+/// How many sandboxes a member runs, of the slots it has.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct SandboxLoad {
+    pub running: u32,
+    pub slots: u32,
+}
+
+/// The header a member sets on a request it hands to another (which runs it itself).
+pub const FORWARDED_BY: &str = "kairos-forwarded-by";
+/// The header naming the member a sandbox ran on.
+pub const SANDBOX_MEMBER: &str = "kairos-sandbox-member";
+
+impl Cluster {
+    /// The member with the most free sandbox slots, if any has one (its id and address).
+    pub async fn member_with_a_free_sandbox_slot(&self) -> Option<(NodeId, String)> {
+        let mut asks = tokio::task::JoinSet::new();
+        for (id, node) in self.members() {
+            if id == self.id {
+                continue;
+            }
+            let client = self.client.clone();
+            asks.spawn(async move {
+                let hello = client
+                    .post_async::<_, Hello>(
+                        &node.addr,
+                        "/cluster/hello",
+                        serde_json::json!({}),
+                        HELLO_TIMEOUT,
+                    )
+                    .await
+                    .ok()?;
+                let load = hello.sandboxes?;
+                (load.running < load.slots).then_some((load.slots - load.running, id, node.addr))
+            });
+        }
+        let mut best: Option<(u32, NodeId, String)> = None;
+        while let Some(answer) = asks.join_next().await {
+            if let Ok(Some(candidate)) = answer
+                && best.as_ref().is_none_or(|best| candidate.0 > best.0)
+            {
+                best = Some(candidate);
+            }
+        }
+        best.map(|(_, id, address)| (id, address))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

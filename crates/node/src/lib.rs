@@ -149,6 +149,8 @@ pub struct Shared {
     figures: Mutex<Option<crate::wire::StoreFiguresJson>>,
     /// Counts catalog changes: event streams and the NATS publisher wait on it.
     pub changes: tokio::sync::watch::Sender<u64>,
+    /// Sandboxes running on this node now (see `node.sandbox_slots`).
+    pub sandboxes_running: Arc<std::sync::atomic::AtomicUsize>,
     /// Event streams (`GET /api/events`) open at once, and per party.
     pub event_streams: Arc<Semaphore>,
     pub event_streams_by_party: Arc<Mutex<HashMap<String, usize>>>,
@@ -447,6 +449,7 @@ pub async fn run(
         predictor: RwLock::new(None),
         figures: Mutex::new(None),
         changes: tokio::sync::watch::Sender::new(0),
+        sandboxes_running: Arc::default(),
         event_streams: Arc::new(Semaphore::new(events::EVENT_STREAMS_MAX)),
         event_streams_by_party: Arc::default(),
         nats_status: Mutex::new(None),

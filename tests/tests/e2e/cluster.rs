@@ -1009,6 +1009,93 @@ fn what_a_node_held_before_the_cluster_formed_reaches_every_member_that_joins() 
     assert_eq!(tree_listing(&root), tree_listing(&out));
 }
 
+/// A member whose sandbox slots are all taken hands the next sandbox to the member with a
+/// free one: three sandboxes asked of one member at once, with one slot each, run on
+/// three members (each answer names where it ran) and each check passes.
+#[test]
+fn sandboxes_beyond_a_members_slots_run_on_members_with_free_ones() {
+    let work = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start_with(
+        &work.path().join("cluster"),
+        None,
+        &[("KAIROS_NODE_SETTINGS", "sandbox_slots = 1".into())],
+    );
+    let root = work.path().join("service");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("app.conf"), "x = 1\n").unwrap();
+    let asked = cluster.urls[0].clone();
+    let (code, body) = post(
+        &format!("{asked}/api/replicas"),
+        &json!({"name": "web", "root": root, "capture_interval": "1h", "settings": {"check": "sleep 1"}}),
+    );
+    assert_eq!(code, 201, "{body}");
+    wait_for("a first capture", Duration::from_secs(20), || {
+        let (code, _) = post(&format!("{asked}/api/replicas/web/capture"), &json!({}));
+        (code == 200 || code == 201).then_some(())
+    });
+    let proposals: Vec<String> = (0..3)
+        .map(|i| {
+            let (code, body) = post(
+                &format!("{asked}/api/replicas/web/proposals"),
+                &json!({"document": {"title": format!("x {i}"),
+                        "ops": [{"op": "set_config", "file": "app.conf", "key": "x", "value": i + 2}]}}),
+            );
+            assert_eq!(code, 201, "{body}");
+            body["proposal"].as_str().unwrap().to_string()
+        })
+        .collect();
+    // Every member has the proposals before they are asked for.
+    for url in &cluster.urls {
+        for proposal in &proposals {
+            wait_for(
+                "the proposal on every member",
+                Duration::from_secs(20),
+                || {
+                    let (code, _) = get(&format!("{url}/api/replicas/web/proposals/{proposal}"));
+                    (code == 200).then_some(())
+                },
+            );
+        }
+    }
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(proposals.len()));
+    let runs: Vec<_> = proposals
+        .iter()
+        .map(|proposal| {
+            let (url, barrier) = (
+                format!("{asked}/api/replicas/web/proposals/{proposal}/sandbox"),
+                barrier.clone(),
+            );
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut response = Node::agent()
+                    .post(&url)
+                    .send_json(json!({"run_check": true}))
+                    .unwrap();
+                let member = response
+                    .headers()
+                    .get("kairos-sandbox-member")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let status = response.status().as_u16();
+                let body: Value = response.body_mut().read_json().unwrap_or(Value::Null);
+                (status, member, body)
+            })
+        })
+        .collect();
+    let mut members = std::collections::BTreeSet::new();
+    for run in runs {
+        let (status, member, body) = run.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["check"]["passed"], true, "{body}");
+        members.insert(member.expect("the answer names the member it ran on"));
+    }
+    assert!(members.len() >= 2, "ran on {members:?}");
+    assert!(
+        members.contains("1"),
+        "one ran on the member asked: {members:?}"
+    );
+}
+
 /// A capture through a member answers once its frame's objects are on
 /// `cluster.replication` members (2 of 3 by default): that member killed (-9) right after
 /// the answer, the frame still restores byte-identical from each of the others.
