@@ -19,6 +19,11 @@ const POLL: Duration = Duration::from_millis(25);
 struct State {
     /// Members cut off.
     cut: Mutex<BTreeSet<u64>>,
+    /// Members whose answers are replaced by garbage (a well-formed HTTP answer whose body
+    /// is not what was asked for).
+    garbled: Mutex<BTreeSet<u64>>,
+    /// Members whose answers are held this long, per chunk.
+    slow: Mutex<std::collections::BTreeMap<u64, Duration>>,
     stop: AtomicBool,
 }
 
@@ -30,6 +35,21 @@ impl State {
 
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+
+    fn garbled(&self, member: u64) -> bool {
+        self.garbled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&member)
+    }
+
+    fn delay(&self, member: u64) -> Option<Duration> {
+        self.slow
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&member)
+            .copied()
     }
 }
 
@@ -80,10 +100,38 @@ impl PartitionProxy {
             .insert(member);
     }
 
-    /// Ends every cut.
+    /// Makes every answer of `member` garbage (to what the others send it).
+    pub fn garble(&self, member: u64) {
+        self.state
+            .garbled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(member);
+    }
+
+    /// Holds every chunk `member` answers for `delay`.
+    pub fn slow_down(&self, member: u64, delay: Duration) {
+        self.state
+            .slow
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(member, delay);
+    }
+
+    /// Ends every cut, garbling and slowing.
     pub fn heal(&self) {
         self.state
             .cut
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.state
+            .garbled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.state
+            .slow
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
@@ -129,6 +177,14 @@ fn relay(mut client: TcpStream, target: SocketAddr, member: u64, state: &Arc<Sta
             .then(|| value.trim().parse::<u64>().ok())
             .flatten()
     });
+    if state.garbled(member) {
+        // Answered at once, without the member: valid HTTP, a body that is not.
+        let _ = client.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 12\r\nconnection: close\r\n\r\n{\"garbage\": ]",
+        );
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    }
     let poisoned = Arc::new(AtomicBool::new(false));
     let upstream = if state.blocked(sender, member) {
         poisoned.store(true, Ordering::Relaxed);
@@ -156,13 +212,15 @@ fn relay(mut client: TcpStream, target: SocketAddr, member: u64, state: &Arc<Sta
             member,
             &back_state,
             &back_poisoned,
+            true,
         );
     });
-    pump(client, upstream, sender, member, state, &poisoned);
+    pump(client, upstream, sender, member, state, &poisoned, false);
     let _ = backward.join();
 }
 
-/// Copies `from` to `to` until either side closes; bytes a cut blocks are dropped.
+/// Copies `from` to `to` until either side closes; bytes a cut blocks are dropped, and
+/// the member's answers (`answers`) are held while it is slowed down.
 fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
@@ -170,6 +228,7 @@ fn pump(
     member: u64,
     state: &State,
     poisoned: &AtomicBool,
+    answers: bool,
 ) {
     let mut chunk = [0u8; 64 * 1024];
     loop {
@@ -179,6 +238,9 @@ fn pump(
         match from.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => {
+                if answers && let Some(delay) = state.delay(member) {
+                    std::thread::sleep(delay);
+                }
                 if state.blocked(sender, member) {
                     poisoned.store(true, Ordering::Relaxed);
                 } else if to.write_all(&chunk[..n]).is_err() {

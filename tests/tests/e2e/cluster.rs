@@ -763,6 +763,111 @@ fn a_paused_leader_yields_one_leader_and_loses_no_acknowledged_command() {
     }
 }
 
+/// Three members that reach each other through [`PartitionProxy`]s, with `web` registered,
+/// captured once and its first frame on every member; the status.
+fn proxied_cluster(work: &Path) -> (PartitionProxy, LocalCluster, Value) {
+    let port = port_free_on_three();
+    let targets: Vec<std::net::SocketAddr> = (1..=3)
+        .map(|i| format!("127.0.0.{i}:{port}").parse().unwrap())
+        .collect();
+    let proxy = PartitionProxy::start(&targets);
+    let cluster = LocalCluster::start_with(
+        &work.join("cluster"),
+        None,
+        &[
+            ("KAIROS_CLUSTER_PORT", port.to_string()),
+            ("KAIROS_CLUSTER_ADVERTISE", proxy.urls.join(" ")),
+        ],
+    );
+    let status = with_web(&cluster, &work.join("service"));
+    for member in status["members"].as_array().unwrap() {
+        assert!(
+            proxy
+                .urls
+                .contains(&member["api"].as_str().unwrap().to_string()),
+            "members reach each other through the proxies: {status}"
+        );
+    }
+    // Every member has web and its first frame (what was committed on two members only
+    // would be the third's to catch up with, not these tests' subject).
+    for url in &cluster.urls {
+        wait_for(
+            "web's first frame on every member",
+            Duration::from_secs(20),
+            || {
+                let (code, history) = get(&format!("{url}/api/replicas/web/history"));
+                (code == 200 && history.as_array().is_some_and(|frames| !frames.is_empty()))
+                    .then_some(())
+            },
+        );
+    }
+    (proxy, cluster, status)
+}
+
+/// A member whose answers are garbage, then one that answers very slowly (a proxy in
+/// front of it): the others go on taking commands, the status names the member that
+/// answers garbage as unreachable, no member dies, and once it answers properly again it
+/// has every command.
+#[test]
+fn a_member_that_answers_garbage_or_very_slowly_is_named_and_the_others_go_on() {
+    let work = tempfile::tempdir().unwrap();
+    let (proxy, cluster, status) = proxied_cluster(work.path());
+    let leader = status["leader"].as_u64().unwrap();
+    let odd = (1..=3).find(|id| *id != leader).unwrap();
+    let other = (1..=3).find(|id| *id != leader && *id != odd).unwrap();
+    let other_url = cluster.urls[other as usize - 1].clone();
+    proxy.garble(odd);
+    for i in 0..10 {
+        fork(&other_url, &format!("g{i}"));
+    }
+    wait_for(
+        "the member answering garbage named",
+        Duration::from_secs(20),
+        || {
+            let status = cluster.status(&other_url)?;
+            let member = status["members"]
+                .as_array()?
+                .iter()
+                .find(|m| m["id"] == odd)?
+                .clone();
+            (member["state"] == "unreachable").then_some(())
+        },
+    );
+    proxy.heal();
+    proxy.slow_down(odd, Duration::from_secs(3));
+    let started = Instant::now();
+    for i in 0..10 {
+        fork(&other_url, &format!("s{i}"));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "a slow member does not hold the others up: {:?}",
+        started.elapsed()
+    );
+    proxy.heal();
+    for url in &cluster.urls {
+        wait_for(
+            "every fork on every member",
+            Duration::from_secs(30),
+            || {
+                let listed = timelines(url)?;
+                (0..10)
+                    .all(|i| {
+                        listed.contains(&format!("\"g{i}\""))
+                            && listed.contains(&format!("\"s{i}\""))
+                    })
+                    .then_some(())
+            },
+        );
+    }
+    for member in status["members"].as_array().unwrap() {
+        let pid = member["pid"].as_u64().unwrap() as i32;
+        // SAFETY: kill(2) with signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        assert!(alive, "member {} still runs", member["id"]);
+    }
+}
+
 /// A port free on 127.0.0.1, .2 and .3 at once.
 fn port_free_on_three() -> u16 {
     for _ in 0..200 {
@@ -784,45 +889,11 @@ fn port_free_on_three() -> u16 {
 #[test]
 fn a_leader_cut_off_by_the_network_yields_one_leader_and_loses_no_acknowledged_command() {
     let work = tempfile::tempdir().unwrap();
-    let port = port_free_on_three();
-    let targets: Vec<std::net::SocketAddr> = (1..=3)
-        .map(|i| format!("127.0.0.{i}:{port}").parse().unwrap())
-        .collect();
-    let proxy = PartitionProxy::start(&targets);
-    let cluster = LocalCluster::start_with(
-        &work.path().join("cluster"),
-        None,
-        &[
-            ("KAIROS_CLUSTER_PORT", port.to_string()),
-            ("KAIROS_CLUSTER_ADVERTISE", proxy.urls.join(" ")),
-        ],
-    );
-    let status = with_web(&cluster, &work.path().join("service"));
-    for member in status["members"].as_array().unwrap() {
-        assert!(
-            proxy
-                .urls
-                .contains(&member["api"].as_str().unwrap().to_string()),
-            "members reach each other through the proxies: {status}"
-        );
-    }
+    let (proxy, cluster, status) = proxied_cluster(work.path());
     let leader = status["leader"].as_u64().unwrap();
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let follower_url = cluster.urls[follower as usize - 1].clone();
     let leader_url = cluster.urls[leader as usize - 1].clone();
-    // Every member has web and its first frame before the cut (what was committed on two
-    // members only would be the third's to catch up with, not this test's subject).
-    for url in &cluster.urls {
-        wait_for(
-            "web's first frame on every member",
-            Duration::from_secs(20),
-            || {
-                let (code, history) = get(&format!("{url}/api/replicas/web/history"));
-                (code == 200 && history.as_array().is_some_and(|frames| !frames.is_empty()))
-                    .then_some(())
-            },
-        );
-    }
     // Who leads which term, as each member sees itself, all along.
     let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let secret = work.path().join("cluster/secret");
