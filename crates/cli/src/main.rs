@@ -743,6 +743,10 @@ enum ReplicaCommand {
         /// `process:SELECTOR`, `metric:NAME<=MAX` or `metric:NAME>=MIN` (repeatable)
         #[arg(long = "probe", value_name = "KIND:SPEC")]
         probes: Vec<String>,
+        /// In a cluster, the member that can reach the root (its node id, or the host of
+        /// its advertise URL): the replica is watched there only, never moved elsewhere
+        #[arg(long, value_name = "MEMBER")]
+        host: Option<String>,
     },
     /// List registered replicas
     List {
@@ -1008,6 +1012,7 @@ fn replica(backend: &Backend, command: ReplicaCommand) -> Result<ExitCode> {
             probe_interval,
             actions,
             probes,
+            host,
         } => {
             let settings = kairos_capture::ReplicaSettings {
                 check,
@@ -1017,6 +1022,7 @@ fn replica(backend: &Backend, command: ReplicaCommand) -> Result<ExitCode> {
                 probe_interval,
                 actions,
                 probes,
+                host,
             };
             let replica = backend.add_replica(
                 &name,

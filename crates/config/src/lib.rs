@@ -766,6 +766,8 @@ struct RawReplica {
     #[serde(default)]
     probe_interval: Option<String>,
     #[serde(default)]
+    host: Option<String>,
+    #[serde(default)]
     actions: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     probe: Vec<kairos_core::Probe>,
@@ -1322,6 +1324,7 @@ fn validate(raw: RawConfig, base_dir: &Path, source_name: &str) -> Result<Config
         definition.capture_interval_ms = millis(interval);
         definition.check = replica.check;
         definition.after_commit = replica.after_commit;
+        definition.host = replica.host;
         definition.actions = replica.actions;
         definition.probes = replica.probe;
         if let Some(retention) = replica.retention {

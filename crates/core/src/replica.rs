@@ -57,6 +57,11 @@ pub struct ReplicaDefinition {
     /// Policies of single timelines, in place of `review_policy`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub timeline_review_policy: BTreeMap<String, crate::ReviewPolicy>,
+    /// In a cluster, the member that can reach the root (its `cluster.node_id`, or the host
+    /// of its `advertise` URL): the replica is watched there only, and never moved to
+    /// another member. None: any member, and it moves when its member leaves or dies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 pub const CHECK_TIMEOUT_MS_DEFAULT: u64 = 60_000;
@@ -92,6 +97,10 @@ pub enum ReplicaError {
     BadName(String),
     #[error("replica {name:?}: root {root:?} must be an absolute path")]
     RootNotAbsolute { name: String, root: PathBuf },
+    #[error(
+        "replica {name:?}: host {host:?} is not a member's id or host name (1 to 253 letters, digits, '.', '-', '_')"
+    )]
+    BadHost { name: String, host: String },
     #[error(
         "replica {name:?}: capture interval {interval_ms} ms is below the minimum of {min_ms} ms"
     )]
@@ -146,6 +155,7 @@ impl ReplicaDefinition {
             timeline_retention: BTreeMap::new(),
             review_policy: None,
             timeline_review_policy: BTreeMap::new(),
+            host: None,
         }
     }
 
@@ -182,6 +192,18 @@ impl ReplicaDefinition {
             return Err(ReplicaError::RootNotAbsolute {
                 name: self.name.clone(),
                 root: self.root.clone(),
+            });
+        }
+        if let Some(host) = &self.host
+            && (host.is_empty()
+                || host.len() > 253
+                || !host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')))
+        {
+            return Err(ReplicaError::BadHost {
+                name: self.name.clone(),
+                host: host.clone(),
             });
         }
         if self.capture_interval_ms < CAPTURE_INTERVAL_MS_MIN {

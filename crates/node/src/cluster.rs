@@ -1864,6 +1864,22 @@ pub fn object_source(cluster: &Arc<Cluster>) -> Arc<PeerObjects> {
 /// How long a member goes unanswered before the leader moves its replicas elsewhere.
 pub const PLACEMENT_GRACE: Duration = Duration::from_secs(3);
 
+/// The member a replica's `host` names: its id, or the host of its advertise URL.
+fn host_member(host: &str, members: &BTreeMap<NodeId, Node>) -> Option<NodeId> {
+    members.iter().find_map(|(id, node)| {
+        let address = node
+            .addr
+            .split_once("://")
+            .map_or(node.addr.as_str(), |(_, rest)| rest);
+        let address = address.split('/').next().unwrap_or(address);
+        let name = match address.strip_prefix('[') {
+            Some(rest) => rest.split(']').next().unwrap_or(rest),
+            None => address.rsplit_once(':').map_or(address, |(name, _)| name),
+        };
+        (id.to_string() == host || name.eq_ignore_ascii_case(host)).then_some(*id)
+    })
+}
+
 /// The leader's placement loop: every replica is placed on a live voter (the one with
 /// the fewest replicas), and moved when its member leaves or stops answering for
 /// [`PLACEMENT_GRACE`]; each move is an entry of the log, with its reason.
@@ -1946,6 +1962,31 @@ pub async fn place_replicas(shared: Arc<Shared>) {
         }
         for replica in replicas {
             let current = placements.get(&replica.name).and_then(|p| p.node);
+            if let Some(host) = &replica.host {
+                // Pinned: watched on its host only, alive or not (its root is there).
+                let target = host_member(host, &members);
+                if target == current {
+                    continue;
+                }
+                let reason = match target {
+                    Some(node) => format!("its host {host:?} is member {node}"),
+                    None => format!("its host {host:?} is no member: not watched until it joins"),
+                };
+                tracing::info!(replica = %replica.name, node = ?target, %reason, "placing the replica");
+                let placed = cluster
+                    .append(LogRequest::Place {
+                        replica: replica.name.clone(),
+                        node: target,
+                        reason,
+                        time: kairos_core::Instant::now(),
+                    })
+                    .await;
+                if let Err(error) = placed {
+                    tracing::warn!(replica = %replica.name, %error, "placing the replica");
+                    break;
+                }
+                continue;
+            }
             let reason = match current {
                 None => "not placed yet".to_string(),
                 Some(node) if !members.contains_key(&node) => {

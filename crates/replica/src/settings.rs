@@ -60,6 +60,8 @@ pub struct ReplicaSettings {
     pub probe_interval: Option<String>,
     pub actions: Vec<String>,
     pub probes: Vec<String>,
+    /// In a cluster, the member the replica is watched on (its id or host name).
+    pub host: Option<String>,
 }
 
 fn duration_ms(what: &'static str, text: &str) -> Result<u64, SettingsError> {
@@ -76,6 +78,7 @@ impl ReplicaSettings {
     pub fn apply(&self, replica: &mut ReplicaDefinition) -> Result<(), SettingsError> {
         replica.check = self.check.clone();
         replica.after_commit = self.after_commit.clone();
+        replica.host = self.host.clone();
         if let Some(text) = &self.check_timeout {
             replica.check_timeout_ms = duration_ms("check timeout", text)?;
         }

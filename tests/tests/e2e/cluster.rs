@@ -868,6 +868,67 @@ fn a_member_that_answers_garbage_or_very_slowly_is_named_and_the_others_go_on() 
     }
 }
 
+/// A replica pinned to its host (`host`, by member id or by the host of a member's
+/// address) is placed on that member, and left there when that member dies; a host that
+/// is no proper name is refused by name.
+#[test]
+fn a_replica_pinned_to_its_host_is_placed_there_and_stays_when_its_member_dies() {
+    let work = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(&work.path().join("cluster"), None);
+    let status = wait_for("a leader", Duration::from_secs(10), || {
+        let status = cluster.status(&cluster.urls[0])?;
+        status["leader"].is_u64().then_some(status)
+    });
+    let leader = status["leader"].as_u64().unwrap();
+    let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let asked = &cluster.urls[leader as usize - 1];
+    let register = |name: &str, host: &str| {
+        let root = work.path().join(name);
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("a.conf"), "x = 1\n").unwrap();
+        post(
+            &format!("{asked}/api/replicas"),
+            &json!({"name": name, "root": root, "capture_interval": "1h", "settings": {"host": host}}),
+        )
+    };
+    let (code, body) = register("by-id", &others[0].to_string());
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = register("by-name", &format!("127.0.0.{}", others[1]));
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = register("bad", "not a host!");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.to_string().contains("host"), "{body}");
+    wait_for(
+        "both placed on their hosts",
+        Duration::from_secs(20),
+        || {
+            let status = cluster.status(asked)?;
+            (status["placement"]["by-id"] == others[0]
+                && status["placement"]["by-name"] == others[1])
+                .then_some(())
+        },
+    );
+    // SAFETY: kill(2) takes only a pid and a signal number.
+    unsafe { libc::kill(pid_of(&status, others[0]), libc::SIGKILL) };
+    wait_for("the dead member seen", Duration::from_secs(20), || {
+        let status = cluster.status(asked)?;
+        let member = status["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["id"] == others[0])?
+            .clone();
+        (member["state"] == "unreachable").then_some(())
+    });
+    // Past the time after which an unpinned replica would have moved.
+    std::thread::sleep(PLACEMENT_GRACE_IN_TESTS);
+    let status = cluster.status(asked).unwrap();
+    assert_eq!(status["placement"]["by-id"], others[0], "{status}");
+    assert_eq!(status["placement"]["by-name"], others[1], "{status}");
+}
+
+/// A little more than a node's `PLACEMENT_GRACE` (3 s) and one pass of its loop.
+const PLACEMENT_GRACE_IN_TESTS: Duration = Duration::from_secs(5);
+
 /// A port free on 127.0.0.1, .2 and .3 at once.
 fn port_free_on_three() -> u16 {
     for _ in 0..200 {
