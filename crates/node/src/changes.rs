@@ -384,7 +384,7 @@ pub async fn sandbox_proposal(
         // Not run here: not counted here.
         drop(running);
         let forwarded = forward_sandbox(cluster.id, &address, &name, &id, &headers, &request);
-        let answer = forwarded.await;
+        let answer = while_it_answers(cluster, &address, forwarded).await;
         running = Running::start(&shared.sandboxes_running).0;
         match answer {
             Ok((status, body)) => {
@@ -498,9 +498,41 @@ async fn forward_sandbox(
     .map_err(|e| e.to_string())?
 }
 
-/// How long a member waits for a sandbox it handed to another (checks have their own
-/// timeouts, well within this).
-const SANDBOX_FORWARD_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long a member waits for a sandbox it handed to another at most (checks have their
+/// own timeouts, well within this; a member that stops answering is given up on sooner).
+const SANDBOX_FORWARD_TIMEOUT: Duration = Duration::from_secs(600);
+/// While a member runs a sandbox handed to it, it is asked `hello` this often...
+const HANDED_LIVENESS_EVERY: Duration = Duration::from_secs(1);
+/// ...and given up on after this many unanswered in a row (stopped, cut off, hung).
+const HANDED_UNANSWERED_MAX: u32 = 3;
+
+/// Waits for `work` (a sandbox handed to the member at `address`) while that member
+/// answers `hello`; gives up once it has not answered several times in a row.
+async fn while_it_answers(
+    cluster: &crate::cluster::Cluster,
+    address: &str,
+    work: impl std::future::Future<Output = Result<(u16, Vec<u8>), String>>,
+) -> Result<(u16, Vec<u8>), String> {
+    tokio::pin!(work);
+    let mut unanswered = 0;
+    loop {
+        tokio::select! {
+            answer = &mut work => return answer,
+            () = tokio::time::sleep(HANDED_LIVENESS_EVERY) => {
+                if cluster.answers(address).await {
+                    unanswered = 0;
+                } else {
+                    unanswered += 1;
+                    if unanswered >= HANDED_UNANSWERED_MAX {
+                        return Err(format!(
+                            "{address} stopped answering while it ran the sandbox"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
 
 #[utoipa::path(get, path = "/api/replicas/{name}/proposals/{id}/preview", params(("name" = String, Path, description = "Replica"), ("id" = String, Path, description = "Proposal id prefix"), ("ops" = Option<String>, Query, description = "1-based op indexes, comma-separated (all when absent)")), responses(
     (status = 200, description = "What the sandbox would hold (diff) and the prediction for it; nothing is stored"), (status = 404, description = "Unknown proposal", body = ErrorBody)))]

@@ -993,6 +993,31 @@ pub struct SandboxLoad {
     pub slots: u32,
 }
 
+impl SandboxLoad {
+    /// Its free slots, if it has any (a member may run more than its slots: those it was
+    /// asked for when no other member had a free one).
+    pub fn free(&self) -> Option<u32> {
+        self.slots
+            .checked_sub(self.running)
+            .filter(|free| *free > 0)
+    }
+}
+
+impl Cluster {
+    /// Whether the member at `address` answers `hello` (it is alive and not stuck).
+    pub async fn answers(&self, address: &str) -> bool {
+        self.client
+            .post_async::<_, Hello>(
+                address,
+                "/cluster/hello",
+                serde_json::json!({}),
+                HELLO_TIMEOUT,
+            )
+            .await
+            .is_ok()
+    }
+}
+
 /// The header a member sets on a request it hands to another (which runs it itself).
 pub const FORWARDED_BY: &str = "kairos-forwarded-by";
 /// The header naming the member a sandbox ran on.
@@ -1017,8 +1042,8 @@ impl Cluster {
                     )
                     .await
                     .ok()?;
-                let load = hello.sandboxes?;
-                (load.running < load.slots).then_some((load.slots - load.running, id, node.addr))
+                let free = hello.sandboxes?.free()?;
+                Some((free, id, node.addr))
             });
         }
         let mut best: Option<(u32, NodeId, String)> = None;
@@ -2039,5 +2064,22 @@ pub async fn reconcile_on_change(shared: Arc<Shared>) {
         if let Some(supervisor) = shared.supervisor() {
             let _ = supervisor.cast(crate::supervisor::SupervisorMsg::Reconcile);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A member running more sandboxes than it has slots (asked when no other had a free
+    /// one) has no free slot, and counting it never underflows.
+    #[test]
+    fn free_sandbox_slots_never_underflow() {
+        let load = |running, slots| SandboxLoad { running, slots };
+        assert_eq!(load(0, 2).free(), Some(2));
+        assert_eq!(load(1, 2).free(), Some(1));
+        assert_eq!(load(2, 2).free(), None);
+        assert_eq!(load(5, 1).free(), None);
+        assert_eq!(load(0, 0).free(), None);
     }
 }

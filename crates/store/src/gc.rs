@@ -52,6 +52,9 @@ const DELETE_BATCH_BYTES: usize = 64 << 10;
 /// A pause after each batch, so that writers waiting for the backend's write lock or the
 /// gate get it before the next batch does.
 const BATCH_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+/// While a capture (an object writer) is under way, the next batch waits for it to end,
+/// this long at most: captures go first, and a stream of them still lets collection on.
+const YIELD_TO_WRITERS_MAX: std::time::Duration = std::time::Duration::from_millis(50);
 /// Keys read per scan page.
 const SCAN_PAGE: usize = 2048;
 /// Times a batch is rebuilt after a concurrent change of one of its checked keys.
@@ -259,6 +262,16 @@ impl Gate {
             .values()
             .cloned()
             .collect()
+    }
+
+    /// Between two collection batches: a short pause, then, while object writers (captures)
+    /// are under way, a wait for them to end ([`YIELD_TO_WRITERS_MAX`] at most).
+    fn yield_to_writers(&self) {
+        std::thread::sleep(BATCH_PAUSE);
+        let started = std::time::Instant::now();
+        while self.writers_alive() > 0 && started.elapsed() < YIELD_TO_WRITERS_MAX {
+            std::thread::sleep(BATCH_PAUSE);
+        }
     }
 
     /// How many object writers are alive now.
@@ -810,7 +823,7 @@ impl Store {
                 gone.insert(hash);
             }
             drop(_exclusive);
-            std::thread::sleep(BATCH_PAUSE);
+            self.gate.yield_to_writers();
         }
         Ok(gone)
     }
@@ -1000,7 +1013,7 @@ impl Store {
                 }
                 Err(error) => return Err(error.into()),
             }
-            std::thread::sleep(BATCH_PAUSE);
+            self.gate.yield_to_writers();
             pending = later;
         }
         Ok(())
@@ -1122,7 +1135,7 @@ impl Repack {
             Ok(()) | Err(KvError::Conflict { .. }) => Ok(()),
             Err(error) => Err(error.into()),
         };
-        std::thread::sleep(BATCH_PAUSE);
+        store.gate.yield_to_writers();
         committed
     }
 }

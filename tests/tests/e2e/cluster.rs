@@ -929,6 +929,107 @@ fn a_replica_pinned_to_its_host_is_placed_there_and_stays_when_its_member_dies()
 /// A little more than a node's `PLACEMENT_GRACE` (3 s) and one pass of its loop.
 const PLACEMENT_GRACE_IN_TESTS: Duration = Duration::from_secs(5);
 
+/// A member that stops answering while it runs a sandbox handed to it (stopped with
+/// SIGSTOP: its connections stay open, nothing comes back) is given up on within seconds,
+/// and the sandbox runs on the member asked after all.
+#[test]
+fn a_sandbox_handed_to_a_member_that_stops_answering_runs_where_it_was_asked() {
+    let work = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start_with(
+        &work.path().join("cluster"),
+        None,
+        &[("KAIROS_NODE_SETTINGS", "sandbox_slots = 1".into())],
+    );
+    let secret = work.path().join("cluster/secret");
+    let root = work.path().join("service");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("app.conf"), "x = 1\n").unwrap();
+    let asked = cluster.urls[0].clone();
+    let (code, body) = post(
+        &format!("{asked}/api/replicas"),
+        &json!({"name": "web", "root": root, "capture_interval": "1h", "settings": {"check": "sleep 3"}}),
+    );
+    assert_eq!(code, 201, "{body}");
+    wait_for("a first capture", Duration::from_secs(20), || {
+        let (code, _) = post(&format!("{asked}/api/replicas/web/capture"), &json!({}));
+        (code == 200 || code == 201).then_some(())
+    });
+    let proposal = |i: u32| {
+        let (code, body) = post(
+            &format!("{asked}/api/replicas/web/proposals"),
+            &json!({"document": {"title": format!("x {i}"),
+                    "ops": [{"op": "set_config", "file": "app.conf", "key": "x", "value": i}]}}),
+        );
+        assert_eq!(code, 201, "{body}");
+        body["proposal"].as_str().unwrap().to_string()
+    };
+    let ids: Vec<String> = (2..5).map(proposal).collect();
+    for url in &cluster.urls {
+        for id in &ids {
+            wait_for(
+                "the proposal on every member",
+                Duration::from_secs(20),
+                || {
+                    let (code, _) = get(&format!("{url}/api/replicas/web/proposals/{id}"));
+                    (code == 200).then_some(())
+                },
+            );
+        }
+    }
+    let running = |member: usize| {
+        get_hello(&cluster.urls[member - 1], &secret).1["sandboxes"]["running"].as_u64()
+    };
+    let sandbox = |url: String, id: String, kept_there: bool| {
+        std::thread::spawn(move || {
+            let mut request =
+                Node::agent().post(format!("{url}/api/replicas/web/proposals/{id}/sandbox"));
+            if kept_there {
+                request = request.header("kairos-forwarded-by", "0");
+            }
+            let started = Instant::now();
+            let response = request.send_json(json!({"run_check": true})).unwrap();
+            let member = response
+                .headers()
+                .get("kairos-sandbox-member")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            (response.status().as_u16(), member, started.elapsed())
+        })
+    };
+    // Members 1 and 2 each run one (their one slot); the next asked of member 1 goes to 3.
+    let first = sandbox(asked.clone(), ids[0].clone(), true);
+    let second = sandbox(cluster.urls[1].clone(), ids[1].clone(), true);
+    wait_for("members 1 and 2 busy", Duration::from_secs(10), || {
+        (running(1) == Some(1) && running(2) == Some(1)).then_some(())
+    });
+    let handed = sandbox(asked.clone(), ids[2].clone(), false);
+    wait_for(
+        "member 3 running the one handed to it",
+        Duration::from_secs(10),
+        || (running(3) == Some(1)).then_some(()),
+    );
+    let status = cluster.status(&asked).unwrap();
+    let pid = pid_of(&status, 3);
+    // SAFETY: kill(2) takes only a pid and a signal number.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let (code, member, took) = handed.join().unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(code, 200);
+    assert_eq!(
+        member.as_deref(),
+        Some("1"),
+        "run where it was asked after all"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "given up on within seconds: {took:?}"
+    );
+    for run in [first, second] {
+        assert_eq!(run.join().unwrap().0, 200);
+    }
+}
+
 /// A port free on 127.0.0.1, .2 and .3 at once.
 fn port_free_on_three() -> u16 {
     for _ in 0..200 {
