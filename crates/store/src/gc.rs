@@ -52,9 +52,6 @@ const DELETE_BATCH_BYTES: usize = 64 << 10;
 /// A pause after each batch, so that writers waiting for the backend's write lock or the
 /// gate get it before the next batch does.
 const BATCH_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
-/// While a capture (an object writer) is under way, the next batch waits for it to end,
-/// this long at most: captures go first, and a stream of them still lets collection on.
-const YIELD_TO_WRITERS_MAX: std::time::Duration = std::time::Duration::from_millis(50);
 /// Keys read per scan page.
 const SCAN_PAGE: usize = 2048;
 /// Times a batch is rebuilt after a concurrent change of one of its checked keys.
@@ -262,16 +259,6 @@ impl Gate {
             .values()
             .cloned()
             .collect()
-    }
-
-    /// Between two collection batches: a short pause, then, while object writers (captures)
-    /// are under way, a wait for them to end ([`YIELD_TO_WRITERS_MAX`] at most).
-    fn yield_to_writers(&self) {
-        std::thread::sleep(BATCH_PAUSE);
-        let started = std::time::Instant::now();
-        while self.writers_alive() > 0 && started.elapsed() < YIELD_TO_WRITERS_MAX {
-            std::thread::sleep(BATCH_PAUSE);
-        }
     }
 
     /// How many object writers are alive now.
@@ -823,7 +810,7 @@ impl Store {
                 gone.insert(hash);
             }
             drop(_exclusive);
-            self.gate.yield_to_writers();
+            std::thread::sleep(BATCH_PAUSE);
         }
         Ok(gone)
     }
@@ -1013,7 +1000,7 @@ impl Store {
                 }
                 Err(error) => return Err(error.into()),
             }
-            self.gate.yield_to_writers();
+            std::thread::sleep(BATCH_PAUSE);
             pending = later;
         }
         Ok(())
@@ -1135,7 +1122,7 @@ impl Repack {
             Ok(()) | Err(KvError::Conflict { .. }) => Ok(()),
             Err(error) => Err(error.into()),
         };
-        store.gate.yield_to_writers();
+        std::thread::sleep(BATCH_PAUSE);
         committed
     }
 }
