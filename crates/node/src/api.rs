@@ -308,6 +308,12 @@ impl From<crate::snapshotter::CaptureFailure> for ApiError {
                 CaptureFailureKind::Corrupt => {
                     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store_corrupt", message)
                 }
+                // As every other command the cluster cannot take now: retry later.
+                CaptureFailureKind::Unavailable => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cluster_unavailable",
+                    message,
+                ),
                 CaptureFailureKind::Other | CaptureFailureKind::HeadMoved => {
                     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "capture_failed", message)
                 }
@@ -1075,4 +1081,26 @@ async fn revoke_party(
         .run(move || Ok(worker.service().revoke_party(&party, &by)?))
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[cfg(test)]
+mod capture_failure_tests {
+    use super::*;
+
+    /// A capture whose frame the cluster cannot take now is answered as every other such
+    /// command: 503 `cluster_unavailable`, not a failed capture.
+    #[test]
+    fn a_capture_the_cluster_cannot_take_is_cluster_unavailable() {
+        let failure = crate::snapshotter::CaptureFailure::from(CatalogError::Unavailable(
+            "no member leads".into(),
+        ));
+        let error = ApiError::from(failure);
+        assert_eq!(error.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(error.code, "cluster_unavailable");
+        assert!(
+            error.message.contains("no member leads"),
+            "{}",
+            error.message
+        );
+    }
 }

@@ -32,6 +32,8 @@ pub enum CaptureFailureKind {
     Corrupt,
     /// Another capture (on another cluster member) stored a frame first.
     HeadMoved,
+    /// The cluster could not take the frame's command (no leader, no majority).
+    Unavailable,
     Other,
 }
 
@@ -48,6 +50,9 @@ impl From<kairos_capture::CaptureError> for CaptureFailure {
             CaptureError::Store(error) if error.is_corruption() => CaptureFailureKind::Corrupt,
             CaptureError::Catalog(kairos_store::CatalogError::HeadMoved { .. }) => {
                 CaptureFailureKind::HeadMoved
+            }
+            CaptureError::Catalog(kairos_store::CatalogError::Unavailable(_)) => {
+                CaptureFailureKind::Unavailable
             }
             _ => CaptureFailureKind::Other,
         };
