@@ -261,17 +261,9 @@ pub async fn start(
 
 /// A new id (a cluster's, a request's): 16 random bytes, in hex.
 fn random_id() -> String {
-    let mut bytes = [0u8; 16];
-    if let Ok(mut random) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut random, &mut bytes);
-    }
-    // The time and pid too, should /dev/urandom be unreadable.
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
-        ^ u128::from(std::process::id());
-    let hash = kairos_core::Hash::of(0, &[bytes.as_slice(), &stamp.to_le_bytes()].concat());
-    hash.to_hex()[..32].to_string()
+    // The thread's generator, seeded from the operating system: no file opened per request.
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Cluster {
@@ -599,6 +591,18 @@ fn hello_of(cluster: &Cluster) -> Hello {
         snapshot: metrics.snapshot.map(|id| id.index),
         objects: cluster.replicator.health(),
     }
+}
+
+/// Another member's `hello`: who it is, whom it follows, its load and clock.
+async fn ask_hello(client: &PeerClient, address: &str) -> Result<Hello, PeerError> {
+    client
+        .post_async(
+            address,
+            "/cluster/hello",
+            serde_json::json!({}),
+            HELLO_TIMEOUT,
+        )
+        .await
 }
 
 /// This host's wall clock, in ms since the Unix epoch.
@@ -1006,15 +1010,7 @@ impl SandboxLoad {
 impl Cluster {
     /// Whether the member at `address` answers `hello` (it is alive and not stuck).
     pub async fn answers(&self, address: &str) -> bool {
-        self.client
-            .post_async::<_, Hello>(
-                address,
-                "/cluster/hello",
-                serde_json::json!({}),
-                HELLO_TIMEOUT,
-            )
-            .await
-            .is_ok()
+        ask_hello(&self.client, address).await.is_ok()
     }
 }
 
@@ -1033,15 +1029,7 @@ impl Cluster {
             }
             let client = self.client.clone();
             asks.spawn(async move {
-                let hello = client
-                    .post_async::<_, Hello>(
-                        &node.addr,
-                        "/cluster/hello",
-                        serde_json::json!({}),
-                        HELLO_TIMEOUT,
-                    )
-                    .await
-                    .ok()?;
+                let hello = ask_hello(&client, &node.addr).await.ok()?;
                 let free = hello.sandboxes?.free()?;
                 Some((free, id, node.addr))
             });
@@ -1428,16 +1416,7 @@ async fn view(shared: &Shared, cluster: &Arc<Cluster>) -> ClusterStatusJson {
         let hello = if id == cluster.id {
             Some(hello_of(cluster))
         } else {
-            cluster
-                .client
-                .post_async::<_, Hello>(
-                    &node.addr,
-                    "/cluster/hello",
-                    serde_json::json!({}),
-                    HELLO_TIMEOUT,
-                )
-                .await
-                .ok()
+            ask_hello(&cluster.client, &node.addr).await.ok()
         };
         let clock_offset_ms = match &hello {
             Some(_) if id == cluster.id => Some(0),
@@ -1928,15 +1907,7 @@ pub async fn place_replicas(shared: Arc<Shared>) {
         for (id, node) in &members {
             let sent_ms = wall_clock_ms();
             let answered = *id == cluster.id || {
-                let hello = cluster
-                    .client
-                    .post_async::<_, Hello>(
-                        &node.addr,
-                        "/cluster/hello",
-                        serde_json::json!({}),
-                        HELLO_TIMEOUT,
-                    )
-                    .await;
+                let hello = ask_hello(&cluster.client, &node.addr).await;
                 if let Ok(hello) = &hello
                     && let Some(warning) = clock_offset_ms(hello, sent_ms, wall_clock_ms())
                         .and_then(|offset| clock_warning(*id, cluster.id, offset))

@@ -929,80 +929,103 @@ fn a_replica_pinned_to_its_host_is_placed_there_and_stays_when_its_member_dies()
 /// A little more than a node's `PLACEMENT_GRACE` (3 s) and one pass of its loop.
 const PLACEMENT_GRACE_IN_TESTS: Duration = Duration::from_secs(5);
 
-/// A member that stops answering while it runs a sandbox handed to it (stopped with
-/// SIGSTOP: its connections stay open, nothing comes back) is given up on within seconds,
-/// and the sandbox runs on the member asked after all.
-#[test]
-fn a_sandbox_handed_to_a_member_that_stops_answering_runs_where_it_was_asked() {
-    let work = tempfile::tempdir().unwrap();
+/// Three members with one sandbox slot each, `web` registered through member 1 with
+/// `check`, captured once, and three proposals on it, known to every member; their ids.
+fn sandbox_cluster(work: &Path, check: &str) -> (LocalCluster, Vec<String>) {
     let cluster = LocalCluster::start_with(
-        &work.path().join("cluster"),
+        &work.join("cluster"),
         None,
         &[("KAIROS_NODE_SETTINGS", "sandbox_slots = 1".into())],
     );
-    let secret = work.path().join("cluster/secret");
-    let root = work.path().join("service");
+    let root = work.join("service");
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("app.conf"), "x = 1\n").unwrap();
     let asked = cluster.urls[0].clone();
     let (code, body) = post(
         &format!("{asked}/api/replicas"),
-        &json!({"name": "web", "root": root, "capture_interval": "1h", "settings": {"check": "sleep 3"}}),
+        &json!({"name": "web", "root": root, "capture_interval": "1h", "settings": {"check": check}}),
     );
     assert_eq!(code, 201, "{body}");
     wait_for("a first capture", Duration::from_secs(20), || {
         let (code, _) = post(&format!("{asked}/api/replicas/web/capture"), &json!({}));
         (code == 200 || code == 201).then_some(())
     });
-    let proposal = |i: u32| {
-        let (code, body) = post(
-            &format!("{asked}/api/replicas/web/proposals"),
-            &json!({"document": {"title": format!("x {i}"),
-                    "ops": [{"op": "set_config", "file": "app.conf", "key": "x", "value": i}]}}),
-        );
-        assert_eq!(code, 201, "{body}");
-        body["proposal"].as_str().unwrap().to_string()
-    };
-    let ids: Vec<String> = (2..5).map(proposal).collect();
+    let proposals: Vec<String> = (2..5)
+        .map(|i| {
+            let (code, body) = post(
+                &format!("{asked}/api/replicas/web/proposals"),
+                &json!({"document": {"title": format!("x {i}"),
+                        "ops": [{"op": "set_config", "file": "app.conf", "key": "x", "value": i}]}}),
+            );
+            assert_eq!(code, 201, "{body}");
+            body["proposal"].as_str().unwrap().to_string()
+        })
+        .collect();
     for url in &cluster.urls {
-        for id in &ids {
+        for proposal in &proposals {
             wait_for(
                 "the proposal on every member",
                 Duration::from_secs(20),
                 || {
-                    let (code, _) = get(&format!("{url}/api/replicas/web/proposals/{id}"));
+                    let (code, _) = get(&format!("{url}/api/replicas/web/proposals/{proposal}"));
                     (code == 200).then_some(())
                 },
             );
         }
     }
+    (cluster, proposals)
+}
+
+/// Asks `url` to sandbox `proposal` of `web` with its check, in a thread (`kept`: as if
+/// handed over already, so it runs there); the status, the member the answer names, the
+/// time it took and the answer.
+fn sandbox_on(
+    url: &str,
+    proposal: &str,
+    kept: bool,
+    barrier: Option<std::sync::Arc<std::sync::Barrier>>,
+) -> std::thread::JoinHandle<(u16, Option<String>, Duration, Value)> {
+    let url = format!("{url}/api/replicas/web/proposals/{proposal}/sandbox");
+    std::thread::spawn(move || {
+        if let Some(barrier) = barrier {
+            barrier.wait();
+        }
+        let mut request = Node::agent().post(&url);
+        if kept {
+            request = request.header("kairos-forwarded-by", "0");
+        }
+        let started = Instant::now();
+        let mut response = request.send_json(json!({"run_check": true})).unwrap();
+        let member = response
+            .headers()
+            .get("kairos-sandbox-member")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let status = response.status().as_u16();
+        let body: Value = response.body_mut().read_json().unwrap_or(Value::Null);
+        (status, member, started.elapsed(), body)
+    })
+}
+
+/// A member that stops answering while it runs a sandbox handed to it (stopped with
+/// SIGSTOP: its connections stay open, nothing comes back) is given up on within seconds,
+/// and the sandbox runs on the member asked after all.
+#[test]
+fn a_sandbox_handed_to_a_member_that_stops_answering_runs_where_it_was_asked() {
+    let work = tempfile::tempdir().unwrap();
+    let (cluster, ids) = sandbox_cluster(work.path(), "sleep 3");
+    let secret = work.path().join("cluster/secret");
+    let asked = cluster.urls[0].clone();
     let running = |member: usize| {
         get_hello(&cluster.urls[member - 1], &secret).1["sandboxes"]["running"].as_u64()
     };
-    let sandbox = |url: String, id: String, kept_there: bool| {
-        std::thread::spawn(move || {
-            let mut request =
-                Node::agent().post(format!("{url}/api/replicas/web/proposals/{id}/sandbox"));
-            if kept_there {
-                request = request.header("kairos-forwarded-by", "0");
-            }
-            let started = Instant::now();
-            let response = request.send_json(json!({"run_check": true})).unwrap();
-            let member = response
-                .headers()
-                .get("kairos-sandbox-member")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            (response.status().as_u16(), member, started.elapsed())
-        })
-    };
     // Members 1 and 2 each run one (their one slot); the next asked of member 1 goes to 3.
-    let first = sandbox(asked.clone(), ids[0].clone(), true);
-    let second = sandbox(cluster.urls[1].clone(), ids[1].clone(), true);
+    let first = sandbox_on(&asked, &ids[0], true, None);
+    let second = sandbox_on(&cluster.urls[1], &ids[1], true, None);
     wait_for("members 1 and 2 busy", Duration::from_secs(10), || {
         (running(1) == Some(1) && running(2) == Some(1)).then_some(())
     });
-    let handed = sandbox(asked.clone(), ids[2].clone(), false);
+    let handed = sandbox_on(&asked, &ids[2], false, None);
     wait_for(
         "member 3 running the one handed to it",
         Duration::from_secs(10),
@@ -1012,7 +1035,7 @@ fn a_sandbox_handed_to_a_member_that_stops_answering_runs_where_it_was_asked() {
     let pid = pid_of(&status, 3);
     // SAFETY: kill(2) takes only a pid and a signal number.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
-    let (code, member, took) = handed.join().unwrap();
+    let (code, member, took, _) = handed.join().unwrap();
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     assert_eq!(code, 200);
@@ -1248,76 +1271,15 @@ fn what_a_node_held_before_the_cluster_formed_reaches_every_member_that_joins() 
 #[test]
 fn sandboxes_beyond_a_members_slots_run_on_members_with_free_ones() {
     let work = tempfile::tempdir().unwrap();
-    let cluster = LocalCluster::start_with(
-        &work.path().join("cluster"),
-        None,
-        &[("KAIROS_NODE_SETTINGS", "sandbox_slots = 1".into())],
-    );
-    let root = work.path().join("service");
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::write(root.join("app.conf"), "x = 1\n").unwrap();
-    let asked = cluster.urls[0].clone();
-    let (code, body) = post(
-        &format!("{asked}/api/replicas"),
-        &json!({"name": "web", "root": root, "capture_interval": "1h", "settings": {"check": "sleep 1"}}),
-    );
-    assert_eq!(code, 201, "{body}");
-    wait_for("a first capture", Duration::from_secs(20), || {
-        let (code, _) = post(&format!("{asked}/api/replicas/web/capture"), &json!({}));
-        (code == 200 || code == 201).then_some(())
-    });
-    let proposals: Vec<String> = (0..3)
-        .map(|i| {
-            let (code, body) = post(
-                &format!("{asked}/api/replicas/web/proposals"),
-                &json!({"document": {"title": format!("x {i}"),
-                        "ops": [{"op": "set_config", "file": "app.conf", "key": "x", "value": i + 2}]}}),
-            );
-            assert_eq!(code, 201, "{body}");
-            body["proposal"].as_str().unwrap().to_string()
-        })
-        .collect();
-    // Every member has the proposals before they are asked for.
-    for url in &cluster.urls {
-        for proposal in &proposals {
-            wait_for(
-                "the proposal on every member",
-                Duration::from_secs(20),
-                || {
-                    let (code, _) = get(&format!("{url}/api/replicas/web/proposals/{proposal}"));
-                    (code == 200).then_some(())
-                },
-            );
-        }
-    }
+    let (cluster, proposals) = sandbox_cluster(work.path(), "sleep 1");
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(proposals.len()));
     let runs: Vec<_> = proposals
         .iter()
-        .map(|proposal| {
-            let (url, barrier) = (
-                format!("{asked}/api/replicas/web/proposals/{proposal}/sandbox"),
-                barrier.clone(),
-            );
-            std::thread::spawn(move || {
-                barrier.wait();
-                let mut response = Node::agent()
-                    .post(&url)
-                    .send_json(json!({"run_check": true}))
-                    .unwrap();
-                let member = response
-                    .headers()
-                    .get("kairos-sandbox-member")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
-                let status = response.status().as_u16();
-                let body: Value = response.body_mut().read_json().unwrap_or(Value::Null);
-                (status, member, body)
-            })
-        })
+        .map(|proposal| sandbox_on(&cluster.urls[0], proposal, false, Some(barrier.clone())))
         .collect();
     let mut members = std::collections::BTreeSet::new();
     for run in runs {
-        let (status, member, body) = run.join().unwrap();
+        let (status, member, _, body) = run.join().unwrap();
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["check"]["passed"], true, "{body}");
         members.insert(member.expect("the answer names the member it ran on"));
