@@ -876,6 +876,10 @@ enum ReadError {
 
 type ReadResult = Option<(Content, Option<Vec<u8>>, Meta)>;
 
+/// Files up to this size are read whole and cut into chunks in place; larger ones are
+/// read as a stream (each chunk then costs one more copy).
+const WHOLE_READ_BYTES_MAX: usize = 32 << 20;
+
 /// Reads a file's content into objects. `None` means the file grew past what its size
 /// announced (read again).
 fn read_content(
@@ -886,24 +890,25 @@ fn read_content(
     limits: &Limits,
 ) -> Result<ReadResult, ReadError> {
     let io = |error: std::io::Error| ReadError::Io(error.to_string());
-    if before.size as usize <= BLOB_BYTES_MAX {
+    let whole = if before.size as usize <= BLOB_BYTES_MAX {
+        BLOB_BYTES_MAX
+    } else {
+        WHOLE_READ_BYTES_MAX
+    };
+    if before.size as usize <= whole {
         let mut bytes = Vec::with_capacity(before.size as usize);
         (&mut file)
-            .take(BLOB_BYTES_MAX as u64 + 1)
+            .take(whole as u64 + 1)
             .read_to_end(&mut bytes)
             .map_err(io)?;
         let after = meta_of(&file.metadata().map_err(io)?);
-        if bytes.len() > BLOB_BYTES_MAX || bytes.len() as u64 != after.size {
+        if bytes.len() > whole
+            || bytes.len() as u64 != after.size
+            || bytes.len() as u64 > limits.file_bytes_max
+        {
             return Ok(None);
         }
-        let content = if bytes.is_empty() {
-            Content::Empty
-        } else {
-            let hash = writer
-                .put(ObjectKind::Blob, &bytes)
-                .map_err(ReadError::Store)?;
-            Content::Blob { hash: hash.0 }
-        };
+        let content = store_content(writer, &bytes).map_err(ReadError::Store)?;
         return Ok(Some((content, keep_bytes.then_some(bytes), after)));
     }
     let mut chunks = Vec::with_capacity((before.size as usize / CHUNK_BYTES_AVERAGE) + 1);
@@ -946,6 +951,34 @@ fn read_content(
         kept,
         after,
     )))
+}
+
+/// Stores content held in memory: one blob when small, else content-defined chunks (cut
+/// where a stream read of the same bytes would cut them) and their list.
+fn store_content(writer: &ObjectWriter, bytes: &[u8]) -> Result<Content, StoreError> {
+    if bytes.is_empty() {
+        return Ok(Content::Empty);
+    }
+    if bytes.len() <= BLOB_BYTES_MAX {
+        return Ok(Content::Blob {
+            hash: writer.put(ObjectKind::Blob, bytes)?.0,
+        });
+    }
+    let mut chunks = Vec::with_capacity(bytes.len() / CHUNK_BYTES_AVERAGE + 1);
+    for chunk in
+        fastcdc::v2020::FastCDC::new(bytes, CHUNK_BYTES_MIN, CHUNK_BYTES_AVERAGE, CHUNK_BYTES_MAX)
+    {
+        let data = &bytes[chunk.offset..chunk.offset + chunk.length];
+        chunks.push(ChunkRef {
+            hash: writer.put(ObjectKind::Chunk, data)?.0,
+            bytes: chunk.length as u64,
+        });
+    }
+    let count = chunks.len() as u64;
+    Ok(Content::Chunks {
+        list: tree::write_chunk_list(writer, chunks)?.0,
+        chunks: count,
+    })
 }
 
 fn parse_config(
@@ -1032,32 +1065,7 @@ pub fn store_file_bytes(
     bytes: &[u8],
     limits: &Limits,
 ) -> Result<(Content, Option<[u8; 32]>), StoreError> {
-    let content = if bytes.is_empty() {
-        Content::Empty
-    } else if bytes.len() <= BLOB_BYTES_MAX {
-        Content::Blob {
-            hash: writer.put(ObjectKind::Blob, bytes)?.0,
-        }
-    } else {
-        let mut chunks = Vec::with_capacity(bytes.len() / CHUNK_BYTES_AVERAGE + 1);
-        for chunk in fastcdc::v2020::FastCDC::new(
-            bytes,
-            CHUNK_BYTES_MIN,
-            CHUNK_BYTES_AVERAGE,
-            CHUNK_BYTES_MAX,
-        ) {
-            let data = &bytes[chunk.offset..chunk.offset + chunk.length];
-            chunks.push(ChunkRef {
-                hash: writer.put(ObjectKind::Chunk, data)?.0,
-                bytes: chunk.length as u64,
-            });
-        }
-        let count = chunks.len() as u64;
-        Content::Chunks {
-            list: tree::write_chunk_list(writer, chunks)?.0,
-            chunks: count,
-        }
-    };
+    let content = store_content(writer, bytes)?;
     let config = match config::format_for_name(name) {
         Some(format) if bytes.len() as u64 <= limits.config_file_bytes_max => {
             store_config_keys(writer, format, bytes, limits)?
@@ -1089,5 +1097,51 @@ fn store_config_keys(
             Ok(Ok(writer.put(ObjectKind::Config, &node::to_bytes(&node))?))
         }
         Err(error) => Ok(Err(error)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file read whole is cut where a stream read cuts it, so captures of either kind
+    /// share chunks (and a file that crosses the whole-read size keeps its chunks).
+    #[test]
+    fn whole_reads_and_stream_reads_cut_the_same_chunks() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut bytes = Vec::with_capacity(3 << 20);
+        while bytes.len() < 3 << 20 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            // Runs of repeated bytes as well as noise, as in logs and binaries.
+            let run = if state.is_multiple_of(5) {
+                (state >> 40) as usize % 3000
+            } else {
+                1
+            };
+            bytes.extend(std::iter::repeat_n(state as u8, run));
+        }
+        let whole: Vec<(usize, usize)> = fastcdc::v2020::FastCDC::new(
+            &bytes,
+            CHUNK_BYTES_MIN,
+            CHUNK_BYTES_AVERAGE,
+            CHUNK_BYTES_MAX,
+        )
+        .map(|chunk| (chunk.offset, chunk.length))
+        .collect();
+        let streamed: Vec<(usize, usize)> = fastcdc::v2020::StreamCDC::new(
+            std::io::BufReader::with_capacity(1 << 20, bytes.as_slice()),
+            CHUNK_BYTES_MIN,
+            CHUNK_BYTES_AVERAGE,
+            CHUNK_BYTES_MAX,
+        )
+        .map(|chunk| {
+            let chunk = chunk.expect("reading memory");
+            (chunk.offset as usize, chunk.length)
+        })
+        .collect();
+        assert!(whole.len() > 40, "{} chunks", whole.len());
+        assert_eq!(whole, streamed);
     }
 }

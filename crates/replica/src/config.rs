@@ -104,20 +104,26 @@ fn has_sections(text: &str) -> bool {
         .any(|line| line.starts_with('[') && line.ends_with(']') && !line.contains('='))
 }
 
-fn number_repeats(pairs: Vec<(String, String)>) -> Vec<(String, String)> {
-    let mut seen: std::collections::HashMap<String, usize> = Default::default();
+fn number_repeats(mut pairs: Vec<(String, String)>) -> Vec<(String, String)> {
+    // Counted on borrowed keys: only a repeated key costs a new string.
+    let counts: Vec<usize> = {
+        let mut seen: std::collections::HashMap<&str, usize> =
+            std::collections::HashMap::with_capacity(pairs.len());
+        pairs
+            .iter()
+            .map(|(key, _)| {
+                let count = seen.entry(key.as_str()).or_insert(0);
+                *count += 1;
+                *count
+            })
+            .collect()
+    };
+    for ((key, _), count) in pairs.iter_mut().zip(counts) {
+        if count > 1 {
+            *key = format!("{key}#{count}");
+        }
+    }
     pairs
-        .into_iter()
-        .map(|(key, value)| {
-            let count = seen.entry(key.clone()).or_insert(0);
-            *count += 1;
-            if *count == 1 {
-                (key, value)
-            } else {
-                (format!("{key}#{count}"), value)
-            }
-        })
-        .collect()
 }
 
 fn syntax(format: &'static str, reason: impl ToString) -> ConfigError {
@@ -229,20 +235,24 @@ fn toml_value(path: &str, value: &toml_edit::Value, out: &mut Vec<(String, Strin
 }
 
 /// Strips a trailing `#` or `;` comment that is not inside quotes.
-fn strip_comment(line: &str, markers: &[char]) -> String {
-    let mut quote: Option<char> = None;
-    let mut out = String::with_capacity(line.len());
-    for character in line.chars() {
+fn strip_comment<'a>(line: &'a str, markers: &[u8]) -> &'a str {
+    // Markers and quotes are ASCII, so a byte scan finds them without decoding characters
+    // (a capture parses every config file it reads: this runs for each of their lines).
+    let bytes = line.as_bytes();
+    if !bytes.iter().any(|byte| markers.contains(byte)) {
+        return line.trim();
+    }
+    let mut quote: Option<u8> = None;
+    for (at, &byte) in bytes.iter().enumerate() {
         match quote {
-            Some(open) if character == open => quote = None,
+            Some(open) if byte == open => quote = None,
             Some(_) => {}
-            None if character == '"' || character == '\'' => quote = Some(character),
-            None if markers.contains(&character) => break,
+            None if byte == b'"' || byte == b'\'' => quote = Some(byte),
+            None if markers.contains(&byte) => return line[..at].trim(),
             None => {}
         }
-        out.push(character);
     }
-    out.trim().to_string()
+    line.trim()
 }
 
 fn unquote(value: &str) -> String {
@@ -273,11 +283,11 @@ fn parse_ini(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
             section = name.trim().to_string();
             continue;
         }
-        let line = strip_comment(line, &[';', '#']);
+        let line = strip_comment(line, b";#");
         let (key, value) = match line.find(['=', ':']) {
             Some(at) => (line[..at].trim(), unquote(&line[at + 1..])),
             // my.cnf style flags such as `skip-networking`
-            None => (line.as_str(), "true".to_string()),
+            None => (line, "true".to_string()),
         };
         if key.is_empty() {
             return Err(ConfigError::Line {
@@ -320,7 +330,7 @@ fn parse_env(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
                 reason: format!("{key:?} is not a variable name"),
             });
         }
-        out.push((key.to_string(), unquote(&strip_comment(value, &['#']))));
+        out.push((key.to_string(), unquote(strip_comment(value, b"#"))));
     }
     Ok(out)
 }
@@ -328,7 +338,7 @@ fn parse_env(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
 fn parse_key_value(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
     let mut out = Vec::new();
     for (index, raw) in text.lines().enumerate() {
-        let line = strip_comment(raw.trim(), &['#']);
+        let line = strip_comment(raw, b"#");
         if line.is_empty() {
             continue;
         }
@@ -344,7 +354,7 @@ fn parse_key_value(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
                 let rest = rest.strip_prefix('=').unwrap_or(rest);
                 (line[..at].trim(), unquote(rest))
             }
-            None => (line.as_str(), String::new()),
+            None => (line, String::new()),
         };
         if key.is_empty() || key.contains(['"', '\'']) {
             return Err(ConfigError::Line {
@@ -437,6 +447,39 @@ mod tests {
                 save = 900 1
                 save#2 = 300 10
                 appendonly = no
+            "#]],
+        );
+    }
+
+    #[test]
+    fn comment_markers_inside_quotes_are_kept() {
+        check(
+            "app.conf",
+            "  motd = \"# not a comment\" # a comment\ngreeting 'a;b' #\nunclosed = \"x # y\n# only a comment\nkey = é # é\n",
+            expect![[r#"
+                [key-value]
+                motd = # not a comment
+                greeting = a;b
+                unclosed = "x # y
+                key = é
+            "#]],
+        );
+        check(
+            "my.ini",
+            "[s]\na = 'x;y' ; note\nb = 1 # note\n",
+            expect![[r#"
+                [ini]
+                s.a = x;y
+                s.b = 1
+            "#]],
+        );
+        check(
+            "app.env",
+            "A='#kept' # dropped\nB=plain\n",
+            expect![[r#"
+                [env]
+                A = #kept
+                B = plain
             "#]],
         );
     }

@@ -179,6 +179,37 @@ fn looks_incompressible(raw: &[u8]) -> bool {
         .is_some_and(|compressed| compressed.len() * 100 >= sample.len() * 97)
 }
 
+/// An encoded object in two pieces (its header, and the content as stored), so that content
+/// stored as it is can be copied once, straight where it is packed.
+pub struct Encoded<'a> {
+    header: [u8; HEADER_BYTES + 8],
+    header_len: usize,
+    payload: std::borrow::Cow<'a, [u8]>,
+}
+
+impl Encoded<'_> {
+    pub fn len(&self) -> usize {
+        self.header_len + self.payload.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The stored value's pieces, in order.
+    pub fn parts(&self) -> [&[u8]; 2] {
+        [&self.header[..self.header_len], &self.payload]
+    }
+
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut value = Vec::with_capacity(self.len());
+        for part in self.parts() {
+            value.extend_from_slice(part);
+        }
+        value
+    }
+}
+
 /// Encodes `raw` as a stored value: compressed when that saves space.
 pub fn encode(
     kind: ObjectKind,
@@ -186,6 +217,16 @@ pub fn encode(
     level: i32,
     dictionary: Option<&Dictionary>,
 ) -> Vec<u8> {
+    encode_parts(kind, raw, level, dictionary).to_vec()
+}
+
+/// Like [`encode`], without joining the header to the content.
+pub fn encode_parts<'a>(
+    kind: ObjectKind,
+    raw: &'a [u8],
+    level: i32,
+    dictionary: Option<&Dictionary>,
+) -> Encoded<'a> {
     assert!(
         raw.len() <= OBJECT_RAW_BYTES_MAX,
         "object content over the limit"
@@ -202,20 +243,27 @@ pub fn encode(
             .map(|payload| (codec, payload))
     };
     let (codec, payload) = match compressed {
-        Some((codec, payload)) if payload.len() + 8 < raw.len() => (codec, payload),
-        _ => (CODEC_RAW, raw.to_vec()),
+        Some((codec, payload)) if payload.len() + 8 < raw.len() => {
+            (codec, std::borrow::Cow::Owned(payload))
+        }
+        _ => (CODEC_RAW, std::borrow::Cow::Borrowed(raw)),
     };
-    let mut value = Vec::with_capacity(HEADER_BYTES + 8 + payload.len());
-    value.push(FORMAT_VERSION);
-    value.push(kind as u8);
-    value.push(codec);
-    value.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+    let mut header = [0; HEADER_BYTES + 8];
+    header[0] = FORMAT_VERSION;
+    header[1] = kind as u8;
+    header[2] = codec;
+    header[3..7].copy_from_slice(&(raw.len() as u32).to_le_bytes());
+    let mut header_len = 7;
     if codec == CODEC_ZSTD_DICT {
         let id = dictionary.map(|d| d.id).unwrap_or(0);
-        value.extend_from_slice(&id.to_le_bytes());
+        header[7..15].copy_from_slice(&id.to_le_bytes());
+        header_len = 15;
     }
-    value.extend_from_slice(&payload);
-    value
+    Encoded {
+        header,
+        header_len,
+        payload,
+    }
 }
 
 /// The dictionary an encoded value needs, if any.

@@ -119,14 +119,34 @@ impl Packer {
     }
 
     /// Appends one encoded object; returns what became complete.
-    pub fn append(&mut self, hash: Hash, mut value: &[u8], out: &mut Flushed) {
+    pub fn append(&mut self, hash: Hash, value: &[u8], out: &mut Flushed) {
+        self.append_pieces(hash, &[value], out);
+    }
+
+    /// Appends one encoded object given in pieces (laid end to end); returns what became
+    /// complete.
+    pub fn append_pieces(&mut self, hash: Hash, pieces: &[&[u8]], out: &mut Flushed) {
         let mut parts = Vec::with_capacity(2);
+        let mut pieces = pieces.iter().copied().filter(|piece| !piece.is_empty());
+        let mut value = pieces.next().unwrap_or_default();
         while !value.is_empty() {
             let space = SEGMENT_BYTES - self.segment.len();
             let take = space.min(value.len());
-            parts.push((self.sequence, self.segment.len() as u32, take as u32));
+            let offset = self.segment.len() as u32;
+            match parts.last_mut() {
+                // The next piece of the object in the same segment lengthens its part.
+                Some((sequence, start, len))
+                    if *sequence == self.sequence && *start + *len == offset =>
+                {
+                    *len += take as u32;
+                }
+                _ => parts.push((self.sequence, offset, take as u32)),
+            }
             self.segment.extend_from_slice(&value[..take]);
             value = &value[take..];
+            if value.is_empty() {
+                value = pieces.next().unwrap_or_default();
+            }
             if self.segment.len() == SEGMENT_BYTES {
                 // Objects end before the segment does, except possibly this one.
                 if value.is_empty() {
@@ -206,15 +226,24 @@ mod tests {
                     (Hash::of(9, &bytes), bytes)
                 })
                 .collect();
-            for (hash, bytes) in &objects {
-                packer.append(*hash, bytes, &mut out);
+            for (index, (hash, bytes)) in objects.iter().enumerate() {
+                if index % 2 == 0 {
+                    packer.append(*hash, bytes, &mut out);
+                } else {
+                    // In pieces, as a capture appends a header and the content after it.
+                    let cut = (index * 7919) % bytes.len();
+                    packer.append_pieces(*hash, &[&bytes[..cut], &[], &bytes[cut..]], &mut out);
+                }
             }
             packer.finish(&mut out);
             let stored: HashMap<Vec<u8>, Vec<u8>> = out.puts.into_iter().collect();
             for (hash, bytes) in &objects {
                 let index = stored.get(&keys::object(hash)).expect("indexed");
                 let mut content = Vec::new();
-                for part in decode_index(index).unwrap() {
+                let parts = decode_index(index).unwrap();
+                // A part per segment the object touches, however many pieces it came in.
+                prop_assert!(parts.len() <= bytes.len().div_ceil(SEGMENT_BYTES) + 1);
+                for part in parts {
                     let segment = stored.get(&keys::segment(&part.segment)).expect("segment stored");
                     prop_assert!(segment.len() <= SEGMENT_BYTES);
                     content.extend_from_slice(&segment[part.offset as usize..(part.offset + part.len) as usize]);
