@@ -879,6 +879,31 @@ type ReadResult = Option<(Content, Option<Vec<u8>>, Meta)>;
 /// Files up to this size are read whole and cut into chunks in place; larger ones are
 /// read as a stream (each chunk then costs one more copy).
 const WHOLE_READ_BYTES_MAX: usize = 32 << 20;
+/// Bytes all threads together may hold in whole reads at once (past it, a file is read as
+/// a stream): memory stays bounded on hosts with many cores.
+const WHOLE_READ_BUDGET_BYTES: usize = 256 << 20;
+static WHOLE_READ_IN_USE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A share of [`WHOLE_READ_BUDGET_BYTES`], given back when dropped.
+struct WholeRead(usize);
+
+impl WholeRead {
+    fn reserve(bytes: usize) -> Option<WholeRead> {
+        use std::sync::atomic::Ordering;
+        WHOLE_READ_IN_USE
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + bytes <= WHOLE_READ_BUDGET_BYTES).then_some(used + bytes)
+            })
+            .ok()
+            .map(|_| WholeRead(bytes))
+    }
+}
+
+impl Drop for WholeRead {
+    fn drop(&mut self) {
+        WHOLE_READ_IN_USE.fetch_sub(self.0, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 /// Reads a file's content into objects. `None` means the file grew past what its size
 /// announced (read again).
@@ -895,7 +920,15 @@ fn read_content(
     } else {
         WHOLE_READ_BYTES_MAX
     };
-    if before.size as usize <= whole {
+    let reserved = if before.size as usize <= BLOB_BYTES_MAX {
+        // Small files are always read whole (a blob is one object).
+        Some(None)
+    } else if before.size as usize <= whole {
+        WholeRead::reserve(before.size as usize).map(Some)
+    } else {
+        None
+    };
+    if let Some(_reserved) = reserved {
         let mut bytes = Vec::with_capacity(before.size as usize);
         (&mut file)
             .take(whole as u64 + 1)
@@ -1103,6 +1136,22 @@ fn store_config_keys(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whole reads share one budget: past it a file is read as a stream, and a finished
+    /// read gives its share back.
+    #[test]
+    fn whole_reads_stay_within_their_memory_budget() {
+        let all = WholeRead::reserve(WHOLE_READ_BUDGET_BYTES).expect("the budget is free");
+        assert!(WholeRead::reserve(1).is_none(), "over the budget");
+        drop(all);
+        let some = WholeRead::reserve(WHOLE_READ_BYTES_MAX).expect("given back");
+        assert!(WholeRead::reserve(WHOLE_READ_BUDGET_BYTES).is_none());
+        drop(some);
+        assert_eq!(
+            WHOLE_READ_IN_USE.load(std::sync::atomic::Ordering::Acquire),
+            0
+        );
+    }
 
     /// A file read whole is cut where a stream read cuts it, so captures of either kind
     /// share chunks (and a file that crosses the whole-read size keeps its chunks).
