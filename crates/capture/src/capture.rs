@@ -1127,7 +1127,13 @@ fn store_config_keys(
                     .map(|(key, value)| ConfigKey { key, value })
                     .collect(),
             };
-            Ok(Ok(writer.put(ObjectKind::Config, &node::to_bytes(&node))?))
+            let bytes = node::to_bytes(&node);
+            if bytes.len() > kairos_store::object::OBJECT_RAW_BYTES_MAX {
+                // Too large for one object: the file is stored, its keys are not (a note
+                // says why), and the capture goes on.
+                return Ok(Err(config::ConfigError::TooLarge(config::PAIRS_BYTES_MAX)));
+            }
+            Ok(Ok(writer.put(ObjectKind::Config, &bytes)?))
         }
         Err(error) => Ok(Err(error)),
     }

@@ -72,7 +72,13 @@ pub enum ConfigError {
     Line { line: usize, reason: String },
     #[error("has more than {0} keys")]
     TooManyKeys(usize),
+    #[error("has keys and values of more than {0} bytes in all")]
+    TooLarge(usize),
 }
+
+/// Bytes of keys and values a parse yields at most (a config node is one stored object, of
+/// at most 1 MiB): past it the file's keys are not kept, and parsing stops there.
+pub const PAIRS_BYTES_MAX: usize = 1 << 20;
 
 /// Parses `bytes` as `format` into (key, value) pairs in file order. Repeated keys (as in
 /// redis.conf's `save`) get `#2`, `#3`, ... suffixes.
@@ -95,7 +101,17 @@ pub fn parse(
     if pairs.len() > keys_max {
         return Err(ConfigError::TooManyKeys(keys_max));
     }
+    if pairs_bytes(&pairs) > PAIRS_BYTES_MAX {
+        return Err(ConfigError::TooLarge(PAIRS_BYTES_MAX));
+    }
     Ok((format, number_repeats(pairs)))
+}
+
+fn pairs_bytes(pairs: &[(String, String)]) -> usize {
+    pairs
+        .iter()
+        .map(|(key, value)| key.len() + value.len())
+        .sum()
 }
 
 fn has_sections(text: &str) -> bool {
@@ -268,12 +284,21 @@ fn unquote(value: &str) -> String {
 fn parse_ini(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
     let mut out = Vec::new();
     let mut section = String::new();
+    // Every key repeats its section's name: a long name times many keys would hold far
+    // more than the file, so the total is bounded as it grows.
+    let mut total = 0usize;
     for (index, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
             continue;
         }
         if line.starts_with('[') {
+            // `[section] # note`: a comment may follow the header.
+            let line = if line.ends_with(']') {
+                line
+            } else {
+                strip_comment(line, b";#")
+            };
             let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) else {
                 return Err(ConfigError::Line {
                     line: index + 1,
@@ -300,6 +325,10 @@ fn parse_ini(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
         } else {
             format!("{section}.{key}")
         };
+        total += key.len() + value.len();
+        if total > PAIRS_BYTES_MAX {
+            return Err(ConfigError::TooLarge(PAIRS_BYTES_MAX));
+        }
         out.push((key, value));
     }
     Ok(out)
@@ -452,6 +481,24 @@ mod tests {
     }
 
     #[test]
+    fn keys_that_would_outgrow_one_stored_object_are_refused_by_name() {
+        // A long section name repeated in every key: 16 kB of file, 2 MB of keys.
+        let mut text = format!("[{}]\n", "s".repeat(1000));
+        for index in 0..2000 {
+            text.push_str(&format!("k{index}=1\n"));
+        }
+        assert_eq!(
+            parse(ConfigFormat::Ini, text.as_bytes(), 20_000),
+            Err(ConfigError::TooLarge(PAIRS_BYTES_MAX))
+        );
+        let long_value = format!("key = {}\n", "v".repeat(PAIRS_BYTES_MAX + 1));
+        assert_eq!(
+            parse(ConfigFormat::KeyValue, long_value.as_bytes(), 20_000),
+            Err(ConfigError::TooLarge(PAIRS_BYTES_MAX))
+        );
+    }
+
+    #[test]
     fn comment_markers_inside_quotes_are_kept() {
         check(
             "app.conf",
@@ -471,6 +518,16 @@ mod tests {
                 [ini]
                 s.a = x;y
                 s.b = 1
+            "#]],
+        );
+        check(
+            "my.ini",
+            "[s]\na=1\n[t] # a note\nb=1\n[u] ; another\nc=1\n",
+            expect![[r#"
+                [ini]
+                s.a = 1
+                t.b = 1
+                u.c = 1
             "#]],
         );
         check(

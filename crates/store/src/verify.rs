@@ -296,12 +296,20 @@ impl Store {
                 _ => break,
             }
         }
-        match self.replicas() {
+        // Replicas and frames from the snapshot the objects were read from: a frame
+        // committed since (a capture going on meanwhile) names objects that snapshot
+        // cannot hold, and would be reported missing.
+        match reader.scan_prefix(keys::REPLICA) {
             Ok(replicas) => report.replicas = replicas.len() as u64,
             Err(error) => report.problem(error.to_string()),
         }
         let mut reachable: HashSet<Hash> = HashSet::new();
-        let frames = match self.all_frames() {
+        let frames = match reader.scan_prefix(keys::FRAME).and_then(|records| {
+            records
+                .iter()
+                .map(|(key, value)| crate::catalog::parse_frame(key, value))
+                .collect::<Result<Vec<_>>>()
+        }) {
             Ok(frames) => frames,
             Err(error) => {
                 report.problem(error.to_string());
