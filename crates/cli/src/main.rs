@@ -229,7 +229,8 @@ enum Command {
     Gc(GcArgs),
     /// The store's figures: replicas, frames, objects (reachable and reclaimable), bytes raw
     /// (files over every frame), stored (objects as compressed), in segments and on disk,
-    /// the dedup ratio (raw / stored), dictionaries, and the bytes `kairos gc` would reclaim
+    /// the dedup ratio (raw / stored), dictionaries, the bytes `kairos gc` would reclaim, and
+    /// the dead bytes it leaves in segments still mostly live
     Stats(StatsArgs),
     /// Print the shell completion script for bash, zsh or fish
     ///
@@ -1334,6 +1335,12 @@ fn stats_command(backend: &Backend, StatsArgs { json }: StatsArgs) -> Result<Exi
             ""
         }
     );
+    if figures.bytes_dead_kept > 0 {
+        println!(
+            "dead space kept: {} in segments still mostly live (repacking them would copy more than it frees)",
+            bytes(figures.bytes_dead_kept)
+        );
+    }
     for dictionary in &figures.dictionaries {
         println!(
             "dictionary: {} version {} ({})",
