@@ -108,6 +108,20 @@ impl Kairos {
         output.stdout
     }
 
+    /// Registers replica `name` at `root` with captures only when asked (an interval of an
+    /// hour: no interval capture happens during a test).
+    pub fn add_idle_replica(&self, name: &str, root: &Path) {
+        self.ok([
+            "replica".as_ref(),
+            "add".as_ref(),
+            OsStr::new(name),
+            "--root".as_ref(),
+            root.as_os_str(),
+            "--capture-interval".as_ref(),
+            "1h".as_ref(),
+        ]);
+    }
+
     pub fn json<I, S>(&self, args: I) -> Value
     where
         I: IntoIterator<Item = S>,

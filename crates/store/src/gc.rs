@@ -1548,44 +1548,6 @@ mod tests {
         );
     }
 
-    /// Objects that lie across segment boundaries are copied whole by a repack, and a dry
-    /// run counts them so (it counted only their part in each chosen segment).
-    #[test]
-    fn a_dry_run_counts_the_bytes_a_repack_copies() {
-        let (_dir, store) = open();
-        let mut ids = Vec::new();
-        for round in 0..8 {
-            // About 40 KiB each: most objects span two 64 KiB segments.
-            let content: Vec<(String, Vec<u8>)> = files(300 + round, 5)
-                .into_iter()
-                .map(|(name, bytes)| (name, bytes.repeat(8)))
-                .map(|(name, mut bytes)| {
-                    let noise = blake3::hash(&bytes);
-                    for (at, byte) in bytes.iter_mut().enumerate() {
-                        *byte ^= noise.as_bytes()[at % 32].wrapping_add(at as u8);
-                    }
-                    (name, bytes)
-                })
-                .collect();
-            ids.push(capture(&store, &content, round as i64 + 1));
-        }
-        store.forget_frames(&ids[..7]).unwrap();
-        let dry = store
-            .gc(&GcOptions {
-                dry_run: true,
-                ..GcOptions::default()
-            })
-            .unwrap();
-        let report = store.gc(&GcOptions::default()).unwrap();
-        assert!(report.bytes_repacked > 0, "{report:?}");
-        assert_eq!(
-            (dry.segments_repacked, dry.bytes_repacked),
-            (report.segments_repacked, report.bytes_repacked),
-            "{dry:?} {report:?}"
-        );
-        verify_clean(&store);
-    }
-
     #[test]
     fn mostly_dead_segments_are_repacked_within_the_budget() {
         let (_dir, store) = open();

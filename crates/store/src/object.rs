@@ -210,18 +210,8 @@ impl Encoded<'_> {
     }
 }
 
-/// Encodes `raw` as a stored value: compressed when that saves space.
-pub fn encode(
-    kind: ObjectKind,
-    raw: &[u8],
-    level: i32,
-    dictionary: Option<&Dictionary>,
-) -> Vec<u8> {
-    encode_parts(kind, raw, level, dictionary).to_vec()
-}
-
-/// Like [`encode`], without joining the header to the content.
-pub fn encode_parts<'a>(
+/// Encodes `raw` as a stored value (compressed when that saves space), in its two pieces.
+pub fn encode<'a>(
     kind: ObjectKind,
     raw: &'a [u8],
     level: i32,
@@ -381,14 +371,14 @@ mod tests {
         fn round_trips(raw in proptest::collection::vec(any::<u8>(), 0..4096), repeat in 1usize..8) {
             let raw = raw.repeat(repeat);
             let hash = object_hash(ObjectKind::Blob, &raw);
-            let value = encode(ObjectKind::Blob, &raw, 3, None);
+            let value = encode(ObjectKind::Blob, &raw, 3, None).to_vec();
             prop_assert_eq!(decode(hash, ObjectKind::Blob, &value, None).unwrap(), raw);
         }
 
         #[test]
         fn any_flipped_byte_is_detected(raw in proptest::collection::vec(any::<u8>(), 1..2048), at in any::<usize>(), bit in 0u8..8) {
             let hash = object_hash(ObjectKind::Chunk, &raw);
-            let mut value = encode(ObjectKind::Chunk, &raw, 3, None);
+            let mut value = encode(ObjectKind::Chunk, &raw, 3, None).to_vec();
             let at = at % value.len();
             value[at] ^= 1 << bit;
             prop_assert!(decode(hash, ObjectKind::Chunk, &value, None).is_err());
@@ -400,7 +390,7 @@ mod tests {
         fn stored_raw_agrees_with_decode(raw in proptest::collection::vec(any::<u8>(), 1..2048), at in any::<usize>(), bit in 0u8..8) {
             // Random bytes do not compress: stored raw.
             let hash = object_hash(ObjectKind::Chunk, &raw);
-            let mut value = encode(ObjectKind::Chunk, &raw, 3, None);
+            let mut value = encode(ObjectKind::Chunk, &raw, 3, None).to_vec();
             if value[2] == CODEC_RAW {
                 prop_assert_eq!(stored_raw(hash, ObjectKind::Chunk, &value).unwrap(), Some(raw.as_slice()));
                 prop_assert!(stored_raw(hash, ObjectKind::Blob, &value).is_err());
@@ -431,7 +421,7 @@ mod tests {
         let dictionary = Dictionary::new(bytes);
         let raw = b"listen = 42\nmax_connections = 294\nname = \"svc-42\"\n".repeat(2);
         let hash = object_hash(ObjectKind::Blob, &raw);
-        let value = encode(ObjectKind::Blob, &raw, 3, Some(&dictionary));
+        let value = encode(ObjectKind::Blob, &raw, 3, Some(&dictionary)).to_vec();
         assert_eq!(needed_dictionary(&value), Some(dictionary.id));
         assert_eq!(
             decode(hash, ObjectKind::Blob, &value, Some(&dictionary)).unwrap(),
@@ -446,7 +436,7 @@ mod tests {
     #[test]
     fn wrong_kind_is_named() {
         let raw = b"abc";
-        let value = encode(ObjectKind::Blob, raw, 3, None);
+        let value = encode(ObjectKind::Blob, raw, 3, None).to_vec();
         let error = decode(
             object_hash(ObjectKind::Blob, raw),
             ObjectKind::Dir,

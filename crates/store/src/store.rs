@@ -836,7 +836,7 @@ impl ObjectWriter {
         } else {
             BULK_COMPRESSION_LEVEL
         };
-        let value = object::encode_parts(kind, raw, level, dictionary);
+        let value = object::encode(kind, raw, level, dictionary);
         if small && self.dictionary.is_none() {
             let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
             if samples.bytes + raw.len() <= DICTIONARY_SAMPLE_BYTES_MAX {

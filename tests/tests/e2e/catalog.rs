@@ -147,15 +147,7 @@ fn store_to_read(base: &Path) -> (Kairos, Vec<String>) {
     std::fs::write(root.join("etc/app.toml"), "[server]\nport = 8080\n").unwrap();
     std::fs::write(root.join("index.html"), "one\n").unwrap();
     let kairos = Kairos::at(&base.join("data"));
-    kairos.ok([
-        "replica",
-        "add",
-        "web",
-        "--root",
-        root.to_str().unwrap(),
-        "--capture-interval",
-        "1h",
-    ]);
+    kairos.add_idle_replica("web", &root);
     kairos.ok(["capture", "web"]);
     std::fs::write(root.join("etc/app.toml"), "[server]\nport = 9090\n").unwrap();
     std::fs::write(root.join("index.html"), "two\n").unwrap();

@@ -1185,16 +1185,7 @@ fn what_a_node_held_before_the_cluster_formed_reaches_every_member_that_joins() 
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("app.conf"), "x = 1\n").unwrap();
     let first = Kairos::at(&work.path().join("node-1"));
-    let root_text = root.to_str().unwrap();
-    first.ok([
-        "replica",
-        "add",
-        "web",
-        "--root",
-        root_text,
-        "--capture-interval",
-        "1h",
-    ]);
+    first.add_idle_replica("web", &root);
     first.ok(["capture", "web"]);
     first.ok(["party", "add", "alice", "--role", "viewer"]);
     let admin: Value = first.json(["party", "add", "ops", "--role", "admin", "--json"]);

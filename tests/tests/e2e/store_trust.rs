@@ -327,16 +327,7 @@ fn a_node_killed_at_any_instant_leaves_a_store_that_verifies_and_its_copy_matche
     let root = service.path().join("web");
     write(&root, "etc/app.conf", "port = 1\n");
     let kairos = Kairos::new();
-    let root_text = root.to_str().unwrap();
-    kairos.ok([
-        "replica",
-        "add",
-        "web",
-        "--root",
-        root_text,
-        "--capture-interval",
-        "1h",
-    ]);
+    kairos.add_idle_replica("web", &root);
     kairos.ok(["capture", "web"]);
     for round in 0..8u64 {
         let mut node = Node::start("", kairos.data_dir());
@@ -399,17 +390,8 @@ fn a_copy_cut_short_is_named_and_repair_keeps_every_frame_the_store_holds() {
     let service = tempfile::tempdir().unwrap();
     let root = service.path().join("web");
     let kairos = Kairos::new();
-    let root_text = root.to_str().unwrap();
     write(&root, "a", "0\n");
-    kairos.ok([
-        "replica",
-        "add",
-        "web",
-        "--root",
-        root_text,
-        "--capture-interval",
-        "1h",
-    ]);
+    kairos.add_idle_replica("web", &root);
     for i in 1..=3 {
         write(&root, "a", &format!("{i}\n"));
         kairos.ok(["capture", "web"]);
