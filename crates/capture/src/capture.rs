@@ -915,20 +915,17 @@ fn read_content(
     limits: &Limits,
 ) -> Result<ReadResult, ReadError> {
     let io = |error: std::io::Error| ReadError::Io(error.to_string());
-    let whole = if before.size as usize <= BLOB_BYTES_MAX {
-        BLOB_BYTES_MAX
-    } else {
-        WHOLE_READ_BYTES_MAX
-    };
-    let reserved = if before.size as usize <= BLOB_BYTES_MAX {
-        // Small files are always read whole (a blob is one object).
-        Some(None)
-    } else if before.size as usize <= whole {
-        WholeRead::reserve(before.size as usize).map(Some)
+    // Small files are always read whole (a blob is one object); larger ones when the
+    // budget allows.
+    let size = before.size as usize;
+    let whole_read = if size <= BLOB_BYTES_MAX {
+        Some((BLOB_BYTES_MAX, None))
+    } else if size <= WHOLE_READ_BYTES_MAX {
+        WholeRead::reserve(size).map(|reserved| (WHOLE_READ_BYTES_MAX, Some(reserved)))
     } else {
         None
     };
-    if let Some(_reserved) = reserved {
+    if let Some((whole, _reserved)) = whole_read {
         let mut bytes = Vec::with_capacity(before.size as usize);
         (&mut file)
             .take(whole as u64 + 1)
