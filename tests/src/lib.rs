@@ -69,6 +69,21 @@ impl Kairos {
         &self.data_dir
     }
 
+    /// The pack files holding the store's segments (beside `kairos.redb`), in name order.
+    pub fn pack_files(&self) -> Vec<PathBuf> {
+        pack_files(&self.data_dir)
+    }
+
+    /// Bytes the embedded store occupies: its file and its pack files.
+    pub fn store_bytes(&self) -> u64 {
+        let file = std::fs::metadata(self.data_dir.join("kairos.redb")).map_or(0, |m| m.len());
+        file + self
+            .pack_files()
+            .iter()
+            .map(|path| std::fs::metadata(path).map_or(0, |m| m.len()))
+            .sum::<u64>()
+    }
+
     pub fn command<I, S>(&self, args: I) -> Command
     where
         I: IntoIterator<Item = S>,
@@ -345,4 +360,27 @@ impl Drop for Node {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The pack files of the store in `data_dir` (every `kairos.packs-*` directory), in name
+/// order.
+pub fn pack_files(data_dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(data_dir).into_iter().flatten().flatten() {
+        let is_packs = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.starts_with("kairos.packs-"));
+        if is_packs {
+            for pack in std::fs::read_dir(entry.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                out.push(pack.path());
+            }
+        }
+    }
+    out.sort();
+    out
 }

@@ -11,7 +11,7 @@ use crate::kv::{
 /// Runs every case against fresh backends made by `make`; panics on the first failure.
 pub fn run(mut make: impl FnMut() -> Box<dyn KvBackend>) {
     type Case = fn(&dyn KvBackend);
-    let cases: [(&str, Case); 10] = [
+    let cases: [(&str, Case); 11] = [
         ("put_get_overwrite_delete", put_get_overwrite_delete),
         ("scan_is_ordered_and_bounded", scan_is_ordered_and_bounded),
         ("prefix_scan_pages", prefix_scan_pages),
@@ -25,6 +25,7 @@ pub fn run(mut make: impl FnMut() -> Box<dyn KvBackend>) {
         ("limits_are_enforced", limits_are_enforced),
         ("snapshots_are_isolated", snapshots_are_isolated),
         ("binary_keys_sort_bytewise", binary_keys_sort_bytewise),
+        ("segments_read_like_any_value", segments_read_like_any_value),
     ];
     for (name, case) in cases {
         let backend = make();
@@ -259,4 +260,69 @@ fn binary_keys_sort_bytewise(backend: &dyn KvBackend) {
     );
     let high = scan_prefix(snapshot.as_ref(), &[0xff], 10).unwrap();
     assert_eq!(keys(&high), [&[0xff][..], &[0xff, 0x00]]);
+}
+
+/// Segment values (`s/…`, which the embedded backend keeps in pack files) read, scan, check
+/// and delete like every other value, merged in key order with the keys around them.
+fn segments_read_like_any_value(backend: &dyn KvBackend) {
+    let big: Vec<u8> = (0..60_000u32).map(|i| (i * 7) as u8).collect();
+    put(
+        backend,
+        &[
+            (b"r/1", b"before"),
+            (b"s/b", &big),
+            (b"s/a", b"first segment"),
+            (b"s/", b""),
+            (b"t/1", b"after"),
+        ],
+    );
+    let snapshot = backend.snapshot().unwrap();
+    assert_eq!(snapshot.get(b"s/b").unwrap().as_deref(), Some(&big[..]));
+    assert_eq!(
+        snapshot.get_slice(b"s/b", 100, 5).unwrap().as_deref(),
+        Some(&big[100..105])
+    );
+    assert_eq!(snapshot.get_slice(b"s/b", 59_999, 2).unwrap(), None);
+    assert_eq!(snapshot.get_slice(b"s/zz", 0, 1).unwrap(), None);
+    assert!(snapshot.contains(b"s/a").unwrap());
+    let all = snapshot
+        .scan(Bound::Unbounded, Bound::Unbounded, 100, false)
+        .unwrap();
+    assert_eq!(keys(&all), vec![&b"r/1"[..], b"s/", b"s/a", b"s/b", b"t/1"]);
+    assert_eq!(all[3].1, big);
+    let backwards = snapshot
+        .scan(Bound::Unbounded, Bound::Excluded(b"t/"), 2, true)
+        .unwrap();
+    assert_eq!(keys(&backwards), vec![&b"s/b"[..], b"s/a"]);
+    let lengths = snapshot
+        .scan_key_lengths(Bound::Included(b"s/"), Bound::Unbounded, 3)
+        .unwrap();
+    assert_eq!(
+        lengths,
+        vec![
+            (b"s/".to_vec(), 0),
+            (b"s/a".to_vec(), 13),
+            (b"s/b".to_vec(), 60_000)
+        ]
+    );
+    // A check on a segment, a put and a delete in one batch.
+    let mut batch = WriteBatch::new();
+    batch
+        .check(b"s/a".to_vec(), Some(b"first segment".to_vec()))
+        .unwrap();
+    batch.put(b"s/c".to_vec(), b"third".to_vec()).unwrap();
+    batch.delete(b"s/b".to_vec()).unwrap();
+    backend.commit(batch).unwrap();
+    let mut stale = WriteBatch::new();
+    stale.check(b"s/b".to_vec(), Some(big.clone())).unwrap();
+    stale.put(b"s/d".to_vec(), b"never".to_vec()).unwrap();
+    assert!(matches!(
+        backend.commit(stale),
+        Err(KvError::Conflict { .. })
+    ));
+    assert_eq!(get(backend, b"s/b"), None);
+    assert_eq!(get(backend, b"s/d"), None);
+    assert_eq!(get(backend, b"s/c").as_deref(), Some(&b"third"[..]));
+    // The snapshot taken before still reads what it saw.
+    assert_eq!(snapshot.get(b"s/b").unwrap().as_deref(), Some(&big[..]));
 }

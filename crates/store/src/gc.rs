@@ -196,6 +196,10 @@ pub struct GcReport {
     pub compacted: bool,
     #[serde(default)]
     pub compact_ms: u64,
+    /// Live segment bytes moved out of mostly dead pack files (the embedded backend), so
+    /// that those files could be removed.
+    #[serde(default)]
+    pub bytes_moved_in_files: u64,
     pub duration_ms: u64,
 }
 
@@ -765,6 +769,8 @@ impl Store {
             // empty durable commit flushes them all. A crash before it undoes a suffix of
             // them, which leaves a store as safe as any batch boundary does.
             self.kv().commit(WriteBatch::new())?;
+            // Files the backend appends segments to give back what the run freed.
+            report.bytes_moved_in_files = self.kv().compact_files()?;
         }
         report.bytes_on_disk_after = self.size_bytes()?;
         report.duration_ms = started.elapsed().as_millis() as u64;

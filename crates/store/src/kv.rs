@@ -251,6 +251,14 @@ pub trait KvBackend: Send + Sync {
         Ok(())
     }
 
+    /// Gives back space held by deleted values where the backend keeps them in files it
+    /// appends to (the embedded backend's pack files: live segments of mostly dead packs
+    /// move, and emptied packs are unlinked). Returns the bytes moved. Runs while other
+    /// writers go on.
+    fn compact_files(&self) -> Result<u64, KvError> {
+        Ok(0)
+    }
+
     /// Whether one process holds the backend while it is open (the embedded store): then
     /// every writer of the store is in this process and garbage collection may run here.
     fn held_by_one_process(&self) -> bool {

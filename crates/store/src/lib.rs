@@ -19,6 +19,7 @@
 //! - [`gc`]: garbage collection while captures go on, and the store's figures;
 //! - [`forget`]: removing frame records (the primitive retention builds on);
 //! - [`verify`]: a full check of everything stored, the file's own structure included;
+//! - [`packfile`]: the embedded backend's segments in append-only pack files beside the store;
 //! - [`catalog_copy`]: the checksummed copy of the catalog kept beside the store file;
 //! - [`repair`]: rebuilding a damaged store from what still verifies and the catalog copy;
 //! - [`guard`]: redb's panics on damaged pages caught and turned into `corrupt` errors.
@@ -42,6 +43,7 @@ pub mod models;
 pub mod node;
 pub mod object;
 pub mod pack;
+pub mod packfile;
 pub mod redb_backend;
 pub mod redb_check;
 pub mod repair;

@@ -14,6 +14,7 @@
 //! - every committed change to catalog keys is also appended to the catalog copy
 //!   ([`crate::catalog_copy`]) so a damaged file never makes every frame unreachable.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::mem::ManuallyDrop;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -28,9 +29,11 @@ use redb::{
 
 use crate::catalog_copy::{self, CatalogCopyWriter, is_catalog_key};
 use crate::guard::catch_panic;
+use crate::keys;
 use crate::kv::{
     CatalogComparison, KvBackend, KvError, KvSnapshot, Mutation, Pairs, WriteBatch, printable,
 };
+use crate::packfile::{self, Locator, PackRecord, PackView, Packs};
 use crate::redb_check::{self, Recovery};
 
 /// The one table of a store file.
@@ -43,6 +46,15 @@ const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new(TABLE_NAME);
 const COMPACT_ROUNDS_MAX: usize = 64;
 const META: TableDefinition<&str, u64> = TableDefinition::new("kairos-meta");
 const CATALOG_SEQUENCE: &str = "catalog-sequence";
+/// The id naming the store's pack directory ([`packfile::packs_dir`]).
+const PACKS_ID: &str = "packs-id";
+/// Segment key → locator of its bytes in a pack file ([`packfile`]). Segments written
+/// before pack files existed stay in [`TABLE`] and are read from there.
+const PACKED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kairos-packed");
+/// Pack number → its record (live bytes, committed end).
+const PACKS: TableDefinition<u64, &[u8]> = TableDefinition::new("kairos-packs");
+/// Bytes of segments moved out of mostly dead packs per transaction.
+const MOVE_CHUNK_BYTES: usize = 4 << 20;
 /// The page cache used unless another size is asked for.
 pub const CACHE_BYTES_DEFAULT: usize = 64 << 20;
 /// How long opening waits for another process that holds the file.
@@ -146,6 +158,12 @@ pub struct RedbBackend {
     /// Whether the last commit was not durable (see `Drop`: a handle closed after one
     /// makes one durable commit, so the next open finds a clean file, not one to repair).
     unsynced: AtomicBool,
+    /// The pack files holding the store's segments.
+    packs: Arc<Packs>,
+}
+
+fn is_segment_key(key: &[u8]) -> bool {
+    key.starts_with(keys::SEGMENT)
 }
 
 enum Existing {
@@ -196,6 +214,7 @@ impl RedbBackend {
             health,
             catalog_copy: None,
             unsynced: AtomicBool::new(false),
+            packs: Arc::new(Packs::none()),
         };
         let copy_path = catalog_copy::copy_path(path);
         if matches!(
@@ -227,10 +246,93 @@ impl RedbBackend {
         };
         let mut backend = backend;
         backend.catalog_copy = Some(Mutex::new(writer));
+        backend.open_packs()?;
         if recorded_damage(path).is_none() {
             backend.write_copy_if_missing()?;
         }
         Ok(backend)
+    }
+
+    /// Opens the store's pack files: an intact store gets its pack directory id if it has
+    /// none yet, and loses what no durable commit refers to (see [`Packs::open_writable`]);
+    /// a store with recorded damage only reads them.
+    fn open_packs(&mut self) -> Result<(), KvError> {
+        let damaged = recorded_damage(&self.health.path).is_some();
+        let mut id = self.packs_id()?;
+        if id.is_none() && !damaged {
+            let new = packfile::new_packs_id();
+            self.health.guard(
+                || "recording the pack directory".into(),
+                || {
+                    let txn = self.database.begin_write().map_err(|e| self.txn(e))?;
+                    txn.open_table(META)
+                        .map_err(|error| table_error(&self.health, error))?
+                        .insert(PACKS_ID, new)
+                        .map_err(|error| self.health.storage(error))?;
+                    txn.commit().map_err(|e| self.commit_error(e))
+                },
+            )?;
+            id = Some(new);
+        }
+        let Some(id) = id else {
+            return Ok(());
+        };
+        let dir = packfile::packs_dir(&self.health.path, id);
+        let packs = if damaged {
+            Packs::open_read_only(&dir)
+        } else {
+            let records = self.pack_records()?;
+            Packs::open_writable(&dir, &records).map(|(packs, _cleaned)| packs)
+        }
+        .map_err(KvError::Io)?;
+        self.packs = Arc::new(packs);
+        Ok(())
+    }
+
+    /// The id of the store's pack directory, if it has one.
+    fn packs_id(&self) -> Result<Option<u64>, KvError> {
+        self.health.guard(
+            || "reading the pack directory id".into(),
+            || {
+                let txn = self.database.begin_read().map_err(|e| self.txn(e))?;
+                let meta = match txn.open_table(META) {
+                    Ok(meta) => meta,
+                    Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+                    Err(error) => return Err(table_error(&self.health, error)),
+                };
+                Ok(meta
+                    .get(PACKS_ID)
+                    .map_err(|error| self.health.storage(error))?
+                    .map(|value| value.value()))
+            },
+        )
+    }
+
+    /// Every pack's record, as last committed.
+    pub fn pack_records(&self) -> Result<BTreeMap<u64, PackRecord>, KvError> {
+        self.health.guard(
+            || "reading the pack records".into(),
+            || {
+                let txn = self.database.begin_read().map_err(|e| self.txn(e))?;
+                let table = match txn.open_table(PACKS) {
+                    Ok(table) => table,
+                    Err(TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
+                    Err(error) => return Err(table_error(&self.health, error)),
+                };
+                let mut out = BTreeMap::new();
+                for item in table.iter().map_err(|e| self.health.storage(e))? {
+                    let (number, value) = item.map_err(|e| self.health.storage(e))?;
+                    let record = PackRecord::decode(value.value()).ok_or_else(|| {
+                        self.health.corrupt(format!(
+                            "the record of pack {} is malformed",
+                            number.value()
+                        ))
+                    })?;
+                    out.insert(number.value(), record);
+                }
+                Ok(out)
+            },
+        )
     }
 
     /// A read-only view of what can be read of the (possibly damaged) file at `path`,
@@ -241,19 +343,24 @@ impl RedbBackend {
                 path: path.display().to_string(),
                 reason,
             })?;
-        Ok((
-            RedbBackend {
-                database: ManuallyDrop::new(database),
-                health: Arc::new(Health {
-                    path: path.to_path_buf(),
-                    poisoned: AtomicBool::new(false),
-                    records_damage: false,
-                }),
-                catalog_copy: None,
-                unsynced: AtomicBool::new(false),
-            },
-            recovery,
-        ))
+        let mut backend = RedbBackend {
+            database: ManuallyDrop::new(database),
+            health: Arc::new(Health {
+                path: path.to_path_buf(),
+                poisoned: AtomicBool::new(false),
+                records_damage: false,
+            }),
+            catalog_copy: None,
+            unsynced: AtomicBool::new(false),
+            packs: Arc::new(Packs::none()),
+        };
+        // The segments in pack files, if the store's pack directory id still reads.
+        if let Ok(Some(id)) = backend.packs_id()
+            && let Ok(packs) = Packs::open_read_only(&packfile::packs_dir(path, id))
+        {
+            backend.packs = Arc::new(packs);
+        }
+        Ok((backend, recovery))
     }
 
     pub fn path(&self) -> &Path {
@@ -365,6 +472,8 @@ impl RedbBackend {
     /// (its two-phase commit), never a partial state.
     pub fn compact(mut self) -> Result<u64, KvError> {
         self.refuse_writes_if_damaged()?;
+        // Mostly dead packs first (ends with a durable commit: the packs are synced).
+        self.compact_packs()?;
         // Compaction commits durably: the copy's pending records go first.
         if let Some(copy) = &self.catalog_copy {
             copy.lock().unwrap_or_else(|p| p.into_inner()).flush()?;
@@ -396,7 +505,14 @@ impl RedbBackend {
         // Compaction commits durably: nothing is left for `Drop` to make durable (a commit
         // there would grow the file just compacted).
         self.unsynced.store(false, Ordering::Release);
-        self.size_bytes()
+        // Measured once closed: closing records redb's allocator state in the file.
+        let packs = self.packs.clone();
+        let path = self.health.path.clone();
+        drop(self);
+        let file = std::fs::metadata(&path)
+            .map(|metadata| metadata.len())
+            .map_err(|error| KvError::Io(format!("{}: {error}", path.display())))?;
+        Ok(file + packs.size_bytes().map_err(KvError::Io)?)
     }
 
     fn refuse_writes_if_damaged(&self) -> Result<(), KvError> {
@@ -417,14 +533,16 @@ impl RedbBackend {
 
     /// Commits `batch`; with `sequence`, also advances the catalog sequence in the same
     /// transaction, calls `ahead` with its new value just before the commit (to write the
-    /// catalog copy's record first), and returns it.
+    /// catalog copy's record first), and returns it. Segment values go to the pack files
+    /// (one append for the batch) and their locators to [`PACKED`].
     fn commit_guarded(
         &self,
         batch: &WriteBatch,
         sequence: bool,
         ahead: &mut dyn FnMut(u64),
     ) -> Result<Option<u64>, KvError> {
-        self.health.guard(
+        let mut doomed = BTreeSet::new();
+        let next = self.health.guard(
             || "committing a batch".into(),
             || {
                 let mut txn = self.database.begin_write().map_err(|e| self.txn(e))?;
@@ -433,34 +551,106 @@ impl RedbBackend {
                         .map_err(|error| KvError::Io(error.to_string()))?;
                 }
                 let mut next = None;
+                let mut deltas = PackDeltas::default();
                 {
                     let mut table = txn
                         .open_table(TABLE)
                         .map_err(|error| table_error(&self.health, error))?;
+                    let mut packed = txn
+                        .open_table(PACKED)
+                        .map_err(|error| table_error(&self.health, error))?;
                     for (key, expected) in &batch.checks {
-                        let current = table
-                            .get(key.as_slice())
-                            .map_err(|error| self.health.storage(error))?
-                            .map(|value| value.value().to_vec());
+                        let current = if is_segment_key(key) {
+                            match packed
+                                .get(key.as_slice())
+                                .map_err(|error| self.health.storage(error))?
+                            {
+                                Some(value) => {
+                                    let locator = self.locator(key, value.value())?;
+                                    Some(self.read_packed(&self.packs.view(), &locator)?)
+                                }
+                                None => None,
+                            }
+                        } else {
+                            None
+                        };
+                        let current = match current {
+                            Some(value) => Some(value),
+                            None => table
+                                .get(key.as_slice())
+                                .map_err(|error| self.health.storage(error))?
+                                .map(|value| value.value().to_vec()),
+                        };
                         if current.as_deref() != expected.as_deref() {
                             return Err(KvError::Conflict { key: key.clone() });
                         }
                     }
+                    // Every segment of the batch in one append, in batch order.
+                    let mut appended: Vec<u8> = Vec::new();
+                    for mutation in &batch.mutations {
+                        if let Mutation::Put { key, value } = mutation
+                            && is_segment_key(key)
+                        {
+                            appended.extend_from_slice(value);
+                        }
+                    }
+                    let (pack, mut offset) = if appended.is_empty() {
+                        (0, 0)
+                    } else {
+                        let (pack, start) = self.packs.append(&appended).map_err(KvError::Io)?;
+                        deltas.reach(pack, start + appended.len() as u64);
+                        (pack, start)
+                    };
+                    drop(appended);
                     for mutation in &batch.mutations {
                         match mutation {
+                            Mutation::Put { key, value } if is_segment_key(key) => {
+                                let locator = Locator {
+                                    pack,
+                                    offset,
+                                    len: value.len() as u32,
+                                };
+                                offset += value.len() as u64;
+                                deltas.add(pack, value.len() as u64);
+                                let old = packed
+                                    .insert(key.as_slice(), &locator.encode()[..])
+                                    .map_err(|error| self.health.storage(error))?
+                                    .map(|old| old.value().to_vec());
+                                if let Some(old) = old {
+                                    let old = self.locator(key, &old)?;
+                                    deltas.remove(old.pack, u64::from(old.len));
+                                }
+                            }
                             Mutation::Put { key, value } => {
                                 table
                                     .insert(key.as_slice(), value.as_slice())
                                     .map_err(|error| self.health.storage(error))?;
                             }
                             Mutation::Delete { key } => {
-                                table
-                                    .remove(key.as_slice())
-                                    .map_err(|error| self.health.storage(error))?;
+                                let old = if is_segment_key(key) {
+                                    packed
+                                        .remove(key.as_slice())
+                                        .map_err(|error| self.health.storage(error))?
+                                        .map(|old| old.value().to_vec())
+                                } else {
+                                    None
+                                };
+                                match old {
+                                    Some(old) => {
+                                        let old = self.locator(key, &old)?;
+                                        deltas.remove(old.pack, u64::from(old.len));
+                                    }
+                                    None => {
+                                        table
+                                            .remove(key.as_slice())
+                                            .map_err(|error| self.health.storage(error))?;
+                                    }
+                                }
                             }
                         }
                     }
                 }
+                self.apply_pack_deltas(&txn, &deltas, batch.durable, &mut doomed)?;
                 if sequence {
                     let mut meta = txn
                         .open_table(META)
@@ -474,6 +664,10 @@ impl RedbBackend {
                         .map_err(|error| self.health.storage(error))?;
                     next = Some(current + 1);
                 }
+                if batch.durable {
+                    // Every pack byte a durable locator may name is on disk first.
+                    self.packs.sync().map_err(KvError::Io)?;
+                }
                 if let Some(next) = next {
                     ahead(next);
                 }
@@ -481,8 +675,260 @@ impl RedbBackend {
                 self.unsynced.store(!batch.durable, Ordering::Release);
                 Ok(next)
             },
+        )?;
+        // Packs with nothing live that a durable commit no longer records: gone (a failure
+        // leaves a file the next open removes).
+        let _ = self.packs.remove(&doomed);
+        Ok(next)
+    }
+
+    /// The locator stored for segment `key` (damage if it does not decode).
+    fn locator(&self, key: &[u8], value: &[u8]) -> Result<Locator, KvError> {
+        Locator::decode(value).ok_or_else(|| {
+            self.health.corrupt(format!(
+                "the pack locator of segment {} is malformed",
+                printable(key)
+            ))
+        })
+    }
+
+    /// The whole segment at `locator`.
+    fn read_packed(&self, view: &PackView, locator: &Locator) -> Result<Vec<u8>, KvError> {
+        read_packed(
+            &self.packs,
+            &self.health,
+            view,
+            locator,
+            0,
+            locator.len as usize,
         )
     }
+
+    /// Writes the pack records `deltas` change; in a durable commit, also drops the
+    /// records of packs with nothing live (except the one appended to) and adds them to
+    /// `doomed`, to be unlinked once the commit is on disk.
+    fn apply_pack_deltas(
+        &self,
+        txn: &redb::WriteTransaction,
+        deltas: &PackDeltas,
+        durable: bool,
+        doomed: &mut BTreeSet<u64>,
+    ) -> Result<(), KvError> {
+        if deltas.packs.is_empty() && !durable {
+            return Ok(());
+        }
+        let mut table = txn
+            .open_table(PACKS)
+            .map_err(|error| table_error(&self.health, error))?;
+        for (number, delta) in &deltas.packs {
+            let mut record = match table
+                .get(number)
+                .map_err(|error| self.health.storage(error))?
+            {
+                Some(value) => PackRecord::decode(value.value()).ok_or_else(|| {
+                    self.health
+                        .corrupt(format!("the record of pack {number} is malformed"))
+                })?,
+                None => PackRecord::default(),
+            };
+            record.live = (record.live + delta.added).saturating_sub(delta.removed);
+            record.end = record.end.max(delta.end);
+            table
+                .insert(number, &record.encode()[..])
+                .map_err(|error| self.health.storage(error))?;
+        }
+        if durable {
+            let current = self.packs.current();
+            let mut empty = Vec::new();
+            for item in table.iter().map_err(|e| self.health.storage(e))? {
+                let (number, value) = item.map_err(|e| self.health.storage(e))?;
+                let number = number.value();
+                if Some(number) != current
+                    && PackRecord::decode(value.value()).is_some_and(|record| record.live == 0)
+                {
+                    empty.push(number);
+                }
+            }
+            for number in empty {
+                table
+                    .remove(number)
+                    .map_err(|error| self.health.storage(error))?;
+                doomed.insert(number);
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the live segments of mostly dead packs (over half their bytes deleted) into
+    /// the pack appended to, in transactions of a few MiB so that captures wait little,
+    /// then makes it durable, which unlinks the emptied packs. Returns the bytes moved.
+    pub fn compact_packs(&self) -> Result<u64, KvError> {
+        self.refuse_writes_if_damaged()?;
+        let records = self.pack_records()?;
+        // The pack appended to is compacted too when mostly dead: appends move on first.
+        if let Some(current) = self.packs.current()
+            && records.get(&current).is_some_and(PackRecord::mostly_dead)
+        {
+            self.packs.retire(current);
+        }
+        let current = self.packs.current();
+        let sources: BTreeSet<u64> = records
+            .iter()
+            .filter(|(number, record)| Some(**number) != current && record.mostly_dead())
+            .map(|(number, _)| *number)
+            .collect();
+        let empty_kept = records
+            .iter()
+            .any(|(number, record)| Some(*number) != current && record.live == 0);
+        if sources.is_empty() {
+            if empty_kept {
+                self.commit(WriteBatch::new())?;
+            }
+            return Ok(0);
+        }
+        let mut moving: Vec<(Vec<u8>, u32)> = Vec::new();
+        self.health.guard(
+            || "listing the segments of mostly dead packs".into(),
+            || {
+                let txn = self.database.begin_read().map_err(|e| self.txn(e))?;
+                let table = match txn.open_table(PACKED) {
+                    Ok(table) => table,
+                    Err(TableError::TableDoesNotExist(_)) => return Ok(()),
+                    Err(error) => return Err(table_error(&self.health, error)),
+                };
+                for item in table.iter().map_err(|e| self.health.storage(e))? {
+                    let (key, value) = item.map_err(|e| self.health.storage(e))?;
+                    let locator = self.locator(key.value(), value.value())?;
+                    if sources.contains(&locator.pack) {
+                        moving.push((key.value().to_vec(), locator.len));
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        let mut moved = 0;
+        let mut start = 0;
+        while start < moving.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < moving.len() && (end == start || bytes < MOVE_CHUNK_BYTES) {
+                bytes += moving[end].1 as usize;
+                end += 1;
+            }
+            self.refuse_writes_if_damaged()?;
+            moved += self.move_segments(&moving[start..end], &sources)?;
+            start = end;
+        }
+        self.commit(WriteBatch::new())?;
+        Ok(moved)
+    }
+
+    /// One transaction of [`Self::compact_packs`]: the segments of `chunk` still in a pack
+    /// of `sources` are copied to the pack appended to and their locators changed.
+    fn move_segments(
+        &self,
+        chunk: &[(Vec<u8>, u32)],
+        sources: &BTreeSet<u64>,
+    ) -> Result<u64, KvError> {
+        self.health.guard(
+            || "moving segments out of mostly dead packs".into(),
+            || {
+                let mut txn = self.database.begin_write().map_err(|e| self.txn(e))?;
+                txn.set_durability(Durability::None)
+                    .map_err(|error| KvError::Io(error.to_string()))?;
+                let view = self.packs.view();
+                let mut deltas = PackDeltas::default();
+                let mut moved = 0;
+                {
+                    let mut packed = txn
+                        .open_table(PACKED)
+                        .map_err(|error| table_error(&self.health, error))?;
+                    let mut found: Vec<(&[u8], Locator)> = Vec::new();
+                    let mut appended = Vec::new();
+                    for (key, _) in chunk {
+                        let Some(value) = packed
+                            .get(key.as_slice())
+                            .map_err(|error| self.health.storage(error))?
+                        else {
+                            continue;
+                        };
+                        let locator = self.locator(key, value.value())?;
+                        if !sources.contains(&locator.pack) {
+                            continue;
+                        }
+                        appended.extend_from_slice(&self.read_packed(&view, &locator)?);
+                        found.push((key, locator));
+                    }
+                    if found.is_empty() {
+                        return Ok(0);
+                    }
+                    let (pack, mut offset) = self.packs.append(&appended).map_err(KvError::Io)?;
+                    deltas.reach(pack, offset + appended.len() as u64);
+                    for (key, old) in found {
+                        let locator = Locator {
+                            pack,
+                            offset,
+                            len: old.len,
+                        };
+                        offset += u64::from(old.len);
+                        packed
+                            .insert(key, &locator.encode()[..])
+                            .map_err(|error| self.health.storage(error))?;
+                        deltas.add(pack, u64::from(old.len));
+                        deltas.remove(old.pack, u64::from(old.len));
+                        moved += u64::from(old.len);
+                    }
+                }
+                self.apply_pack_deltas(&txn, &deltas, false, &mut BTreeSet::new())?;
+                txn.commit().map_err(|error| self.commit_error(error))?;
+                self.unsynced.store(true, Ordering::Release);
+                Ok(moved)
+            },
+        )
+    }
+}
+
+/// How one transaction changes the pack records.
+#[derive(Default)]
+struct PackDeltas {
+    packs: BTreeMap<u64, PackDelta>,
+}
+
+#[derive(Default)]
+struct PackDelta {
+    added: u64,
+    removed: u64,
+    end: u64,
+}
+
+impl PackDeltas {
+    fn add(&mut self, pack: u64, bytes: u64) {
+        self.packs.entry(pack).or_default().added += bytes;
+    }
+
+    fn remove(&mut self, pack: u64, bytes: u64) {
+        self.packs.entry(pack).or_default().removed += bytes;
+    }
+
+    fn reach(&mut self, pack: u64, end: u64) {
+        let delta = self.packs.entry(pack).or_default();
+        delta.end = delta.end.max(end);
+    }
+}
+
+/// `len` bytes from `offset` of the segment at `locator` (a failed read is damage: the
+/// locator's commit made the bytes durable first).
+fn read_packed(
+    packs: &Packs,
+    health: &Health,
+    view: &PackView,
+    locator: &Locator,
+    offset: usize,
+    len: usize,
+) -> Result<Vec<u8>, KvError> {
+    packs
+        .read(view, locator, offset as u64, len)
+        .map_err(|reason| health.corrupt(reason))
 }
 
 /// Looks at an existing file before redb opens it for writing (which writes to it at once,
@@ -647,11 +1093,182 @@ fn database_error_recorded(health: &Health, error: DatabaseError) -> KvError {
 
 struct RedbSnapshot {
     table: Option<ReadOnlyTable<&'static [u8], &'static [u8]>>,
+    /// Locators of segments in pack files (`None`: the store has never written one).
+    packed: Option<ReadOnlyTable<&'static [u8], &'static [u8]>>,
+    packs: Arc<Packs>,
+    /// The packs open when the snapshot was taken (taken before the read transaction, so
+    /// every pack it may name is in it or created since).
+    view: PackView,
     health: Arc<Health>,
+}
+
+/// A value found by a scan: in the table itself, or in a pack file.
+enum Found {
+    Inline(Vec<u8>),
+    Packed(Locator),
+    /// Only the value's length was asked for.
+    Length(usize),
+}
+
+impl Found {
+    fn len(&self) -> usize {
+        match self {
+            Found::Inline(value) => value.len(),
+            Found::Packed(locator) => locator.len as usize,
+            Found::Length(len) => *len,
+        }
+    }
+}
+
+impl RedbSnapshot {
+    /// The pack locator of `key`, if it is a segment kept in a pack file.
+    fn locator(&self, key: &[u8]) -> Result<Option<Locator>, KvError> {
+        let Some(packed) = self.packed.as_ref().filter(|_| is_segment_key(key)) else {
+            return Ok(None);
+        };
+        self.health.guard(
+            || format!("reading the locator of {}", printable(key)),
+            || {
+                let Some(value) = packed.get(key).map_err(|e| self.health.storage(e))? else {
+                    return Ok(None);
+                };
+                Locator::decode(value.value()).map(Some).ok_or_else(|| {
+                    self.health.corrupt(format!(
+                        "the pack locator of segment {} is malformed",
+                        printable(key)
+                    ))
+                })
+            },
+        )
+    }
+
+    /// Up to `limit` keys between the bounds in `table`, in scan order, with what each
+    /// holds (`packed`: values are locators).
+    fn range(
+        &self,
+        table: &ReadOnlyTable<&'static [u8], &'static [u8]>,
+        packed: bool,
+        bounds: (Bound<&[u8]>, Bound<&[u8]>),
+        limit: usize,
+        reverse: bool,
+        with_values: bool,
+    ) -> Result<Vec<(Vec<u8>, Found)>, KvError> {
+        self.health.guard(
+            || {
+                let from = match bounds.0 {
+                    Bound::Included(key) | Bound::Excluded(key) => printable(key),
+                    Bound::Unbounded => "the start".into(),
+                };
+                format!("scanning from {from}")
+            },
+            || {
+                let range = table
+                    .range::<&[u8]>(bounds)
+                    .map_err(|e| self.health.storage(e))?;
+                let mut out = Vec::new();
+                let mut push = |item: Result<_, StorageError>| -> Result<bool, KvError> {
+                    let (key, value): (redb::AccessGuard<&[u8]>, redb::AccessGuard<&[u8]>) =
+                        item.map_err(|e| self.health.storage(e))?;
+                    let key = key.value();
+                    let value = value.value();
+                    let found = if packed {
+                        Found::Packed(Locator::decode(value).ok_or_else(|| {
+                            self.health.corrupt(format!(
+                                "the pack locator of segment {} is malformed",
+                                printable(key)
+                            ))
+                        })?)
+                    } else if with_values {
+                        Found::Inline(value.to_vec())
+                    } else {
+                        Found::Length(value.len())
+                    };
+                    out.push((key.to_vec(), found));
+                    Ok(out.len() < limit)
+                };
+                if reverse {
+                    for item in range.rev() {
+                        if !push(item)? {
+                            break;
+                        }
+                    }
+                } else {
+                    for item in range {
+                        if !push(item)? {
+                            break;
+                        }
+                    }
+                }
+                Ok(out)
+            },
+        )
+    }
+
+    /// Up to `limit` keys between the bounds from the table and the pack locators, merged
+    /// in scan order.
+    fn merged(
+        &self,
+        bounds: (Bound<&[u8]>, Bound<&[u8]>),
+        limit: usize,
+        reverse: bool,
+        with_values: bool,
+    ) -> Result<Vec<(Vec<u8>, Found)>, KvError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let inline = match &self.table {
+            Some(table) => self.range(table, false, bounds, limit, reverse, with_values)?,
+            None => Vec::new(),
+        };
+        let packed = match &self.packed {
+            Some(packed) => self.range(packed, true, bounds, limit, reverse, with_values)?,
+            None => Vec::new(),
+        };
+        if packed.is_empty() {
+            return Ok(inline);
+        }
+        let before = |a: &[u8], b: &[u8]| if reverse { a > b } else { a < b };
+        let mut out = Vec::with_capacity(limit.min(inline.len() + packed.len()));
+        let mut inline = inline.into_iter().peekable();
+        let mut packed = packed.into_iter().peekable();
+        while out.len() < limit {
+            let take_inline = match (inline.peek(), packed.peek()) {
+                (Some((a, _)), Some((b, _))) => {
+                    if a == b {
+                        // A segment in both (never written so): the pack's is current.
+                        inline.next();
+                        false
+                    } else {
+                        before(a, b)
+                    }
+                }
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            let next = if take_inline {
+                inline.next()
+            } else {
+                packed.next()
+            };
+            out.extend(next);
+        }
+        Ok(out)
+    }
 }
 
 impl KvSnapshot for RedbSnapshot {
     fn get_slice(&self, key: &[u8], offset: usize, len: usize) -> Result<Option<Vec<u8>>, KvError> {
+        if let Some(locator) = self.locator(key)? {
+            if offset
+                .checked_add(len)
+                .is_none_or(|end| end > locator.len as usize)
+            {
+                return Ok(None);
+            }
+            return read_packed(&self.packs, &self.health, &self.view, &locator, offset, len)
+                .map(Some);
+        }
         let Some(table) = &self.table else {
             return Ok(None);
         };
@@ -671,6 +1288,9 @@ impl KvSnapshot for RedbSnapshot {
     }
 
     fn contains(&self, key: &[u8]) -> Result<bool, KvError> {
+        if self.locator(key)?.is_some() {
+            return Ok(true);
+        }
         let Some(table) = &self.table else {
             return Ok(false);
         };
@@ -686,6 +1306,10 @@ impl KvSnapshot for RedbSnapshot {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        if let Some(locator) = self.locator(key)? {
+            let len = locator.len as usize;
+            return read_packed(&self.packs, &self.health, &self.view, &locator, 0, len).map(Some);
+        }
         let Some(table) = &self.table else {
             return Ok(None);
         };
@@ -707,44 +1331,19 @@ impl KvSnapshot for RedbSnapshot {
         limit: usize,
         reverse: bool,
     ) -> Result<Pairs, KvError> {
-        let Some(table) = self.table.as_ref().filter(|_| limit > 0) else {
-            return Ok(Vec::new());
-        };
-        self.health.guard(
-            || {
-                let from = match start {
-                    Bound::Included(key) | Bound::Excluded(key) => printable(key),
-                    Bound::Unbounded => "the start".into(),
-                };
-                format!("scanning from {from}")
-            },
-            || {
-                let range = table
-                    .range::<&[u8]>((start, end))
-                    .map_err(|e| self.health.storage(e))?;
-                let mut out = Vec::new();
-                let mut push = |item: Result<_, StorageError>| -> Result<bool, KvError> {
-                    let (key, value): (redb::AccessGuard<&[u8]>, redb::AccessGuard<&[u8]>) =
-                        item.map_err(|e| self.health.storage(e))?;
-                    out.push((key.value().to_vec(), value.value().to_vec()));
-                    Ok(out.len() < limit)
-                };
-                if reverse {
-                    for item in range.rev() {
-                        if !push(item)? {
-                            break;
-                        }
-                    }
-                } else {
-                    for item in range {
-                        if !push(item)? {
-                            break;
-                        }
-                    }
+        self.merged((start, end), limit, reverse, true)?
+            .into_iter()
+            .map(|(key, found)| match found {
+                Found::Inline(value) => Ok((key, value)),
+                Found::Length(_) => Err(KvError::Io("a scan read lengths only".into())),
+                Found::Packed(locator) => {
+                    let len = locator.len as usize;
+                    let value =
+                        read_packed(&self.packs, &self.health, &self.view, &locator, 0, len)?;
+                    Ok((key, value))
                 }
-                Ok(out)
-            },
-        )
+            })
+            .collect()
     }
 
     fn scan_key_lengths(
@@ -753,27 +1352,14 @@ impl KvSnapshot for RedbSnapshot {
         end: Bound<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, usize)>, KvError> {
-        let Some(table) = &self.table else {
-            return Ok(Vec::new());
-        };
-        self.health.guard(
-            || "scanning keys".into(),
-            || {
-                let range = table
-                    .range::<&[u8]>((start, end))
-                    .map_err(|e| self.health.storage(e))?;
-                let mut out = Vec::new();
-                for item in range {
-                    let (key, value): (redb::AccessGuard<&[u8]>, redb::AccessGuard<&[u8]>) =
-                        item.map_err(|e| self.health.storage(e))?;
-                    out.push((key.value().to_vec(), value.value().len()));
-                    if out.len() >= limit {
-                        break;
-                    }
-                }
-                Ok(out)
-            },
-        )
+        Ok(self
+            .merged((start, end), limit, false, false)?
+            .into_iter()
+            .map(|(key, found)| {
+                let len = found.len();
+                (key, len)
+            })
+            .collect())
     }
 }
 
@@ -783,21 +1369,31 @@ impl KvBackend for RedbBackend {
     }
 
     fn snapshot(&self) -> Result<Box<dyn KvSnapshot>, KvError> {
-        let table = self.health.guard(
+        let view = self.packs.view();
+        let (table, packed) = self.health.guard(
             || "opening a read transaction".into(),
             || {
                 let txn = self.database.begin_read().map_err(|e| self.txn(e))?;
-                match txn.open_table(TABLE) {
-                    Ok(table) => Ok(Some(table)),
+                let table = match txn.open_table(TABLE) {
+                    Ok(table) => Some(table),
                     // A store without its table (a recovery view of a damaged file) reads as
                     // empty; a writable store always has it (see `precheck`).
-                    Err(TableError::TableDoesNotExist(_)) => Ok(None),
-                    Err(error) => Err(table_error(&self.health, error)),
-                }
+                    Err(TableError::TableDoesNotExist(_)) => None,
+                    Err(error) => return Err(table_error(&self.health, error)),
+                };
+                let packed = match txn.open_table(PACKED) {
+                    Ok(packed) => Some(packed),
+                    Err(TableError::TableDoesNotExist(_)) => None,
+                    Err(error) => return Err(table_error(&self.health, error)),
+                };
+                Ok((table, packed))
             },
         )?;
         Ok(Box::new(RedbSnapshot {
             table,
+            packed,
+            packs: self.packs.clone(),
+            view,
             health: self.health.clone(),
         }))
     }
@@ -881,9 +1477,14 @@ impl KvBackend for RedbBackend {
     }
 
     fn size_bytes(&self) -> Result<u64, KvError> {
-        std::fs::metadata(&self.health.path)
+        let file = std::fs::metadata(&self.health.path)
             .map(|metadata| metadata.len())
-            .map_err(|error| KvError::Io(format!("{}: {error}", self.health.path.display())))
+            .map_err(|error| KvError::Io(format!("{}: {error}", self.health.path.display())))?;
+        Ok(file + self.packs.size_bytes().map_err(KvError::Io)?)
+    }
+
+    fn compact_files(&self) -> Result<u64, KvError> {
+        self.compact_packs()
     }
 
     fn check_structure(&self) -> Result<Vec<String>, KvError> {
@@ -893,7 +1494,11 @@ impl KvBackend for RedbBackend {
             .catalog_copy
             .as_ref()
             .map(|copy| copy.lock().unwrap_or_else(|p| p.into_inner()));
-        Ok(redb_check::check_structure(&self.health.path, TABLE_NAME).problems)
+        let mut problems = redb_check::check_structure(&self.health.path, TABLE_NAME).problems;
+        if problems.is_empty() {
+            problems.extend(self.packs.check(&self.pack_records()?));
+        }
+        Ok(problems)
     }
 
     fn catalog_with_copy(&self) -> Result<Option<CatalogComparison>, KvError> {
@@ -970,7 +1575,12 @@ impl Drop for RedbBackend {
             if let Some(copy) = &self.catalog_copy {
                 let _ = copy.lock().unwrap_or_else(|p| p.into_inner()).flush();
             }
+            // Pack bytes the last commits named reach the disk before the commit does.
+            let synced = self.packs.sync().is_ok();
             let _ = catch_panic(|| {
+                if !synced {
+                    return;
+                }
                 if let Ok(txn) = database.begin_write() {
                     let _ = txn.commit();
                 }
@@ -1033,6 +1643,171 @@ mod tests {
         assert_eq!((copy.sequence, comparison.sequence), (1, 1));
         let keys: Vec<&[u8]> = copy.pairs.keys().map(Vec::as_slice).collect();
         assert_eq!(keys, vec![&b"k"[..]], "objects are not part of the catalog");
+    }
+
+    fn segment(index: u32, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i as u32 * 31 + index) as u8).collect()
+    }
+
+    #[test]
+    fn segments_live_in_pack_files_and_mostly_dead_packs_are_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let backend = RedbBackend::open(&path).unwrap();
+        let target = 1 << 20;
+        backend.packs.set_target(target);
+        let len = 60_000;
+        let count = 400;
+        for start in (0..count).step_by(10) {
+            let mut batch = WriteBatch::deferred();
+            for index in start..(start + 10).min(count) {
+                batch
+                    .put(
+                        keys::segment(&(index as u32).to_be_bytes()),
+                        segment(index as u32, len),
+                    )
+                    .unwrap();
+            }
+            backend.commit(batch).unwrap();
+        }
+        backend.sync().unwrap();
+        let records = backend.pack_records().unwrap();
+        assert!(records.len() >= 20, "{records:?}");
+        let file_alone = std::fs::metadata(&path).unwrap().len();
+        let before = backend.size_bytes().unwrap();
+        assert!(before >= file_alone + (count * len) as u64);
+        // Every segment but one in twenty goes.
+        for start in (0..count).step_by(500) {
+            let mut batch = WriteBatch::deferred();
+            for index in (start..(start + 500).min(count)).filter(|index| index % 20 != 0) {
+                batch
+                    .delete(keys::segment(&(index as u32).to_be_bytes()))
+                    .unwrap();
+            }
+            backend.commit(batch).unwrap();
+        }
+        let held = backend.snapshot().unwrap();
+        let moved = backend.compact_files().unwrap();
+        // Every live segment but those in the pack appended to.
+        let live = (count / 20 * len) as u64;
+        assert!(moved <= live && moved + target >= live, "{moved} of {live}");
+        let records = backend.pack_records().unwrap();
+        assert!(records.len() <= 3, "emptied packs are gone: {records:?}");
+        let packs = backend.packs.size_bytes().unwrap();
+        assert!(packs < 2 * moved, "{packs} bytes of packs for {moved} live");
+        let snapshot = backend.snapshot().unwrap();
+        for index in (0..count as u32).step_by(20) {
+            let key = keys::segment(&index.to_be_bytes());
+            assert_eq!(snapshot.get(&key).unwrap(), Some(segment(index, len)));
+            // A snapshot taken before the move reads the unlinked packs.
+            assert_eq!(held.get(&key).unwrap(), Some(segment(index, len)));
+        }
+        assert_eq!(
+            snapshot.get(&keys::segment(&1u32.to_be_bytes())).unwrap(),
+            None
+        );
+        assert!(backend.check_structure().unwrap().is_empty());
+        drop((held, snapshot, backend));
+        // Reopened: the same, and appends go on.
+        let backend = RedbBackend::open(&path).unwrap();
+        let snapshot = backend.snapshot().unwrap();
+        let key = keys::segment(&20u32.to_be_bytes());
+        assert_eq!(snapshot.get(&key).unwrap(), Some(segment(20, len)));
+        let mut batch = WriteBatch::new();
+        batch.put(keys::segment(b"new"), b"more".to_vec()).unwrap();
+        backend.commit(batch).unwrap();
+        assert_eq!(
+            backend
+                .snapshot()
+                .unwrap()
+                .get(&keys::segment(b"new"))
+                .unwrap()
+                .as_deref(),
+            Some(&b"more"[..])
+        );
+    }
+
+    #[test]
+    fn segments_stored_in_the_table_before_pack_files_still_read_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        drop(RedbBackend::open(&path).unwrap());
+        {
+            let database = Database::open(&path).unwrap();
+            let txn = database.begin_write().unwrap();
+            txn.open_table(TABLE)
+                .unwrap()
+                .insert(&keys::segment(b"old")[..], &b"inline segment"[..])
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let backend = RedbBackend::open(&path).unwrap();
+        let mut batch = WriteBatch::new();
+        batch
+            .put(keys::segment(b"pak"), b"packed".to_vec())
+            .unwrap();
+        backend.commit(batch).unwrap();
+        let snapshot = backend.snapshot().unwrap();
+        assert_eq!(
+            snapshot
+                .get_slice(&keys::segment(b"old"), 7, 7)
+                .unwrap()
+                .as_deref(),
+            Some(&b"segment"[..])
+        );
+        let lengths = snapshot
+            .scan_key_lengths(Bound::Included(keys::SEGMENT), Bound::Unbounded, 10)
+            .unwrap();
+        assert_eq!(
+            lengths,
+            vec![(keys::segment(b"old"), 14), (keys::segment(b"pak"), 6)]
+        );
+        let mut batch = WriteBatch::new();
+        batch.delete(keys::segment(b"old")).unwrap();
+        backend.commit(batch).unwrap();
+        assert_eq!(
+            backend
+                .snapshot()
+                .unwrap()
+                .get(&keys::segment(b"old"))
+                .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_truncated_pack_is_reported_by_the_structure_check_and_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let backend = RedbBackend::open(&path).unwrap();
+        let mut batch = WriteBatch::new();
+        batch.put(keys::segment(b"x"), vec![7; 5000]).unwrap();
+        backend.commit(batch).unwrap();
+        let pack = backend
+            .packs
+            .path_of(*backend.pack_records().unwrap().keys().next().unwrap());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&pack)
+            .unwrap()
+            .set_len(100)
+            .unwrap();
+        let problems = backend.check_structure().unwrap();
+        assert!(
+            problems.iter().any(|p| p.contains("shorter")),
+            "{problems:?}"
+        );
+        let error = backend
+            .snapshot()
+            .unwrap()
+            .get(&keys::segment(b"x"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("corrupt") && error.contains(".pack"),
+            "{error}"
+        );
+        assert!(recorded_damage(&path).is_some());
     }
 
     #[test]

@@ -242,12 +242,22 @@ fn salvage_objects(
     }
     // Pages redb cannot reach (a damaged branch, both commit slots gone) still hold
     // objects: every leaf-shaped page is read, and only what verifies is kept.
+    // A segment's page may hold its locator in a pack file instead of its bytes: what the
+    // pack directories beside the file hold there is a candidate too.
+    let packs_dirs = crate::packfile::all_packs_dirs(path);
     let scanned = redb_check::scan_leaf_pages(path, |key, value| {
         if key.starts_with(keys::OBJECT)
             || key.starts_with(keys::SEGMENT)
             || key.starts_with(keys::DICTIONARY)
         {
             candidates.add(key, value);
+        }
+        if key.starts_with(keys::SEGMENT)
+            && let Some(locator) = crate::packfile::Locator::decode(value)
+        {
+            for segment in crate::packfile::read_located(&packs_dirs, &locator) {
+                candidates.add(key, &segment);
+            }
         }
     });
     if let Err(error) = scanned {
@@ -772,6 +782,14 @@ fn swap_in(
         }
     }
     let new_file = rebuild_dir.join(STORE_FILE);
+    // The rebuilt store's pack directory first (its name is its own, so it meets no other):
+    // the store file that names it follows.
+    for packs in crate::packfile::all_packs_dirs(&new_file) {
+        if let Some(name) = packs.file_name() {
+            let to = data_dir.join(name);
+            std::fs::rename(&packs, &to).map_err(|e| io(&packs, e))?;
+        }
+    }
     std::fs::rename(&new_file, path).map_err(|e| io(&new_file, e))?;
     let new_copy = catalog_copy::copy_path(&new_file);
     let copy = catalog_copy::copy_path(path);

@@ -61,9 +61,7 @@ fn forget(data_dir: &Path, ids: &[String]) {
 }
 
 fn file_size(data_dir: &Path) -> u64 {
-    std::fs::metadata(data_dir.join("kairos.redb"))
-        .expect("store file")
-        .len()
+    Kairos::at(data_dir).store_bytes()
 }
 
 /// Restores every frame and compares it with what was captured.
@@ -578,21 +576,40 @@ fn flipped_bytes_before_gc_lose_no_frame_repair_would_keep() {
     let template_root = work.path().join("template-root");
     let (kept, _) = template(&Kairos::at(&template_data), &template_root);
     let listings: BTreeMap<String, Listing> = kept.into_iter().collect();
-    let size = file_size(&template_data);
+    // The store file and its pack files, each flipped in some cases.
+    let mut files: Vec<PathBuf> = vec![PathBuf::from("kairos.redb")];
+    files.extend(
+        kairos_tests::pack_files(&template_data)
+            .iter()
+            .map(|pack| pack.strip_prefix(&template_data).unwrap().to_path_buf()),
+    );
     for case in 0..6 {
         let context = format!("case {case}: {replay}");
-        let flips: Vec<(u64, u8)> = (0..8)
-            .map(|_| (rng.random_range(4096..size), rng.random_range(1..=255u8)))
+        let flips: Vec<(PathBuf, u64, u8)> = (0..8)
+            .map(|_| {
+                let file = files[rng.random_range(0..files.len())].clone();
+                let size = std::fs::metadata(template_data.join(&file)).unwrap().len();
+                let start = if file.ends_with("kairos.redb") {
+                    4096
+                } else {
+                    0
+                };
+                (
+                    file,
+                    rng.random_range(start..size),
+                    rng.random_range(1..=255u8),
+                )
+            })
             .collect();
         let damaged = |name: &str| {
             let data = work.path().join(format!("{name}-{case}"));
             copy_dir(&template_data, &data);
-            let path = data.join("kairos.redb");
-            let mut content = std::fs::read(&path).unwrap();
-            for (at, mask) in &flips {
+            for (file, at, mask) in &flips {
+                let path = data.join(file);
+                let mut content = std::fs::read(&path).unwrap();
                 content[*at as usize] ^= mask;
+                std::fs::write(&path, content).unwrap();
             }
-            std::fs::write(&path, content).unwrap();
             Kairos::at(&data)
         };
         // Without a collection: what repair keeps.

@@ -1,0 +1,607 @@
+//! Pack files: the embedded backend keeps segments (the values under `s/`) in append-only
+//! files beside the store file instead of in its b-tree, and a 21-byte locator per segment
+//! in the tree. A capture then writes its content once, in large sequential writes, while
+//! the single committing thread only inserts small locators (redb copies every value into
+//! its own pages and writes each page separately, which made the committing thread the
+//! limit of a first capture).
+//!
+//! Invariants (the embedded backend keeps them, see `redb_backend`):
+//! - a locator is committed only in the transaction that wrote its bytes, and a durable
+//!   commit happens only after every pack written since the last one is on disk (fdatasync,
+//!   and the directory when a pack was created): no durable locator points at bytes a crash
+//!   can lose;
+//! - each pack's record (live bytes, end) is updated in the same transaction as its
+//!   locators, so on open every byte past a pack's recorded end, and every pack without a
+//!   record, belongs to no durable commit and is cut off or removed;
+//! - a pack is unlinked only after a durable commit removed its last locator and its
+//!   record; snapshots hold the pack's open file, so one taken before still reads it;
+//! - only the newest pack is appended to; a pack whose live bytes fall under half its
+//!   length has its live segments moved to the newest pack (`compact_files`), after which
+//!   it holds nothing and goes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// A pack takes appends until it is this long; the next commit starts a new one.
+pub const PACK_BYTES_TARGET: u64 = 128 << 20;
+/// Bytes of an encoded locator.
+pub const LOCATOR_BYTES: usize = 21;
+const LOCATOR_VERSION: u8 = 0xa7;
+const PACK_EXTENSION: &str = "pack";
+
+/// Where a segment's bytes lie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Locator {
+    pub pack: u64,
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl Locator {
+    pub fn encode(&self) -> [u8; LOCATOR_BYTES] {
+        let mut out = [0; LOCATOR_BYTES];
+        out[0] = LOCATOR_VERSION;
+        out[1..9].copy_from_slice(&self.pack.to_le_bytes());
+        out[9..17].copy_from_slice(&self.offset.to_le_bytes());
+        out[17..21].copy_from_slice(&self.len.to_le_bytes());
+        out
+    }
+
+    pub fn decode(value: &[u8]) -> Option<Locator> {
+        if value.len() != LOCATOR_BYTES || value[0] != LOCATOR_VERSION {
+            return None;
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(value[at..at + 8].try_into().unwrap_or([0; 8]));
+        Some(Locator {
+            pack: u64_at(1),
+            offset: u64_at(9),
+            len: u32::from_le_bytes(value[17..21].try_into().unwrap_or([0; 4])),
+        })
+    }
+
+    pub fn end(&self) -> u64 {
+        self.offset + u64::from(self.len)
+    }
+}
+
+/// What the store records of one pack: bytes its locators point at, and how far its
+/// committed appends reach.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PackRecord {
+    pub live: u64,
+    pub end: u64,
+}
+
+impl PackRecord {
+    pub fn encode(&self) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..8].copy_from_slice(&self.live.to_le_bytes());
+        out[8..].copy_from_slice(&self.end.to_le_bytes());
+        out
+    }
+
+    pub fn decode(value: &[u8]) -> Option<PackRecord> {
+        if value.len() != 16 {
+            return None;
+        }
+        Some(PackRecord {
+            live: u64::from_le_bytes(value[..8].try_into().ok()?),
+            end: u64::from_le_bytes(value[8..].try_into().ok()?),
+        })
+    }
+
+    /// Whether most of the pack is dead (its live segments are worth moving).
+    pub fn mostly_dead(&self) -> bool {
+        self.end > 0 && self.live.saturating_mul(2) <= self.end
+    }
+}
+
+/// The pack directory of the store file at `store_path` whose pack id is `id`. Each store
+/// names its own (the id is chosen when the store first writes a pack and kept in the store
+/// file), so a store file and a pack directory of another store (a repair's rebuild put in
+/// place, a copy) are never mixed up.
+pub fn packs_dir(store_path: &Path, id: u64) -> PathBuf {
+    let stem = store_path
+        .file_stem()
+        .and_then(|stem| stem.to_str())
+        .unwrap_or("kairos");
+    store_path.with_file_name(format!("{stem}.packs-{id:016x}"))
+}
+
+/// Every pack directory beside the store file at `store_path` (repair looks in each for the
+/// segments a damaged file's locators name).
+pub fn all_packs_dirs(store_path: &Path) -> Vec<PathBuf> {
+    let stem = store_path
+        .file_stem()
+        .and_then(|stem| stem.to_str())
+        .unwrap_or("kairos");
+    let prefix = format!("{stem}.packs-");
+    let parent = store_path.parent().unwrap_or(Path::new("."));
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.is_dir()
+                && path
+                    .file_name()
+                    .and_then(|name| name.to_str())
+                    .is_some_and(|name| name.starts_with(&prefix))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// A new pack directory id.
+pub fn new_packs_id() -> u64 {
+    let id = crate::pack::new_segment_id();
+    u64::from_le_bytes(id[..8].try_into().unwrap_or([1; 8])).max(1)
+}
+
+fn pack_path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!("{number:016x}.{PACK_EXTENSION}"))
+}
+
+fn pack_number(path: &Path) -> Option<u64> {
+    if path.extension()? != PACK_EXTENSION {
+        return None;
+    }
+    let stem = path.file_stem()?.to_str()?;
+    (stem.len() == 16)
+        .then(|| u64::from_str_radix(stem, 16).ok())
+        .flatten()
+}
+
+/// The packs present in `dir` (none if it does not exist).
+fn list(dir: &Path) -> std::io::Result<BTreeMap<u64, PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(error) => return Err(error),
+    };
+    let mut out = BTreeMap::new();
+    for entry in entries {
+        let path = entry?.path();
+        if let Some(number) = pack_number(&path) {
+            out.insert(number, path);
+        }
+    }
+    Ok(out)
+}
+
+/// The open packs as a snapshot saw them (packs unlinked later stay readable through it).
+pub type PackView = Arc<BTreeMap<u64, Arc<File>>>;
+
+struct Writer {
+    /// The pack appended to and its length (`None`: the next append creates one).
+    current: Option<(u64, Arc<File>, u64)>,
+    next_number: u64,
+    /// Packs written since the last sync, and whether a pack was created meanwhile.
+    dirty: BTreeMap<u64, Arc<File>>,
+    created: bool,
+    /// Bytes after which appends start a new pack.
+    target: u64,
+}
+
+/// The pack files of one store.
+pub struct Packs {
+    dir: PathBuf,
+    files: RwLock<PackView>,
+    /// `None`: opened to read only.
+    writer: Option<Mutex<Writer>>,
+}
+
+fn io_error(path: &Path, error: std::io::Error) -> String {
+    format!("{}: {error}", path.display())
+}
+
+impl Packs {
+    /// Opens every pack in `dir` to read (a recovery view, or a store found damaged):
+    /// nothing is cut off or removed.
+    pub fn open_read_only(dir: &Path) -> Result<Packs, String> {
+        let mut files = BTreeMap::new();
+        for (number, path) in list(dir).map_err(|e| io_error(dir, e))? {
+            let file = File::open(&path).map_err(|e| io_error(&path, e))?;
+            files.insert(number, Arc::new(file));
+        }
+        Ok(Packs {
+            dir: dir.to_path_buf(),
+            files: RwLock::new(Arc::new(files)),
+            writer: None,
+        })
+    }
+
+    /// Opens the packs of a store whose durable state records `recorded`: bytes past a
+    /// pack's recorded end and packs without a record belong to no durable commit (a crash
+    /// between writing them and committing) and are cut off or removed. Returns what was
+    /// cleaned, one line each.
+    pub fn open_writable(
+        dir: &Path,
+        recorded: &BTreeMap<u64, PackRecord>,
+    ) -> Result<(Packs, Vec<String>), String> {
+        std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+        let mut cleaned = Vec::new();
+        let mut files = BTreeMap::new();
+        let present = list(dir).map_err(|e| io_error(dir, e))?;
+        for (number, path) in &present {
+            let Some(record) = recorded.get(number) else {
+                std::fs::remove_file(path).map_err(|e| io_error(path, e))?;
+                cleaned.push(format!(
+                    "removed {}: no commit refers to it",
+                    path.display()
+                ));
+                continue;
+            };
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| io_error(path, e))?;
+            let len = file.metadata().map_err(|e| io_error(path, e))?.len();
+            if len > record.end {
+                file.set_len(record.end).map_err(|e| io_error(path, e))?;
+                file.sync_all().map_err(|e| io_error(path, e))?;
+                cleaned.push(format!(
+                    "cut {} from {len} to {} bytes: the rest was never committed",
+                    path.display(),
+                    record.end
+                ));
+            }
+            files.insert(*number, Arc::new(file));
+        }
+        let highest = present.keys().chain(recorded.keys()).max().copied();
+        // Appends go on in the newest pack while it is short enough.
+        let current = recorded
+            .keys()
+            .max()
+            .copied()
+            .and_then(|number| {
+                Some((
+                    number,
+                    files.get(&number)?.clone(),
+                    recorded.get(&number)?.end,
+                ))
+            })
+            .filter(|(_, _, end)| *end < PACK_BYTES_TARGET);
+        let next_number = highest.map_or(1, |number| number + 1);
+        Ok((
+            Packs {
+                dir: dir.to_path_buf(),
+                files: RwLock::new(Arc::new(files)),
+                writer: Some(Mutex::new(Writer {
+                    current,
+                    next_number,
+                    dirty: BTreeMap::new(),
+                    created: false,
+                    target: PACK_BYTES_TARGET,
+                })),
+            },
+            cleaned,
+        ))
+    }
+
+    /// No packs at all (a store that never wrote one, or read before its packs are known).
+    pub fn none() -> Packs {
+        Packs {
+            dir: PathBuf::new(),
+            files: RwLock::new(Arc::new(BTreeMap::new())),
+            writer: None,
+        }
+    }
+
+    /// Starts new packs after `bytes` instead of [`PACK_BYTES_TARGET`] (tests).
+    pub fn set_target(&self, bytes: u64) {
+        if let Some(writer) = &self.writer {
+            writer.lock().unwrap_or_else(|p| p.into_inner()).target = bytes;
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The packs open now.
+    pub fn view(&self) -> PackView {
+        self.files.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The pack appends go to (`None` before the first append of this process, or when
+    /// the next append starts a new pack).
+    pub fn current(&self) -> Option<u64> {
+        let writer = self.writer.as_ref()?;
+        let writer = writer.lock().unwrap_or_else(|p| p.into_inner());
+        writer.current.as_ref().map(|(number, _, _)| *number)
+    }
+
+    /// Ends appends to the current pack if it is `number` (the next append starts a new
+    /// one), so that it can be compacted like the others.
+    pub fn retire(&self, number: u64) {
+        if let Some(writer) = &self.writer {
+            let mut writer = writer.lock().unwrap_or_else(|p| p.into_inner());
+            if writer
+                .current
+                .as_ref()
+                .is_some_and(|(n, _, _)| *n == number)
+            {
+                writer.current = None;
+            }
+        }
+    }
+
+    /// `len` bytes from `offset` of the segment at `locator`, through `view` (falling back
+    /// to the packs open now: a pack created after the view was taken).
+    pub fn read(
+        &self,
+        view: &PackView,
+        locator: &Locator,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, String> {
+        let file = match view.get(&locator.pack) {
+            Some(file) => file.clone(),
+            None => self.view().get(&locator.pack).cloned().ok_or_else(|| {
+                format!(
+                    "pack {} holding a segment is missing",
+                    pack_path(&self.dir, locator.pack).display()
+                )
+            })?,
+        };
+        let mut out = vec![0; len];
+        file.read_exact_at(&mut out, locator.offset + offset)
+            .map_err(|error| {
+                format!(
+                    "pack {}: reading {len} bytes at {}: {error} (the file is shorter than its index says)",
+                    pack_path(&self.dir, locator.pack).display(),
+                    locator.offset + offset
+                )
+            })?;
+        Ok(out)
+    }
+
+    /// Appends `bytes` to the current pack (starting a new one when it is full); returns
+    /// the pack and the offset they start at. The caller holds the store's write
+    /// transaction, so appends are in commit order.
+    pub fn append(&self, bytes: &[u8]) -> Result<(u64, u64), String> {
+        let writer = self
+            .writer
+            .as_ref()
+            .ok_or_else(|| format!("{}: opened read-only", self.dir.display()))?;
+        let mut writer = writer.lock().unwrap_or_else(|p| p.into_inner());
+        if writer
+            .current
+            .as_ref()
+            .is_some_and(|(_, _, len)| *len >= writer.target)
+        {
+            writer.current = None;
+        }
+        if writer.current.is_none() {
+            let number = writer.next_number;
+            let path = pack_path(&self.dir, number);
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|e| io_error(&path, e))?;
+            let file = Arc::new(file);
+            let mut files = self.files.write().unwrap_or_else(|p| p.into_inner());
+            let mut next = BTreeMap::clone(&files);
+            next.insert(number, file.clone());
+            *files = Arc::new(next);
+            writer.current = Some((number, file, 0));
+            writer.next_number = number + 1;
+            writer.created = true;
+        }
+        let Some((number, file, len)) = writer.current.clone() else {
+            return Err("no pack to append to".into());
+        };
+        if let Err(error) = file.write_all_at(bytes, len) {
+            // Whatever part was written lies past the recorded end: cut off at next open.
+            let path = pack_path(&self.dir, number);
+            writer.current = None;
+            return Err(io_error(&path, error));
+        }
+        writer.current = Some((number, file.clone(), len + bytes.len() as u64));
+        writer.dirty.insert(number, file);
+        Ok((number, len))
+    }
+
+    /// Makes every append so far durable (before a durable commit refers to it).
+    pub fn sync(&self) -> Result<(), String> {
+        let Some(writer) = &self.writer else {
+            return Ok(());
+        };
+        let mut writer = writer.lock().unwrap_or_else(|p| p.into_inner());
+        for (number, file) in &writer.dirty {
+            file.sync_data()
+                .map_err(|e| io_error(&pack_path(&self.dir, *number), e))?;
+        }
+        writer.dirty.clear();
+        if writer.created {
+            File::open(&self.dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(|e| io_error(&self.dir, e))?;
+            writer.created = false;
+        }
+        Ok(())
+    }
+
+    /// Unlinks packs a durable commit no longer refers to (snapshots that hold them
+    /// still read them).
+    pub fn remove(&self, numbers: &BTreeSet<u64>) -> Result<(), String> {
+        if numbers.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut files = self.files.write().unwrap_or_else(|p| p.into_inner());
+            let mut next = BTreeMap::clone(&files);
+            next.retain(|number, _| !numbers.contains(number));
+            *files = Arc::new(next);
+        }
+        if let Some(writer) = &self.writer {
+            let mut writer = writer.lock().unwrap_or_else(|p| p.into_inner());
+            writer.dirty.retain(|number, _| !numbers.contains(number));
+            if writer
+                .current
+                .as_ref()
+                .is_some_and(|(number, _, _)| numbers.contains(number))
+            {
+                writer.current = None;
+            }
+        }
+        for number in numbers {
+            let path = pack_path(&self.dir, *number);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(io_error(&path, error)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of every pack file present.
+    pub fn size_bytes(&self) -> Result<u64, String> {
+        if self.dir.as_os_str().is_empty() {
+            return Ok(0);
+        }
+        let mut total = 0;
+        for path in list(&self.dir)
+            .map_err(|e| io_error(&self.dir, e))?
+            .values()
+        {
+            match std::fs::metadata(path) {
+                Ok(metadata) => total += metadata.len(),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(io_error(path, error)),
+            }
+        }
+        Ok(total)
+    }
+
+    /// What is wrong with the packs against their records: a recorded pack missing or
+    /// shorter than its recorded end.
+    pub fn check(&self, recorded: &BTreeMap<u64, PackRecord>) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (number, record) in recorded {
+            let path = pack_path(&self.dir, *number);
+            match std::fs::metadata(&path) {
+                Ok(metadata) if metadata.len() < record.end => problems.push(format!(
+                    "pack {} is {} bytes, shorter than the {} bytes committed to it",
+                    path.display(),
+                    metadata.len(),
+                    record.end
+                )),
+                Ok(_) => {}
+                Err(error) => problems.push(format!(
+                    "pack {} holding {} live bytes: {error}",
+                    path.display(),
+                    record.live
+                )),
+            }
+        }
+        problems
+    }
+
+    /// Where the pack `number` lives (for messages).
+    pub fn path_of(&self, number: u64) -> PathBuf {
+        pack_path(&self.dir, number)
+    }
+}
+
+/// The segments a locator found in a damaged store's pages may point at: what each pack
+/// directory in `dirs` holds there (repair checks what it assembles against object hashes).
+pub fn read_located(dirs: &[PathBuf], locator: &Locator) -> Vec<Vec<u8>> {
+    dirs.iter()
+        .filter_map(|dir| {
+            let file = File::open(pack_path(dir, locator.pack)).ok()?;
+            let mut out = vec![0; locator.len as usize];
+            file.read_exact_at(&mut out, locator.offset).ok()?;
+            Some(out)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locators_and_records_round_trip_and_reject_garbage() {
+        let locator = Locator {
+            pack: 7,
+            offset: 1 << 40,
+            len: 65_000,
+        };
+        assert_eq!(Locator::decode(&locator.encode()), Some(locator));
+        assert_eq!(Locator::decode(&[0; LOCATOR_BYTES]), None);
+        assert_eq!(Locator::decode(&locator.encode()[..20]), None);
+        let record = PackRecord { live: 3, end: 10 };
+        assert_eq!(PackRecord::decode(&record.encode()), Some(record));
+        assert_eq!(PackRecord::decode(&[1, 2]), None);
+        assert!(record.mostly_dead());
+        assert!(!PackRecord { live: 6, end: 10 }.mostly_dead());
+    }
+
+    #[test]
+    fn opening_cuts_uncommitted_tails_and_removes_unrecorded_packs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (packs, _) = Packs::open_writable(dir.path(), &BTreeMap::new()).unwrap();
+        let (first, at) = packs.append(b"committed").unwrap();
+        assert_eq!(at, 0);
+        packs.append(b" and not").unwrap();
+        packs.sync().unwrap();
+        std::fs::write(
+            dir.path().join(format!("{:016x}.pack", first + 5)),
+            b"orphan",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"left alone").unwrap();
+        drop(packs);
+        let recorded = BTreeMap::from([(first, PackRecord { live: 9, end: 9 })]);
+        let (packs, cleaned) = Packs::open_writable(dir.path(), &recorded).unwrap();
+        assert_eq!(cleaned.len(), 2, "{cleaned:?}");
+        let locator = Locator {
+            pack: first,
+            offset: 0,
+            len: 9,
+        };
+        assert_eq!(
+            packs.read(&packs.view(), &locator, 0, 9).unwrap(),
+            b"committed"
+        );
+        assert!(
+            packs.read(&packs.view(), &locator, 5, 9).is_err(),
+            "past the end"
+        );
+        // Appends go on after the recorded end.
+        assert_eq!(packs.append(b"!").unwrap(), (first, 9));
+        assert!(dir.path().join("notes.txt").exists());
+        assert_eq!(packs.check(&recorded), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_removed_pack_stays_readable_through_an_older_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let (packs, _) = Packs::open_writable(dir.path(), &BTreeMap::new()).unwrap();
+        let (number, _) = packs.append(b"segment").unwrap();
+        let view = packs.view();
+        packs.remove(&BTreeSet::from([number])).unwrap();
+        let locator = Locator {
+            pack: number,
+            offset: 0,
+            len: 7,
+        };
+        assert_eq!(packs.read(&view, &locator, 0, 7).unwrap(), b"segment");
+        let error = packs.read(&packs.view(), &locator, 0, 7).unwrap_err();
+        assert!(error.contains("missing"), "{error}");
+        // The next append starts a new pack, never the removed number.
+        assert!(packs.append(b"x").unwrap().0 > number);
+    }
+}
