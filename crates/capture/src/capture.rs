@@ -203,7 +203,7 @@ fn capture_with(
     let dictionary_trained = if writer.has_dictionary() {
         None
     } else {
-        store.train_dictionary(&replica.name, &writer.take_samples())?
+        store.save_dictionary(&replica.name, &writer)?
     };
     record_sample(store, &replica.name, &sample(frame.id), &mut notes);
     Ok(CaptureReport {

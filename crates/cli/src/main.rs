@@ -756,6 +756,12 @@ enum ReplicaCommand {
     },
 }
 
+/// mimalloc instead of the C library's allocator: a capture allocates and frees buffers
+/// of every size on several threads at once, where glibc's arenas spend a few percent of
+/// the capture in their locks and give memory back to the kernel only to fault it in again.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Output piped into `head` ends quietly, as for other Unix tools.
     // SAFETY: called at the start of main, before any thread exists; SIG_DFL is a valid disposition for SIGPIPE.

@@ -35,8 +35,9 @@ pub struct Part {
 /// byte once more; objects carry their own content hashes).
 pub fn new_segment_id() -> SegmentId {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static PROCESS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let mut hasher = blake3::Hasher::new();
-    hasher.update(&std::process::id().to_le_bytes());
+    hasher.update(&PROCESS.get_or_init(std::process::id).to_le_bytes());
     hasher.update(&kairos_core::Instant::now().0.to_le_bytes());
     hasher.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
     let mut id = [0; SEGMENT_ID_BYTES];

@@ -586,22 +586,24 @@ impl RedbBackend {
                         }
                     }
                     // Every segment of the batch in one append, in batch order.
-                    let mut appended: Vec<u8> = Vec::new();
-                    for mutation in &batch.mutations {
-                        if let Mutation::Put { key, value } = mutation
-                            && is_segment_key(key)
-                        {
-                            appended.extend_from_slice(value);
-                        }
-                    }
-                    let (pack, mut offset) = if appended.is_empty() {
+                    let pieces: Vec<&[u8]> = batch
+                        .mutations
+                        .iter()
+                        .filter_map(|mutation| match mutation {
+                            Mutation::Put { key, value } if is_segment_key(key) => {
+                                Some(value.as_slice())
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    let (pack, mut offset) = if pieces.is_empty() {
                         (0, 0)
                     } else {
-                        let (pack, start) = self.packs.append(&appended).map_err(KvError::Io)?;
-                        deltas.reach(pack, start + appended.len() as u64);
+                        let (pack, start) = self.packs.append(&pieces).map_err(KvError::Io)?;
+                        let len: usize = pieces.iter().map(|piece| piece.len()).sum();
+                        deltas.reach(pack, start + len as u64);
                         (pack, start)
                     };
-                    drop(appended);
                     for mutation in &batch.mutations {
                         match mutation {
                             Mutation::Put { key, value } if is_segment_key(key) => {
@@ -856,14 +858,16 @@ impl RedbBackend {
                         if !sources.contains(&locator.pack) {
                             continue;
                         }
-                        appended.extend_from_slice(&self.read_packed(&view, &locator)?);
+                        appended.push(self.read_packed(&view, &locator)?);
                         found.push((key, locator));
                     }
                     if found.is_empty() {
                         return Ok(0);
                     }
-                    let (pack, mut offset) = self.packs.append(&appended).map_err(KvError::Io)?;
-                    deltas.reach(pack, offset + appended.len() as u64);
+                    let pieces: Vec<&[u8]> = appended.iter().map(Vec::as_slice).collect();
+                    let (pack, mut offset) = self.packs.append(&pieces).map_err(KvError::Io)?;
+                    let len: usize = pieces.iter().map(|piece| piece.len()).sum();
+                    deltas.reach(pack, offset + len as u64);
                     for (key, old) in found {
                         let locator = Locator {
                             pack,

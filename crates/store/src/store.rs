@@ -414,13 +414,10 @@ impl Store {
         }
     }
 
-    /// Trains a dictionary for `replica` from `samples` and stores it as the next version.
-    /// Returns the version, or `None` when the samples are too few to train on.
-    pub fn train_dictionary(&self, replica: &str, samples: &[Vec<u8>]) -> Result<Option<u32>> {
-        if samples.len() < DICTIONARY_SAMPLES_MIN {
-            return Ok(None);
-        }
-        let Ok(bytes) = zstd::dict::from_samples(samples, DICTIONARY_BYTES) else {
+    /// Stores the dictionary `writer` trained from its samples (if it had enough) as the
+    /// next version of `replica`'s. Returns the version.
+    pub fn save_dictionary(&self, replica: &str, writer: &ObjectWriter) -> Result<Option<u32>> {
+        let Some(bytes) = writer.trained_dictionary() else {
             return Ok(None);
         };
         let version = self
@@ -698,6 +695,17 @@ struct Pending {
 struct Samples {
     items: Vec<Vec<u8>>,
     bytes: usize,
+    /// The dictionary being trained from the samples since their budget filled up (on
+    /// its own thread, while the capture goes on); no sample is added meanwhile.
+    training: Option<JoinHandle<Option<Vec<u8>>>>,
+}
+
+/// Trains a dictionary from `samples`; `None` when they are too few or training fails.
+fn train(samples: &[Vec<u8>]) -> Option<Vec<u8>> {
+    if samples.len() < DICTIONARY_SAMPLES_MIN {
+        return None;
+    }
+    zstd::dict::from_samples(samples, DICTIONARY_BYTES).ok()
 }
 
 impl ObjectWriter {
@@ -839,9 +847,18 @@ impl ObjectWriter {
         let value = object::encode(kind, raw, level, dictionary);
         if small && self.dictionary.is_none() {
             let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-            if samples.bytes + raw.len() <= DICTIONARY_SAMPLE_BYTES_MAX {
+            let training = samples.training.is_some();
+            if !training && samples.bytes + raw.len() <= DICTIONARY_SAMPLE_BYTES_MAX {
                 samples.bytes += raw.len();
                 samples.items.push(raw.to_vec());
+            } else if !training && samples.items.len() >= DICTIONARY_SAMPLES_MIN {
+                // The budget is full: training starts now, beside the capture, instead of
+                // after it.
+                let items = std::mem::take(&mut samples.items);
+                samples.training = std::thread::Builder::new()
+                    .name("kairos-dictionary".into())
+                    .spawn(move || train(&items))
+                    .ok();
             }
         }
         self.objects_new.fetch_add(1, Ordering::Relaxed);
@@ -975,9 +992,17 @@ impl ObjectWriter {
         }
     }
 
-    /// Small objects seen by this writer, for training a dictionary (empty once one exists).
-    pub fn take_samples(&self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut self.samples.lock().unwrap_or_else(|p| p.into_inner()).items)
+    /// A dictionary trained from the small objects this writer saw (`None`: too few, or
+    /// the writer had a dictionary already). Waits for a training under way.
+    pub fn trained_dictionary(&self) -> Option<Vec<u8>> {
+        let (training, items) = {
+            let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+            (samples.training.take(), std::mem::take(&mut samples.items))
+        };
+        match training {
+            Some(training) => training.join().ok().flatten(),
+            None => train(&items),
+        }
     }
 
     pub fn has_dictionary(&self) -> bool {
