@@ -223,9 +223,11 @@ enum Command {
     /// Roots are every frame record (all timelines) and every object a proposal, sandbox,
     /// commit, fork or other catalog record names; the audit log keeps nothing alive. A
     /// crash at any point loses nothing a kept frame needs (`kairos verify` stays clean).
-    /// On a data directory the file is compacted afterwards, so it shrinks; through a node
-    /// the freed space is reused by later writes. Frames leave the store only when they
-    /// are forgotten (retention); `gc` never removes a frame
+    /// Pack files at least half dead have their live segments moved and are removed, on a
+    /// data directory and through a node alike; on a data directory the store file is also
+    /// compacted, so it shrinks (through a node its freed pages are reused by later writes).
+    /// Frames leave the store only when they are forgotten (retention); `gc` never removes
+    /// a frame
     Gc(GcArgs),
     /// The store's figures: replicas, frames, objects (reachable and reclaimable), bytes raw
     /// (files over every frame), stored (objects as compressed), in segments and on disk,
@@ -1286,6 +1288,12 @@ fn gc_command(
             report.objects_kept_in_flight
         );
     }
+    if report.bytes_moved_in_files > 0 {
+        println!(
+            "moved {} of live segments out of mostly dead pack files, which were removed",
+            bytes(report.bytes_moved_in_files)
+        );
+    }
     if report.segments_repack_deferred > 0 {
         println!(
             "{} mostly dead segments left for a later run (over --max-repack-bytes)",
@@ -1345,6 +1353,12 @@ fn stats_command(backend: &Backend, StatsArgs { json }: StatsArgs) -> Result<Exi
         println!(
             "dead space kept: {} in segments still mostly live (repacking them would copy more than it frees)",
             bytes(figures.bytes_dead_kept)
+        );
+    }
+    if figures.bytes_dead_in_files > 0 {
+        println!(
+            "dead space in pack files: {} (a collection removes the packs at least half dead)",
+            bytes(figures.bytes_dead_in_files)
         );
     }
     for dictionary in &figures.dictionaries {

@@ -216,7 +216,7 @@ pub struct StoreFigures {
     pub bytes_stored: u64,
     /// Bytes of the segments that hold them (what `bytes_stored` occupies in values).
     pub bytes_segments: u64,
-    /// The store file's size.
+    /// The store's size on disk (the embedded backend: its file and its pack files).
     pub bytes_on_disk: u64,
     /// `bytes_raw / bytes_stored`: what content addressing, deduplication and compression
     /// save together.
@@ -228,6 +228,11 @@ pub struct StoreFigures {
     /// whose repacking would copy more than it frees.
     #[serde(default)]
     pub bytes_dead_kept: u64,
+    /// Bytes in the embedded backend's pack files that no segment uses (deleted segments,
+    /// alignment): a collection moves the live part of each pack at least half dead and
+    /// removes the pack; the rest stays until its pack is.
+    #[serde(default)]
+    pub bytes_dead_in_files: u64,
     pub objects_reclaimable: u64,
     pub segments: u64,
     pub dictionaries: Vec<DictionaryFigures>,
@@ -1118,6 +1123,7 @@ impl Store {
             },
             bytes_reclaimable,
             bytes_dead_kept,
+            bytes_dead_in_files: self.kv().dead_file_bytes()?,
             objects_reclaimable: unreachable.len() as u64,
             segments: survey
                 .segments

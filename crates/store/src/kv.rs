@@ -259,6 +259,11 @@ pub trait KvBackend: Send + Sync {
         Ok(0)
     }
 
+    /// Bytes of the files the backend appends values to that no value uses any more.
+    fn dead_file_bytes(&self) -> Result<u64, KvError> {
+        Ok(0)
+    }
+
     /// Whether one process holds the backend while it is open (the embedded store): then
     /// every writer of the store is in this process and garbage collection may run here.
     fn held_by_one_process(&self) -> bool {

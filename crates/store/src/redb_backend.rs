@@ -611,6 +611,7 @@ impl RedbBackend {
                                     pack,
                                     offset,
                                     len: value.len() as u32,
+                                    fingerprint: packfile::fingerprint(value),
                                 };
                                 offset += value.len() as u64;
                                 deltas.add(pack, value.len() as u64);
@@ -751,14 +752,95 @@ impl RedbBackend {
                     empty.push(number);
                 }
             }
-            for number in empty {
-                table
-                    .remove(number)
-                    .map_err(|error| self.health.storage(error))?;
-                doomed.insert(number);
+            if !empty.is_empty() {
+                // A pack goes only if no locator names it: its record saying nothing is
+                // live is not trusted alone (a damaged record must not remove data).
+                let packed = txn
+                    .open_table(PACKED)
+                    .map_err(|error| table_error(&self.health, error))?;
+                let usage = pack_usage(&packed, &self.health)?;
+                for number in empty {
+                    if let Some(used) = usage.packs.get(&number) {
+                        let _recorded = self.health.corrupt(format!(
+                            "pack {} is recorded as holding nothing live, yet {} bytes of segments are located in it; it is kept",
+                            self.packs.path_of(number).display(),
+                            used.live
+                        ));
+                        continue;
+                    }
+                    table
+                        .remove(number)
+                        .map_err(|error| self.health.storage(error))?;
+                    doomed.insert(number);
+                }
             }
         }
         Ok(())
+    }
+
+    /// Where the locators disagree with the pack records: bytes located in a pack beyond
+    /// its committed end or in a pack without a record, live bytes other than recorded,
+    /// locators that do not decode.
+    fn check_locators(&self, records: &BTreeMap<u64, PackRecord>) -> Result<Vec<String>, KvError> {
+        let usage = self.health.guard(
+            || "reading the pack locators".into(),
+            || {
+                let txn = self.database.begin_read().map_err(|e| self.txn(e))?;
+                match txn.open_table(PACKED) {
+                    Ok(table) => pack_usage(&table, &self.health),
+                    Err(TableError::TableDoesNotExist(_)) => Ok(PackUsage::default()),
+                    Err(error) => Err(table_error(&self.health, error)),
+                }
+            },
+        )?;
+        let mut problems: Vec<String> = usage
+            .malformed
+            .iter()
+            .map(|key| {
+                format!(
+                    "the pack locator of segment {} is malformed",
+                    printable(key)
+                )
+            })
+            .collect();
+        for (number, used) in &usage.packs {
+            let path = self.packs.path_of(*number);
+            match records.get(number) {
+                None => problems.push(format!(
+                    "{} bytes of segments are located in pack {}, which has no record",
+                    used.live,
+                    path.display()
+                )),
+                Some(record) => {
+                    if used.end > record.end {
+                        problems.push(format!(
+                            "segments are located up to byte {} of pack {}, past its committed end {}",
+                            used.end,
+                            path.display(),
+                            record.end
+                        ));
+                    }
+                    if used.live != record.live {
+                        problems.push(format!(
+                            "pack {} is recorded with {} live bytes, its locators name {}",
+                            path.display(),
+                            record.live,
+                            used.live
+                        ));
+                    }
+                }
+            }
+        }
+        for (number, record) in records {
+            if record.live > 0 && !usage.packs.contains_key(number) {
+                problems.push(format!(
+                    "pack {} is recorded with {} live bytes, no locator names it",
+                    self.packs.path_of(*number).display(),
+                    record.live
+                ));
+            }
+        }
+        Ok(problems)
     }
 
     /// Moves the live segments of mostly dead packs (over half their bytes deleted) into
@@ -858,7 +940,17 @@ impl RedbBackend {
                         if !sources.contains(&locator.pack) {
                             continue;
                         }
-                        appended.push(self.read_packed(&view, &locator)?);
+                        let segment = self.read_packed(&view, &locator)?;
+                        if packfile::fingerprint(&segment) != locator.fingerprint {
+                            // The locator or the bytes it names are damaged: nothing moves
+                            // and the pack stays for `repair`.
+                            return Err(self.health.corrupt(format!(
+                                "segment {} does not match its fingerprint in {}",
+                                printable(key),
+                                self.packs.path_of(locator.pack).display()
+                            )));
+                        }
+                        appended.push(segment);
                         found.push((key, locator));
                     }
                     if found.is_empty() {
@@ -872,7 +964,7 @@ impl RedbBackend {
                         let locator = Locator {
                             pack,
                             offset,
-                            len: old.len,
+                            ..old
                         };
                         offset += u64::from(old.len);
                         packed
@@ -890,6 +982,40 @@ impl RedbBackend {
             },
         )
     }
+}
+
+/// What the locators say of each pack.
+#[derive(Default)]
+struct PackUsage {
+    packs: BTreeMap<u64, PackUsed>,
+    /// Locators that do not decode (their keys).
+    malformed: Vec<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct PackUsed {
+    live: u64,
+    end: u64,
+}
+
+/// Reads every locator of `table`.
+fn pack_usage(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    health: &Health,
+) -> Result<PackUsage, KvError> {
+    let mut usage = PackUsage::default();
+    for item in table.iter().map_err(|e| health.storage(e))? {
+        let (key, value) = item.map_err(|e| health.storage(e))?;
+        match Locator::decode(value.value()) {
+            Some(locator) => {
+                let used = usage.packs.entry(locator.pack).or_default();
+                used.live += u64::from(locator.len);
+                used.end = used.end.max(locator.end());
+            }
+            None => usage.malformed.push(key.value().to_vec()),
+        }
+    }
+    Ok(usage)
 }
 
 /// How one transaction changes the pack records.
@@ -1491,6 +1617,14 @@ impl KvBackend for RedbBackend {
         self.compact_packs()
     }
 
+    fn dead_file_bytes(&self) -> Result<u64, KvError> {
+        Ok(self
+            .pack_records()?
+            .values()
+            .map(|record| record.end.saturating_sub(record.live))
+            .sum())
+    }
+
     fn check_structure(&self) -> Result<Vec<String>, KvError> {
         // Holding the catalog lock keeps catalog commits out while the file is read; object
         // batches only write pages no committed tree uses until a catalog commit.
@@ -1500,7 +1634,9 @@ impl KvBackend for RedbBackend {
             .map(|copy| copy.lock().unwrap_or_else(|p| p.into_inner()));
         let mut problems = redb_check::check_structure(&self.health.path, TABLE_NAME).problems;
         if problems.is_empty() {
-            problems.extend(self.packs.check(&self.pack_records()?));
+            let records = self.pack_records()?;
+            problems.extend(self.packs.check(&records));
+            problems.extend(self.check_locators(&records)?);
         }
         Ok(problems)
     }
@@ -1728,6 +1864,71 @@ mod tests {
                 .unwrap()
                 .as_deref(),
             Some(&b"more"[..])
+        );
+    }
+
+    /// Rewrites the locator of segment `key` in the closed store at `path`.
+    fn tamper_locator(path: &Path, key: &[u8], change: impl FnOnce(&mut Locator)) {
+        let database = Database::open(path).unwrap();
+        let txn = database.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(PACKED).unwrap();
+            let mut locator = Locator::decode(table.get(key).unwrap().unwrap().value()).unwrap();
+            change(&mut locator);
+            table.insert(key, &locator.encode()[..]).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    #[test]
+    fn a_damaged_locator_is_named_by_the_check_and_never_moved_or_unlinked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let key = |index: u32| keys::segment(&index.to_be_bytes());
+        {
+            let backend = RedbBackend::open(&path).unwrap();
+            backend.packs.set_target(1 << 20);
+            for start in (0..60u32).step_by(10) {
+                let mut batch = WriteBatch::new();
+                for index in start..start + 10 {
+                    batch.put(key(index), segment(index, 60_000)).unwrap();
+                }
+                backend.commit(batch).unwrap();
+            }
+            // The first pack (two batches) mostly dead: all but segment 3.
+            let mut batch = WriteBatch::new();
+            for index in (0..20).filter(|index| *index != 3) {
+                batch.delete(key(index)).unwrap();
+            }
+            backend.commit(batch).unwrap();
+            assert!(backend.check_structure().unwrap().is_empty());
+        }
+        // A flipped offset: the locator names other bytes of the same pack.
+        tamper_locator(&path, &key(3), |locator| locator.offset += 4096);
+        let backend = RedbBackend::open(&path).unwrap();
+        let packs_before = backend.packs.size_bytes().unwrap();
+        let error = backend.compact_files().unwrap_err().to_string();
+        assert!(error.contains("fingerprint"), "{error}");
+        assert_eq!(
+            backend.packs.size_bytes().unwrap(),
+            packs_before,
+            "nothing removed"
+        );
+        assert!(recorded_damage(&path).is_some(), "writes wait for repair");
+        drop(backend);
+        // A flipped length: the check names the pack whose live bytes disagree.
+        tamper_locator(&path, &key(3), |locator| {
+            locator.offset -= 4096;
+            locator.len -= 1;
+        });
+        std::fs::remove_file(damage_marker_path(&path)).unwrap();
+        let backend = RedbBackend::open(&path).unwrap();
+        let problems = backend.check_structure().unwrap();
+        assert!(
+            problems
+                .iter()
+                .any(|problem| problem.contains("live bytes")),
+            "{problems:?}"
         );
     }
 

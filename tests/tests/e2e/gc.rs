@@ -158,6 +158,12 @@ fn forgetting_ninety_percent_of_a_history_shrinks_the_file_and_kept_frames_resto
     let after = kairos.json(["stats", "--json"]);
     assert_eq!(after["objects_reclaimable"], 0, "{after}");
     assert_eq!(after["frames"], 4);
+    // The pack files kept hold mostly live segments.
+    let dead_in_files = after["bytes_dead_in_files"].as_u64().unwrap();
+    assert!(
+        dead_in_files * 2 <= after["bytes_on_disk"].as_u64().unwrap(),
+        "{after}"
+    );
     // Nothing left to do: a second run removes nothing.
     let again = kairos.json(["gc", "--json"]);
     assert_eq!(again["objects_deleted"], 0, "{again}");
