@@ -223,7 +223,7 @@ enum Command {
     /// Roots are every frame record (all timelines) and every object a proposal, sandbox,
     /// commit, fork or other catalog record names; the audit log keeps nothing alive. A
     /// crash at any point loses nothing a kept frame needs (`kairos verify` stays clean).
-    /// Pack files at least half dead have their live segments moved and are removed, on a
+    /// Pack files a fifth dead or more have their live segments moved and are removed, on a
     /// data directory and through a node alike; on a data directory the store file is also
     /// compacted, so it shrinks (through a node its freed pages are reused by later writes).
     /// Frames leave the store only when they are forgotten (retention); `gc` never removes
@@ -1290,7 +1290,7 @@ fn gc_command(
     }
     if report.bytes_moved_in_files > 0 {
         println!(
-            "moved {} of live segments out of mostly dead pack files, which were removed",
+            "moved {} of live segments out of pack files a fifth dead or more, which were removed",
             bytes(report.bytes_moved_in_files)
         );
     }
@@ -1357,7 +1357,7 @@ fn stats_command(backend: &Backend, StatsArgs { json }: StatsArgs) -> Result<Exi
     }
     if figures.bytes_dead_in_files > 0 {
         println!(
-            "dead space in pack files: {} (a collection removes the packs at least half dead)",
+            "dead space in pack files: {} (a collection removes the packs a fifth dead or more)",
             bytes(figures.bytes_dead_in_files)
         );
     }

@@ -80,6 +80,12 @@ fn print_report(report: &RepairReport) {
             kept.display()
         );
     }
+    for kept in &report.damaged_packs_kept {
+        println!(
+            "its pack files are kept in {} (delete them with it)",
+            kept.display()
+        );
+    }
     println!("repaired");
 }
 

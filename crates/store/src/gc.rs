@@ -196,7 +196,7 @@ pub struct GcReport {
     pub compacted: bool,
     #[serde(default)]
     pub compact_ms: u64,
-    /// Live segment bytes moved out of mostly dead pack files (the embedded backend), so
+    /// Live segment bytes moved out of pack files a fifth dead or more (the embedded backend), so
     /// that those files could be removed.
     #[serde(default)]
     pub bytes_moved_in_files: u64,
@@ -229,7 +229,7 @@ pub struct StoreFigures {
     #[serde(default)]
     pub bytes_dead_kept: u64,
     /// Bytes in the embedded backend's pack files that no segment uses (deleted segments,
-    /// alignment): a collection moves the live part of each pack at least half dead and
+    /// alignment): a collection moves the live part of each pack a fifth dead or more and
     /// removes the pack; the rest stays until its pack is.
     #[serde(default)]
     pub bytes_dead_in_files: u64,

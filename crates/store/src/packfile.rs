@@ -112,9 +112,10 @@ impl PackRecord {
         })
     }
 
-    /// Whether most of the pack is dead (its live segments are worth moving).
-    pub fn mostly_dead(&self) -> bool {
-        self.end > 0 && self.live.saturating_mul(2) <= self.end
+    /// Whether a fifth of the pack or more is dead: its live segments are worth moving
+    /// (copying at most four bytes per byte freed, as borg's `compact` does at 10%).
+    pub fn worth_compacting(&self) -> bool {
+        self.end > 0 && self.live.saturating_mul(5) <= self.end.saturating_mul(4)
     }
 }
 
@@ -177,7 +178,8 @@ fn pack_number(path: &Path) -> Option<u64> {
         .flatten()
 }
 
-/// The packs present in `dir` (none if it does not exist).
+/// The pack files present in `dir` (none if it does not exist; entries named like packs
+/// that are not regular files are left out: `verify` names a pack that is not there).
 fn list(dir: &Path) -> std::io::Result<BTreeMap<u64, PathBuf>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -186,7 +188,11 @@ fn list(dir: &Path) -> std::io::Result<BTreeMap<u64, PathBuf>> {
     };
     let mut out = BTreeMap::new();
     for entry in entries {
-        let path = entry?.path();
+        let entry = entry?;
+        let path = entry.path();
+        if !entry.file_type()?.is_file() {
+            continue;
+        }
         if let Some(number) = pack_number(&path) {
             out.insert(number, path);
         }
@@ -296,42 +302,27 @@ impl Packs {
         })
     }
 
-    /// Opens the packs of a store whose durable state records `recorded`: bytes past a
-    /// pack's recorded end and packs without a record belong to no durable commit (a crash
-    /// between writing them and committing) and are cut off or removed. Returns what was
-    /// cleaned, one line each.
+    /// Opens the packs of a store whose state records `recorded`. Nothing is cut or
+    /// removed here (opening, even for a read, never deletes: a store file put back from
+    /// an older copy must not cost the packs their newer bytes); bytes past a pack's
+    /// recorded end and packs without a record are what [`Packs::clean`] removes.
     pub fn open_writable(
         dir: &Path,
         recorded: &BTreeMap<u64, PackRecord>,
-    ) -> Result<(Packs, Vec<String>), String> {
+    ) -> Result<Packs, String> {
         std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
-        let mut cleaned = Vec::new();
         let mut files = BTreeMap::new();
         let present = list(dir).map_err(|e| io_error(dir, e))?;
+        let mut lens = BTreeMap::new();
         for (number, path) in &present {
-            let Some(record) = recorded.get(number) else {
-                std::fs::remove_file(path).map_err(|e| io_error(path, e))?;
-                cleaned.push(format!(
-                    "removed {}: no commit refers to it",
-                    path.display()
-                ));
+            if !recorded.contains_key(number) {
                 continue;
-            };
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(|e| io_error(path, e))?;
-            let len = file.metadata().map_err(|e| io_error(path, e))?.len();
-            if len > record.end {
-                file.set_len(record.end).map_err(|e| io_error(path, e))?;
-                file.sync_all().map_err(|e| io_error(path, e))?;
-                cleaned.push(format!(
-                    "cut {} from {len} to {} bytes: the rest was never committed",
-                    path.display(),
-                    record.end
-                ));
             }
+            let file = File::open(path).map_err(|e| io_error(path, e))?;
+            lens.insert(
+                *number,
+                file.metadata().map_err(|e| io_error(path, e))?.len(),
+            );
             files.insert(*number, Arc::new(file));
         }
         let highest = present.keys().chain(recorded.keys()).max().copied();
@@ -344,30 +335,74 @@ impl Packs {
         {
             let path = pack_path(dir, number);
             let (write, direct) = open_for_append(&path, false).map_err(|e| io_error(&path, e))?;
+            // After whatever the file holds past the recorded end (left for `clean`).
+            let len = lens.get(&number).copied().unwrap_or(0).max(record.end);
             current = Some(Appending {
                 number,
                 file: file.clone(),
                 write,
                 direct,
-                len: record.end,
+                len,
             });
         }
         let next_number = highest.map_or(1, |number| number + 1);
-        Ok((
-            Packs {
-                dir: dir.to_path_buf(),
-                files: RwLock::new(Arc::new(files)),
-                writer: Some(Mutex::new(Writer {
-                    current,
-                    buffer: AlignedBuffer::default(),
-                    next_number,
-                    dirty: BTreeMap::new(),
-                    created: false,
-                    target: PACK_BYTES_TARGET,
-                })),
-            },
-            cleaned,
-        ))
+        Ok(Packs {
+            dir: dir.to_path_buf(),
+            files: RwLock::new(Arc::new(files)),
+            writer: Some(Mutex::new(Writer {
+                current,
+                buffer: AlignedBuffer::default(),
+                next_number,
+                dirty: BTreeMap::new(),
+                created: false,
+                target: PACK_BYTES_TARGET,
+            })),
+        })
+    }
+
+    /// Removes what no commit refers to: packs without a record (a crash between writing
+    /// one and committing it, a failed transaction) and, in packs no longer appended to,
+    /// the bytes past the recorded end. The caller holds the store's write transaction
+    /// (no append or record can land meanwhile) and `recorded` is read in it. Returns
+    /// one line per change.
+    pub fn clean(&self, recorded: &BTreeMap<u64, PackRecord>) -> Result<Vec<String>, String> {
+        if self.dir.as_os_str().is_empty() || self.writer.is_none() {
+            return Ok(Vec::new());
+        }
+        let current = self.current();
+        let mut cleaned = Vec::new();
+        let mut gone = BTreeSet::new();
+        for (number, path) in list(&self.dir).map_err(|e| io_error(&self.dir, e))? {
+            if Some(number) == current {
+                continue;
+            }
+            let Some(record) = recorded.get(&number) else {
+                gone.insert(number);
+                cleaned.push(format!(
+                    "removed {}: no commit refers to it",
+                    path.display()
+                ));
+                continue;
+            };
+            let len = std::fs::metadata(&path)
+                .map_err(|e| io_error(&path, e))?
+                .len();
+            if len > record.end {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| io_error(&path, e))?;
+                file.set_len(record.end).map_err(|e| io_error(&path, e))?;
+                file.sync_all().map_err(|e| io_error(&path, e))?;
+                cleaned.push(format!(
+                    "cut {} from {len} to {} bytes: the rest is in no commit",
+                    path.display(),
+                    record.end
+                ));
+            }
+        }
+        self.remove(&gone)?;
+        Ok(cleaned)
     }
 
     /// No packs at all (a store that never wrote one, or read before its packs are known).
@@ -671,28 +706,28 @@ mod tests {
         let record = PackRecord { live: 3, end: 10 };
         assert_eq!(PackRecord::decode(&record.encode()), Some(record));
         assert_eq!(PackRecord::decode(&[1, 2]), None);
-        assert!(record.mostly_dead());
-        assert!(!PackRecord { live: 6, end: 10 }.mostly_dead());
+        assert!(record.worth_compacting());
+        assert!(PackRecord { live: 8, end: 10 }.worth_compacting());
+        assert!(!PackRecord { live: 9, end: 10 }.worth_compacting());
     }
 
     #[test]
-    fn opening_cuts_uncommitted_tails_and_removes_unrecorded_packs() {
+    fn opening_keeps_everything_and_cleaning_cuts_uncommitted_tails_and_unrecorded_packs() {
         let dir = tempfile::tempdir().unwrap();
-        let (packs, _) = Packs::open_writable(dir.path(), &BTreeMap::new()).unwrap();
+        let packs = Packs::open_writable(dir.path(), &BTreeMap::new()).unwrap();
         let (first, at) = packs.append(&[b"committed"]).unwrap();
         assert_eq!(at, 0);
         packs.append(&[b" and not"]).unwrap();
         packs.sync().unwrap();
-        std::fs::write(
-            dir.path().join(format!("{:016x}.pack", first + 5)),
-            b"orphan",
-        )
-        .unwrap();
+        let orphan = dir.path().join(format!("{:016x}.pack", first + 5));
+        std::fs::write(&orphan, b"orphan").unwrap();
         std::fs::write(dir.path().join("notes.txt"), b"left alone").unwrap();
+        std::fs::create_dir(dir.path().join(format!("{:016x}.pack", first + 6))).unwrap();
         drop(packs);
         let recorded = BTreeMap::from([(first, PackRecord { live: 9, end: 9 })]);
-        let (packs, cleaned) = Packs::open_writable(dir.path(), &recorded).unwrap();
-        assert_eq!(cleaned.len(), 2, "{cleaned:?}");
+        let packs = Packs::open_writable(dir.path(), &recorded).unwrap();
+        let long = std::fs::metadata(packs.path_of(first)).unwrap().len();
+        assert!(long > 9 && orphan.exists(), "opening removes nothing");
         let locator = Locator {
             pack: first,
             offset: 0,
@@ -703,16 +738,17 @@ mod tests {
             packs.read(&packs.view(), &locator, 0, 9).unwrap(),
             b"committed"
         );
-        assert!(
-            packs.read(&packs.view(), &locator, 5, 9).is_err(),
-            "past the end"
-        );
-        // Appends go on after the recorded end.
-        assert_eq!(
-            packs.append(&[b"!"]).unwrap(),
-            (first, 4096),
-            "at the next block"
-        );
+        // Appends go on after what the file holds.
+        let (number, at) = packs.append(&[b"!"]).unwrap();
+        assert_eq!(number, first);
+        assert!(at >= long && at % 4096 == 0, "{at}");
+        // The pack appended to is left alone; the others are cleaned.
+        assert_eq!(packs.clean(&recorded).unwrap().len(), 1, "the orphan");
+        assert!(!orphan.exists());
+        packs.retire(first);
+        let cleaned = packs.clean(&recorded).unwrap();
+        assert_eq!(cleaned.len(), 1, "{cleaned:?}");
+        assert_eq!(std::fs::metadata(packs.path_of(first)).unwrap().len(), 9);
         assert!(dir.path().join("notes.txt").exists());
         assert_eq!(packs.check(&recorded), Vec::<String>::new());
     }
@@ -720,7 +756,7 @@ mod tests {
     #[test]
     fn a_removed_pack_stays_readable_through_an_older_view() {
         let dir = tempfile::tempdir().unwrap();
-        let (packs, _) = Packs::open_writable(dir.path(), &BTreeMap::new()).unwrap();
+        let packs = Packs::open_writable(dir.path(), &BTreeMap::new()).unwrap();
         let (number, _) = packs.append(&[b"segment"]).unwrap();
         let view = packs.view();
         packs.remove(&BTreeSet::from([number])).unwrap();

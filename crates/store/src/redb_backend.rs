@@ -53,7 +53,10 @@ const PACKS_ID: &str = "packs-id";
 const PACKED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kairos-packed");
 /// Pack number → its record (live bytes, committed end).
 const PACKS: TableDefinition<u64, &[u8]> = TableDefinition::new("kairos-packs");
-/// Bytes of segments moved out of mostly dead packs per transaction.
+/// The environment variable that sets the bytes after which a new pack starts (tests;
+/// default [`packfile::PACK_BYTES_TARGET`]).
+pub const PACK_BYTES_ENV: &str = "KAIROS_PACK_BYTES";
+/// Bytes of segments moved out of packs worth compacting per transaction.
 const MOVE_CHUNK_BYTES: usize = 4 << 20;
 /// The page cache used unless another size is asked for.
 pub const CACHE_BYTES_DEFAULT: usize = 64 << 20;
@@ -282,9 +285,17 @@ impl RedbBackend {
             Packs::open_read_only(&dir)
         } else {
             let records = self.pack_records()?;
-            Packs::open_writable(&dir, &records).map(|(packs, _cleaned)| packs)
+            Packs::open_writable(&dir, &records)
         }
         .map_err(KvError::Io)?;
+        // Tests make stores of many packs from little data.
+        if let Some(bytes) = std::env::var(PACK_BYTES_ENV)
+            .ok()
+            .and_then(|text| text.parse::<u64>().ok())
+            .filter(|bytes| *bytes > 0)
+        {
+            packs.set_target(bytes);
+        }
         self.packs = Arc::new(packs);
         Ok(())
     }
@@ -778,6 +789,38 @@ impl RedbBackend {
         Ok(())
     }
 
+    /// Removes pack files and pack tails no commit refers to ([`Packs::clean`]), holding
+    /// the write transaction so that no append or record lands meanwhile. Returns what
+    /// changed, one line each.
+    pub fn clean_packs(&self) -> Result<Vec<String>, KvError> {
+        self.health.guard(
+            || "removing pack bytes no commit refers to".into(),
+            || {
+                let txn = self.database.begin_write().map_err(|e| self.txn(e))?;
+                let mut records = BTreeMap::new();
+                {
+                    let table = txn
+                        .open_table(PACKS)
+                        .map_err(|error| table_error(&self.health, error))?;
+                    for item in table.iter().map_err(|e| self.health.storage(e))? {
+                        let (number, value) = item.map_err(|e| self.health.storage(e))?;
+                        let record = PackRecord::decode(value.value()).ok_or_else(|| {
+                            self.health.corrupt(format!(
+                                "the record of pack {} is malformed",
+                                number.value()
+                            ))
+                        })?;
+                        records.insert(number.value(), record);
+                    }
+                }
+                let cleaned = self.packs.clean(&records).map_err(KvError::Io);
+                txn.abort()
+                    .map_err(|error| KvError::Io(error.to_string()))?;
+                cleaned
+            },
+        )
+    }
+
     /// Where the locators disagree with the pack records: bytes located in a pack beyond
     /// its committed end or in a pack without a record, live bytes other than recorded,
     /// locators that do not decode.
@@ -843,22 +886,25 @@ impl RedbBackend {
         Ok(problems)
     }
 
-    /// Moves the live segments of mostly dead packs (over half their bytes deleted) into
+    /// Moves the live segments of packs worth compacting (a fifth of their bytes dead) into
     /// the pack appended to, in transactions of a few MiB so that captures wait little,
     /// then makes it durable, which unlinks the emptied packs. Returns the bytes moved.
     pub fn compact_packs(&self) -> Result<u64, KvError> {
         self.refuse_writes_if_damaged()?;
+        self.clean_packs()?;
         let records = self.pack_records()?;
-        // The pack appended to is compacted too when mostly dead: appends move on first.
+        // The pack appended to is compacted too when worth it: appends move on first.
         if let Some(current) = self.packs.current()
-            && records.get(&current).is_some_and(PackRecord::mostly_dead)
+            && records
+                .get(&current)
+                .is_some_and(PackRecord::worth_compacting)
         {
             self.packs.retire(current);
         }
         let current = self.packs.current();
         let sources: BTreeSet<u64> = records
             .iter()
-            .filter(|(number, record)| Some(**number) != current && record.mostly_dead())
+            .filter(|(number, record)| Some(**number) != current && record.worth_compacting())
             .map(|(number, _)| *number)
             .collect();
         let empty_kept = records
@@ -872,7 +918,7 @@ impl RedbBackend {
         }
         let mut moving: Vec<(Vec<u8>, u32)> = Vec::new();
         self.health.guard(
-            || "listing the segments of mostly dead packs".into(),
+            || "listing the segments of packs to compact".into(),
             || {
                 let txn = self.database.begin_read().map_err(|e| self.txn(e))?;
                 let table = match txn.open_table(PACKED) {
@@ -915,7 +961,7 @@ impl RedbBackend {
         sources: &BTreeSet<u64>,
     ) -> Result<u64, KvError> {
         self.health.guard(
-            || "moving segments out of mostly dead packs".into(),
+            || "moving segments out of packs to compact".into(),
             || {
                 let mut txn = self.database.begin_write().map_err(|e| self.txn(e))?;
                 txn.set_durability(Durability::None)
@@ -1618,11 +1664,16 @@ impl KvBackend for RedbBackend {
     }
 
     fn dead_file_bytes(&self) -> Result<u64, KvError> {
-        Ok(self
+        let live: u64 = self
             .pack_records()?
             .values()
-            .map(|record| record.end.saturating_sub(record.live))
-            .sum())
+            .map(|record| record.live)
+            .sum();
+        Ok(self
+            .packs
+            .size_bytes()
+            .map_err(KvError::Io)?
+            .saturating_sub(live))
     }
 
     fn check_structure(&self) -> Result<Vec<String>, KvError> {
@@ -1906,14 +1957,17 @@ mod tests {
         // A flipped offset: the locator names other bytes of the same pack.
         tamper_locator(&path, &key(3), |locator| locator.offset += 4096);
         let backend = RedbBackend::open(&path).unwrap();
-        let packs_before = backend.packs.size_bytes().unwrap();
+        let packs_before = backend.pack_records().unwrap();
         let error = backend.compact_files().unwrap_err().to_string();
         assert!(error.contains("fingerprint"), "{error}");
         assert_eq!(
-            backend.packs.size_bytes().unwrap(),
+            backend.pack_records().unwrap(),
             packs_before,
             "nothing removed"
         );
+        for number in packs_before.keys() {
+            assert!(backend.packs.path_of(*number).exists());
+        }
         assert!(recorded_damage(&path).is_some(), "writes wait for repair");
         drop(backend);
         // A flipped length: the check names the pack whose live bytes disagree.

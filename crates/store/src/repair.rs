@@ -103,6 +103,9 @@ pub struct RepairReport {
     pub moved: Vec<String>,
     /// Where the damaged file was kept.
     pub damaged_file_kept: Option<PathBuf>,
+    /// The damaged store's pack directories, kept beside its file.
+    #[serde(default)]
+    pub damaged_packs_kept: Vec<PathBuf>,
 }
 
 /// Repairs the store in `data_dir` (which no process may hold open).
@@ -246,18 +249,20 @@ fn salvage_objects(
     // pack directories beside the file hold there is a candidate too.
     let packs_dirs = crate::packfile::all_packs_dirs(path);
     let scanned = redb_check::scan_leaf_pages(path, |key, value| {
-        if key.starts_with(keys::OBJECT)
-            || key.starts_with(keys::SEGMENT)
-            || key.starts_with(keys::DICTIONARY)
-        {
-            candidates.add(key, value);
-        }
+        // What a locator names first (an object's parts are tried with the first candidate
+        // of each segment together), the value itself after.
         if key.starts_with(keys::SEGMENT)
             && let Some(locator) = crate::packfile::Locator::decode(value)
         {
             for segment in crate::packfile::read_located(&packs_dirs, &locator) {
                 candidates.add(key, &segment);
             }
+        }
+        if key.starts_with(keys::OBJECT)
+            || key.starts_with(keys::SEGMENT)
+            || key.starts_with(keys::DICTIONARY)
+        {
+            candidates.add(key, value);
         }
     });
     if let Err(error) = scanned {
@@ -410,6 +415,9 @@ fn salvage_range(
     *scans_left -= 1;
     match scan_all(snapshot, &prefix, out) {
         Ok(()) => {}
+        // The keys list, some values do not read (a segment whose pack is missing or
+        // short): every other value of the range is kept.
+        Err(_) if salvage_key_by_key(snapshot, &prefix, out, unreadable).is_ok() => {}
         Err(_) if depth < SALVAGE_SPLIT_DEPTH => {
             if let Ok(Some(value)) = snapshot.get(&prefix) {
                 out.insert(prefix.clone(), value);
@@ -425,6 +433,66 @@ fn salvage_range(
             crate::kv::printable(&prefix)
         )),
     }
+}
+
+/// Lists the keys starting with `prefix` (without their values), then reads each value on
+/// its own; a value that does not read is named in `unreadable` (at most a few, then a
+/// count).
+fn salvage_key_by_key(
+    snapshot: &dyn KvSnapshot,
+    prefix: &[u8],
+    out: &mut BTreeMap<Vec<u8>, Vec<u8>>,
+    unreadable: &mut Vec<String>,
+) -> Result<(), KvError> {
+    const NAMED_MAX: usize = 8;
+    let end = prefix_end(prefix);
+    let mut keys = Vec::new();
+    let mut lower = prefix.to_vec();
+    let mut inclusive = true;
+    loop {
+        let lower_bound = if inclusive {
+            std::ops::Bound::Included(lower.as_slice())
+        } else {
+            std::ops::Bound::Excluded(lower.as_slice())
+        };
+        let upper = match &end {
+            Some(end) => std::ops::Bound::Excluded(end.as_slice()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let page = snapshot.scan_key_lengths(lower_bound, upper, SALVAGE_PAGE)?;
+        let full = page.len() == SALVAGE_PAGE;
+        if let Some((last, _)) = page.last() {
+            lower = last.clone();
+            inclusive = false;
+        }
+        keys.extend(page.into_iter().map(|(key, _)| key));
+        if !full {
+            break;
+        }
+    }
+    let mut failed = 0;
+    for key in keys {
+        match snapshot.get(&key) {
+            Ok(Some(value)) => {
+                out.insert(key, value);
+            }
+            Ok(None) => {}
+            Err(error) => {
+                failed += 1;
+                if failed <= NAMED_MAX {
+                    unreadable.push(format!("{}: {error}", crate::kv::printable(&key)));
+                }
+            }
+        }
+    }
+    if failed > NAMED_MAX {
+        unreadable.push(format!(
+            "{} more values under {} did not read",
+            failed - NAMED_MAX,
+            crate::kv::printable(prefix)
+        ));
+    }
+    Ok(())
 }
 
 fn scan_all(
@@ -768,18 +836,32 @@ fn swap_in(
 ) -> Result<(), StoreError> {
     let io =
         |what: &Path, error: std::io::Error| KvError::Io(format!("{}: {error}", what.display()));
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0);
     if let Ok(metadata) = std::fs::metadata(path) {
         if metadata.len() == 0 {
             std::fs::remove_file(path).map_err(|e| io(path, e))?;
         } else {
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|elapsed| elapsed.as_secs())
-                .unwrap_or(0);
             let kept = data_dir.join(format!("kairos-damaged-{stamp}.redb"));
             std::fs::rename(path, &kept).map_err(|e| io(path, e))?;
             report.damaged_file_kept = Some(kept);
         }
+    }
+    // The damaged store's pack files go with its file (named as its packs would be).
+    for packs in crate::packfile::all_packs_dirs(path) {
+        let Some(id) = packs
+            .file_name()
+            .and_then(|name| name.to_str())
+            .and_then(|name| name.rsplit_once(".packs-"))
+            .map(|(_, id)| id.to_string())
+        else {
+            continue;
+        };
+        let kept = data_dir.join(format!("kairos-damaged-{stamp}.packs-{id}"));
+        std::fs::rename(&packs, &kept).map_err(|e| io(&packs, e))?;
+        report.damaged_packs_kept.push(kept);
     }
     let new_file = rebuild_dir.join(STORE_FILE);
     // The rebuilt store's pack directory first (its name is its own, so it meets no other):

@@ -107,7 +107,10 @@ impl Store {
     fn scan_everything(&self, report: &mut VerifyReport) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
         let reader = self.reader()?;
         let mut catalog = BTreeMap::new();
-        let mut start: Vec<u8> = Vec::new();
+        // Segments are read through the objects they hold (`verify_contents`): their keys
+        // are listed here, their values are not read twice.
+        let segments_end = crate::kv::prefix_end(keys::SEGMENT).unwrap_or_default();
+        let mut start = keys::SEGMENT.to_vec();
         let mut inclusive = true;
         loop {
             let lower = if inclusive {
@@ -115,9 +118,49 @@ impl Store {
             } else {
                 Bound::Excluded(start.as_slice())
             };
-            let page = reader
-                .snapshot()
-                .scan(lower, Bound::Unbounded, VERIFY_PAGE, false)?;
+            let page = reader.snapshot().scan_key_lengths(
+                lower,
+                Bound::Excluded(segments_end.as_slice()),
+                VERIFY_PAGE,
+            )?;
+            report.keys_scanned += page.len() as u64;
+            let full = page.len() == VERIFY_PAGE;
+            match page.into_iter().last() {
+                Some((last, _)) if full => {
+                    start = last;
+                    inclusive = false;
+                }
+                _ => break,
+            }
+        }
+        for (from, to) in [
+            (Vec::new(), Some(keys::SEGMENT.to_vec())),
+            (segments_end, None),
+        ] {
+            self.scan_range(&reader, from, to, report, &mut catalog)?;
+        }
+        Ok(catalog)
+    }
+
+    /// Reads every key and value in `[from, to)`; keeps the catalog's, checks the series'.
+    fn scan_range(
+        &self,
+        reader: &crate::store::Reader<'_>,
+        from: Vec<u8>,
+        to: Option<Vec<u8>>,
+        report: &mut VerifyReport,
+        catalog: &mut BTreeMap<Vec<u8>, Vec<u8>>,
+    ) -> Result<()> {
+        let mut start = from;
+        let mut inclusive = true;
+        loop {
+            let lower = if inclusive {
+                Bound::Included(start.as_slice())
+            } else {
+                Bound::Excluded(start.as_slice())
+            };
+            let upper = to.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+            let page = reader.snapshot().scan(lower, upper, VERIFY_PAGE, false)?;
             report.keys_scanned += page.len() as u64;
             let full = page.len() == VERIFY_PAGE;
             if let Some((last, _)) = page.last() {
@@ -137,7 +180,7 @@ impl Store {
                 }
             }
             if !full {
-                return Ok(catalog);
+                return Ok(());
             }
         }
     }

@@ -236,8 +236,8 @@ fn a_flipped_byte_in_a_pack_file_is_found_by_verify_and_repaired() {
     assert!(!packs.is_empty(), "segments are kept in pack files");
     let pack = &packs[0];
     let mut bytes = std::fs::read(pack).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x5a;
+    // Inside the first object (appends are 4 KiB-aligned: between them lie dead zeros).
+    bytes[10] ^= 0x5a;
     std::fs::write(pack, &bytes).unwrap();
     let verify = fixture.kairos.run(["verify"]);
     let said = format!(
@@ -277,6 +277,57 @@ fn a_missing_pack_file_is_named_by_verify_and_repaired() {
         !report["frames_lost"].as_array().unwrap().is_empty(),
         "{report}"
     );
+}
+
+#[test]
+fn repair_keeps_every_frame_whose_packs_are_intact_when_one_pack_is_gone() {
+    let kairos = Kairos::new();
+    let service = tempfile::tempdir().unwrap();
+    let root = service.path();
+    let run = |args: &[&str]| {
+        let output = kairos
+            .command(args)
+            .env("KAIROS_PACK_BYTES", "4096")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output.stdout
+    };
+    run(&["replica", "add", "web", "--root", root.to_str().unwrap()]);
+    // Each frame adds a file of its own: a pack each (packs of 4 KiB at most).
+    for round in 0..4 {
+        write(
+            root,
+            &format!("data/r{round}.bin"),
+            &format!("{round}").repeat(20_000),
+        );
+        run(&["capture", "web"]);
+    }
+    let frames = frames(&serde_json::from_slice(&run(&["history", "web", "--json"])).unwrap());
+    let packs = kairos.pack_files();
+    assert!(packs.len() >= 4, "{packs:?}");
+    // The newest pack (the last frame's file) is gone.
+    std::fs::remove_file(packs.last().unwrap()).unwrap();
+    let report: Value = serde_json::from_slice(&run(&["repair", "--json"])).unwrap();
+    let kept = report["frames_kept"].as_u64().unwrap();
+    assert_eq!(
+        kept, 3,
+        "every frame but the last keeps its content: {report}"
+    );
+    let lost = report["frames_lost"].as_array().unwrap();
+    assert_eq!(lost.len(), 1, "{report}");
+    assert_eq!(lost[0]["frame"].as_str(), frames.last().map(String::as_str));
+    assert!(
+        report["damaged_packs_kept"]
+            .as_array()
+            .is_some_and(|kept| !kept.is_empty()),
+        "the damaged store's packs are kept beside its file: {report}"
+    );
+    kairos.ok(["verify"]);
 }
 
 #[test]
