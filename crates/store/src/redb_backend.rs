@@ -57,7 +57,11 @@ const PACKS: TableDefinition<u64, &[u8]> = TableDefinition::new("kairos-packs");
 /// default [`packfile::PACK_BYTES_TARGET`]).
 pub const PACK_BYTES_ENV: &str = "KAIROS_PACK_BYTES";
 /// Bytes of segments moved out of packs worth compacting per transaction.
-const MOVE_CHUNK_BYTES: usize = 4 << 20;
+const MOVE_CHUNK_BYTES: usize = 256 << 10;
+/// Pause between those transactions (captures' commits go first) at least...
+const MOVE_PAUSE: Duration = Duration::from_millis(1);
+/// ...and this many times as long as the transaction took.
+const MOVE_PACE: u32 = 4;
 /// The page cache used unless another size is asked for.
 pub const CACHE_BYTES_DEFAULT: usize = 64 << 20;
 /// How long opening waits for another process that holds the file.
@@ -946,67 +950,97 @@ impl RedbBackend {
                 end += 1;
             }
             self.refuse_writes_if_damaged()?;
+            let started = Instant::now();
             moved += self.move_segments(&moving[start..end], &sources)?;
             start = end;
+            // Moving is disk-bound: paced to a fifth of the disk's time, so that the
+            // commits and syncs of captures going on meanwhile keep most of it.
+            std::thread::sleep(MOVE_PAUSE.max(started.elapsed() * MOVE_PACE));
         }
         self.commit(WriteBatch::new())?;
         Ok(moved)
     }
 
-    /// One transaction of [`Self::compact_packs`]: the segments of `chunk` still in a pack
-    /// of `sources` are copied to the pack appended to and their locators changed.
+    /// One step of [`Self::compact_packs`]: the segments of `chunk` still in a pack of
+    /// `sources` are read (outside the write transaction, so that commits meanwhile wait
+    /// only for the append), checked against their fingerprints, then appended to the pack
+    /// appended to and their locators changed in one transaction — those whose locator
+    /// changed since they were read are left for a later run.
     fn move_segments(
         &self,
         chunk: &[(Vec<u8>, u32)],
         sources: &BTreeSet<u64>,
     ) -> Result<u64, KvError> {
+        let view = self.packs.view();
+        let read: Vec<(&[u8], Locator, Vec<u8>)> = self.health.guard(
+            || "reading segments of packs to compact".into(),
+            || {
+                let txn = self.database.begin_read().map_err(|e| self.txn(e))?;
+                let packed = match txn.open_table(PACKED) {
+                    Ok(table) => table,
+                    Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                    Err(error) => return Err(table_error(&self.health, error)),
+                };
+                let mut read = Vec::new();
+                for (key, _) in chunk {
+                    let Some(value) = packed
+                        .get(key.as_slice())
+                        .map_err(|error| self.health.storage(error))?
+                    else {
+                        continue;
+                    };
+                    let locator = self.locator(key, value.value())?;
+                    if !sources.contains(&locator.pack) {
+                        continue;
+                    }
+                    let segment = self.read_packed(&view, &locator)?;
+                    if packfile::fingerprint(&segment) != locator.fingerprint {
+                        // The locator or the bytes it names are damaged: nothing moves and
+                        // the pack stays for `repair`.
+                        return Err(self.health.corrupt(format!(
+                            "segment {} does not match its fingerprint in {}",
+                            printable(key),
+                            self.packs.path_of(locator.pack).display()
+                        )));
+                    }
+                    read.push((key.as_slice(), locator, segment));
+                }
+                Ok(read)
+            },
+        )?;
+        if read.is_empty() {
+            return Ok(0);
+        }
         self.health.guard(
             || "moving segments out of packs to compact".into(),
             || {
                 let mut txn = self.database.begin_write().map_err(|e| self.txn(e))?;
                 txn.set_durability(Durability::None)
                     .map_err(|error| KvError::Io(error.to_string()))?;
-                let view = self.packs.view();
                 let mut deltas = PackDeltas::default();
                 let mut moved = 0;
                 {
                     let mut packed = txn
                         .open_table(PACKED)
                         .map_err(|error| table_error(&self.health, error))?;
-                    let mut found: Vec<(&[u8], Locator)> = Vec::new();
-                    let mut appended = Vec::new();
-                    for (key, _) in chunk {
-                        let Some(value) = packed
-                            .get(key.as_slice())
+                    let mut still = Vec::with_capacity(read.len());
+                    for (key, locator, segment) in &read {
+                        let current = packed
+                            .get(*key)
                             .map_err(|error| self.health.storage(error))?
-                        else {
-                            continue;
-                        };
-                        let locator = self.locator(key, value.value())?;
-                        if !sources.contains(&locator.pack) {
-                            continue;
+                            .and_then(|value| Locator::decode(value.value()));
+                        if current == Some(*locator) {
+                            still.push((*key, *locator, segment.as_slice()));
                         }
-                        let segment = self.read_packed(&view, &locator)?;
-                        if packfile::fingerprint(&segment) != locator.fingerprint {
-                            // The locator or the bytes it names are damaged: nothing moves
-                            // and the pack stays for `repair`.
-                            return Err(self.health.corrupt(format!(
-                                "segment {} does not match its fingerprint in {}",
-                                printable(key),
-                                self.packs.path_of(locator.pack).display()
-                            )));
-                        }
-                        appended.push(segment);
-                        found.push((key, locator));
                     }
-                    if found.is_empty() {
+                    if still.is_empty() {
                         return Ok(0);
                     }
-                    let pieces: Vec<&[u8]> = appended.iter().map(Vec::as_slice).collect();
+                    let pieces: Vec<&[u8]> = still.iter().map(|(_, _, segment)| *segment).collect();
                     let (pack, mut offset) = self.packs.append(&pieces).map_err(KvError::Io)?;
                     let len: usize = pieces.iter().map(|piece| piece.len()).sum();
                     deltas.reach(pack, offset + len as u64);
-                    for (key, old) in found {
+                    for (key, old, _) in still {
                         let locator = Locator {
                             pack,
                             offset,
