@@ -99,6 +99,9 @@ pub struct Fixture {
     source_root: PathBuf,
     store_bytes: Vec<u8>,
     copy_bytes: Vec<u8>,
+    /// The store's pack files (name of the pack directory, then each file's name and
+    /// bytes): copied intact beside every damaged store file.
+    packs: Vec<(std::path::PathBuf, Vec<u8>)>,
     frames: Vec<FrameRecord>,
     /// Per frame: the restored tree's digest, and the keys its objects need.
     frame_digests: Vec<u64>,
@@ -398,6 +401,7 @@ impl Fixture {
             size,
             store_bytes: std::fs::read(&store_path)?,
             copy_bytes: std::fs::read(kairos_store::catalog_copy::copy_path(&store_path))?,
+            packs: pack_files(&data_dir)?,
             _dirs: dirs,
             source_root,
             frames,
@@ -419,49 +423,26 @@ impl Fixture {
             kairos_store::catalog_copy::copy_path(&store_path),
             &self.copy_bytes,
         )?;
-        let mut bytes = self.store_bytes.clone();
-        let len = bytes.len() as u64;
-        let pages = (len / PAGE_BYTES).max(1);
-        let kind = DamageKind::pick(rng);
-        let description = match kind {
-            DamageKind::FlipBytes => {
-                let count = rng.random_range(1..=4);
-                let mut at = Vec::new();
-                for _ in 0..count {
-                    let offset = rng.random_range(0..len) as usize;
-                    bytes[offset] ^= rng.random_range(1..=255u8);
-                    at.push(offset.to_string());
-                }
-                format!("flip {count} bytes at {}", at.join(","))
-            }
-            DamageKind::FlipPageHeader => {
-                let page = if rng.random_bool(0.2) {
-                    1
-                } else {
-                    rng.random_range(0..pages)
-                };
-                let offset = (page * PAGE_BYTES + rng.random_range(0..16)).min(len - 1) as usize;
-                bytes[offset] ^= rng.random_range(1..=255u8);
-                format!("flip the page header byte at {offset}")
-            }
-            DamageKind::ZeroPage => {
-                let page = rng.random_range(0..pages);
-                let start = (page * PAGE_BYTES) as usize;
-                let end = (start + PAGE_BYTES as usize).min(bytes.len());
-                bytes[start..end].fill(0);
-                format!("zero the 4 KiB page at {start}")
-            }
-            DamageKind::Truncate => {
-                let keep = rng.random_range(1..len) as usize;
-                bytes.truncate(keep);
-                format!("truncate to {keep} of {len} bytes")
-            }
-            DamageKind::Empty => {
-                bytes.clear();
-                "truncate to 0 bytes".to_string()
-            }
+        self.write_packs(data_dir)?;
+        // The store file or one of its pack files (content lives in the packs).
+        let pack = (!self.packs.is_empty() && rng.random_bool(0.5))
+            .then(|| rng.random_range(0..self.packs.len()));
+        let (target, mut bytes) = match pack {
+            Some(index) => (
+                data_dir.join(&self.packs[index].0),
+                self.packs[index].1.clone(),
+            ),
+            None => (store_path.clone(), self.store_bytes.clone()),
         };
-        std::fs::write(&store_path, bytes)?;
+        let description = damage(&mut bytes, rng);
+        let description = match pack {
+            Some(index) => format!("{}: {description}", self.packs[index].0.display()),
+            None => description,
+        };
+        if pack.is_some() {
+            std::fs::write(&store_path, &self.store_bytes)?;
+        }
+        std::fs::write(&target, bytes)?;
         Ok(description)
     }
 
@@ -478,6 +459,19 @@ impl Fixture {
             kairos_store::catalog_copy::copy_path(&store_path),
             &self.copy_bytes,
         )?;
+        self.write_packs(&undamaged)?;
+        Ok(())
+    }
+
+    /// Writes the store's pack files into `data_dir`.
+    fn write_packs(&self, data_dir: &Path) -> Result<()> {
+        for (relative, bytes) in &self.packs {
+            let path = data_dir.join(relative);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, bytes)?;
+        }
         Ok(())
     }
 
@@ -635,4 +629,65 @@ pub fn run(
     }
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Every pack file of the store in `data_dir`, by its path relative to it.
+fn pack_files(data_dir: &Path) -> Result<Vec<(std::path::PathBuf, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for dir in kairos_store::packfile::all_packs_dirs(&data_dir.join(STORE_FILE)) {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let relative = path.strip_prefix(data_dir)?.to_path_buf();
+            out.push((relative, std::fs::read(&path)?));
+        }
+    }
+    Ok(out)
+}
+
+/// Damages `bytes` as one seeded kind of damage; returns what was done.
+fn damage(bytes: &mut Vec<u8>, rng: &mut ChaCha8Rng) -> String {
+    let len = bytes.len() as u64;
+    if len == 0 {
+        return "nothing to damage (empty file)".into();
+    }
+    let pages = (len / PAGE_BYTES).max(1);
+    let kind = DamageKind::pick(rng);
+    match kind {
+        DamageKind::FlipBytes => {
+            let count = rng.random_range(1..=4);
+            let mut at = Vec::new();
+            for _ in 0..count {
+                let offset = rng.random_range(0..len) as usize;
+                bytes[offset] ^= rng.random_range(1..=255u8);
+                at.push(offset.to_string());
+            }
+            format!("flip {count} bytes at {}", at.join(","))
+        }
+        DamageKind::FlipPageHeader => {
+            let page = if rng.random_bool(0.2) {
+                1
+            } else {
+                rng.random_range(0..pages)
+            };
+            let offset = (page * PAGE_BYTES + rng.random_range(0..16)).min(len - 1) as usize;
+            bytes[offset] ^= rng.random_range(1..=255u8);
+            format!("flip the page header byte at {offset}")
+        }
+        DamageKind::ZeroPage => {
+            let page = rng.random_range(0..pages);
+            let start = (page * PAGE_BYTES) as usize;
+            let end = (start + PAGE_BYTES as usize).min(bytes.len());
+            bytes[start..end].fill(0);
+            format!("zero the 4 KiB page at {start}")
+        }
+        DamageKind::Truncate => {
+            let keep = rng.random_range(1..len) as usize;
+            bytes.truncate(keep);
+            format!("truncate to {keep} of {len} bytes")
+        }
+        DamageKind::Empty => {
+            bytes.clear();
+            "truncate to 0 bytes".to_string()
+        }
+    }
 }

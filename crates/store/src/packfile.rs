@@ -29,14 +29,12 @@ use std::sync::{Arc, Mutex, RwLock};
 pub const PACK_BYTES_TARGET: u64 = 128 << 20;
 /// Bytes of an encoded locator.
 pub const LOCATOR_BYTES: usize = 25;
-/// Bytes at each end of a segment its fingerprint covers.
-const FINGERPRINT_EDGE_BYTES: usize = 32;
 const LOCATOR_VERSION: u8 = 0xa7;
 const PACK_EXTENSION: &str = "pack";
 
-/// Where a segment's bytes lie, with a fingerprint of them: a locator damaged in the store
-/// file points at other bytes, which moving segments between packs then refuses to take
-/// for the segment (objects carry their own hashes; a segment has none).
+/// Where a segment's bytes lie, with their checksum: damage in a pack (even in bytes no
+/// object uses) and a locator damaged in the store file (it points at other bytes) are
+/// both found by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Locator {
     pub pack: u64,
@@ -45,16 +43,11 @@ pub struct Locator {
     pub fingerprint: u32,
 }
 
-/// The fingerprint of a segment: a hash of its length and of its first and last 32 bytes
-/// (cheap, and any other place in a pack differs there).
+/// The checksum of a segment (CRC-32 of all its bytes): `verify` reads every segment
+/// against it, and moving segments between packs refuses bytes that do not match it (a
+/// damaged locator points at other bytes).
 pub fn fingerprint(segment: &[u8]) -> u32 {
-    let edge = FINGERPRINT_EDGE_BYTES.min(segment.len());
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(&(segment.len() as u64).to_le_bytes());
-    hasher.update(&segment[..edge]);
-    hasher.update(&segment[segment.len() - edge..]);
-    let hash = hasher.finalize();
-    u32::from_le_bytes(hash.as_bytes()[..4].try_into().unwrap_or([0; 4]))
+    crc32fast::hash(segment)
 }
 
 impl Locator {
@@ -701,6 +694,10 @@ mod tests {
         };
         assert_ne!(fingerprint(b"segment"), fingerprint(b"segmenT"));
         assert_ne!(fingerprint(&[0; 100]), fingerprint(&[0; 101]));
+        let mut long = vec![7u8; 60_000];
+        let before = fingerprint(&long);
+        long[30_000] ^= 1;
+        assert_ne!(fingerprint(&long), before, "a byte in the middle counts");
         assert_eq!(Locator::decode(&locator.encode()), Some(locator));
         assert_eq!(Locator::decode(&[0; LOCATOR_BYTES]), None);
         assert_eq!(Locator::decode(&locator.encode()[..24]), None);

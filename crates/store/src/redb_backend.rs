@@ -825,6 +825,58 @@ impl RedbBackend {
         )
     }
 
+    /// Every segment in a pack read against its checksum: the segments that do not read or
+    /// do not match (at most a few named, then a count).
+    fn check_segments(&self) -> Result<Vec<String>, KvError> {
+        const NAMED_MAX: usize = 16;
+        let snapshot = self.snapshot()?;
+        let view = self.packs.view();
+        let locators: Vec<(Vec<u8>, Locator)> = self.health.guard(
+            || "reading the pack locators".into(),
+            || {
+                let txn = self.database.begin_read().map_err(|e| self.txn(e))?;
+                let table = match txn.open_table(PACKED) {
+                    Ok(table) => table,
+                    Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                    Err(error) => return Err(table_error(&self.health, error)),
+                };
+                let mut out = Vec::new();
+                for item in table.iter().map_err(|e| self.health.storage(e))? {
+                    let (key, value) = item.map_err(|e| self.health.storage(e))?;
+                    if let Some(locator) = Locator::decode(value.value()) {
+                        out.push((key.value().to_vec(), locator));
+                    }
+                }
+                Ok(out)
+            },
+        )?;
+        drop(snapshot);
+        let mut problems = Vec::new();
+        let mut failed = 0;
+        for (key, locator) in locators {
+            let problem = match self.packs.read(&view, &locator, 0, locator.len as usize) {
+                Ok(segment) if packfile::fingerprint(&segment) == locator.fingerprint => continue,
+                Ok(_) => format!(
+                    "segment {} in {} does not match its checksum",
+                    printable(&key),
+                    self.packs.path_of(locator.pack).display()
+                ),
+                Err(reason) => format!("segment {}: {reason}", printable(&key)),
+            };
+            failed += 1;
+            if failed <= NAMED_MAX {
+                problems.push(problem);
+            }
+        }
+        if failed > NAMED_MAX {
+            problems.push(format!(
+                "{} more segments do not read or do not match their checksums",
+                failed - NAMED_MAX
+            ));
+        }
+        Ok(problems)
+    }
+
     /// Where the locators disagree with the pack records: bytes located in a pack beyond
     /// its committed end or in a pack without a record, live bytes other than recorded,
     /// locators that do not decode.
@@ -1722,6 +1774,7 @@ impl KvBackend for RedbBackend {
             let records = self.pack_records()?;
             problems.extend(self.packs.check(&records));
             problems.extend(self.check_locators(&records)?);
+            problems.extend(self.check_segments()?);
         }
         Ok(problems)
     }
@@ -1780,7 +1833,13 @@ impl Drop for RedbBackend {
     fn drop(&mut self) {
         // SAFETY: `database` is taken exactly once, here, and never used afterwards.
         let database = unsafe { ManuallyDrop::take(&mut self.database) };
-        if self.health.poisoned.load(Ordering::Acquire) {
+        // A file found damaged (a check or a read recorded it) is not written either: redb's
+        // close commits, and a commit over damaged pages can panic where no unwind is
+        // allowed (the process aborts).
+        // A recovery view (`records_damage` unset) writes to an overlay only: it has nothing
+        // to commit at its close either.
+        let damaged = !self.health.records_damage || recorded_damage(&self.health.path).is_some();
+        if self.health.poisoned.load(Ordering::Acquire) || damaged {
             // A handle that panicked must not write: a normal close records the allocator
             // state and a clean-shutdown header from state the panic left untrusted. redb
             // writes neither when a handle is dropped while its thread unwinds a panic, so
