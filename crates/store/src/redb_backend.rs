@@ -334,18 +334,7 @@ impl RedbBackend {
                     Err(TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
                     Err(error) => return Err(table_error(&self.health, error)),
                 };
-                let mut out = BTreeMap::new();
-                for item in table.iter().map_err(|e| self.health.storage(e))? {
-                    let (number, value) = item.map_err(|e| self.health.storage(e))?;
-                    let record = PackRecord::decode(value.value()).ok_or_else(|| {
-                        self.health.corrupt(format!(
-                            "the record of pack {} is malformed",
-                            number.value()
-                        ))
-                    })?;
-                    out.insert(number.value(), record);
-                }
-                Ok(out)
+                records_of(&table, &self.health)
             },
         )
     }
@@ -801,22 +790,12 @@ impl RedbBackend {
             || "removing pack bytes no commit refers to".into(),
             || {
                 let txn = self.database.begin_write().map_err(|e| self.txn(e))?;
-                let mut records = BTreeMap::new();
-                {
+                let records = {
                     let table = txn
                         .open_table(PACKS)
                         .map_err(|error| table_error(&self.health, error))?;
-                    for item in table.iter().map_err(|e| self.health.storage(e))? {
-                        let (number, value) = item.map_err(|e| self.health.storage(e))?;
-                        let record = PackRecord::decode(value.value()).ok_or_else(|| {
-                            self.health.corrupt(format!(
-                                "the record of pack {} is malformed",
-                                number.value()
-                            ))
-                        })?;
-                        records.insert(number.value(), record);
-                    }
-                }
+                    records_of(&table, &self.health)?
+                };
                 let cleaned = self.packs.clean(&records).map_err(KvError::Io);
                 txn.abort()
                     .map_err(|error| KvError::Io(error.to_string()))?;
@@ -829,7 +808,6 @@ impl RedbBackend {
     /// do not match (at most a few named, then a count).
     fn check_segments(&self) -> Result<Vec<String>, KvError> {
         const NAMED_MAX: usize = 16;
-        let snapshot = self.snapshot()?;
         let view = self.packs.view();
         let locators: Vec<(Vec<u8>, Locator)> = self.health.guard(
             || "reading the pack locators".into(),
@@ -850,7 +828,6 @@ impl RedbBackend {
                 Ok(out)
             },
         )?;
-        drop(snapshot);
         let mut problems = Vec::new();
         let mut failed = 0;
         for (key, locator) in locators {
@@ -1128,6 +1105,25 @@ struct PackUsage {
 struct PackUsed {
     live: u64,
     end: u64,
+}
+
+/// Every pack record of `table` (a malformed one is damage).
+fn records_of(
+    table: &impl ReadableTable<u64, &'static [u8]>,
+    health: &Health,
+) -> Result<BTreeMap<u64, PackRecord>, KvError> {
+    let mut out = BTreeMap::new();
+    for item in table.iter().map_err(|e| health.storage(e))? {
+        let (number, value) = item.map_err(|e| health.storage(e))?;
+        let record = PackRecord::decode(value.value()).ok_or_else(|| {
+            health.corrupt(format!(
+                "the record of pack {} is malformed",
+                number.value()
+            ))
+        })?;
+        out.insert(number.value(), record);
+    }
+    Ok(out)
 }
 
 /// Reads every locator of `table`.
